@@ -1,0 +1,4 @@
+# Shim for tools that still call setup.py; pyproject.toml is the source of truth.
+from setuptools import setup
+
+setup()
