@@ -363,20 +363,24 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    import yaml
+
     source = str(path) if path else "<defaults>"
-    try:
-        base = OmegaConf.load(path) if path else OmegaConf.create({})
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except Exception as exc:  # yaml errors carry line/column
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
-    if not isinstance(OmegaConf.to_container(base), dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw: Any = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:  # carries line/column
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level (got {type(raw).__name__})")
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key.path=value")
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides or [])))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot apply overrides {overrides}: {exc}") from None
