@@ -1,0 +1,170 @@
+"""Trainer checkpoints: atomic step directories with a manifest, a ``latest`` pointer, keep-last-k.
+
+Layout under ``checkpoint.dir``::
+
+    step_00000020/            one complete checkpoint
+        model/ ...            written by the policy (Megatron dist checkpoint, optimizer, scheduler)
+        trainer_state.pt      RNG states of every rank, loaded with torch.load(weights_only=True)
+        meta.json             step, weight version, lambda state, data cursor, resolved config, ...
+        MANIFEST.json         size (and sha256 for files <= HASH_LIMIT) of every file above
+    latest                    text file naming the newest complete step directory, replaced last
+
+A save goes to ``.tmp-step_XXXXXXXX`` first, is fsynced, then renamed; ``latest`` is replaced only after the
+rename. A crash at any point leaves the previous checkpoint as ``latest``. On load the manifest is verified and
+a corrupt or partial checkpoint is skipped (with a warning) in favour of the newest older good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+HASH_LIMIT = 256 * 1024 * 1024  # hashing 100s of GB would dominate save time; sizes are always checked
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + rename, so readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def build_manifest(root: Path) -> dict[str, Any]:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(root).as_posix()
+            size = p.stat().st_size
+            files[rel] = {"size": size, "sha256": _sha256(p) if size <= HASH_LIMIT else None}
+    return {"format": 1, "files": files}
+
+
+def verify_manifest(root: Path) -> Optional[str]:
+    """Return None if ``root`` matches its manifest, else a one-line reason."""
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        return f"{mpath} is missing (partial checkpoint)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        return f"{mpath} is unreadable: {exc}"
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file():
+            return f"{p} listed in the manifest is missing"
+        if p.stat().st_size != info["size"]:
+            return f"{p} has size {p.stat().st_size}, manifest says {info['size']}"
+        if info.get("sha256") and _sha256(p) != info["sha256"]:
+            return f"{p} does not match its sha256 in the manifest"
+    return None
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Saves and finds trainer checkpoints. Collective-safe: every rank calls ``save``; rank 0 finalizes."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0, barrier: Callable[[], None] = lambda: None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+        """Write checkpoint ``step``: ``write(tmp_dir)`` fills it on every rank; rank 0 adds meta + manifest."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.barrier()
+        try:
+            write(tmp)
+        finally:
+            self.barrier()
+        if self.rank == 0:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            (tmp / MANIFEST).write_text(json.dumps(build_manifest(tmp), indent=1))
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    _fsync_path(p)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_path(self.root)
+            atomic_write_text(self.root / LATEST, final.name + "\n")
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def latest_good(self) -> Optional[Path]:
+        """The newest checkpoint whose manifest verifies; a bad ``latest`` falls back with a warning."""
+        if not self.root.is_dir():
+            return None
+        named = None
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
+        if named is not None and named in candidates:  # the pointer wins over newer unpointed dirs
+            candidates.remove(named)
+            candidates.insert(0, named)
+        for cand in candidates:
+            problem = verify_manifest(cand)
+            if problem is None:
+                return cand
+            log.warning("skipping checkpoint %s: %s", cand, problem)
+        return None
+
+    @staticmethod
+    def read_meta(ckpt: Path) -> dict[str, Any]:
+        try:
+            return json.loads((ckpt / "meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {ckpt / 'meta.json'}: {exc}") from None

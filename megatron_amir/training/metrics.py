@@ -1,0 +1,88 @@
+"""Per-step metrics: JSONL (one object per step, the source of truth for reports) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf
+    return v
+
+
+class MetricsLogger:
+    """Appends ``{"step": s, ...}`` lines to ``metrics.jsonl``; on resume, drops lines past the resumed step
+    so a resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, log_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True,
+                 name: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = Path(log_dir) / name
+        self._jsonl = jsonl and enabled
+        self._tb = None
+        if enabled:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
+            except Exception as exc:  # tensorboard is optional at run time
+                log.warning("TensorBoard disabled: %s", exc)
+
+    def truncate_after(self, step: int) -> None:
+        if not (self._jsonl and self.path.exists()):
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        if self._jsonl:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{i}: not a JSON object: {exc}") from None
+    return rows
+
+
+def summary_line(step: int, total: int, m: dict[str, Any], keys: Optional[list[str]] = None) -> str:
+    """One human line per step: the handful of numbers people watch."""
+    keys = keys or ["reward/mean", "reward/accuracy", "response/length_mean", "amir/pair_count",
+                    "amir/pair_accuracy", "amir/lambda", "loss/total", "grad_norm", "time/step_s"]
+    parts = [f"step {step}/{total}"]
+    for k in keys:
+        if k in m:
+            v = _clean(m[k])
+            parts.append(f"{k.split('/')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('/')[-1]}={v}")
+    return " | ".join(parts)
