@@ -1,0 +1,445 @@
+"""The AMIR-GRPO trainer: one loop, readable top to bottom.
+
+    sample prompts -> rollouts (G per prompt) -> rewards -> (dynamic sampling) -> old/ref log-probs
+    -> advantages + AMIR pair coefficients -> PPO epochs x minibatches of the Megatron train step
+    -> weight sync to the rollout engine -> (eval) -> (checkpoint)
+
+Rollouts, rewards and the engine live on global rank 0; the rollout batch is broadcast as tensors and each
+data-parallel rank trains on a contiguous slice of whole groups. Everything the loop keeps between steps
+(model, optimizer, scheduler, RNG of every rank, data cursor, lambda, step, weight version) is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_amir.config import Config, dump_config
+from megatron_amir.training.checkpoint import CheckpointManager
+from megatron_amir.training.metrics import MetricsLogger, summary_line
+from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
+
+log = logging.getLogger("megatron_amir.trainer")
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: slurm/*.sbatch requeue the job on this code
+INTERRUPT_EXIT_CODE = 130
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Parts, built in ``__init__`` in the order of the story (one line each)."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    tokenizer: Any  # megatron_amir.data.tokenizer.Tokenizer
+    sampler: Any  # megatron_amir.data.dataset.PromptSampler over training problems
+    test_problems: list
+    reward_fn: Any  # megatron_amir.rewards.RewardFn
+    policy: Any  # megatron_amir.training.policy.Policy
+    ref_policy: Any  # a frozen Policy, only when KL or reference-anchored pairs need it
+    engine: Any  # megatron_amir.rollout Engine (rank 0 only)
+    amir_state: Any  # megatron_amir.algorithms.AmirState
+    checkpointer: CheckpointManager
+    metrics: MetricsLogger
+
+    def __init__(self, cfg: Config, init_from: Optional[str] = None):
+        self.cfg = cfg
+        self.step = 0
+        self.weight_version = 0
+        self._stop_signal: Optional[int] = None
+        self._nonfinite_in_a_row = 0
+        # distributed (torchrun / Slurm env or a single process) and Megatron parallel state
+        from megatron_amir.training.parallel import initialize_distributed
+
+        self.dist_info = initialize_distributed(cfg)
+        self.rank = self.dist_info.rank
+        self.world_size = self.dist_info.world_size
+        _setup_logging(cfg, self.rank)
+        # seeds (Megatron's model-parallel RNG tracker is seeded by initialize_distributed)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # data: tokenizer, prompts, held-out problems, reward function
+        from megatron_amir.data.setup import build_data
+
+        self.tokenizer, self.sampler, self.test_problems = build_data(cfg)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({self.tokenizer.vocab_size}); raise model.vocab_size"
+            )
+        from megatron_amir.rewards import get_reward_fn
+
+        self.reward_fn = get_reward_fn(cfg.reward) if self.rank == 0 else None
+        # policy: Megatron-Core model chunks + DDP + optimizer + LR schedule
+        from megatron_amir.training.policy import Policy
+
+        self.policy = Policy(cfg)
+        # reference policy only when needed (KL on, or reference-anchored pairs)
+        self.ref_policy = None
+        self._needs_ref = cfg.algorithm.kl_coef > 0 or (
+            cfg.algorithm.amir.enabled and cfg.algorithm.amir.reference_anchored
+        )
+        # AMIR lambda state (checkpointed)
+        from megatron_amir.algorithms import AmirState
+
+        self.amir_state = AmirState.from_config(cfg.algorithm.amir)
+        # checkpointer and metrics
+        self.checkpointer = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, rank=self.rank,
+                                              barrier=self.policy.barrier)
+        self.metrics = MetricsLogger(cfg.logging.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                                     enabled=self.rank == 0)
+        # resume (or initialize from a warm-up checkpoint), then the reference copy of the starting weights
+        resumed = self._resume()
+        if not resumed and init_from:
+            log.info("initializing the policy from %s", init_from)
+            self.policy.load(Path(init_from) / "model", load_optimizer=False)
+        if self._needs_ref:
+            self.ref_policy = self.policy.frozen_copy()
+        # rollout engine (colocated embedded engine or the remote fleet) with the current weights
+        self.engine = self._build_engine() if self.rank == 0 else None
+        if self.rank == 0:
+            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.logging.dir) / "config.yaml").write_text(dump_config(cfg))
+
+    # ------------------------------------------------------------------------------------------ parts
+    def _build_engine(self):
+        from checkpoints_tools import hf_config_from_model_config
+
+        hf_config = hf_config_from_model_config(self.cfg.model)
+        rc = self.cfg.rollout
+        if rc.engine == "embedded":
+            from megatron_amir.rollout.embedded import EmbeddedEngine
+
+            engine = EmbeddedEngine(hf_config, self._hf_weights(), logprobs_mode=rc.logprobs_mode,
+                                    version=self.weight_version)
+        elif rc.engine == "remote":
+            from megatron_amir.rollout.client import FleetEngine
+
+            engine = FleetEngine.from_config(rc, hf_config=hf_config, sync_dir=self._sync_dir())
+            engine.load_weights(self._hf_weights(), self.weight_version)
+        else:  # vllm, colocated
+            from megatron_amir.rollout.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=self._hf_weights())
+        return engine
+
+    def _sync_dir(self) -> str:
+        return self.cfg.rollout.weight_sync_dir or str(Path(self.cfg.logging.dir) / "weights")
+
+    def _hf_weights(self):
+        """HF-named tensors of the current policy (collective: every rank calls; rank 0 gets them)."""
+        from checkpoints_tools import mcore_to_hf_named_tensors
+
+        full = self.policy.full_state_dict()
+        if self.rank != 0:
+            return None
+        return dict(mcore_to_hf_named_tensors(full, self.cfg.model))
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> int:
+        """Run until ``train.steps``; returns the process exit code."""
+        cfg = self.cfg
+        self._install_signal_handlers()
+        pbar = _progress(self.rank == 0 and cfg.logging.progress, cfg.train.steps, self.step)
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.metrics.log(self.step, metrics)
+                if self.rank == 0:
+                    log.info(summary_line(self.step, cfg.train.steps, metrics))
+                    pbar.update(1)
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                    self.metrics.log(self.step, self.evaluate(tag="eval"))
+                if self._stop_signal is not None:
+                    self.save()
+                    code = INTERRUPT_EXIT_CODE if self._stop_signal == signal.SIGINT else REQUEUE_EXIT_CODE
+                    log.warning("signal %d: checkpointed step %d, exiting with %d", self._stop_signal, self.step, code)
+                    return code
+                if self.step % cfg.checkpoint.save_interval == 0 or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            pbar.close()
+            self.metrics.close()
+        return 0
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # 1) rollouts + rewards on rank 0, shared with every rank as tensors
+        batch, rollout_metrics = self.collect_rollouts() if self.rank == 0 else (None, {})
+        batch = broadcast_rollout_batch(batch)
+        t_rollout = time.perf_counter() - t0
+        # 2) old (and reference) log-probs recomputed by the Megatron model: pi_old == pi_theta now
+        old_logp = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)
+        ref_logp = (self.ref_policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)
+                    if self.ref_policy is not None else None)
+        t_logp = time.perf_counter() - t0 - t_rollout
+        rewards = batch.rewards
+        if ref_logp is not None and cfg.algorithm.kl_in_reward:
+            from megatron_amir.algorithms import kl_reward_penalty
+
+            rewards = rewards - cfg.algorithm.kl_coef * kl_reward_penalty(old_logp, ref_logp, batch.response_mask,
+                                                                          cfg.algorithm.kl_estimator)
+        # 3) this data-parallel rank's whole groups
+        rows = self.policy.data_parallel_rows(batch.num_sequences, cfg.rollout.group_size)
+        # 4) PPO epochs x minibatches, one optimizer step each
+        from megatron_amir.algorithms import prepare_batch
+
+        step_metrics: dict[str, float] = {}
+        gbs = (cfg.train.global_batch_size or batch.num_sequences) // self.policy.dp_size
+        for epoch in range(cfg.algorithm.ppo_epochs):
+            for start in range(0, rows.numel(), gbs):
+                idx = rows[start : start + gbs]
+                prepared = prepare_batch(
+                    rewards=rewards[idx], group_ids=batch.group_ids[idx], response_mask=batch.response_mask[idx],
+                    old_logp=old_logp[idx], cfg=cfg.algorithm, amir_state=self.amir_state,
+                    ref_logp=None if ref_logp is None else ref_logp[idx],
+                    rollout_logp=batch.rollout_logp[idx] if cfg.algorithm.tis_cap else None,
+                    dp_group=self.policy.dp_group,
+                )
+                out = self.policy.train_step(batch.tokens[idx], prepared, temperature=cfg.rollout.temperature)
+                self._check_finite(out)
+                step_metrics = {**{f"amir/{k}" if not k.startswith(("adv", "kl", "amir", "pg")) else k: v
+                                   for k, v in prepared.metrics.items()}, **out}
+        t_train = time.perf_counter() - t0 - t_rollout - t_logp
+        # 5) weight sync: the engine samples the next step from the new weights
+        self.weight_version += 1
+        weights = self._hf_weights()
+        if self.rank == 0:
+            self.engine.load_weights(weights, self.weight_version)
+        t_sync = time.perf_counter() - t0 - t_rollout - t_logp - t_train
+        # rollout-vs-trainer log-prob mismatch (same weights, same temperature: should be ~0)
+        m = batch.response_mask
+        diff = (old_logp - batch.rollout_logp).abs() * m
+        ntok = m.sum().clamp(min=1)
+        dt = time.perf_counter() - t0
+        return {
+            **rollout_metrics,
+            **step_metrics,
+            "mismatch/logp_abs_mean": float(diff.sum() / ntok),
+            "mismatch/logp_abs_max": float(diff.max()),
+            "time/rollout_s": t_rollout, "time/logprob_s": t_logp, "time/train_s": t_train,
+            "time/weight_sync_s": t_sync, "time/step_s": dt,
+            "throughput/tokens_per_s": float(m.sum() / dt),
+            "weight_version": self.weight_version,
+        }
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def collect_rollouts(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """Generate G samples per prompt and score them (rank 0). With dynamic sampling, groups whose rewards
+        are all equal are replaced by fresh prompts for up to ``max_sampling_rounds`` rounds; the batch is then
+        filled with the best remaining groups so its size stays fixed (zero-variance groups add no gradient)."""
+        from megatron_amir.rollout.engine import SamplingParams
+
+        cfg = self.cfg
+        G, P = cfg.rollout.group_size, cfg.data.prompts_per_step
+        params = SamplingParams.from_rollout_config(cfg.rollout, stop_token_ids=[self.tokenizer.eos_id])
+        kept, spare, rounds = [], [], 0
+        while len(kept) < P:
+            rounds += 1
+            problems = self.sampler.next_batch(P - len(kept))
+            prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+            groups = self.engine.generate(prompts, params.replace(seed=cfg.train.seed * 100003 + self.step * 131 + rounds),
+                                          n=G)
+            for prob, prompt, grp in zip(problems, prompts, groups):
+                texts = [self.tokenizer.decode(s.token_ids) for s in grp.samples]
+                res = self.reward_fn(texts, [prob.answer] * G)
+                entry = (prob, prompt, grp, res)
+                varied = len(set(res.rewards)) > 1
+                (kept if varied or not cfg.train.dynamic_sampling else spare).append(entry)
+            if not cfg.train.dynamic_sampling or rounds >= cfg.train.max_sampling_rounds:
+                break
+        kept = (kept + spare)[:P]
+        prompts_, responses, logps, gids, rewards, correct, trunc, versions = [], [], [], [], [], [], [], []
+        timeouts = 0
+        for gi, (prob, prompt, grp, res) in enumerate(kept):
+            timeouts += res.timeouts
+            for s, r, c in zip(grp.samples, res.rewards, res.correct):
+                prompts_.append(prompt)
+                responses.append(s.token_ids)
+                logps.append(s.logprobs)
+                gids.append(gi)
+                rewards.append(r)
+                correct.append(c)
+                trunc.append(s.finish_reason == "length")
+                versions.append(s.weight_version)
+        batch = build_rollout_batch(prompts_, responses, logps, gids, rewards, correct, trunc, versions,
+                                    pad_id=self.tokenizer.pad_id)
+        return batch, _rollout_metrics(batch, G, rounds, timeouts)
+
+    # ------------------------------------------------------------------------------------------ eval
+    def evaluate(self, tag: str = "eval") -> dict[str, float]:
+        """Greedy accuracy (and sampled pass@k) on the held-out problems, on rank 0."""
+        if self.rank != 0:
+            return {}
+        from megatron_amir.eval.runner import evaluate
+
+        ec = self.cfg.eval
+        problems = self.test_problems[: ec.max_problems] if ec.max_problems else self.test_problems
+        out_dir = Path(self.cfg.logging.dir) / "eval"
+        summary = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=ec.samples,
+                           temperature=ec.temperature, max_new_tokens=ec.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                           out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", seed=self.cfg.train.seed)
+        return {f"{tag}/{k}": v for k, v in summary.metrics().items()}
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def save(self) -> Path:
+        meta = {
+            "step": self.step,
+            "weight_version": self.weight_version,
+            "amir_state": self.amir_state.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "world_size": self.world_size,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+        def write(d: Path) -> None:
+            self.policy.save(d / "model")
+            torch.save(_rng_state(), d / f"rng_rank{self.rank:05d}.pt")
+
+        path = self.checkpointer.save(self.step, write, meta)
+        if self.rank == 0:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self) -> bool:
+        rc = self.cfg.checkpoint.resume
+        if rc == "none":
+            return False
+        ckpt = self.checkpointer.latest_good() if rc == "auto" else Path(rc)
+        if ckpt is None:
+            return False
+        meta = CheckpointManager.read_meta(ckpt)
+        self.policy.load(ckpt / "model", load_optimizer=True)
+        self.step = int(meta["step"])
+        self.weight_version = int(meta["weight_version"])
+        self.amir_state.load_state_dict(meta["amir_state"])
+        self.sampler.load_state_dict(meta["sampler"])
+        rng = ckpt / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file() and meta.get("world_size") == self.world_size:
+            _set_rng_state(torch.load(rng, weights_only=True))
+        else:
+            log.warning("no RNG state for rank %d in %s (world size changed?): continuing with fresh RNG", self.rank, ckpt)
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------ safety
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            self._stop_signal = signum
+            log.warning("received signal %d: finishing step %d, then checkpointing", signum, self.step + 1)
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _check_finite(self, out: dict[str, float]) -> None:
+        if all(math.isfinite(float(out.get(k, 0.0))) for k in ("loss/total", "grad_norm")):
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        log.error("non-finite loss or gradient at step %d (update skipped by the optimizer); %d in a row",
+                  self.step + 1, self._nonfinite_in_a_row)
+        if self._nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self._nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient norm "
+                f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite}); last: {out}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _rollout_metrics(b: RolloutBatch, G: int, rounds: int, timeouts: int) -> dict[str, float]:
+    r = b.rewards.view(-1, G)
+    lens = b.response_len.float()
+    c = b.correct
+    out = {
+        "reward/mean": float(b.rewards.mean()),
+        "reward/accuracy": float(c.float().mean()),
+        "reward/zero_variance_groups": float((r.std(dim=1) == 0).float().sum()),
+        "reward/verifier_timeouts": float(timeouts),
+        "response/length_mean": float(lens.mean()),
+        "response/truncated_frac": float(b.truncated.float().mean()),
+        "rollout/sampling_rounds": float(rounds),
+    }
+    if c.any():
+        out["response/length_correct"] = float(lens[c].mean())
+    if (~c).any():
+        out["response/length_incorrect"] = float(lens[~c].mean())
+    return out
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.long)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _setup_logging(cfg: Config, rank: int) -> None:
+    fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, cfg.logging.level), format=fmt, datefmt="%H:%M:%S", force=True)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def main(argv: list[str]) -> int:
+    """``megatron-amir train CONFIG [key=value ...] [--init-from CKPT]``."""
+    import argparse
+
+    from megatron_amir.config import load_config
+
+    p = argparse.ArgumentParser(prog="megatron-amir train")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--init-from", default=None, help="checkpoint directory to start from (not resumed: step 0)")
+    p.add_argument("--eval-at-end", action="store_true")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)  # bad configs fail here, before any work
+    trainer = Trainer(cfg, init_from=a.init_from)
+    code = trainer.train()
+    if code == 0 and a.eval_at_end:
+        trainer.metrics = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
+        trainer.metrics.log(trainer.step, trainer.evaluate(tag="final"))
+    return code
