@@ -1,0 +1,277 @@
+"""In-process rollout engine: the compact HF-family model of ``hf_model`` with a KV cache and batched
+sampling. CPU default (colocated with the trainer), also runs on GPU.
+
+One ``generate`` call expands every prompt into its ``n`` rows, left-pads the batch, runs one prefill
+and then one incremental decode step per token. Finished rows are dropped from the batch (and the
+cache) once a quarter of it has finished, so long stragglers do not pay for short rows.
+
+Sampling follows vLLM's order: logits -> temperature -> top-k -> top-p -> sample; the log-prob reported
+for each sampled token is selected by ``logprobs_mode`` (see ``engine.py``). Sampling uses the
+exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d. (equivalent to drawing from p, and what vLLM
+does), with the noise of a seeded request drawn from its own generator for all its n rows each step,
+so a seeded request gives the same samples whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from megatron_amir.rollout.engine import (
+    LOGPROBS_MODES,
+    GroupResult,
+    NamedTensors,
+    PerPromptParams,
+    Sample,
+    SamplingParams,
+    expand_params,
+    validate_prompts,
+)
+from megatron_amir.rollout.hf_model import CausalLM
+
+
+def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p filtering of temperature-scaled logits [B, V]; filtered entries become -inf.
+
+    top_k[b] in 1..V (V = off): keep the k largest. top_p[b] in (0, 1]: after top-k, keep the smallest
+    prefix of tokens sorted by probability whose mass reaches top_p, i.e. drop token j when the mass of
+    the tokens strictly before it is already >= top_p (the most likely token is always kept).
+    """
+    V = scaled.shape[-1]
+    if bool((top_k >= V).all()) and bool((top_p >= 1).all()):
+        return scaled
+    sorted_vals, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=scaled.device)
+    drop = rank[None, :] >= top_k[:, None]
+    sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
+    probs = sorted_vals.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(-1, order, sorted_vals)
+
+
+class _Request:
+    """Book-keeping of one prompt's n rows during a generate call."""
+
+    __slots__ = ("index", "params", "generator", "rows")
+
+    def __init__(self, index: int, params: SamplingParams, generator: Optional[torch.Generator]):
+        self.index, self.params, self.generator = index, params, generator
+
+
+class EmbeddedEngine:
+    """Engine running in this process. ``hf_config``: the HF config.json dict; ``named_tensors``: HF-named
+    weights (None = keep the random init, mostly for tests); ``logprobs_mode``: processed_logprobs |
+    raw_logprobs; ``seed``: seed of the generator used by requests without their own seed;
+    ``max_batch_rows``: most rows (prompts x n) decoded together, larger calls run in chunks of whole
+    groups."""
+
+    def __init__(
+        self,
+        hf_config: Mapping[str, Any],
+        named_tensors: Optional[NamedTensors] = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        logprobs_mode: str = "processed_logprobs",
+        version: int = 0,
+        seed: Optional[int] = None,
+        max_batch_rows: int = 512,
+    ):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        self.hf_config = dict(hf_config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.logprobs_mode = logprobs_mode
+        self.max_batch_rows = int(max_batch_rows)
+        self.model = CausalLM(self.hf_config).to(device=self.device, dtype=dtype).eval()
+        self.model.requires_grad_(False)
+        self._version = int(version)
+        self._lock = threading.RLock()  # one generate or weight load at a time
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed if seed is not None else torch.seed())
+        self.tokens_generated = 0
+        if named_tensors is not None:
+            self.model.load_hf_state_dict(named_tensors)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, **kwargs) -> "EmbeddedEngine":
+        """Load ``config.json`` and every ``*.safetensors`` of an HF model directory."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} not found (an HF model directory needs config.json)")
+        hf_config = json.loads(cfg_file.read_text())
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {path}")
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        return cls(hf_config, tensors, **kwargs)
+
+    # ------------------------------------------------------------------ Engine protocol
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    def load_weights(self, named_tensors: NamedTensors, version: int, strict: bool = True) -> None:
+        """Replace the weights (HF names) and set the version; waits for a running generate to finish."""
+        with self._lock:
+            self.model.load_hf_state_dict(named_tensors, strict=strict)
+            self._version = int(version)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: PerPromptParams,
+        n: int = 1,
+        request_ids: Optional[Sequence[str]] = None,
+    ) -> list[GroupResult]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        prompts = validate_prompts(prompts, self.vocab_size)
+        plist = expand_params(params, len(prompts))
+        if request_ids is None:
+            request_ids = [uuid.uuid4().hex for _ in prompts]
+        limit = self.model.args.max_position_embeddings
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            if len(p) + sp.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompts[{i}]: prompt length {len(p)} + max_new_tokens {sp.max_new_tokens} exceeds "
+                    f"max_position_embeddings={limit}"
+                )
+        results: list[GroupResult] = []
+        per_chunk = max(1, self.max_batch_rows // n)
+        with self._lock:
+            for s in range(0, len(prompts), per_chunk):
+                groups = self._generate_chunk(prompts[s : s + per_chunk], plist[s : s + per_chunk], n)
+                for j, samples in enumerate(groups):
+                    results.append(GroupResult(list(prompts[s + j]), samples, request_id=str(request_ids[s + j])))
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _generate_chunk(self, prompts: list[list[int]], plist: list[SamplingParams], n: int) -> list[list[Sample]]:
+        dev, V = self.device, self.vocab_size
+        reqs = []
+        for i, sp in enumerate(plist):
+            g = None
+            if sp.seed is not None and not sp.greedy:
+                g = torch.Generator(device=dev)
+                g.manual_seed(int(sp.seed))
+            reqs.append(_Request(i, sp, g))
+        B = len(prompts) * n
+        row_req = torch.arange(len(prompts), device=dev).repeat_interleave(n)  # row -> request index
+        plen = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(n)
+        P = int(plen.max())
+        max_new = torch.tensor([sp.max_new_tokens for sp in plist], device=dev).repeat_interleave(n)
+        temps = torch.tensor([sp.temperature for sp in plist], dtype=torch.float32, device=dev).repeat_interleave(n)
+        greedy = temps == 0
+        topk = torch.tensor([sp.top_k if sp.top_k > 0 else V for sp in plist], device=dev).repeat_interleave(n)
+        topp = torch.tensor([sp.top_p for sp in plist], dtype=torch.float32, device=dev).repeat_interleave(n)
+        # greedy rows: no temperature or filtering, so their processed log-prob is log_softmax(logits)
+        temps = torch.where(greedy, torch.ones_like(temps), temps)
+        topk = torch.where(greedy, torch.full_like(topk, V), topk)
+        topp = torch.where(greedy, torch.ones_like(topp), topp)
+        nstop = max([len(sp.stop_token_ids) for sp in plist] + [1])
+        stops = torch.full((len(plist), nstop), -1, dtype=torch.long, device=dev)
+        for i, sp in enumerate(plist):
+            if sp.stop_token_ids:
+                stops[i, : len(sp.stop_token_ids)] = torch.tensor(sp.stop_token_ids)
+        stops = stops.repeat_interleave(n, dim=0)
+
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        positions = torch.full((B, P), -1, dtype=torch.long, device=dev)
+        for r in range(B):
+            p = prompts[r // n]
+            tokens[r, P - len(p) :] = torch.tensor(p)
+            positions[r, P - len(p) :] = torch.arange(len(p))
+
+        cache = self.model.new_cache(B, P + int(max_new.max()))
+        logits = self.model(tokens, positions, cache, logits_rows="last")
+
+        T = int(max_new.max())
+        out_tok = torch.zeros(B, T, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(B, T, dtype=torch.float32, device=dev)
+        out_len = torch.zeros(B, dtype=torch.long, device=dev)
+        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        alive = torch.arange(B, device=dev)  # original row index of each batch row
+        live = torch.ones(B, dtype=torch.bool, device=dev)  # batch rows still generating
+        version = self._version
+        for step in range(T):
+            tok, lp = self._sample(logits.float(), alive, row_req[alive], temps[alive], greedy[alive],
+                                   topk[alive], topp[alive], reqs, n)
+            li = live.nonzero().squeeze(1)
+            rows = alive[li]
+            out_tok[rows, step] = tok[li]
+            out_lp[rows, step] = lp[li]
+            out_len[rows] = step + 1
+            hit = (tok[li, None] == stops[rows]).any(dim=1)
+            stopped[rows] = hit
+            live[li] = ~hit & (step + 1 < max_new[rows])
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            if (len(alive) - n_live) * 4 >= len(alive):
+                # drop finished rows from batch and cache; a few finished rows are cheaper to carry along
+                keep = live.nonzero().squeeze(1)
+                cache.select(keep)
+                alive, tok, live = alive[keep], tok[keep], live[keep]
+            pos = (plen[alive] + step)[:, None]
+            logits = self.model(tok[:, None], pos, cache, logits_rows="last")
+        self.tokens_generated += int(out_len.sum())
+
+        groups: list[list[Sample]] = [[] for _ in prompts]
+        out_tok_l, out_lp_l, out_len_l, stopped_l = out_tok.tolist(), out_lp.tolist(), out_len.tolist(), stopped.tolist()
+        for r in range(B):
+            L = out_len_l[r]
+            groups[r // n].append(
+                Sample(out_tok_l[r][:L], out_lp_l[r][:L], "stop" if stopped_l[r] else "length", version)
+            )
+        return groups
+
+    def _sample(self, logits, alive, row_req, temps, greedy, topk, topp, reqs, n):
+        """Sample one token per row; returns (tokens [b], log-probs [b] per ``logprobs_mode``)."""
+        scaled = logits / temps[:, None]
+        filtered = filter_logits(scaled, topk, topp)
+        logp = filtered.log_softmax(dim=-1)
+        noise = self._noise(alive, row_req, reqs, n, logits.shape[-1])
+        sampled = (logp.exp() / noise).argmax(dim=-1)
+        tok = torch.where(greedy, logits.argmax(dim=-1), sampled)
+        if self.logprobs_mode == "raw_logprobs":
+            logp = logits.log_softmax(dim=-1)
+        return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+    def _noise(self, alive, row_req, reqs, n, V):
+        """Exp(1) noise [b, V]: seeded requests from their own generator (n rows drawn every step, then
+        the alive ones picked), the rest from the engine generator."""
+        b = alive.shape[0]
+        noise = torch.empty(b, V, device=alive.device)
+        seeded = torch.zeros(b, dtype=torch.bool, device=alive.device)
+        for rq in reqs:
+            if rq.generator is None:
+                continue
+            rows = (row_req == rq.index).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            full = torch.empty(n, V, device=alive.device).exponential_(generator=rq.generator)
+            noise[rows] = full[alive[rows] % n]
+            seeded[rows] = True
+        rest = (~seeded).nonzero().squeeze(1)
+        if rest.numel():
+            noise[rest] = torch.empty(rest.numel(), V, device=alive.device).exponential_(generator=self._generator)
+        return noise
