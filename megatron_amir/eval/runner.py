@@ -1,0 +1,316 @@
+"""Benchmark evaluation: n samples per problem from a rollout engine, verified, scored, written per problem.
+
+``evaluate`` is the library entry point (any ``megatron_amir.rollout.Engine``, any tokenizer with
+``encode``/``decode``, any reward function); ``main`` is ``megatron-amir eval``, which builds those
+from a checkpoint directory and a benchmark name or file (see ``megatron_amir.eval.loading``).
+
+Each problem's samples are drawn with the per-request seed ``seed + problem index``, so results do
+not depend on the batch size or on which other problems share a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from megatron_amir.eval.results import (
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    EvalSummary,
+    ProblemResult,
+    atomic_write_text,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- adapters
+@dataclass
+class EvalProblem:
+    """What evaluation needs of a problem: an id, the prompt text, the gold answer."""
+
+    id: str
+    prompt: str
+    answer: str
+
+
+def as_eval_problem(p: Any, index: int) -> EvalProblem:
+    """Accept a dict or any object with id/prompt/answer (``megatron_amir.data`` Problem included).
+
+    A missing id falls back to the position; ``question``/``problem`` and ``gold``/``solution`` are
+    accepted as aliases, since benchmark files name them differently."""
+    get = (lambda k: p.get(k)) if isinstance(p, dict) else (lambda k: getattr(p, k, None))
+    prompt = next((get(k) for k in ("prompt", "question", "problem") if get(k) is not None), None)
+    answer = next((get(k) for k in ("answer", "gold") if get(k) is not None), None)
+    if prompt is None:
+        raise ValueError(f"problem #{index}: no 'prompt' (or 'question'/'problem') field")
+    if answer is None:
+        raise ValueError(f"problem #{index}: no 'answer' (or 'gold') field")
+    pid = get("id")
+    return EvalProblem(id=str(pid) if pid is not None else str(index), prompt=str(prompt), answer=str(answer))
+
+
+@dataclass
+class Verdict:
+    """A verifier's judgement of one sample."""
+
+    correct: bool
+    reward: float
+    answer: Optional[str]
+
+
+def _extract_answer_fallback(text: str) -> Optional[str]:
+    """Last ``\\boxed{...}`` content, else the text after the last ``####``; None when neither exists.
+
+    Only used for maj@k voting when the reward function reports no extracted answer."""
+    i = text.rfind("\\boxed{")
+    if i >= 0:
+        depth, j = 0, i + len("\\boxed{")
+        for k in range(j, len(text)):
+            if text[k] == "{":
+                depth += 1
+            elif text[k] == "}":
+                if depth == 0:
+                    return text[j:k].strip() or None
+                depth -= 1
+    i = text.rfind("####")
+    if i >= 0:
+        rest = text[i + 4:].strip().split()
+        return rest[0] if rest else None
+    return None
+
+
+def make_verdict(out: Any, text: str, correct_threshold: float) -> Verdict:
+    """Normalize what a reward function returns: a number, a bool, or an object/dict with
+    ``reward`` and optionally ``correct`` and ``pred``/``answer`` (the extracted answer)."""
+    if isinstance(out, bool):
+        return Verdict(out, float(out), _extract_answer_fallback(text))
+    if isinstance(out, (int, float)):
+        r = float(out)
+        return Verdict(r >= correct_threshold, r, _extract_answer_fallback(text))
+    get = (lambda k: out.get(k)) if isinstance(out, dict) else (lambda k: getattr(out, k, None))
+    reward = get("reward")
+    if reward is None and get("correct") is None:
+        raise TypeError(f"reward function returned {type(out).__name__} without 'reward' or 'correct'")
+    correct = get("correct")
+    r = float(reward) if reward is not None else float(bool(correct))
+    ok = bool(correct) if correct is not None else r >= correct_threshold
+    pred = next((get(k) for k in ("pred", "answer", "extracted") if get(k) is not None), None)
+    return Verdict(ok, r, str(pred) if pred is not None else _extract_answer_fallback(text))
+
+
+def score_samples(reward_fn: Callable, texts: list[str], gold: str, correct_threshold: float) -> list[Verdict]:
+    """Call ``reward_fn`` as batch ``reward_fn(texts, [gold]*n)`` when it has a ``batch`` attribute
+    set, else once per sample as ``reward_fn(text, gold)``."""
+    if getattr(reward_fn, "batch", False):
+        outs = list(reward_fn(texts, [gold] * len(texts)))
+        if len(outs) != len(texts):
+            raise ValueError(f"reward function returned {len(outs)} results for {len(texts)} samples")
+    else:
+        outs = [reward_fn(t, gold) for t in texts]
+    return [make_verdict(o, t, correct_threshold) for o, t in zip(outs, texts)]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.encode(text)
+    return list(ids.ids if hasattr(ids, "ids") else ids)
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    try:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    except TypeError:  # tokenizers without the keyword
+        return tokenizer.decode(list(ids))
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def evaluate(
+    engine: Any,
+    tokenizer: Any,
+    problems: Sequence[Any],
+    reward_fn: Callable,
+    samples: int,
+    sampling_params: Any,
+    out_path: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    ks: Optional[list[int]] = None,
+    correct_threshold: float = 0.5,
+    progress: bool = True,
+    keep_texts: bool = True,
+    meta: Optional[dict[str, Any]] = None,
+) -> EvalSummary:
+    """Sample ``samples`` completions for every problem, verify them and write the run directory.
+
+    engine: a ``megatron_amir.rollout.Engine`` (``generate(prompt_ids, params, n) -> [GroupResult]``).
+    sampling_params: a ``megatron_amir.rollout.SamplingParams``; its ``seed`` is replaced per problem
+      by ``seed + index``. reward_fn(text, gold) -> float | bool | object with reward/correct/pred.
+      A sample is correct when the verdict says so, else when reward >= correct_threshold.
+    out_path: a directory; ``results.jsonl`` (one line per problem, see results.py) grows in
+      ``results.jsonl.partial`` as problems finish and is renamed into place at the end, then
+      ``summary.json`` (the EvalSummary plus ``meta``) is written atomically.
+    """
+    if samples < 1:
+        raise ValueError(f"samples={samples}: need at least 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: need at least 1")
+    probs = [as_eval_problem(p, i) for i, p in enumerate(problems)]
+    if not probs:
+        raise ValueError("evaluate: no problems")
+    seen: set[str] = set()
+    for p in probs:
+        if p.id in seen:
+            raise ValueError(f"duplicate problem id {p.id!r}")
+        seen.add(p.id)
+
+    out_dir = Path(out_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / (RESULTS_FILE + ".partial")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(probs), desc="eval", unit="problem", dynamic_ncols=True)
+    t0 = time.time()
+    results: list[ProblemResult] = []
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for start in range(0, len(probs), batch_size):
+                chunk = probs[start:start + batch_size]
+                prompt_ids = [_encode(tokenizer, p.prompt) for p in chunk]
+                params = [_with_seed(sampling_params, seed + start + j) for j in range(len(chunk))]
+                groups = engine.generate(prompt_ids, params, n=samples)
+                if len(groups) != len(chunk):
+                    raise RuntimeError(f"engine returned {len(groups)} groups for {len(chunk)} prompts")
+                for p, g in zip(chunk, groups):
+                    if len(g.samples) != samples:
+                        raise RuntimeError(f"engine returned {len(g.samples)} samples for problem {p.id!r}, "
+                                           f"asked for {samples}")
+                    texts = [_decode(tokenizer, s.token_ids) for s in g.samples]
+                    verdicts = score_samples(reward_fn, texts, p.answer, correct_threshold)
+                    rec = ProblemResult(
+                        id=p.id, prompt=p.prompt, gold=p.answer,
+                        texts=texts if keep_texts else [""] * len(texts),
+                        correct=[v.correct for v in verdicts],
+                        lengths=[len(s.token_ids) for s in g.samples],
+                        answers=[v.answer for v in verdicts],
+                        rewards=[v.reward for v in verdicts],
+                        mean_logprobs=[_mean_logprob(s.logprobs) for s in g.samples],
+                    )
+                    results.append(rec)
+                    f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
+                f.flush()
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix(acc=f"{sum(r.num_correct for r in results) / max(1, sum(r.n for r in results)):.3f}")
+        os.replace(partial, out_dir / RESULTS_FILE)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = summarize(results, ks)
+    summary.extra.update({"elapsed_s": round(time.time() - t0, 3), "seed": seed,
+                          "sampling_params": _params_dict(sampling_params), **(meta or {})})
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary
+
+
+def _mean_logprob(lps: Sequence[float]) -> Optional[float]:
+    """Length-normalized log-prob of a sample (None for an empty sample or a non-finite value)."""
+    if not lps:
+        return None
+    m = float(sum(lps)) / len(lps)
+    return m if math.isfinite(m) else None
+
+
+def _with_seed(params: Any, seed: int) -> Any:
+    return params.replace(seed=seed) if hasattr(params, "replace") else params
+
+
+def _params_dict(params: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(params):
+        d = dataclasses.asdict(params)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return {"repr": repr(params)}
+
+
+def format_summary(s: EvalSummary) -> str:
+    lines = [f"problems: {s.num_problems}  samples/problem: {s.samples}  "
+             f"sample accuracy: {s.num_correct_samples / max(1, s.num_samples):.4f}"]
+    lines.append("  ".join(f"pass@{k}={v:.4f}" for k, v in s.pass_at_k.items()))
+    lines.append("  ".join(f"maj@{k}={v:.4f}" for k, v in s.maj_at_k.items()))
+    fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+    lines.append(f"mean response length: correct {fmt(s.mean_length_correct)}  "
+                 f"incorrect {fmt(s.mean_length_incorrect)} tokens")
+    if s.median_logprob_margin is not None:
+        lines.append(f"median log-prob margin (correct - incorrect): {s.median_logprob_margin:.4f} "
+                     f"over {s.extra.get('problems_with_margin')} problems")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-amir eval",
+                                description="Sample k completions per benchmark problem, verify, report pass@k")
+    p.add_argument("--model", required=True, help="Megatron-amir checkpoint directory or Hugging Face model directory")
+    p.add_argument("--bench", required=True, help="benchmark name (e.g. math500, synthetic) or a JSONL/parquet file")
+    p.add_argument("--samples", type=int, default=8, help="samples per problem (n); pass@k for k=1,2,4,..<=n")
+    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.json)")
+    p.add_argument("--config", default=None, help="YAML config; its rollout/data/reward/eval sections give defaults")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the model or config)")
+    p.add_argument("--temperature", type=float, default=None, help="default: eval.temperature of the config")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-problems", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per engine call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logprobs-mode", choices=["processed_logprobs", "raw_logprobs"], default="raw_logprobs",
+                   help="log-probs recorded per sample (raw = the model's own, as the paper's margin)")
+    p.add_argument("--no-texts", action="store_true", help="do not store sample texts in results.jsonl")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config key.path=value overrides")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``megatron-amir eval``. Returns 0 on success, 2 on bad input (message on stderr)."""
+    from megatron_amir.eval import loading
+
+    args = build_parser().parse_args(argv)
+    if args.samples < 1:
+        print("megatron-amir eval: --samples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        setup = loading.build_eval_setup(
+            model=args.model, bench=args.bench, config_path=args.config, overrides=args.overrides,
+            tokenizer_dir=args.tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
+            logprobs_mode=args.logprobs_mode)
+    except (loading.EvalSetupError, ValueError, FileNotFoundError) as exc:
+        print(f"megatron-amir eval: {exc}", file=sys.stderr)
+        return 2
+    summary = evaluate(
+        setup.engine, setup.tokenizer, setup.problems, setup.reward_fn, args.samples, setup.sampling_params,
+        args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        keep_texts=not args.no_texts,
+        meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
+              **setup.meta})
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / RESULTS_FILE} and {Path(args.out) / SUMMARY_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
