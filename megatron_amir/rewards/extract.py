@@ -1,0 +1,137 @@
+"""Final-answer extraction from model output, without evaluating anything.
+
+Order of preference (the last occurrence of the first kind found wins, since models restate):
+1. ``\\boxed{...}`` / ``\\fbox{...}`` with nested braces matched by a linear scan (no regex backtracking);
+2. the GSM8K marker ``#### <answer>`` (to the end of the line);
+3. ``The answer is <answer>`` / ``final answer is`` (to the end of the sentence/line).
+
+All scans are linear in the input length; the caller truncates untrusted text first (``truncate``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+__all__ = ["extract_boxed", "extract_hash", "extract_answer_is", "extract_answer", "normalize_answer",
+           "truncate", "has_answer_format"]
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """Keep the last ``max_chars`` characters (the final answer sits at the end) and drop NUL bytes."""
+    if len(text) > max_chars:
+        text = text[-max_chars:]
+    return text.replace("\x00", "")
+
+
+def _matching_brace(text: str, open_idx: int) -> Optional[int]:
+    """Index of the ``}`` closing the ``{`` at ``open_idx`` (escaped ``\\{``/``\\}`` are skipped)."""
+    depth, i, n = 0, open_idx, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> Optional[str]:
+    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{}``), nested braces kept; also the
+    brace-less form ``\\boxed 5``."""
+    last = None
+    for m in _BOX_RE.finditer(text):
+        close = _matching_brace(text, m.end() - 1)
+        if close is not None:
+            last = text[m.end():close]
+    if last is None:
+        m = None
+        for m in re.finditer(r"\\boxed ([^\s$]+)", text):
+            pass
+        if m is not None:
+            last = m.group(1)
+    return None if last is None else last.strip()
+
+
+def extract_hash(text: str) -> Optional[str]:
+    """The answer after the last GSM8K ``####`` marker (to the end of the line)."""
+    last = None
+    for m in _HASH_RE.finditer(text):
+        last = m.group(1)
+    if last is None:
+        return None
+    last = last.strip()
+    return last or None
+
+
+def extract_answer_is(text: str) -> Optional[str]:
+    """The answer after the last ``The answer is`` (up to a sentence end or line end)."""
+    last = None
+    for m in _ANSWER_IS_RE.finditer(text):
+        last = m
+    if last is None:
+        return None
+    rest = text[last.end():].split("\n", 1)[0].strip()
+    if rest.startswith("$"):  # "$x$." keep the math
+        close = rest.find("$", 1)
+        if close > 0:
+            return rest[: close + 1].strip() or None
+    # a period followed by space/end closes the sentence; decimal points do not
+    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]
+    return rest.strip().rstrip(".") or None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer in ``text`` or None: boxed, then ``####``, then "The answer is"."""
+    for fn in (extract_boxed, extract_hash, extract_answer_is):
+        ans = fn(text)
+        if ans:
+            return ans
+    return None
+
+
+def has_answer_format(text: str) -> bool:
+    """True when an answer can be extracted (used by the optional format reward)."""
+    return extract_answer(text) is not None
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_NUM_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+
+
+def normalize_answer(ans: str) -> str:
+    """Cheap canonical form for exact matching: strip ``$`` and surrounding spaces, thousands separators
+    and a trailing period; integers lose leading zeros and ``+``; ``-0`` is ``0``.
+    Anything else is returned stripped (exact string match then)."""
+    s = ans.strip().rstrip(".").strip().strip("$").strip().rstrip(".").strip()
+    if s.startswith("\\(") and s.endswith("\\)"):
+        s = s[2:-2].strip()
+    # spaces are kept (``"132 7"`` must not become ``1327``); only LaTeX thin spaces go
+    compact = s.replace("{,}", "").replace("\\,", "").replace("\\!", "")
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", compact):
+        compact = compact.replace(",", "")
+    if _INT_RE.fullmatch(compact):
+        v = int(compact)
+        return str(v)
+    if _NUM_RE.fullmatch(compact):
+        # canonical decimal: drop trailing zeros, keep integers integral ("2.50" -> "2.5", "3.0" -> "3")
+        neg = compact.startswith("-")
+        body = compact.lstrip("+-")
+        if "." in body:
+            ip, fp = body.split(".", 1)
+            fp = fp.rstrip("0")
+            ip = ip.lstrip("0") or "0"
+            body = ip + ("." + fp if fp else "")
+        out = ("-" if neg else "") + body
+        return "0" if out in ("-0", "0") else out
+    return compact

@@ -1,0 +1,85 @@
+"""Extraction and the fast exact reward (the synthetic task's reward)."""
+
+import pytest
+
+from megatron_amir.rewards import ExactReward, RewardResult, get_reward_fn
+from megatron_amir.rewards.extract import (extract_answer, extract_boxed, extract_hash, extract_answer_is,
+                                           normalize_answer, truncate)
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so \boxed{42}", "42"),
+    (r"\boxed{\frac{1}{2}} then \boxed{\frac{3}{4}}", r"\frac{3}{4}"),
+    (r"\boxed{\left\{1, 2\right\}}", r"\left\{1, 2\right\}"),
+    (r"\boxed{a_{b_{c_{d}}}}", r"a_{b_{c_{d}}}"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed 5 apples", "5"),
+    (r"\boxed{unclosed {", None),
+    ("", None),
+])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_hash_answer_is_and_priority():
+    assert extract_hash("a\n#### 72\n") == "72"
+    assert extract_hash("#### 1\n#### 2") == "2"
+    assert extract_hash("####   ") is None
+    assert extract_answer_is("So the answer is 3.5. Done") == "3.5"
+    assert extract_answer_is("The final answer is: $\\frac{1}{2}$.") == "$\\frac{1}{2}$"
+    assert extract_answer_is("The answer is 12") == "12"
+    assert extract_answer(r"The answer is 3. \boxed{4}") == "4"  # boxed wins
+    assert extract_answer("#### 5\nThe answer is 6") == "5"
+    assert extract_answer("no answer here 17") is None
+
+
+def test_normalize():
+    assert normalize_answer(" +007 ") == "7"
+    assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("-0") == "0"
+    assert normalize_answer("$12$.") == "12"
+    assert normalize_answer("2.50") == "2.5"
+    assert normalize_answer("3.0") == "3"
+    assert normalize_answer("132 7") != normalize_answer("1327")
+    assert normalize_answer("1,00") == "1,00"  # not a thousands pattern: left alone
+
+
+def test_truncate_keeps_tail_and_drops_nul():
+    assert truncate("a" * 100 + "#### 5", 10) == "aaaa#### 5"
+    assert truncate("1\x002", 10) == "12"
+
+
+def test_exact_reward_scores_and_counts():
+    fn = get_reward_fn("synthetic")
+    assert isinstance(fn, ExactReward)
+    res = fn(["7+5=12 #### 132", "#### 131", "7+5=12", "#### -4", "#### 0132", "#### 132 7"],
+             ["132", "132", "132", "-4", "132", "132"])
+    assert isinstance(res, RewardResult)
+    assert res.correct == [True, False, False, True, True, False]
+    assert res.rewards == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert res.format_ok == [True, True, False, True, True, True]
+    assert res.timeouts == 0 and res.errors == 0
+    fmt = get_reward_fn("exact", format_weight=0.1)
+    assert fmt(["#### 1", "#### 2", "nothing"], ["1", "1", "1"]).rewards == [1.1, 0.1, 0.0]
+    with pytest.raises(ValueError, match="2 responses but 1 answers"):
+        fn(["a", "b"], ["1"])
+    with pytest.raises(TypeError, match="responses\\[0\\]"):
+        fn([None], ["1"])
+
+
+def user_reward(responses, answers):
+    return [float(len(r) == len(a)) for r, a in zip(responses, answers)]
+
+
+def test_registry_dotted_paths_and_errors():
+    fn = get_reward_fn("tests.test_rewards_exact:user_reward")
+    res = fn(["ab", "abc"], ["xy", "xy"])
+    assert res.rewards == [1.0, 0.0] and res.correct == [True, False]
+    fn2 = get_reward_fn("megatron_amir.rewards.exact.ExactReward", format_weight=0.5)
+    assert isinstance(fn2, ExactReward) and fn2.format_weight == 0.5
+    with pytest.raises(ValueError, match="cannot import"):
+        get_reward_fn("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="no attribute"):
+        get_reward_fn("megatron_amir.rewards.exact:nope")
+    with pytest.raises(ValueError, match="not a registered name"):
+        get_reward_fn("unknownname")
