@@ -108,16 +108,51 @@ def make_verdict(out: Any, text: str, correct_threshold: float) -> Verdict:
     return Verdict(ok, r, str(pred) if pred is not None else _extract_answer_fallback(text))
 
 
-def score_samples(reward_fn: Callable, texts: list[str], gold: str, correct_threshold: float) -> list[Verdict]:
-    """Call ``reward_fn`` as batch ``reward_fn(texts, [gold]*n)`` when it has a ``batch`` attribute
-    set, else once per sample as ``reward_fn(text, gold)``."""
+def _normalize(ans: Optional[str]) -> Optional[str]:
+    """The rewards module's answer normalization (so "1,000" and "1000" vote together), if available."""
+    if ans is None:
+        return None
+    try:
+        from megatron_amir.rewards import normalize_answer
+    except ImportError:  # the rewards package is optional for library use of evaluate
+        return ans.strip() or None
+    return normalize_answer(ans) or None
+
+
+def _is_batch_reward(reward_fn: Callable) -> bool:
     if getattr(reward_fn, "batch", False):
-        outs = list(reward_fn(texts, [gold] * len(texts)))
+        return True
+    try:
+        from megatron_amir.rewards import RewardFn
+    except ImportError:
+        return False
+    return isinstance(reward_fn, RewardFn)
+
+
+def score_samples(reward_fn: Callable, texts: list[str], gold: str, correct_threshold: float) -> list[Verdict]:
+    """Verify one problem's samples.
+
+    A ``megatron_amir.rewards.RewardFn`` (or any callable with ``batch = True``) is called once as
+    ``reward_fn(texts, [gold] * n)`` and may return a ``RewardResult`` (rewards, correct, extracted)
+    or a list; any other callable is called per sample as ``reward_fn(text, gold)``."""
+    if _is_batch_reward(reward_fn):
+        out = reward_fn(texts, [gold] * len(texts))
+        if hasattr(out, "rewards") and hasattr(out, "correct"):
+            extracted = list(getattr(out, "extracted", None) or [None] * len(texts))
+            if not (len(out.rewards) == len(out.correct) == len(extracted) == len(texts)):
+                raise ValueError(f"reward function returned {len(out.rewards)} rewards / {len(out.correct)} "
+                                 f"correct flags / {len(extracted)} answers for {len(texts)} samples")
+            return [Verdict(bool(c), float(r), _normalize(e) if e is not None else _normalize(_extract_answer_fallback(t)))
+                    for r, c, e, t in zip(out.rewards, out.correct, extracted, texts)]
+        outs = list(out)
         if len(outs) != len(texts):
             raise ValueError(f"reward function returned {len(outs)} results for {len(texts)} samples")
     else:
         outs = [reward_fn(t, gold) for t in texts]
-    return [make_verdict(o, t, correct_threshold) for o, t in zip(outs, texts)]
+    verdicts = [make_verdict(o, t, correct_threshold) for o, t in zip(outs, texts)]
+    for v in verdicts:
+        v.answer = _normalize(v.answer)
+    return verdicts
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -126,10 +161,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    try:
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-    except TypeError:  # tokenizers without the keyword
-        return tokenizer.decode(list(ids))
+    """Response text without special tokens (megatron_amir.data Tokenizer or a transformers tokenizer)."""
+    ids = [int(i) for i in ids]
+    for kw in ("skip_special_tokens", "skip_special"):  # transformers swallows unknown kwargs: its name first
+        try:
+            return tokenizer.decode(ids, **{kw: True})
+        except TypeError:
+            continue
+    return tokenizer.decode(ids)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -148,6 +187,7 @@ def evaluate(
     correct_threshold: float = 0.5,
     progress: bool = True,
     keep_texts: bool = True,
+    format_prompt: Optional[Callable[[str], str]] = None,
     meta: Optional[dict[str, Any]] = None,
 ) -> EvalSummary:
     """Sample ``samples`` completions for every problem, verify them and write the run directory.
@@ -156,6 +196,8 @@ def evaluate(
     sampling_params: a ``megatron_amir.rollout.SamplingParams``; its ``seed`` is replaced per problem
       by ``seed + index``. reward_fn(text, gold) -> float | bool | object with reward/correct/pred.
       A sample is correct when the verdict says so, else when reward >= correct_threshold.
+    format_prompt: maps a problem's prompt text to the text the model sees (a chat template);
+      identity when None. results.jsonl stores the problem's own prompt.
     out_path: a directory; ``results.jsonl`` (one line per problem, see results.py) grows in
       ``results.jsonl.partial`` as problems finish and is renamed into place at the end, then
       ``summary.json`` (the EvalSummary plus ``meta``) is written atomically.
@@ -187,7 +229,8 @@ def evaluate(
         with open(partial, "w", encoding="utf-8") as f:
             for start in range(0, len(probs), batch_size):
                 chunk = probs[start:start + batch_size]
-                prompt_ids = [_encode(tokenizer, p.prompt) for p in chunk]
+                prompt_ids = [_encode(tokenizer, format_prompt(p.prompt) if format_prompt else p.prompt)
+                              for p in chunk]
                 params = [_with_seed(sampling_params, seed + start + j) for j in range(len(chunk))]
                 groups = engine.generate(prompt_ids, params, n=samples)
                 if len(groups) != len(chunk):
