@@ -1,0 +1,181 @@
+"""Policy checkpoints with Megatron-Core dist_checkpointing (torch_dist), reshardable across TP/PP.
+
+Layout of ``<dir>``: the torch_dist files written by ``dist_checkpointing.save`` holding
+``model`` (sharded tensors, global names such as ``decoder.layers.self_attention.linear_qkv.weight``
+with a leading layer axis), ``optimizer`` (optional; exact with the plain optimizer -- the
+DistributedOptimizer's state does not round-trip on CPU, see platform-facts), and the common
+(replicated) items ``scheduler``, ``num_steps`` and ``format``. A checkpoint saved at any TP/PP
+loads at any other TP/PP: dist_checkpointing reassembles every shard from the global offsets.
+
+The directory appears atomically: rank 0 creates ``<dir>.tmp-*``, all ranks write, then rank 0
+renames it into place after a barrier.
+
+``gather_full_state_dict`` builds full tensors (named as in a TP=PP=1 GPTModel) on rank 0 from the
+same sharded state dict, which is what the HF converter (checkpoints_tools) consumes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "megatron-amir/policy-v1"
+
+
+def _barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _broadcast_str(s: Optional[str]) -> str:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return s
+    obj = [s]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _model_sharded_state_dict(policy) -> dict:
+    mods = policy.modules()
+    if len(mods) != 1:
+        raise NotImplementedError("virtual pipeline chunks are not supported")
+    return mods[0].sharded_state_dict()
+
+
+def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
+    """Collective: every rank calls. Writes ``path`` atomically (replacing nothing: it must not exist)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if dist.get_rank() == 0 and path.exists():
+        raise FileExistsError(f"checkpoint directory {path} already exists")
+    if save_optimizer and policy.cfg.parallel.use_distributed_optimizer and not torch.cuda.is_available():
+        raise NotImplementedError(
+            "saving DistributedOptimizer state is broken on CPU in megatron-core 0.19.2 (platform-facts); "
+            "use parallel.use_distributed_optimizer=false or save_optimizer=False"
+        )
+    tmp = None
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
+    tmp = _broadcast_str(tmp)
+    model_sd = _model_sharded_state_dict(policy)
+    state = {"model": model_sd, "format": FORMAT, "num_steps": policy.num_steps}
+    if save_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd)
+        state["scheduler"] = policy.scheduler.state_dict()
+    try:
+        dist_checkpointing.save(state, tmp)
+        _barrier()
+        if dist.get_rank() == 0:
+            os.replace(tmp, path)
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+
+
+def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
+    """Collective. Loads the model (any saved TP/PP) and, if asked and present, optimizer + scheduler."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if common.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a megatron-amir policy checkpoint (format={common.get('format')!r})")
+    has_opt = "scheduler" in common
+    load_optimizer = load_optimizer and has_opt
+    model_sd = _model_sharded_state_dict(policy)
+    state = {"model": model_sd}
+    if load_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    policy.modules()[0].load_state_dict(loaded["model"], strict=True)
+    if load_optimizer:
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        policy.scheduler.load_state_dict(common["scheduler"])
+        policy.num_steps = int(common.get("num_steps", 0))
+    _barrier()
+
+
+def _flatten(sd, out: list):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    items = sd.values() if isinstance(sd, dict) else sd if isinstance(sd, (list, tuple)) else [sd]
+    for v in items:
+        if isinstance(v, ShardedTensorFactory):
+            _flatten(v.build(), out)
+        elif isinstance(v, ShardedTensor):
+            out.append(v)
+        elif isinstance(v, (dict, list, tuple)):
+            _flatten(v, out)
+
+
+def gather_full_state_dict(modules) -> Optional[dict[str, torch.Tensor]]:
+    """Full tensors on rank 0 named like a TP=PP=1 GPTModel.state_dict() (e.g. decoder.layers.0....).
+
+    Collective over the world. Each rank contributes its main-replica shards (global offsets from the
+    sharded state dict); rank 0 places them. Layer-stacked keys are split back into per-layer names.
+    """
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    shards = []
+    for mod in modules:
+        flat: list = []
+        _flatten(mod.sharded_state_dict(), flat)
+        for st in flat:
+            if not is_main_replica(st.replica_id) or st.key.endswith("_extra_state"):
+                continue
+            if st.flattened_range is not None:
+                raise NotImplementedError(f"flattened shard {st.key} not supported")
+            shards.append((st.key, tuple(st.global_shape), tuple(st.global_offset), st.prepend_axis_num,
+                           st.data.detach().cpu().clone()))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        gathered = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(shards, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        shards = [s for part in gathered for s in part]
+    full: dict[str, torch.Tensor] = {}
+    prepend: dict[str, int] = {}
+    for key, gshape, goff, pre, data in shards:
+        if key not in full:
+            full[key] = torch.empty(gshape, dtype=data.dtype)
+            prepend[key] = pre
+        idx = tuple(goff[:pre]) + tuple(slice(o, o + n) for o, n in zip(goff[pre:], data.shape))
+        full[key][idx] = data
+    # the sharded keys of the local spec use TE-style norm names (sharded_state_dict_keys_map of the
+    # layer spec, e.g. input_layernorm. -> self_attention.linear_qkv.layer_norm_); map them back so the
+    # names are exactly those of the module's own state_dict()
+    keys_map = {}
+    for mod in modules:
+        layers = getattr(getattr(mod, "decoder", None), "layers", None)
+        if layers is not None and len(layers):
+            keys_map = dict(getattr(layers[0].submodules_config, "sharded_state_dict_keys_map", {}) or {})
+            break
+    out: dict[str, torch.Tensor] = {}
+    for skey, t in full.items():
+        key = skey
+        for src, dst in keys_map.items():
+            if key.startswith("decoder.layers.") and key[len("decoder.layers."):].startswith(dst):
+                key = "decoder.layers." + src + key[len("decoder.layers.") + len(dst):]
+                break
+        if prepend[skey] == 1 and key.startswith("decoder.layers."):
+            rest = key[len("decoder.layers."):]
+            for i in range(t.shape[0]):
+                out[f"decoder.layers.{i}.{rest}"] = t[i].clone()
+        elif prepend[skey] == 0:
+            out[key] = t
+        else:
+            raise NotImplementedError(f"unexpected sharded key layout {skey} (prepend_axis_num={prepend[skey]})")
+    return out

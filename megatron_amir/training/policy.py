@@ -1,0 +1,426 @@
+"""The trained policy: Megatron-Core GPT model chunks + DDP + optimizer + LR schedule, and the RL step.
+
+Used by the trainer through a small API:
+
+    policy = Policy(cfg)
+    logp = policy.compute_logprobs(tokens[N, L])            # [N, L-1] fp32, no grad, on every rank
+    metrics = policy.train_step(tokens[n, L], prepared)     # one optimizer step over this DP rank's rows
+    policy.save(dir) / policy.load(dir)                     # dist_checkpointing (torch_dist), reshardable
+    policy.full_state_dict()                                # full Megatron-named tensors on rank 0
+
+Batch layout: rows are right-padded; attention is causal, so padding on the right never changes the
+hidden state of an earlier position, and no attention mask beyond causal is needed. Position ids are
+0..L-1. logp[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1]).
+
+Loss reduction: the algorithm's micro-batch losses are *summed* over micro-batches and DP ranks to
+give the exact total loss (see megatron_amir.algorithms.micro_batch_loss). Megatron by default divides
+each micro-batch loss by num_microbatches and DP gradients by the DP size. We set
+``calculate_per_token_loss=True`` (the schedule then leaves the loss alone and DDP sums gradients
+across DP instead of averaging) and install a ``finalize_model_grads_func`` that performs the usual
+DP/embedding gradient reductions but drops the per-token divisor. The equality tests in
+tests/test_policy*.py check that gradients equal those of the summed loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_amir.config import Config
+from megatron_amir.model.builder import build_gpt_model, choose_transformer_impl, transformer_config
+from megatron_amir.model.compat import apply_cpu_compat
+from megatron_amir.model.logprobs import vocab_parallel_logprobs
+from megatron_amir.training.parallel import ParallelInfo, init_parallel
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, Any, Any], tuple[torch.Tensor, dict]]
+
+
+def _default_loss_fn() -> LossFn:
+    from megatron_amir.algorithms import micro_batch_loss  # owner A
+
+    return micro_batch_loss
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class Policy:
+    """Megatron-Core policy for RL; see the module docstring."""
+
+    def __init__(self, cfg: Config, *, loss_fn: Optional[LossFn] = None, train: bool = True):
+        apply_cpu_compat()
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        self.cfg = cfg
+        self._loss_fn = loss_fn
+        self.trainable = train
+        # distributed groups + seeds
+        self.info: ParallelInfo = init_parallel(cfg.parallel, cfg.train.seed)
+        m = cfg.model
+        if m.vocab_size % self.info.tp_size:
+            raise ValueError(
+                f"model.vocab_size={m.vocab_size} must be divisible by TP={self.info.tp_size} "
+                "(pad the vocabulary in the model config)"
+            )
+        self.impl = choose_transformer_impl(m)
+        # model: this rank's pipeline stage
+        self.config = transformer_config(m, cfg.parallel, impl=self.impl)
+        module = build_gpt_model(
+            m, cfg.parallel,
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            config=self.config,
+        )
+        if self.config.bf16 or self.config.fp16:
+            module = Float16Module(self.config, module)
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.model = [DistributedDataParallel(self.config, self.ddp_config, module)]
+        for chunk in self.model:
+            chunk.broadcast_params()  # identical replicas across DP ranks
+
+        # sum (not average) micro-batch and DP gradients; see module docstring
+        def _finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+            return finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+        self.config.finalize_model_grads_func = _finalize
+        self.config.no_sync_func = self.model[0].no_sync
+        # optimizer + LR schedule
+        t = cfg.train
+        self.optimizer = None
+        self.scheduler = None
+        if train:
+            opt_cfg = OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+                bf16=self.config.bf16, fp16=self.config.fp16, params_dtype=self.config.params_dtype,
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            )
+            self.optimizer = get_megatron_optimizer(opt_cfg, self.model)
+            self.config.grad_scale_func = self.optimizer.scale_loss
+            decay_steps = max(t.steps, t.lr_warmup_steps + 1)
+            self.scheduler = OptimizerParamScheduler(
+                self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+                lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=decay_steps,
+                lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+                wd_incr_steps=decay_steps, wd_incr_style="constant",
+            )
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------------------------ properties
+    @property
+    def dp_size(self) -> int:
+        return self.info.dp_size
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    @property
+    def loss_fn(self) -> LossFn:
+        if self._loss_fn is None:
+            self._loss_fn = _default_loss_fn()
+        return self._loss_fn
+
+    def data_parallel_rows(self, num_sequences: int, group_size: int) -> torch.Tensor:
+        """Row indices of this DP rank: whole groups (rows g*G..g*G+G-1), split contiguously."""
+        if num_sequences % group_size:
+            raise ValueError(f"num_sequences={num_sequences} is not a multiple of group_size={group_size}")
+        groups = num_sequences // group_size
+        if groups % self.dp_size:
+            raise ValueError(
+                f"{groups} groups cannot be split evenly over data-parallel size {self.dp_size} "
+                "(data.prompts_per_step must be a multiple of the DP size)"
+            )
+        per = groups // self.dp_size * group_size
+        start = self.info.dp_rank * per
+        return torch.arange(start, start + per)
+
+    # ------------------------------------------------------------------------------------ forward
+    def _forward_backward(self, tokens: torch.Tensor, micro_batch_size: int, loss_func_for, forward_only: bool):
+        """Run Megatron's schedule over micro-batches of ``tokens``; returns the last stage's store."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n, L = tokens.shape
+        if L < 2:
+            raise ValueError(f"sequences need at least 2 tokens, got L={L}")
+        mbs = max(1, min(micro_batch_size, n))
+        if n % mbs and self.info.pp_size > 1:
+            raise ValueError(
+                f"{n} rows are not a multiple of micro_batch_size={mbs}; pipeline stages exchange fixed-shape "
+                "activations (train.micro_batch_size must divide the per-DP-rank batch)"
+            )
+        starts = list(range(0, n, mbs))
+        position_ids = torch.arange(L, dtype=torch.long).unsqueeze(0)
+        batches = iter([(s, min(n, s + mbs)) for s in starts])
+
+        def forward_step(data_iterator, model):
+            s, e = next(data_iterator)
+            tok = tokens[s:e]
+            out = model(tok, position_ids.expand(e - s, L), None)
+            return out, loss_func_for(s, e, tok)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=self.model,
+            num_microbatches=len(starts),
+            seq_length=L,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    def _token_logprobs(self, logits: torch.Tensor, tok: torch.Tensor, temperature: float, with_entropy: bool):
+        """logits [b, L, V_local] (vocab-sharded) -> logp [b, L-1] fp32 (+ entropy)."""
+        lg = logits[:, :-1]
+        if temperature != 1.0:
+            lg = lg / temperature
+        return vocab_parallel_logprobs(
+            lg, tok[:, 1:], tp_group=self.tp_group, chunk_size=self.cfg.train.logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
+
+    def _broadcast_from_last_stage(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if self.info.pp_size == 1:
+            return t
+        if t is None:
+            t = torch.empty(shape, dtype=dtype)
+        t = t.contiguous()
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+        return t
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, tokens: torch.Tensor, micro_batch_size: Optional[int] = None, temperature: float = 1.0,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """logp[N, L-1] (fp32, no grad) on every rank.
+
+        Rows are split over DP ranks, each rank runs the pipeline forward on its rows, and the result is
+        broadcast from the last PP stage and all-gathered across DP. ``lengths`` is accepted for API
+        symmetry and unused: right padding cannot change earlier positions under causal attention.
+        """
+        del lengths
+        tokens = tokens.long().cpu() if not torch.cuda.is_available() else tokens.long().cuda()
+        N, L = tokens.shape
+        mbs = micro_batch_size or self.cfg.train.micro_batch_size
+        dp, r = self.dp_size, self.info.dp_rank
+        per = math.ceil(N / dp)
+        mine = tokens[r * per : min(N, (r + 1) * per)]
+        mbs = min(mbs, per)
+        padded = math.ceil(per / mbs) * mbs if self.info.pp_size > 1 else per
+        if mine.shape[0] < padded:  # equal shapes for the DP all-gather and the pipeline's fixed shapes
+            pad = tokens[:1].expand(padded - mine.shape[0], L)
+            mine = torch.cat([mine, pad]) if mine.shape[0] else pad.clone()
+        for chunk in self.model:
+            chunk.eval()
+        out: dict[int, torch.Tensor] = {}
+
+        def loss_func_for(s, e, tok):
+            def loss_func(logits):
+                out[s] = self._token_logprobs(logits, tok, temperature, False)[0].float()
+                return torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.int), {}
+
+            return loss_func
+
+        self._forward_backward(mine, mbs, loss_func_for, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        local = torch.cat([out[k] for k in sorted(out)])[:per] if self.info.is_last_stage else None
+        local = self._broadcast_from_last_stage(local, (per, L - 1), torch.float32)
+        if dp > 1:
+            parts = [torch.empty_like(local) for _ in range(dp)]
+            dist.all_gather(parts, local, group=self.dp_group)
+            local = torch.cat(parts)
+        return local[:N].cpu()
+
+    # ------------------------------------------------------------------------------------ train
+    def train_step(self, tokens: torch.Tensor, prepared, temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step on this DP rank's rows ``tokens[n, L]`` with their ``prepared`` batch.
+
+        Micro-batches of train.micro_batch_size rows; each contributes loss_fn(logp, prepared.select(rows))
+        and the losses SUM (over micro-batches and DP ranks) to the step's total loss.
+        Returns metrics (identical on every rank): loss, grad_norm, lr, entropy, update_successful and
+        the loss function's stats (averaged over micro-batches and DP ranks).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this Policy was built with train=False")
+        tokens = tokens.long()
+        n, L = tokens.shape
+        T = L - 1
+        mask = getattr(prepared, "response_mask", None)
+        if mask is not None and tuple(mask.shape) != (n, T):
+            raise ValueError(f"prepared.response_mask has shape {tuple(mask.shape)}, expected {(n, T)} for tokens {(n, L)}")
+        loss_fn = self.loss_fn
+        acfg = self.cfg.algorithm
+        sums: dict[str, torch.Tensor] = {}
+        counts = {"mb": 0}
+
+        def loss_func_for(s, e, tok):
+            def loss_func(logits):
+                logp, ent = self._token_logprobs(logits, tok, temperature, True)
+                mb = prepared.select(torch.arange(s, e))
+                loss, stats = loss_fn(logp, mb, acfg)
+                with torch.no_grad():
+                    m = mb.response_mask.float() if getattr(mb, "response_mask", None) is not None else torch.ones_like(logp)
+                    sums["loss"] = sums.get("loss", 0.0) + loss.detach().double()
+                    sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + (ent.detach() * m).sum().double()
+                    sums["tokens"] = sums.get("tokens", 0.0) + m.sum().double()
+                    for k, v in (stats or {}).items():
+                        v = torch.as_tensor(v).detach().double().mean()
+                        sums["stat/" + k] = sums.get("stat/" + k, 0.0) + v
+                counts["mb"] += 1
+                # num_tokens = 0: our finalize wrapper ignores it; the loss is already the exact sum term
+                return loss, torch.zeros((), dtype=torch.int), {}
+
+            return loss_func
+
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._forward_backward(tokens, self.cfg.train.micro_batch_size, loss_func_for, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.num_steps += 1
+        return self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
+
+    def _reduce_metrics(self, sums, n_mb, update_successful, grad_norm) -> dict[str, float]:
+        keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith("stat/"))
+        vec = None
+        if self.info.is_last_stage:
+            vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(n_mb)], dtype=torch.float64)
+            n_stats = torch.tensor([len(keys)], dtype=torch.long)
+        else:
+            n_stats = torch.tensor([0], dtype=torch.long)
+        if self.info.pp_size > 1:  # key list lengths agree on every stage (stats names come from the last)
+            from megatron.core import parallel_state as ps
+
+            dist.broadcast(n_stats, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+        vec = self._broadcast_from_last_stage(vec, (int(n_stats) + 1,), torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(vec, group=self.dp_group)
+        names = keys if self.info.is_last_stage else None
+        if self.info.pp_size > 1:
+            obj = [names]
+            from megatron.core import parallel_state as ps
+
+            dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+            names = obj[0]
+        vals = dict(zip(names, vec[:-1].tolist()))
+        total_mb = max(1.0, vec[-1].item())
+        out = {
+            "loss": vals["loss"],
+            "entropy": vals["entropy_sum"] / max(1.0, vals["tokens"]),
+            "response_tokens": vals["tokens"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "update_successful": float(bool(update_successful)),
+            "num_microbatches": total_mb,
+        }
+        for k in names:
+            if k.startswith("stat/"):
+                out[k[len("stat/"):]] = vals[k] / total_mb
+        return out
+
+    # ------------------------------------------------------------------------------------ state
+    def modules(self) -> list:
+        """The unwrapped GPTModel chunks of this rank."""
+        return [_unwrap(c) for c in self.model]
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Full (TP- and PP-gathered) tensors named as in a TP=PP=1 GPTModel's state_dict, on rank 0.
+
+        Collective: every rank must call it; other ranks get None.
+        """
+        from megatron_amir.training.model_checkpoint import gather_full_state_dict
+
+        return gather_full_state_dict(self.modules())
+
+    def save(self, path, *, save_optimizer: bool = True) -> None:
+        from megatron_amir.training.model_checkpoint import save_checkpoint
+
+        save_checkpoint(self, Path(path), save_optimizer=save_optimizer and self.optimizer is not None)
+
+    def load(self, path, *, load_optimizer: bool = True) -> None:
+        from megatron_amir.training.model_checkpoint import load_checkpoint
+
+        load_checkpoint(self, Path(path), load_optimizer=load_optimizer and self.optimizer is not None)
+
+    def frozen_copy(self) -> "FrozenPolicy":
+        """A no-grad copy of the current weights (the reference policy), same parallel layout."""
+        return FrozenPolicy(self)
+
+
+class FrozenPolicy:
+    """Reference policy: a deep copy of the model chunks, evaluated with compute_logprobs only."""
+
+    def __init__(self, policy: Policy):
+        self._p = copy.copy(policy)
+        # deepcopy must not follow the config's bound methods (DDP.no_sync, optimizer.scale_loss) nor
+        # the DDP grad-buffer views (main_grad): map them away in the memo
+        cfg_copy = copy.copy(policy.config)
+        cfg_copy.no_sync_func = None
+        cfg_copy.grad_scale_func = None
+        cfg_copy.finalize_model_grads_func = None
+        memo: dict = {id(policy.config): cfg_copy}
+        for c in policy.model:
+            for prm in c.parameters():
+                if getattr(prm, "main_grad", None) is not None:
+                    memo[id(prm.main_grad)] = None
+        self._p.config = cfg_copy
+        self._p.model = [copy.deepcopy(_unwrap(c), memo) for c in policy.model]
+        for mdl in self._p.model:
+            mdl.eval()
+            for prm in mdl.parameters():
+                prm.requires_grad_(False)
+        self._p.optimizer = None
+        self._p.scheduler = None
+
+    def compute_logprobs(self, tokens, micro_batch_size=None, temperature: float = 1.0, lengths=None):
+        return self._p.compute_logprobs(tokens, micro_batch_size, temperature, lengths)
