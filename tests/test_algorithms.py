@@ -374,7 +374,7 @@ def test_bf16_inputs_are_upcast():
     assert lp.grad.dtype == torch.bfloat16 and torch.isfinite(lp.grad.float()).all()
     lp32 = lp.detach().float().requires_grad_(True)
     loss32, _ = micro_batch_loss(lp32, pb32, cfg)
-    assert float(loss) == float(loss32)  # bf16 path == explicit fp32 upcast of the same values
+    assert float(loss.detach()) == float(loss32.detach())  # bf16 path == explicit fp32 upcast of the same values
 
 
 def test_extreme_logprobs_stay_finite():
