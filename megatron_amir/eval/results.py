@@ -166,6 +166,20 @@ class EvalSummary:
     median_logprob_margin: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def metrics(self) -> dict[str, float]:
+        """Flat scalar metrics for a metrics logger: pass@k, maj@k, sample accuracy, lengths, margin."""
+        m: dict[str, float] = {f"pass@{k}": v for k, v in self.pass_at_k.items()}
+        m.update({f"maj@{k}": v for k, v in self.maj_at_k.items()})
+        m["sample_accuracy"] = self.num_correct_samples / max(1, self.num_samples)
+        m["num_problems"] = float(self.num_problems)
+        if self.mean_length_correct is not None:
+            m["length_correct"] = self.mean_length_correct
+        if self.mean_length_incorrect is not None:
+            m["length_incorrect"] = self.mean_length_incorrect
+        if self.median_logprob_margin is not None:
+            m["logprob_margin_median"] = self.median_logprob_margin
+        return m
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}

@@ -178,9 +178,13 @@ def evaluate(
     problems: Sequence[Any],
     reward_fn: Callable,
     samples: int,
-    sampling_params: Any,
-    out_path: str | os.PathLike,
+    sampling_params: Any = None,
+    out_path: str | os.PathLike | None = None,
     *,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     batch_size: int = 8,
     seed: int = 0,
     ks: Optional[list[int]] = None,
@@ -190,18 +194,26 @@ def evaluate(
     format_prompt: Optional[Callable[[str], str]] = None,
     meta: Optional[dict[str, Any]] = None,
 ) -> EvalSummary:
-    """Sample ``samples`` completions for every problem, verify them and write the run directory.
+    """Sample ``samples`` completions for every problem, verify them and write the results.
 
     engine: a ``megatron_amir.rollout.Engine`` (``generate(prompt_ids, params, n) -> [GroupResult]``).
-    sampling_params: a ``megatron_amir.rollout.SamplingParams``; its ``seed`` is replaced per problem
-      by ``seed + index``. reward_fn(text, gold) -> float | bool | object with reward/correct/pred.
+    sampling_params: a ``megatron_amir.rollout.SamplingParams``; None builds one from the keyword
+      arguments (temperature 1.0, max_new_tokens 128, stop at ``tokenizer.eos_id`` by default); keyword
+      arguments given alongside sampling_params override its fields. Its ``seed`` is replaced per
+      problem by ``seed + index``.
+    reward_fn: a ``megatron_amir.rewards.RewardFn`` (batch, returns RewardResult) or any
+      ``reward_fn(text, gold) -> float | bool | object with reward/correct/pred``.
       A sample is correct when the verdict says so, else when reward >= correct_threshold.
     format_prompt: maps a problem's prompt text to the text the model sees (a chat template);
       identity when None. results.jsonl stores the problem's own prompt.
-    out_path: a directory; ``results.jsonl`` (one line per problem, see results.py) grows in
-      ``results.jsonl.partial`` as problems finish and is renamed into place at the end, then
-      ``summary.json`` (the EvalSummary plus ``meta``) is written atomically.
+    out_path: a directory (gets ``results.jsonl`` and ``summary.json``) or a ``*.jsonl`` file path
+      (the summary goes next to it as ``<stem>.summary.json``). The results grow in ``<file>.partial``
+      as problems finish and are renamed into place at the end; the summary is written atomically.
     """
+    if out_path is None:
+        raise ValueError("evaluate: out_path is required (a directory or a .jsonl file)")
+    sampling_params = _sampling_params(sampling_params, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=max_new_tokens)
     if samples < 1:
         raise ValueError(f"samples={samples}: need at least 1")
     if batch_size < 1:
@@ -215,9 +227,9 @@ def evaluate(
             raise ValueError(f"duplicate problem id {p.id!r}")
         seen.add(p.id)
 
-    out_dir = Path(out_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / (RESULTS_FILE + ".partial")
+    results_file, summary_file = output_paths(out_path)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = results_file.with_name(results_file.name + ".partial")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -256,15 +268,36 @@ def evaluate(
                 if bar is not None:
                     bar.update(len(chunk))
                     bar.set_postfix(acc=f"{sum(r.num_correct for r in results) / max(1, sum(r.n for r in results)):.3f}")
-        os.replace(partial, out_dir / RESULTS_FILE)
+        os.replace(partial, results_file)
     finally:
         if bar is not None:
             bar.close()
     summary = summarize(results, ks)
     summary.extra.update({"elapsed_s": round(time.time() - t0, 3), "seed": seed,
                           "sampling_params": _params_dict(sampling_params), **(meta or {})})
-    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2) + "\n")
+    atomic_write_text(summary_file, json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
+
+
+def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
+    """(results file, summary file) for a run directory or a ``*.jsonl`` results path."""
+    p = Path(out_path)
+    if p.suffix == ".jsonl":
+        return p, p.with_name(p.stem + ".summary.json")
+    return p / RESULTS_FILE, p / SUMMARY_FILE
+
+
+def _sampling_params(params: Any, tokenizer: Any, **fields: Any) -> Any:
+    """The SamplingParams to use: the given one with non-None ``fields`` applied, or a new one."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if params is not None:
+        return params.replace(**fields) if fields else params
+    from megatron_amir.rollout.engine import SamplingParams
+
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return SamplingParams(stop_token_ids=() if eos is None else (int(eos),), **fields)
 
 
 def _mean_logprob(lps: Sequence[float]) -> Optional[float]:
@@ -351,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
               **setup.meta})
     print(format_summary(summary))
-    print(f"wrote {Path(args.out) / RESULTS_FILE} and {Path(args.out) / SUMMARY_FILE}")
+    print("wrote " + " and ".join(str(p) for p in output_paths(args.out)))
     return 0
 
 
