@@ -373,14 +373,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             model=args.model, bench=args.bench, config_path=args.config, overrides=args.overrides,
             tokenizer_dir=args.tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
-            logprobs_mode=args.logprobs_mode)
+            logprobs_mode=args.logprobs_mode, seed=args.seed)
     except (loading.EvalSetupError, ValueError, FileNotFoundError) as exc:
         print(f"megatron-amir eval: {exc}", file=sys.stderr)
         return 2
     summary = evaluate(
         setup.engine, setup.tokenizer, setup.problems, setup.reward_fn, args.samples, setup.sampling_params,
         args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        keep_texts=not args.no_texts,
+        keep_texts=not args.no_texts, format_prompt=setup.format_prompt,
         meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
               **setup.meta})
     print(format_summary(summary))

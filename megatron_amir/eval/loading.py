@@ -1,0 +1,258 @@
+"""What ``megatron-amir eval`` builds from its arguments: engine, tokenizer, problems, reward, sampling.
+
+Every call into another package sits behind one small function here, so an API change there is a
+one-function change:
+
+- model: a Hugging Face directory (config.json + *.safetensors) loads straight into the rollout
+  package's ``EmbeddedEngine``; a megatron-amir trainer checkpoint (a checkpoint root with
+  ``latest``, or one ``step_XXXXXXXX`` directory with ``meta.json`` and ``model/``) is loaded into a
+  single-process Megatron-Core policy (TP = PP = 1; dist_checkpointing reshards) and converted to
+  HF-named tensors with checkpoints_tools (``megatron_checkpoint_to_hf``).
+- tokenizer / problems / reward: megatron_amir.data and megatron_amir.rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+
+class EvalSetupError(ValueError):
+    """Bad eval arguments; the message names the path or option."""
+
+
+@dataclass
+class EvalSetup:
+    engine: Any
+    tokenizer: Any
+    problems: list[Any]
+    reward_fn: Any
+    sampling_params: Any
+    format_prompt: Optional[Callable[[str], str]] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- model
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def find_trainer_checkpoint(path: Path) -> Optional[Path]:
+    """The step directory a trainer checkpoint path points at, or None if it is not one."""
+    if (path / "latest").is_file():
+        step = path / (path / "latest").read_text().strip()
+        if not (step / "meta.json").is_file():
+            raise EvalSetupError(f"{path}/latest names {step}, which has no meta.json")
+        return step
+    if (path / "meta.json").is_file() and (path / "model").is_dir():
+        return path
+    return None
+
+
+def config_from_checkpoint(step_dir: Path, overrides: Optional[list[str]] = None):
+    """The resolved config the trainer stored in ``meta.json`` (plus ``a.b=c`` overrides)."""
+    from megatron_amir.config import ConfigError, config_from_dict
+
+    try:
+        meta = json.loads((step_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EvalSetupError(f"cannot read {step_dir / 'meta.json'}: {exc}") from None
+    if "config" not in meta:
+        raise EvalSetupError(f"{step_dir / 'meta.json'} holds no 'config'; pass --config")
+    data = meta["config"]
+    if overrides:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(overrides)),
+                                      resolve=True)
+    try:
+        return config_from_dict(data, str(step_dir / "meta.json"))
+    except ConfigError as exc:
+        raise EvalSetupError(str(exc)) from None
+
+
+def megatron_checkpoint_to_hf(step_dir: Path, cfg) -> tuple[dict, dict]:
+    """(HF config dict, HF-named tensors) of a trainer checkpoint, on one process.
+
+    Builds the policy at TP = PP = 1 without an optimizer (dist_checkpointing reshards whatever the
+    training layout was), loads ``step_dir/model`` and converts through the checkpoints_tools mapping."""
+    from checkpoints_tools import hf_config_from_model_config, mcore_to_hf_named_tensors
+    from megatron_amir.training.parallel import shutdown_parallel
+    from megatron_amir.training.policy import Policy
+
+    one = cfg.model_copy(deep=True)
+    one.parallel.tensor_model_parallel_size = 1
+    one.parallel.pipeline_model_parallel_size = 1
+    one.parallel.use_distributed_optimizer = False
+    one.parallel.sequence_parallel = False
+    policy = Policy(one, train=False)
+    try:
+        policy.load(step_dir / "model", load_optimizer=False)
+        full = policy.full_state_dict()
+        tensors = dict(mcore_to_hf_named_tensors(full, one.model))
+    finally:
+        shutdown_parallel()
+    return hf_config_from_model_config(one.model), tensors
+
+
+def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir: Optional[Path] = None):
+    """An EmbeddedEngine holding the model's weights, and a description for the summary."""
+    from megatron_amir.rollout.embedded import EmbeddedEngine
+
+    path = Path(model)
+    if not path.exists():
+        raise EvalSetupError(f"--model {path} does not exist")
+    if is_hf_dir(path):
+        return EmbeddedEngine.from_hf_dir(path, logprobs_mode=logprobs_mode, seed=seed), {"model_kind": "hf"}
+    step_dir = step_dir or find_trainer_checkpoint(path)
+    if step_dir is None:
+        raise EvalSetupError(f"--model {path} is neither a Hugging Face directory (config.json + *.safetensors) "
+                             f"nor a megatron-amir checkpoint (a directory with 'latest', or with meta.json and model/)")
+    hf_config, tensors = megatron_checkpoint_to_hf(step_dir, cfg)
+    engine = EmbeddedEngine(hf_config, tensors, logprobs_mode=logprobs_mode, seed=seed)
+    return engine, {"model_kind": "megatron", "checkpoint": str(step_dir)}
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_eval_tokenizer(tokenizer_dir: Optional[str], model: Path, cfg):
+    """--tokenizer, else the config's tokenizer, else the HF model directory, else the demo tokenizer."""
+    from megatron_amir.data.tokenizer import load_tokenizer
+
+    for cand in (tokenizer_dir, cfg.model.tokenizer, cfg.data.tokenizer_dir):
+        if cand:
+            if not Path(cand).is_dir():
+                raise EvalSetupError(f"tokenizer directory {cand} does not exist")
+            return load_tokenizer(cand)
+    if is_hf_dir(model) and any((model / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                "megatron_amir_tokenizer.json")):
+        return load_tokenizer(model)
+    try:  # the synthetic demo: the same cached tokenizer the trainer built
+        from megatron_amir.data.setup import build_data
+    except ImportError:
+        build_data = None
+    if build_data is not None and cfg.data.source == "synthetic":
+        return build_data(cfg)[0]
+    raise EvalSetupError(f"no tokenizer found for {model}: pass --tokenizer DIR (or set model.tokenizer)")
+
+
+def _read_problem_file(path: Path) -> list[dict]:
+    """JSONL with id/prompt/answer per line (aliases question/problem, gold); errors name file and line."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalSetupError(f"{path}:{lineno}: not valid JSON: {exc}") from None
+            if not isinstance(rec, dict):
+                raise EvalSetupError(f"{path}:{lineno}: expected a JSON object")
+            if not any(k in rec for k in ("prompt", "question", "problem")) or \
+                    not any(k in rec for k in ("answer", "gold")):
+                raise EvalSetupError(f"{path}:{lineno}: needs a prompt (or question/problem) and an answer (or gold)")
+            rec.setdefault("id", f"{path.stem}/{lineno}")
+            out.append(rec)
+    return out
+
+
+def load_problems(bench: str, cfg) -> list[Any]:
+    """A benchmark file, ``synthetic`` (the config's held-out synthetic split), or a named benchmark
+    through megatron_amir.data's loaders."""
+    path = Path(bench)
+    if path.is_file():
+        try:
+            from megatron_amir.data.benchmarks import load_benchmark_file
+        except ImportError:
+            load_benchmark_file = None
+        probs = load_benchmark_file(path) if load_benchmark_file else _read_problem_file(path)
+    elif bench == "synthetic":
+        from megatron_amir.data.synthetic import make_splits
+
+        probs = list(_split(make_splits(cfg.data.synthetic), "test"))
+    else:
+        try:
+            from megatron_amir.data.benchmarks import load_benchmark
+        except ImportError:
+            raise EvalSetupError(f"--bench {bench}: not a file, and named benchmarks need "
+                                 "megatron_amir.data.benchmarks (not available)") from None
+        probs = list(load_benchmark(bench, cfg.data))
+    if not probs:
+        raise EvalSetupError(f"--bench {bench}: no problems")
+    return probs
+
+
+def _split(splits: Any, name: str):
+    if isinstance(splits, dict):
+        return splits[name]
+    if hasattr(splits, name):
+        return getattr(splits, name)
+    return splits[1] if name == "test" else splits[0]  # (train, test)
+
+
+def prompt_formatter(cfg, tokenizer) -> Optional[Callable[[str], str]]:
+    """The data section's prompt template as a function of the problem text (None = as is)."""
+    name = cfg.data.template
+    if name == "plain":
+        return None
+    try:
+        from megatron_amir.data.templates import get_template
+    except ImportError:
+        get_template = None
+    if get_template is not None:
+        tmpl = get_template(name)
+        return lambda text: tmpl.render(text, tokenizer) if hasattr(tmpl, "render") else tmpl(text, tokenizer)
+    if name == "chat":
+        return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    raise EvalSetupError(f"data.template={name!r}: unknown (plain, chat)")
+
+
+# --------------------------------------------------------------------------------------------- all
+def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = None,
+                     overrides: Optional[list[str]] = None, tokenizer_dir: Optional[str] = None,
+                     temperature: Optional[float] = None, top_p: Optional[float] = None,
+                     top_k: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                     max_problems: Optional[int] = None, logprobs_mode: str = "raw_logprobs",
+                     seed: int = 0) -> EvalSetup:
+    from megatron_amir.config import ConfigError, load_config
+    from megatron_amir.rewards import get_reward_fn
+    from megatron_amir.rollout.engine import SamplingParams
+
+    mpath = Path(model)
+    step_dir = find_trainer_checkpoint(mpath) if mpath.is_dir() and not is_hf_dir(mpath) else None
+    try:
+        if config_path:
+            cfg = load_config(config_path, overrides)
+        elif step_dir is not None:
+            cfg = config_from_checkpoint(step_dir, overrides)
+        else:
+            cfg = load_config(None, overrides)
+    except ConfigError as exc:
+        raise EvalSetupError(str(exc)) from None
+    tokenizer = load_eval_tokenizer(tokenizer_dir, mpath, cfg)
+    problems = load_problems(bench, cfg)
+    limit = max_problems or cfg.eval.max_problems
+    if limit:
+        problems = problems[:limit]
+    engine, meta = load_engine(model, cfg, logprobs_mode=logprobs_mode, seed=seed, step_dir=step_dir)
+    if tokenizer.vocab_size > engine.vocab_size:
+        raise EvalSetupError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                             f"{engine.vocab_size}: wrong --tokenizer for {model}?")
+    reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
+    params = SamplingParams(
+        temperature=cfg.eval.temperature if temperature is None else temperature,
+        top_p=cfg.rollout.top_p if top_p is None else top_p,
+        top_k=cfg.rollout.top_k if top_k is None else top_k,
+        max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        stop_token_ids=(tokenizer.eos_id,))
+    meta.update({"reward": cfg.reward.name, "template": cfg.data.template, "num_problems": len(problems)})
+    return EvalSetup(engine, tokenizer, problems, reward_fn, params, prompt_formatter(cfg, tokenizer), meta)
