@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,8 +117,15 @@ def write_results(path: str | os.PathLike, results: Iterable[ProblemResult]) -> 
     atomic_write_text(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results))
 
 
+def _step_of(path: Path) -> int:
+    """The step number in a trainer eval file name such as ``eval_step000040.jsonl`` (-1 when none)."""
+    m = re.search(r"step(\d+)", path.stem)
+    return int(m.group(1)) if m else -1
+
+
 def resolve_results_path(run: str | os.PathLike) -> Path:
-    """A run is a results JSONL file, a directory holding results.jsonl, or one holding eval/results.jsonl."""
+    """A run is a results JSONL file, or a directory holding ``results.jsonl``, ``eval/results.jsonl``,
+    or the trainer's periodic ``eval/<tag>_stepNNNNNN.jsonl`` files (the highest step is taken)."""
     p = Path(run)
     if p.is_file():
         return p
@@ -125,8 +133,12 @@ def resolve_results_path(run: str | os.PathLike) -> Path:
         for cand in (p / RESULTS_FILE, p / "eval" / RESULTS_FILE):
             if cand.is_file():
                 return cand
-        raise ResultsError(f"run directory {p} holds no {RESULTS_FILE} (looked at {p / RESULTS_FILE} "
-                           f"and {p / 'eval' / RESULTS_FILE})")
+        periodic = sorted((f for f in (p / "eval").glob("*step*.jsonl") if _step_of(f) >= 0), key=_step_of) \
+            if (p / "eval").is_dir() else []
+        if periodic:
+            return periodic[-1]
+        raise ResultsError(f"run directory {p} holds no {RESULTS_FILE} (looked at {p / RESULTS_FILE}, "
+                           f"{p / 'eval' / RESULTS_FILE} and {p / 'eval'}/*_stepN.jsonl)")
     raise ResultsError(f"run {p} does not exist (expected a directory with {RESULTS_FILE} or a .jsonl file)")
 
 

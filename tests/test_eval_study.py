@@ -1,0 +1,82 @@
+"""Multi-seed study report on fixture runs with known answers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_amir.eval import study
+from megatron_amir.eval.results import ProblemResult, write_results
+
+N = 4
+# algorithm -> seed -> correct counts for problems p0..p3
+COUNTS = {"GRPO": [[0, 1, 2, 4], [0, 0, 2, 4]], "AMIR": [[1, 2, 2, 4], [0, 3, 2, 4]]}
+
+
+def _make(tmp_path, periodic=False):
+    groups = {}
+    for algo, seeds in COUNTS.items():
+        dirs = []
+        for s, counts in enumerate(seeds):
+            d = tmp_path / f"{algo}_{s}"
+            rs = [ProblemResult(id=f"p{i}", texts=["t"] * N, correct=[j < c for j in range(N)],
+                                lengths=[10 if j < c else 20 for j in range(N)],
+                                mean_logprobs=[-0.1 if j < c else -0.2 - 0.01 * s for j in range(N)])
+                  for i, c in enumerate(counts)]
+            if periodic:  # the trainer's periodic eval files: the highest step must be used
+                write_results(d / "eval" / "eval_step000010.jsonl", [ProblemResult(id=f"p{i}", texts=["t"] * N,
+                              correct=[False] * N, lengths=[1] * N) for i in range(4)])
+                write_results(d / "eval" / "eval_step000040.jsonl", rs)
+            else:
+                write_results(d / "results.jsonl", rs)
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": t, "reward/accuracy": 0.1 * t}) + "\n"
+                                                     for t in range(1, 6)))
+            dirs.append(str(d))
+        groups[algo] = dirs
+    return groups
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_study_numbers(tmp_path, periodic):
+    groups = _make(tmp_path, periodic)
+    data = study.build_study(groups, "GRPO", n_boot=200)
+    g = data["algorithms"]["GRPO"]["seeds"]
+    assert g[0]["pass_at_k"][1] == pytest.approx((0 + 1 + 2 + 4) / 16)
+    assert g[1]["pass_at_k"][4] == pytest.approx(2 / 4)
+    # seed-averaged per-problem pass@1 difference, AMIR - GRPO: p0 (0.5-0)/4, p1 (2.5-0.5)/4, p2 0, p3 0
+    d = data["differences"]["AMIR - GRPO"][1]
+    assert d["estimate"] == pytest.approx(np.mean([0.5 / 4, 2.0 / 4, 0, 0]))
+    # margins: every mixed problem has -0.1 - (-0.2 - 0.01 s) = 0.1 + 0.01 s
+    assert g[1]["margin_median"] == pytest.approx(0.11)
+    # coverage at k=4, seed-averaged solve probabilities: GRPO p0 0, p1 0.5, p2 1, p3 1; AMIR p0 0.5, p1..p3 1
+    cells = {(r["pattern"]["GRPO"], r["pattern"]["AMIR"]): r["expected_problems"] for r in data["coverage"]}
+    assert cells[(True, True)] == pytest.approx(0.5 + 1 + 1)      # p1 (0.5 * 1), p2, p3
+    assert cells[(False, True)] == pytest.approx(0.5 + 0.5)       # p0 (1 * 0.5), p1 (0.5 * 1)
+    assert cells[(False, False)] == pytest.approx(0.5)            # p0 (1 * 0.5)
+    assert cells[(True, False)] == pytest.approx(0.0)
+    assert sum(cells.values()) == pytest.approx(4)
+    if periodic:
+        assert all(f.endswith("eval_step000040.jsonl") for f in data["files"].values())
+
+
+def test_study_cli_writes_report(tmp_path, capsys):
+    groups = _make(tmp_path)
+    report = tmp_path / "docs" / "results.md"
+    args = [a for lab, ds in groups.items() for a in ("--run", f"{lab}={','.join(ds)}")]
+    rc = study.main(args + ["--out", str(tmp_path / "docs" / "assets"), "--report", str(report), "--n-boot", "100"])
+    assert rc == 0, capsys.readouterr().err
+    text = report.read_text()
+    assert "AMIR - GRPO" in text and "## Coverage at pass@4" in text and "## Files" in text
+    assert "](assets/study_pass_at_k.png)" in text and "](assets/study_train_accuracy.png)" in text
+    assert (tmp_path / "docs" / "assets" / "study_margin.png").is_file()
+    assert json.loads((tmp_path / "docs" / "assets" / "study.json").read_text())["num_problems"] == 4
+
+
+def test_study_bad_arguments(tmp_path, capsys):
+    groups = _make(tmp_path)
+    assert study.main(["--run", "nolabel", "--out", str(tmp_path / "o")]) == 2
+    assert "LABEL=DIR" in capsys.readouterr().err
+    assert study.main(["--run", f"A={tmp_path / 'missing'}", "--out", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reference"):
+        study.build_study(groups, "PPO")
