@@ -8,12 +8,13 @@ cache) once a quarter of it has finished, so long stragglers do not pay for shor
 Sampling follows vLLM's order: logits -> temperature -> top-k -> top-p -> sample; the log-prob reported
 for each sampled token is selected by ``logprobs_mode`` (see ``engine.py``). Sampling uses the
 exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d. (equivalent to drawing from p, and what vLLM
-does), with the noise of a seeded request drawn from its own generator for all its n rows each step,
+does), with the noise of a seeded request drawn from its own generator (seeded by (seed, prompt)) for all its n rows each step,
 so a seeded request gives the same samples whatever else is in the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
@@ -55,6 +56,20 @@ def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     drop[:, 0] = False
     sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, order, sorted_vals)
+
+
+def request_stream_seed(seed: int, prompt: Sequence[int]) -> int:
+    """Seed of a request's noise stream: a hash of (seed, prompt tokens).
+
+    Mixing in the prompt keeps one batch-wide seed from giving every prompt the same noise (correlated
+    samples across prompts), while the same (seed, prompt, weights) still gives the same samples in any
+    batch, in any process (the HTTP server and the colocated engine agree). Identical prompts with the
+    same seed give identical samples, as in vLLM.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in prompt))
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
 class _Request:
@@ -134,6 +149,11 @@ class EmbeddedEngine:
             self.model.load_hf_state_dict(named_tensors, strict=strict)
             self._version = int(version)
 
+    def set_version(self, version: int) -> None:
+        """Relabel the current weights (vLLM's /update_weight_version); waits for a running generate."""
+        with self._lock:
+            self._version = int(version)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -172,7 +192,7 @@ class EmbeddedEngine:
             g = None
             if sp.seed is not None and not sp.greedy:
                 g = torch.Generator(device=dev)
-                g.manual_seed(int(sp.seed))
+                g.manual_seed(request_stream_seed(sp.seed, prompts[i]))
             reqs.append(_Request(i, sp, g))
         B = len(prompts) * n
         row_req = torch.arange(len(prompts), device=dev).repeat_interleave(n)  # row -> request index

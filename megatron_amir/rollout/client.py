@@ -1,0 +1,374 @@
+"""Trainer-side client of a rollout fleet (our embedded servers or stock ``vllm serve``, same API).
+
+``FleetClient`` (async) keeps what a router cannot know: every group (prompt x n samples) has a request
+id and completes exactly once: retried with back-off on connection errors, timeouts, 5xx and 429
+(the same request id and seed, so a retry reproduces the same samples when the weights are the same),
+never on other 4xx; a late duplicate answer for a finished id is dropped and counted. Generation goes
+through the router (``router_url``) or, in direct mode, straight to the servers (round robin with
+fail-over; meant for one server). Weight updates fan out to every server directly, never through the
+router, with vLLM's RLHF route sequence: pause(wait) -> start_weight_update -> update_weights ->
+finish_weight_update -> update_weight_version -> resume.
+
+``FleetEngine`` wraps it as a synchronous ``Engine`` for the trainer: it owns the router process and the
+discovery-file watcher, and ``load_weights`` writes a snapshot (weight_sync) and fans it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import httpx
+
+from megatron_amir.rollout.engine import (
+    GroupResult,
+    NamedTensors,
+    PerPromptParams,
+    Sample,
+    SamplingParams,
+    expand_params,
+    validate_prompts,
+)
+
+log = logging.getLogger("megatron_amir.rollout.client")
+
+
+class FleetError(RuntimeError):
+    """A group that could not be completed, or a weight update that did not reach every server."""
+
+
+class _Retryable(Exception):
+    pass
+
+
+@dataclass
+class FleetStats:
+    requests: int = 0  # HTTP attempts
+    retries: int = 0
+    groups_done: int = 0
+    duplicates_dropped: int = 0
+    errors: dict = field(default_factory=dict)  # reason -> count
+
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+
+def completion_body(prompt: list[int], sp: SamplingParams, n: int, model: Optional[str]) -> dict[str, Any]:
+    """The /v1/completions body vLLM understands (TRL's async GRPO sends the same fields)."""
+    body = {
+        "prompt": prompt,
+        "n": n,
+        "max_tokens": sp.max_new_tokens,
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "top_k": sp.top_k if sp.top_k > 0 else -1,  # -1 = off in every vLLM version
+        "stop_token_ids": list(sp.stop_token_ids),
+        "logprobs": 0,
+        "return_token_ids": True,
+    }
+    if sp.seed is not None:
+        body["seed"] = int(sp.seed)
+    if model:
+        body["model"] = model
+    return body
+
+
+def parse_completion(resp: Mapping[str, Any], prompt: list[int], n: int, default_version: int, rid: str) -> GroupResult:
+    """Turn a /v1/completions response for one prompt into a GroupResult; malformed answers raise
+    _Retryable (a truncated or aborted answer from a dying server)."""
+    choices = resp.get("choices")
+    if not isinstance(choices, list) or len(choices) != n:
+        raise _Retryable(f"expected {n} choices, got {None if choices is None else len(choices)}")
+    top_version = resp.get("weight_version", default_version)
+    samples = []
+    for c in sorted(choices, key=lambda c: c.get("index", 0)):
+        ids = c.get("token_ids")
+        lps = (c.get("logprobs") or {}).get("token_logprobs")
+        fr = c.get("finish_reason")
+        if fr not in ("stop", "length"):
+            raise _Retryable(f"finish_reason {fr!r}")
+        if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps):
+            raise _Retryable("choice without token_ids/logprobs of equal length (return_token_ids, logprobs=0)")
+        version = int(c.get("weight_version", top_version))
+        samples.append(Sample([int(t) for t in ids], [float(x) for x in lps], fr, version))
+    return GroupResult(list(prompt), samples, request_id=rid)
+
+
+class FleetClient:
+    """Async client. ``router_url``: the vllm-router in front of the fleet (None: direct mode against
+    ``servers``). ``servers``: every server's URL, used for weight-update fan-out (and for generation
+    in direct mode). ``token``: bearer token of the state-changing routes."""
+
+    def __init__(
+        self,
+        router_url: Optional[str] = None,
+        servers: Sequence[str] = (),
+        token: Optional[str] = None,
+        timeout_s: float = 300.0,
+        max_attempts: int = 8,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        concurrency: int = 64,
+        progress: bool = False,
+        model: Optional[str] = None,
+        weight_version: int = 0,
+    ):
+        if router_url is None and not servers:
+            raise ValueError("FleetClient needs router_url or at least one server URL")
+        self.router_url = router_url.rstrip("/") if router_url else None
+        self.servers = [s.rstrip("/") for s in servers]
+        self.token, self.timeout_s = token, timeout_s
+        self.max_attempts, self.backoff_s, self.max_backoff_s = max_attempts, backoff_s, max_backoff_s
+        self.concurrency, self.progress, self.model = concurrency, progress, model
+        self.weight_version = weight_version
+        self.stats = FleetStats()
+        self._rr = itertools.count()
+        self._http: Optional[httpx.AsyncClient] = None
+
+    # ---------------------------------------------------------------- plumbing
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            limits = httpx.Limits(max_connections=self.concurrency + 16, max_keepalive_connections=self.concurrency)
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=5.0), limits=limits)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def set_servers(self, urls: Sequence[str]) -> None:
+        """Replace the fan-out (and direct-mode) server list, e.g. from a discovery-file watcher."""
+        self.servers = [u.rstrip("/") for u in urls]
+
+    def _target(self) -> str:
+        if self.router_url:
+            return self.router_url
+        if not self.servers:
+            raise FleetError("direct mode: no servers left")
+        return self.servers[next(self._rr) % len(self.servers)]
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    # ---------------------------------------------------------------- generation
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: PerPromptParams,
+        n: int = 1,
+        request_ids: Optional[Sequence[str]] = None,
+        desc: str = "rollout",
+    ) -> list[GroupResult]:
+        """One GroupResult per prompt, in order; raises FleetError if any group fails after retries."""
+        from tqdm.auto import tqdm
+
+        prompts = validate_prompts(prompts)
+        plist = expand_params(params, len(prompts))
+        rids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in prompts]
+        if len(rids) != len(prompts) or len(set(rids)) != len(rids):
+            raise ValueError("request_ids must be unique, one per prompt")
+        results: dict[str, GroupResult] = {}
+        sem = asyncio.Semaphore(self.concurrency)
+        bar = tqdm(total=len(prompts), desc=desc, unit="group", disable=not self.progress, leave=False)
+
+        async def one(i: int) -> None:
+            async with sem:
+                g = await self._run_group(prompts[i], plist[i], n, rids[i])
+            if rids[i] in results:  # exactly once: a second answer for the same id is dropped
+                self.stats.duplicates_dropped += 1
+                return
+            results[rids[i]] = g
+            self.stats.groups_done += 1
+            bar.update(1)
+
+        try:
+            outcome = await asyncio.gather(*(one(i) for i in range(len(prompts))), return_exceptions=True)
+        finally:
+            bar.close()
+        failed = [(rids[i], o) for i, o in enumerate(outcome) if isinstance(o, BaseException)]
+        if failed:
+            raise FleetError(f"{len(failed)} of {len(prompts)} groups failed; first: {failed[0][0]}: {failed[0][1]}")
+        missing = [r for r in rids if r not in results]
+        if missing:  # cannot happen unless the bookkeeping above is broken: fail loudly
+            raise FleetError(f"groups without a result: {missing[:5]}")
+        return [results[r] for r in rids]
+
+    async def _run_group(self, prompt: list[int], sp: SamplingParams, n: int, rid: str) -> GroupResult:
+        body = completion_body(prompt, sp, n, self.model)
+        last: Optional[str] = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self.stats.retries += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+                await asyncio.sleep(delay)
+            url = self._target()
+            self.stats.requests += 1
+            try:
+                r = await self.http().post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": rid})
+                if r.status_code in (408, 429) or r.status_code >= 500:
+                    raise _Retryable(f"HTTP {r.status_code} from {url}: {r.text[:200]}")
+                if r.status_code >= 400:
+                    raise FleetError(f"group {rid}: HTTP {r.status_code} from {url}: {r.text[:300]}")
+                return parse_completion(r.json(), prompt, n, self.weight_version, rid)
+            except (httpx.TransportError, _Retryable, ValueError) as exc:  # ValueError: bad JSON
+                last = f"{type(exc).__name__}: {exc}"
+                self.stats.count_error(type(exc).__name__)
+                log.info("group %s attempt %d failed: %s", rid, attempt + 1, last)
+        raise FleetError(f"group {rid}: gave up after {self.max_attempts} attempts; last error: {last}")
+
+    # ---------------------------------------------------------------- weight updates
+    async def _post(self, url: str, path: str, json: Optional[dict] = None, params: Optional[dict] = None,
+                    timeout: Optional[float] = None) -> dict:
+        r = await self.http().post(f"{url}{path}", json=json, params=params, headers=self._auth(),
+                                   timeout=timeout or self.timeout_s)
+        if r.status_code >= 400:
+            raise FleetError(f"{url}{path}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json() if r.content else {}
+
+    async def update_weights_from_snapshot(self, path: str | Path, version: int,
+                                           skip_unreachable: bool = False) -> dict[str, str]:
+        """Fan a snapshot (weight_sync.write_snapshot) out to every server; returns url -> 'ok' / error.
+
+        ``skip_unreachable``: servers that refuse connections are dropped from the list instead of
+        failing the update (a dead server will be replaced via the discovery file)."""
+        if not self.servers:
+            raise FleetError("no servers to update (servers list is empty)")
+        info = {"path": str(Path(path).resolve()), "version": int(version)}
+
+        async def one(url: str) -> str:
+            try:
+                await self._post(url, "/pause", params={"mode": "wait"})
+            except httpx.ConnectError as exc:
+                return f"unreachable: {exc}"
+            try:
+                await self._post(url, "/start_weight_update", {"is_checkpoint_format": True})
+                await self._post(url, "/update_weights", {"update_info": info})
+                await self._post(url, "/finish_weight_update", {})
+                await self._post(url, "/update_weight_version", {"new_version": str(int(version))})
+                return "ok"
+            finally:
+                try:
+                    await self._post(url, "/resume", {})
+                except (httpx.HTTPError, FleetError) as exc:
+                    log.warning("could not resume %s: %s", url, exc)
+
+        servers = list(self.servers)
+        out = await asyncio.gather(*(one(u) for u in servers), return_exceptions=True)
+        report = {u: (o if isinstance(o, str) else f"error: {type(o).__name__}: {o}") for u, o in zip(servers, out)}
+        dead = [u for u, s in report.items() if s.startswith("unreachable")]
+        bad = [u for u, s in report.items() if s != "ok" and not (skip_unreachable and u in dead)]
+        if skip_unreachable and dead:
+            log.warning("dropping unreachable servers %s", dead)
+            self.servers = [u for u in self.servers if u not in dead]
+        if bad:
+            raise FleetError(f"weight update v{version} failed on {len(bad)} server(s): "
+                             + "; ".join(f"{u}: {report[u]}" for u in bad))
+        self.weight_version = int(version)
+        return report
+
+    async def weight_versions(self) -> dict[str, Optional[str]]:
+        async def one(url: str) -> Optional[str]:
+            try:
+                r = await self.http().get(f"{url}/weight_info", timeout=10)
+                return r.json().get("weight_version") if r.status_code == 200 else None
+            except httpx.HTTPError:
+                return None
+
+        return dict(zip(self.servers, await asyncio.gather(*(one(u) for u in self.servers))))
+
+
+class FleetEngine:
+    """Synchronous ``Engine`` over a fleet: router process (optional), discovery watcher (optional),
+    FleetClient on a private event-loop thread, file weight sync into ``sync_dir``."""
+
+    def __init__(
+        self,
+        servers: Sequence[str] = (),
+        *,
+        use_router: bool = True,
+        policy: str = "round_robin",
+        token: Optional[str] = None,
+        sync_dir: Optional[str | Path] = None,
+        hf_config: Optional[Mapping[str, Any]] = None,
+        discovery_file: Optional[str | Path] = None,
+        timeout_s: float = 300.0,
+        progress: bool = False,
+        router_log: Optional[str | Path] = None,
+        skip_unreachable: bool = True,
+        version: int = 0,
+    ):
+        from megatron_amir.rollout.router import DiscoveryWatcher, VllmRouter, read_discovery_file
+
+        initial = [s.rstrip("/") for s in servers]
+        if discovery_file:
+            initial += [u for u in read_discovery_file(discovery_file) if u not in initial]
+        if not initial and not discovery_file:
+            raise ValueError("FleetEngine needs servers or a discovery_file")
+        self.sync_dir = Path(sync_dir) if sync_dir else None
+        self.hf_config = dict(hf_config) if hf_config else None
+        self.skip_unreachable = skip_unreachable
+        self.router = VllmRouter(initial, policy=policy, log_file=router_log).start() if use_router else None
+        self.client = FleetClient(self.router.url if self.router else None, initial, token=token,
+                                  timeout_s=timeout_s, progress=progress, weight_version=version)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-client", daemon=True)
+        self._thread.start()
+        self.watcher = None
+        if discovery_file:
+            self.watcher = DiscoveryWatcher(discovery_file, self.router, self.client.set_servers).start()
+
+    @classmethod
+    def from_config(cls, rc, hf_config: Optional[Mapping[str, Any]] = None, sync_dir: Optional[str] = None,
+                    **kwargs) -> "FleetEngine":
+        """From ``RolloutConfig``: servers, discovery_file, use_router, router_policy, token (default
+        $MEGATRON_AMIR_TOKEN), request_timeout_s, weight_sync_dir."""
+        import os
+
+        return cls(rc.servers, use_router=rc.use_router, policy=rc.router_policy,
+                   token=rc.token or os.environ.get("MEGATRON_AMIR_TOKEN"),
+                   sync_dir=sync_dir or rc.weight_sync_dir, hf_config=hf_config,
+                   discovery_file=rc.discovery_file, timeout_s=rc.request_timeout_s, **kwargs)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def version(self) -> int:
+        return self.client.weight_version
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: PerPromptParams, n: int = 1,
+                 request_ids: Optional[Sequence[str]] = None) -> list[GroupResult]:
+        return self._call(self.client.generate(prompts, params, n, request_ids))
+
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> dict[str, str]:
+        """Write snapshot ``version`` into ``sync_dir`` and load it on every server."""
+        from megatron_amir.rollout.weight_sync import write_snapshot
+
+        if self.sync_dir is None:
+            raise ValueError("FleetEngine.load_weights needs sync_dir (rollout.weight_sync_dir)")
+        path = write_snapshot(named_tensors, self.sync_dir, version, hf_config=self.hf_config)
+        return self._call(self.client.update_weights_from_snapshot(path, version, self.skip_unreachable))
+
+    def close(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        if self._loop.is_running():
+            self._call(self.client.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if self.router:
+            self.router.stop()
+
+    def __enter__(self) -> "FleetEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,277 @@
+"""Versioned weight sync from the trainer to the rollout engines.
+
+(a) File path (CPU and GPU, any number of servers): the trainer writes its HF-named tensors as
+    safetensors shards plus ``manifest.json`` (version, sha256 and size of every file, the HF config)
+    into ``<root>/v<version>/``; the directory appears atomically (written under a temp name, then
+    renamed) and ``<root>/LATEST`` names the newest one. Servers read the shards, check every sha256
+    against the exact bytes they deserialize, and only then load them (``read_snapshot``).
+    Hashing runs on a second thread beside the write (writer) and beside the copy into memory (reader),
+    so a verified sync costs little more than a raw safetensors write + read. No fsync: the rename
+    makes a snapshot visible only when complete, which is what readers on the same host or a shared
+    file system need; durability across power loss is the checkpoint's job, not the sync's.
+(b) Collective path (GPU): the trainer broadcasts each tensor over NCCL to vLLM's workers through
+    vLLM's native weight-transfer engine; see ``vllm_engine.NCCLWeightSender`` (imported lazily).
+
+Name mapping Megatron -> HF is not here: callers pass HF-named tensors (checkpoints_tools owns the map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+FORMAT = "megatron-amir-weights"
+FORMAT_VERSION = 1
+_SNAP_RE = re.compile(r"^v(\d+)$")
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format spec)
+_DTYPE_CODE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPE_CODE[torch.float8_e4m3fn] = "F8_E4M3"
+    _DTYPE_CODE[torch.float8_e5m2] = "F8_E5M2"
+
+
+class WeightSyncError(RuntimeError):
+    """A snapshot that is missing, incomplete or corrupted; the message names the file."""
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    version: int
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+
+
+def snapshot_dir(root: Union[str, Path], version: int) -> Path:
+    return Path(root) / f"v{int(version):08d}"
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` in the safetensors format and return the sha256 of the file's bytes.
+
+    Layout: 8-byte little-endian header size N, N bytes of JSON header (space-padded to a multiple of
+    8) mapping name -> {dtype, shape, data_offsets [begin, end)} relative to the data section, then the
+    tensors' bytes back to back. A second thread hashes each buffer while this one writes it (both
+    release the GIL), so hashing adds almost no time and the file is never read back.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPE_CODE:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)
+    h = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=1) as hasher, open(path, "wb") as f:  # one worker: FIFO order
+        pending = []
+        for chunk in [struct.pack("<Q", len(hjson)), hjson] + [_tensor_bytes(t) for _, t in tensors]:
+            pending.append(hasher.submit(h.update, chunk))
+            f.write(chunk)
+        for p in pending:
+            p.result()
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    """sha256 of a file through a read-only memory map (no copy into Python objects)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            step = 64 * 1024 * 1024
+            for s in range(0, len(mm), step):
+                h.update(memoryview(mm)[s : s + step])
+    return h.hexdigest()
+
+
+def write_snapshot(
+    named_tensors: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]],
+    root: Union[str, Path],
+    version: int,
+    hf_config: Optional[Mapping[str, Any]] = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    keep_last: Optional[int] = 2,
+) -> Path:
+    """Write a versioned snapshot ``<root>/v<version>`` atomically and point ``<root>/LATEST`` at it.
+
+    ``keep_last``: delete older snapshots beyond this many (None keeps all). Re-writing an existing
+    version replaces it (a retried sync after a trainer restart).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+    if not items:
+        raise ValueError("write_snapshot: no tensors given")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError("write_snapshot: duplicate tensor names")
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in items:
+        nb = t.numel() * t.element_size()
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nb
+
+    final = snapshot_dir(root, version)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        files = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            sha = _write_safetensors(tmp / fname, shard, {"format": "pt", "weight_version": str(int(version))})
+            files[fname] = {"sha256": sha, "bytes": (tmp / fname).stat().st_size, "tensors": [n for n, _ in shard]}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": int(version),
+            "created": time.time(),
+            "num_tensors": len(items),
+            "files": files,
+            "hf_config": dict(hf_config) if hf_config is not None else None,
+        }
+        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(root / LATEST, final.name + "\n")
+    if keep_last is not None:
+        prune_snapshots(root, keep_last)
+    return final
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_snapshots(root: Union[str, Path]) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _SNAP_RE.match(p.name))]
+    return sorted(out)
+
+
+def prune_snapshots(root: Union[str, Path], keep_last: int) -> None:
+    snaps = list_snapshots(root)
+    for _, p in snaps[: max(0, len(snaps) - keep_last)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_snapshot(root: Union[str, Path]) -> Optional[Path]:
+    f = Path(root) / LATEST
+    if not f.is_file():
+        return None
+    p = Path(root) / f.read_text().strip()
+    return p if p.is_dir() else None
+
+
+def read_manifest(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise WeightSyncError(f"{mf}: manifest not found (not a weight snapshot, or still being written)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightSyncError(f"{mf}: invalid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise WeightSyncError(f"{mf}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise WeightSyncError(f"{mf}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    if not isinstance(manifest.get("version"), int) or not isinstance(manifest.get("files"), dict):
+        raise WeightSyncError(f"{mf}: needs an integer 'version' and a 'files' mapping")
+    return manifest
+
+
+def read_snapshot(path: Union[str, Path], verify: bool = True, expected_version: Optional[int] = None) -> Snapshot:
+    """Read and verify a snapshot directory; returns its tensors (CPU, in memory) and manifest.
+
+    Per file: safetensors parses it (memory-mapped) and the tensors are copied into memory while a
+    second thread computes the file's sha256; a mismatch with the manifest raises before anything is
+    returned. Snapshots are immutable once renamed into place, so hashing the mapped file and loading
+    it see the same bytes (the hash guards against torn / partial / corrupted files, not attackers).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if expected_version is not None and manifest["version"] != int(expected_version):
+        raise WeightSyncError(f"{path}: manifest version {manifest['version']} != expected {expected_version}")
+    tensors: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        for fname, info in manifest["files"].items():
+            if "/" in fname or "\\" in fname or fname.startswith("."):
+                raise WeightSyncError(f"{path / MANIFEST}: bad file name {fname!r}")
+            fp = path / fname
+            if not fp.is_file():
+                raise WeightSyncError(f"{fp}: listed in the manifest but missing")
+            size = fp.stat().st_size
+            if size != info.get("bytes"):
+                raise WeightSyncError(f"{fp}: size {size} != manifest {info.get('bytes')}")
+            digest = hasher.submit(_sha256_file, fp) if verify else None
+            try:
+                part = {k: v.clone() for k, v in load_file(str(fp)).items()}
+            except Exception as exc:
+                raise WeightSyncError(f"{fp}: cannot parse safetensors ({exc})") from None
+            if digest is not None:
+                sha = digest.result()
+                if sha != info.get("sha256"):
+                    raise WeightSyncError(
+                        f"{fp}: sha256 mismatch (file {sha[:12]}..., manifest {str(info.get('sha256'))[:12]}...)")
+            dup = tensors.keys() & part.keys()
+            if dup:
+                raise WeightSyncError(f"{fp}: tensors also in another shard: {sorted(dup)[:3]}")
+            tensors.update(part)
+    if len(tensors) != manifest.get("num_tensors", len(tensors)):
+        raise WeightSyncError(f"{path}: {len(tensors)} tensors, manifest says {manifest.get('num_tensors')}")
+    return Snapshot(path=path, version=manifest["version"], tensors=tensors, manifest=manifest)
