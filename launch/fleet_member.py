@@ -1,0 +1,193 @@
+"""Run one rollout server and keep its address in the fleet's discovery file while it is healthy.
+
+slurm/fleet.sbatch and slurm/amir_hetjob.sbatch start one of these per GPU (or per tensor-parallel group)::
+
+    python -m launch.fleet_member --discovery-file runs/fleet/servers.txt -- \
+        vllm serve MODEL --host 0.0.0.0 --port {port}
+
+It picks a free port (unless ``--port``), substitutes ``{port}`` / ``{host}`` in the command, starts the
+server, waits until ``GET http://127.0.0.1:{port}/health`` answers 200, then adds ``http://ADDR:PORT`` to the
+discovery file. When the server exits, or this wrapper gets SIGTERM / SIGINT (Slurm at the end of the job)
+or SIGUSR2 (slurm/common.sh amir_stop_fleet, forwarded by srun), it removes its line and stops the server.
+The wrapper's exit code is the server's (0 after a requested stop). SIGUSR1 is ignored: preemption
+warnings are for the trainer; the fleet is stopped by the job script.
+
+Discovery file format (read by the trainer's fleet client through ``rollout.discovery_file``): UTF-8 text,
+one base URL per line (``http://host:port``), lines starting with ``#`` and blank lines ignored. Writers
+take an exclusive ``flock`` on ``<file>.lock`` and replace the file atomically (temp + rename), so a reader
+never sees a half-written file and concurrent servers never lose each other's lines.
+
+ADDR is ``--host``, else the address of this Slurm node (``SLURMD_NODENAME`` resolved like rank 0's
+address in launch/dist_env.py, so it works where node names are not DNS names), else the host name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+
+# --------------------------------------------------------------------------------------------- the file
+def read_discovery_file(path: str | os.PathLike) -> list[str]:
+    """Server URLs listed in ``path`` (missing file = no servers)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _rewrite(path: Path, urls: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(u + "\n" for u in urls), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def register(path: str | os.PathLike, url: str) -> None:
+    """Add ``url`` to the discovery file (idempotent)."""
+    p = Path(path)
+    with _locked(p):
+        urls = read_discovery_file(p)
+        if url not in urls:
+            _rewrite(p, urls + [url])
+
+
+def unregister(path: str | os.PathLike, url: str) -> None:
+    """Remove ``url`` from the discovery file (no error if it is not there)."""
+    p = Path(path)
+    with _locked(p):
+        urls = read_discovery_file(p)
+        if url in urls:
+            _rewrite(p, [u for u in urls if u != url])
+
+
+# --------------------------------------------------------------------------------------------- the member
+def advertise_address(host: Optional[str] = None) -> str:
+    if host:
+        return host
+    node = os.environ.get("SLURMD_NODENAME")
+    if node:
+        from launch.dist_env import node_address
+
+        return node_address(node, os.environ)
+    return socket.gethostname()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float,
+                 cancelled: Callable[[], bool] = lambda: False) -> bool:
+    """Poll ``url`` until it answers 200; False if the server exits, ``cancelled()`` or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None or cancelled():
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.fleet_member", description=__doc__.split("\n")[0])
+    p.add_argument("--discovery-file", required=True, help="shared file listing the fleet's server URLs")
+    p.add_argument("--host", default=None, help="address to advertise (default: this node's address)")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one), substituted for {port}")
+    p.add_argument("--health-path", default="/health")
+    p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the first 200")
+    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- SERVER COMMAND (use {port}, {host})")
+    a = p.parse_args(argv)
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        p.error("a server command is needed after --")
+    port = a.port or _free_port()
+    addr = advertise_address(a.host)
+    cmd = [c.replace("{port}", str(port)).replace("{host}", addr) for c in cmd]
+    url = f"http://{addr}:{port}"
+    tag = f"[fleet_member {url}]"
+
+    # own session: signals srun/slurmstepd send to our process group reach only this wrapper, which first
+    # unregisters and then stops the server (clients never get a listed server that is shutting down)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopping: dict[str, Optional[int]] = {"sig": None}
+
+    def on_signal(signum, _frame):  # only a flag: the loop below does the work
+        stopping["sig"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):  # USR2: graceful stop from amir_stop_fleet
+        signal.signal(sig, on_signal)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption warnings are for the trainer, not the fleet
+
+    registered = False
+    try:
+        healthy = wait_healthy(f"http://127.0.0.1:{port}{a.health_path}", proc, a.ready_timeout,
+                               cancelled=lambda: stopping["sig"] is not None)
+        if not healthy:
+            if proc.poll() is None and stopping["sig"] is None:
+                print(f"{tag} not healthy after {a.ready_timeout:.0f}s: stopping it", file=sys.stderr, flush=True)
+            rc = _stop(proc, a.stop_timeout)
+            return 0 if stopping["sig"] is not None else (rc or 1)
+        register(a.discovery_file, url)
+        registered = True
+        print(f"{tag} registered in {a.discovery_file}", flush=True)
+        while proc.poll() is None and stopping["sig"] is None:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if stopping["sig"] is None:
+            print(f"{tag} server exited with {proc.returncode}", file=sys.stderr, flush=True)
+            return proc.returncode
+        return 0  # a stop we were asked for (end of job) is a success whatever the server says on SIGTERM
+    finally:
+        if registered:
+            unregister(a.discovery_file, url)
+            print(f"{tag} removed from {a.discovery_file}", flush=True)
+        if proc.poll() is None:
+            _stop(proc, a.stop_timeout)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

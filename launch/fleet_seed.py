@@ -1,0 +1,56 @@
+"""Write the snapshot an embedded rollout server starts from when the trainer has not produced weights yet.
+
+``megatron-amir serve`` (megatron_amir/rollout/server.py) needs ``--model HF_DIR`` or ``--snapshot DIR``.
+In slurm/amir_hetjob.sbatch the fleet starts *before* the trainer, so there is neither; the trainer pushes
+its real weights to every server as soon as it starts (FleetEngine.load_weights, also after a resume), so
+the servers only need a model of the right architecture to begin with. This writes one::
+
+    python -m launch.fleet_seed CONFIG OUT_ROOT [key.path=value ...]   # prints OUT_ROOT/v0
+
+The HF config is the trainer's own (checkpoints_tools.hf_config_from_model_config of ``cfg.model``), the
+tensors are the embedded engine's random initialization with ``cfg.train.seed``, written with
+megatron_amir.rollout.weight_sync (safetensors + manifest with sha256, atomic).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def write_seed_snapshot(config: str, out_root: str | Path, overrides: Sequence[str] = ()) -> Path:
+    import torch
+
+    from checkpoints_tools import hf_config_from_model_config
+    from megatron_amir.config import load_config
+    from megatron_amir.rollout.hf_model import CausalLM
+    from megatron_amir.rollout.weight_sync import write_snapshot
+
+    cfg = load_config(config, list(overrides))
+    hf_config = hf_config_from_model_config(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    model = CausalLM(hf_config)
+    names = model.expected_names()
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    return write_snapshot(tensors, out_root, version=0, hf_config=hf_config)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print("usage: python -m launch.fleet_seed CONFIG OUT_ROOT [key.path=value ...]", file=sys.stderr)
+        return 2
+    from megatron_amir.config import ConfigError
+
+    try:
+        path = write_seed_snapshot(argv[0], argv[1], argv[2:])
+    except ConfigError as exc:
+        print(f"launch.fleet_seed: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A stand-in for ``megatron-amir train`` that exercises the launch plumbing without a model.
+
+Run as ``python -m slurm_standin_trainer train CONFIG [overrides]`` (tests put tests/ on PYTHONPATH and set
+``MEGATRON_AMIR_ENTRY=slurm_standin_trainer`` for slurm/train.sbatch). It follows the trainer's launch
+contract: torch.distributed from launch.dist_env (gloo), preemption handlers from launch.preemption,
+``cfg.train.steps`` steps, resume from ``cfg.checkpoint.dir``, checkpoint + exit 75 on a signal.
+
+Each "step" is a real gloo all-reduce whose result every rank checks, so a wrong rank/world/rendezvous
+fails loudly. Between steps it sleeps ``STANDIN_STEP_S`` seconds (default 0.2) so a test can signal it
+mid-run; it writes ``STANDIN_RUNNING`` (a file path, if set) once the first step is done.
+Rank 0 appends one JSON line per step to ``<logging.dir>/metrics.jsonl`` with the step, world size, the
+step it resumed from and, with ``rollout.engine=remote``, the servers of ``rollout.discovery_file`` it
+reached (``GET /whoami`` of tests/slurm_standin_server.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "train" or len(argv) < 2:
+        print("usage: slurm_standin_trainer train CONFIG [overrides]", file=sys.stderr)
+        return 2
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from launch import dist_env, preemption
+    from megatron_amir.config import load_config
+
+    cfg = load_config(argv[1], argv[2:])
+    d = dist_env.init_process_group(cfg.parallel, timeout_s=120)
+    handler = preemption.install_handlers()
+    rank, world = d.rank, d.world_size
+    ckpt = Path(cfg.checkpoint.dir) / "latest.json"
+    start = json.loads(ckpt.read_text())["step"] if ckpt.is_file() else 0
+    logdir = Path(cfg.logging.dir)
+    if rank == 0:
+        logdir.mkdir(parents=True, exist_ok=True)
+    print(f"rank {rank}/{world} local {d.local_rank} node {d.node_rank} launcher {d.launcher} "
+          f"master {d.master_addr}:{d.master_port} host {os.environ.get('SLURMD_NODENAME', '?')} "
+          f"backend {dist.get_backend()} resume_from {start}", flush=True)
+
+    def save(step: int) -> None:
+        dist.barrier()
+        if rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step}))
+            os.replace(tmp, ckpt)
+        dist.barrier()
+
+    servers = []
+    if cfg.rollout.engine == "remote" and rank == 0:  # the hetjob wiring: reach every registered server
+        import urllib.request
+
+        from launch.fleet_member import read_discovery_file
+
+        for url in read_discovery_file(cfg.rollout.discovery_file):
+            with urllib.request.urlopen(url + "/whoami", timeout=10) as r:
+                servers.append({"url": url, **json.loads(r.read())})
+        if not servers:
+            raise RuntimeError(f"no servers in {cfg.rollout.discovery_file}")
+        print(f"rollout servers: {servers}", flush=True)
+
+    step = start
+    running_flag = os.environ.get("STANDIN_RUNNING")
+    while step < cfg.train.steps:
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t)
+        expect = world * (world + 1) / 2
+        if t.item() != expect:
+            raise RuntimeError(f"all_reduce gave {t.item()}, expected {expect}")
+        time.sleep(float(os.environ.get("STANDIN_STEP_S", "0.2")))
+        step += 1
+        if rank == 0:
+            with open(logdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "world_size": world, "resumed_from": start,
+                                    "allreduce": t.item(), "servers": servers}) + "\n")
+            if running_flag and step == start + 1:
+                Path(running_flag).write_text(str(step))
+        if handler.should_stop():
+            save(step)
+            print(f"rank {rank}: preempted, checkpointed step {step}", flush=True)
+            preemption.exit_for_requeue()
+    save(step)
+    print(f"rank {rank}: done at step {step}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
