@@ -115,18 +115,19 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-# One panel per paper claim; each line lists candidate metric keys, the first present is drawn.
+# One panel per paper claim; each line lists candidate metric keys, the first present is drawn (the trainer's
+# names first: response/* from the rollout batch, amir/* from algorithms.prepare_batch, eval/* from evaluate).
 DEFAULT_PANELS: dict[str, dict[str, Any]] = {
     "accuracy": {"title": "Training accuracy (fraction of correct rollouts)", "ylabel": "accuracy",
                  "lines": {"": ["reward/accuracy", "train/accuracy", "accuracy", "reward/mean"]}},
     "response_length": {"title": "Response length: correct vs incorrect", "ylabel": "tokens",
-                        "lines": {"correct": ["response/length_correct", "length/correct", "response_length/correct"],
-                                  "incorrect": ["response/length_incorrect", "length/incorrect",
-                                                "response_length/incorrect"]}},
+                        "lines": {"correct": ["response/length_correct", "amir/response_len_above", "length/correct"],
+                                  "incorrect": ["response/length_incorrect", "amir/response_len_below",
+                                                "length/incorrect"]}},
     "pair_accuracy": {"title": "Pair accuracy (fraction of pairs with s_w > s_l)", "ylabel": "pair accuracy",
                       "lines": {"": ["amir/pair_accuracy", "pairs/accuracy"]}},
     "logprob_separation": {"title": "Length-normalized log-prob gap, correct - incorrect", "ylabel": "nats/token",
-                           "lines": {"": ["amir/logprob_gap", "logprob/gap_correct_incorrect",
+                           "lines": {"": ["amir/logprob_gap_correct_incorrect", "amir/logprob_gap", "logprob/gap_correct_incorrect",
                                           "amir/logprob_separation", "logprob/separation"]}},
     "eval_pass1": {"title": "Held-out pass@1", "ylabel": "pass@1",
                    "lines": {"": ["eval/pass@1", "eval/pass_at_1"]}},
