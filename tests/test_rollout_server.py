@@ -1,0 +1,173 @@
+"""In-process checks of the HTTP server (FastAPI TestClient) and of the fleet client's retry and
+exactly-once accounting (httpx MockTransport)."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from megatron_amir.rollout.client import FleetClient, FleetError, completion_body
+from megatron_amir.rollout.embedded import EmbeddedEngine
+from megatron_amir.rollout.engine import SamplingParams
+from megatron_amir.rollout.server import create_app
+from megatron_amir.rollout.weight_sync import write_snapshot
+from tests.rollout_helpers import tiny_hf_model
+
+torch.set_num_threads(1)
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    hf, cfg = tiny_hf_model("qwen2")
+    eng = EmbeddedEngine(cfg, hf.state_dict())
+    root = tmp_path_factory.mktemp("weights")
+    with TestClient(create_app(eng, "s3cret", weights_root=str(root))) as c:
+        yield c, eng, hf, cfg, root
+
+
+def test_completion_matches_engine_and_vllm_shape(served):
+    c, eng, hf, cfg, _ = served
+    body = completion_body([1, 2, 3], SamplingParams(temperature=0.9, max_new_tokens=6, seed=4), 3, None)
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and [ch["index"] for ch in out["choices"]] == [0, 1, 2]
+    ref = eng.generate([[1, 2, 3]], SamplingParams(temperature=0.9, max_new_tokens=6, seed=4), n=3)[0]
+    for ch, s in zip(out["choices"], ref.samples):
+        assert ch["token_ids"] == s.token_ids and ch["finish_reason"] == s.finish_reason
+        assert ch["logprobs"]["token_logprobs"] == pytest.approx(s.logprobs, abs=1e-5)
+    # two prompts in one request: prompt-major choices
+    r = c.post("/v1/completions", json={"prompt": [[1, 2], [3, 4, 5]], "n": 2, "max_tokens": 2,
+                                        "return_token_ids": True, "temperature": 0})
+    ch = r.json()["choices"]
+    assert [x["prompt_token_ids"] for x in ch] == [[1, 2], [1, 2], [3, 4, 5], [3, 4, 5]]
+
+
+def test_state_changing_routes_need_token(served):
+    c = served[0]
+    for path in ["/pause", "/resume", "/start_weight_update", "/update_weights", "/finish_weight_update",
+                 "/update_weight_version", "/init_weight_transfer_engine"]:
+        assert c.post(path, json={}).status_code == 401, path
+        assert c.post(path, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401, path
+    assert c.get("/health").status_code == 200 and c.get("/weight_info").status_code == 200
+
+
+def test_no_token_means_disabled():
+    hf, cfg = tiny_hf_model("llama")
+    with TestClient(create_app(EmbeddedEngine(cfg, hf.state_dict()), None)) as c:
+        assert c.post("/pause", headers={"Authorization": "Bearer anything"}).status_code == 403
+
+
+def test_file_weight_update_version_and_rejections(served):
+    c, eng, hf, cfg, root = served
+    new, _ = tiny_hf_model("qwen2", seed=3)
+    snap = write_snapshot(new.state_dict(), root, version=11, hf_config=cfg)
+    assert c.post("/start_weight_update", json={"is_checkpoint_format": True}, headers=AUTH).status_code == 200
+    r = c.post("/update_weights", json={"update_info": {"path": str(snap), "version": 11}}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert c.post("/finish_weight_update", headers=AUTH).status_code == 200
+    assert c.get("/weight_info").json() == {"weight_version": "11"}
+    out = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0,
+                                          "return_token_ids": True}).json()
+    ids = torch.tensor([[5, 6, 7]])
+    ref = new.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out["choices"][0]["token_ids"] == ref[0, 3:].tolist() and out["weight_version"] == 11
+    # bad updates leave weights and version alone
+    assert c.post("/update_weights", json={"update_info": {"path": str(snap), "version": 12}},
+                  headers=AUTH).status_code == 400  # manifest says 11
+    assert c.post("/update_weights", json={"update_info": {"path": "/etc", "version": 1}},
+                  headers=AUTH).status_code == 403  # outside the weights root
+    assert c.post("/update_weights", json={"update_info": "x"}, headers=AUTH).status_code == 400
+    assert c.post("/init_weight_transfer_engine", json={"init_info": {"backend": "nccl"}},
+                  headers=AUTH).status_code == 400
+    assert c.get("/weight_info").json() == {"weight_version": "11"}
+    assert c.post("/update_weight_version", json={"new_version": "12"}, headers=AUTH).json() == \
+        {"success": True, "new_version": "12"}
+    assert c.post("/update_weight_version", json={"weight_version": "1"}, headers=AUTH).status_code == 400
+    assert eng.version == 12
+
+
+def test_pause_holds_generation_until_resume(served):
+    c = served[0]
+    assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).json()["message"] == "Generation paused"
+    assert c.get("/is_paused").json() == {"is_paused": True}
+    got = {}
+
+    def request():
+        got["r"] = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(0.5)
+    assert "r" not in got  # held while paused
+    c.post("/resume", headers=AUTH)
+    t.join(30)
+    assert got["r"].status_code == 200
+    assert c.post("/pause", params={"mode": "bogus"}, headers=AUTH).status_code == 400
+
+
+# ------------------------------------------------------------------------------------------- client
+def _fake_fleet(behaviour):
+    """A MockTransport answering /v1/completions; behaviour(rid, attempt) -> 'ok' | status | 'drop' | 'short'."""
+    attempts: dict[str, int] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        rid = request.headers["x-request-id"]
+        attempts[rid] = attempts.get(rid, 0) + 1
+        body = json.loads(request.content)
+        what = behaviour(rid, attempts[rid])
+        if what == "drop":
+            raise httpx.ConnectError("connection refused", request=request)
+        if isinstance(what, int):
+            return httpx.Response(what, json={"error": {"message": "nope"}})
+        n = body["n"] if what == "ok" else body["n"] - 1
+        choices = [{"index": i, "token_ids": [body["prompt"][0], i], "finish_reason": "length",
+                    "logprobs": {"token_logprobs": [-1.0, -2.0]}} for i in range(n)]
+        return httpx.Response(200, json={"choices": choices, "weight_version": 2})
+
+    return httpx.MockTransport(handler), attempts
+
+
+def _client(transport, **kw):
+    c = FleetClient("http://router", ["http://a", "http://b"], token="t", backoff_s=0.001, **kw)
+    c._http = httpx.AsyncClient(transport=transport)
+    return c
+
+
+def test_client_retries_and_counts_each_group_once():
+    def behaviour(rid, attempt):
+        k = int(rid.split("-")[1])
+        if k % 4 == 1 and attempt == 1:
+            return 503
+        if k % 4 == 2 and attempt <= 2:
+            return "drop"
+        if k % 4 == 3 and attempt == 1:
+            return "short"  # truncated answer from a dying server
+        return "ok"
+
+    transport, attempts = _fake_fleet(behaviour)
+    client = _client(transport)
+    rids = [f"g-{k}" for k in range(12)]
+    groups = asyncio.run(client.generate([[k + 1] for k in range(12)], SamplingParams(max_new_tokens=2), n=3,
+                                         request_ids=rids))
+    assert [g.request_id for g in groups] == rids
+    assert [g.samples[0].token_ids[0] for g in groups] == [k + 1 for k in range(12)]
+    assert all(len(g.samples) == 3 and g.weight_version == 2 for g in groups)
+    assert [attempts[r] for r in rids] == [1, 2, 3, 2] * 3
+    assert client.stats.groups_done == 12 and client.stats.retries == 3 * (1 + 2 + 1)
+
+
+def test_client_does_not_retry_bad_requests_and_gives_up():
+    transport, attempts = _fake_fleet(lambda rid, a: 400 if rid == "g-0" else 503)
+    client = _client(transport, max_attempts=3)
+    with pytest.raises(FleetError, match="2 of 2 groups failed"):
+        asyncio.run(client.generate([[1], [2]], SamplingParams(), n=1, request_ids=["g-0", "g-1"]))
+    assert attempts == {"g-0": 1, "g-1": 3}
+    with pytest.raises(ValueError, match="unique"):
+        asyncio.run(client.generate([[1], [2]], SamplingParams(), request_ids=["x", "x"]))
