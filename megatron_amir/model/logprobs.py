@@ -56,7 +56,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         in_shard = (local_t >= 0) & (local_t < v_local)
         local_t = torch.where(in_shard, local_t, torch.zeros_like(local_t))
         for s, e in _chunks(T, chunk_size):
-            x = logits[s:e].to(cdt)
+            x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
             m = x.max(dim=-1).values
             _all_reduce(m, dist.ReduceOp.MAX, group)
             x.sub_(m.unsqueeze(-1))  # x - M, reuses the fp32 copy
@@ -97,7 +97,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         if g_logp is None:
             g_logp = torch.zeros(T, dtype=cdt, device=logits.device)
         for s, e in _chunks(T, ctx.chunk_size):
-            x = logits[s:e].to(cdt)
+            x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
             p = torch.exp(x - log_z[s:e].unsqueeze(-1))
             gl = g_logp[s:e].to(cdt).unsqueeze(-1)
             if use_ent:

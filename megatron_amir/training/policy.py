@@ -52,6 +52,20 @@ def _default_loss_fn() -> LossFn:
     return micro_batch_loss
 
 
+# stats of micro_batch_loss that are sums (the rest are per-token means); see algorithms.batch
+SUMMED_STATS = ("pg_loss", "kl_loss", "pair_term", "num_tokens")
+
+
+def _accepts_kwarg(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _unwrap(module):
     while hasattr(module, "module"):
         module = module.module
@@ -285,8 +299,9 @@ class Policy:
 
         Micro-batches of train.micro_batch_size rows; each contributes loss_fn(logp, prepared.select(rows))
         and the losses SUM (over micro-batches and DP ranks) to the step's total loss.
-        Returns metrics (identical on every rank): loss, grad_norm, lr, entropy, update_successful and
-        the loss function's stats (averaged over micro-batches and DP ranks).
+        Returns metrics (identical on every rank): loss (the global total), grad_norm, lr, entropy (mean
+        over response tokens), update_successful, and the loss function's stats: SUMMED_STATS summed over
+        micro-batches and DP ranks, the others averaged over all response tokens.
         """
         if self.optimizer is None:
             raise RuntimeError("this Policy was built with train=False")
@@ -297,23 +312,31 @@ class Policy:
         if mask is not None and tuple(mask.shape) != (n, T):
             raise ValueError(f"prepared.response_mask has shape {tuple(mask.shape)}, expected {(n, T)} for tokens {(n, L)}")
         loss_fn = self.loss_fn
+        pass_entropy = _accepts_kwarg(loss_fn, "entropy")
         acfg = self.cfg.algorithm
         sums: dict[str, torch.Tensor] = {}
         counts = {"mb": 0}
+
+        def acc(key, v):
+            sums[key] = sums.get(key, 0.0) + torch.as_tensor(v).detach().double().sum()
 
         def loss_func_for(s, e, tok):
             def loss_func(logits):
                 logp, ent = self._token_logprobs(logits, tok, temperature, True)
                 mb = prepared.select(torch.arange(s, e))
-                loss, stats = loss_fn(logp, mb, acfg)
+                loss, stats = loss_fn(logp, mb, acfg, **({"entropy": ent} if pass_entropy else {}))
                 with torch.no_grad():
-                    m = mb.response_mask.float() if getattr(mb, "response_mask", None) is not None else torch.ones_like(logp)
-                    sums["loss"] = sums.get("loss", 0.0) + loss.detach().double()
-                    sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + (ent.detach() * m).sum().double()
-                    sums["tokens"] = sums.get("tokens", 0.0) + m.sum().double()
+                    m = mb.response_mask
+                    m = torch.ones_like(logp) if m is None else m.to(logp.dtype)
+                    ntok = m.sum()
+                    acc("loss", loss)
+                    acc("entropy_sum", ent * m)
+                    acc("tokens", ntok)
                     for k, v in (stats or {}).items():
-                        v = torch.as_tensor(v).detach().double().mean()
-                        sums["stat/" + k] = sums.get("stat/" + k, 0.0) + v
+                        if k in SUMMED_STATS:  # loss terms and counts add up over micro-batches and ranks
+                            acc("sum/" + k, v)
+                        else:  # per-token means: weight by this micro-batch's response tokens
+                            acc("wsum/" + k, torch.as_tensor(v).double() * ntok)
                 counts["mb"] += 1
                 # num_tokens = 0: our finalize wrapper ignores it; the loss is already the exact sum term
                 return loss, torch.zeros((), dtype=torch.int), {}
@@ -331,7 +354,7 @@ class Policy:
         return self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
 
     def _reduce_metrics(self, sums, n_mb, update_successful, grad_norm) -> dict[str, float]:
-        keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith("stat/"))
+        keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith(("sum/", "wsum/")))
         vec = None
         if self.info.is_last_stage:
             vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(n_mb)], dtype=torch.float64)
@@ -364,8 +387,10 @@ class Policy:
             "num_microbatches": total_mb,
         }
         for k in names:
-            if k.startswith("stat/"):
-                out[k[len("stat/"):]] = vals[k] / total_mb
+            if k.startswith("sum/"):
+                out[k[len("sum/"):]] = vals[k]
+            elif k.startswith("wsum/"):
+                out.setdefault(k[len("wsum/"):], vals[k] / max(1.0, vals["tokens"]))
         return out
 
     # ------------------------------------------------------------------------------------ state
