@@ -1,0 +1,53 @@
+"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (the lead's megatron_amir/cli.py dispatches here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from checkpoints_tools.hf_io import HFCheckpointError
+from checkpoints_tools.mapping import MappingError
+
+
+def build_parser(prog: str = "megatron-amir convert") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Hugging Face <-> Megatron-Core checkpoint conversion")
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> Megatron torch_dist checkpoint")
+    a.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint targets (vocab padding)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint targets (validated)")
+    a.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="Megatron parameter dtype (default: the HF config's)")
+    b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint (converted or trainer step dir) -> HF dir")
+    b.add_argument("--ckpt", required=True, help="directory holding model/ and its metadata")
+    b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
+    b.add_argument("--vocab-size", type=int, default=None, help="rows to keep (default: recorded original vocab)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.direction == "hf-to-mcore":
+            from checkpoints_tools.hf_to_mcore import hf_to_mcore
+
+            meta = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+            print(f"wrote {args.out} ({meta['model']['arch']}, vocab {meta['original_vocab_size']} padded to "
+                  f"{meta['padded_vocab_size']})")
+        else:
+            from checkpoints_tools.mcore_to_hf import mcore_to_hf
+
+            files = mcore_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, vocab_size=args.vocab_size)
+            print(f"wrote {args.out} ({len(files)} safetensors file(s))")
+    except (HFCheckpointError, MappingError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"megatron-amir convert: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
