@@ -29,18 +29,19 @@ WORKER = textwrap.dedent('''
                                 num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64),
                      data=dict(prompts_per_step=2), rollout=dict(group_size=4), train=dict(micro_batch_size=2, seed=7))
         policy = Policy(cfg)
-        step = out / "ckpt" / "step_00000003"
-        policy.save(step / "model", save_optimizer=False)
-        (step / "meta.json").write_text(json.dumps({"step": 3, "config": cfg.model_dump(mode="json")}))
-        (out / "ckpt" / "latest").write_text("step_00000003")
+        # the trainer's layout: CheckpointManager step directory with meta.json (config) and a manifest
+        from megatron_amir.training.checkpoint import CheckpointManager
+        step = CheckpointManager(out / "run" / "checkpoints").save(
+            3, lambda d: policy.save(d / "model", save_optimizer=False),
+            {"step": 3, "config": cfg.model_dump(mode="json")})
         tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
         ref = policy.compute_logprobs(tokens)
         shutdown_parallel()
 
-        step_dir = loading.find_trainer_checkpoint(out / "ckpt")
+        step_dir = loading.find_trainer_checkpoint(out / "run")  # a run directory holding checkpoints/
         assert step_dir == step, step_dir
         cfg2 = loading.config_from_checkpoint(step_dir)
-        engine, meta = loading.load_engine(str(out / "ckpt"), cfg2, logprobs_mode="raw_logprobs", step_dir=step_dir)
+        engine, meta = loading.load_engine(str(out / "run"), cfg2, logprobs_mode="raw_logprobs", step_dir=step_dir)
         assert meta["model_kind"] == "megatron"
         pos = torch.arange(tokens.shape[1]).expand_as(tokens)
         with torch.no_grad():

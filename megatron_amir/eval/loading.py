@@ -43,14 +43,21 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def find_trainer_checkpoint(path: Path) -> Optional[Path]:
-    """The step directory a trainer checkpoint path points at, or None if it is not one."""
-    if (path / "latest").is_file():
-        step = path / (path / "latest").read_text().strip()
-        if not (step / "meta.json").is_file():
-            raise EvalSetupError(f"{path}/latest names {step}, which has no meta.json")
-        return step
+    """The step directory a trainer checkpoint path points at, or None if it is not one.
+
+    ``path`` may be one step directory (meta.json + model/), a checkpoint root (``latest`` and
+    ``step_*`` directories: the newest one whose manifest verifies, as the trainer's resume picks),
+    or a run directory holding ``checkpoints/``."""
     if (path / "meta.json").is_file() and (path / "model").is_dir():
         return path
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file() or any(root.glob("step_*")):
+            from megatron_amir.training.checkpoint import CheckpointManager
+
+            step = CheckpointManager(root).latest_good()
+            if step is None:
+                raise EvalSetupError(f"{root} holds no complete checkpoint (every step_* failed its manifest check)")
+            return step
     return None
 
 
