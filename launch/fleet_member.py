@@ -154,10 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         healthy = wait_healthy(f"http://127.0.0.1:{port}{a.health_path}", proc, a.ready_timeout,
                                cancelled=lambda: stopping["sig"] is not None)
         if not healthy:
-            if proc.poll() is None and stopping["sig"] is None:
+            died = proc.poll()  # None: still running (timed out or asked to stop)
+            if died is None and stopping["sig"] is None:
                 print(f"{tag} not healthy after {a.ready_timeout:.0f}s: stopping it", file=sys.stderr, flush=True)
-            rc = _stop(proc, a.stop_timeout)
-            return 0 if stopping["sig"] is not None else (rc or 1)
+            _stop(proc, a.stop_timeout)
+            if stopping["sig"] is not None:
+                return 0
+            if died is not None:
+                print(f"{tag} server exited with {died} before it was healthy", file=sys.stderr, flush=True)
+            return died if died and died > 0 else 1
         register(a.discovery_file, url)
         registered = True
         print(f"{tag} registered in {a.discovery_file}", flush=True)

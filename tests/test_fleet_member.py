@@ -1,0 +1,102 @@
+"""launch/fleet_member.py: discovery-file registration under concurrency, and the wrapper's life cycle
+(register once healthy, unregister on SIGUSR2 / SIGTERM, exit codes) around a real HTTP server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+
+from launch.fleet_member import read_discovery_file, register, unregister
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = ROOT / "tests" / "slurm_standin_server.py"
+
+
+def _register_many(path: str, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        register(path, f"http://10.0.0.{i}:8000")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    disc = tmp_path / "fleet" / "servers.txt"
+    ctx = get_context("spawn")
+    procs = [ctx.Process(target=_register_many, args=(str(disc), 10 * k, 10)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    urls = read_discovery_file(disc)
+    assert sorted(urls) == sorted(f"http://10.0.0.{i}:8000" for k in range(4) for i in range(10 * k, 10 * k + 10))
+    register(disc, urls[0])  # idempotent
+    assert len(read_discovery_file(disc)) == 40
+    for u in urls[:35]:
+        unregister(disc, u)
+    unregister(disc, "http://not-there:1")
+    assert read_discovery_file(disc) == urls[35:]
+    # the rollout client's reader understands the same file
+    from megatron_amir.rollout.router import read_discovery_file as client_reader
+
+    assert client_reader(disc) == urls[35:]
+
+
+def _member(disc: Path, *cmd: str, extra=()) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.fleet_member", "--discovery-file", str(disc), "--host", "127.0.0.1",
+         *extra, "--", *cmd],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_listed(disc: Path, proc: subprocess.Popen, timeout: float = 30) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        urls = read_discovery_file(disc)
+        if urls:
+            return urls[0]
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    raise AssertionError("server never registered")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_registers_when_healthy_and_unregisters_on_stop(tmp_path, sig):
+    disc = tmp_path / "servers.txt"
+    proc = _member(disc, sys.executable, str(SERVER), "{port}")
+    url = _wait_listed(disc, proc)
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        assert r.status == 200
+    proc.send_signal(signal.SIGUSR1)  # preemption warnings are ignored by the fleet
+    time.sleep(0.5)
+    assert proc.poll() is None and read_discovery_file(disc) == [url]
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert read_discovery_file(disc) == []
+    with pytest.raises(OSError):  # the server is gone too
+        urllib.request.urlopen(url + "/health", timeout=2)
+
+
+def test_server_that_dies_is_never_listed_and_its_code_is_returned(tmp_path):
+    disc = tmp_path / "servers.txt"
+    proc = _member(disc, sys.executable, "-c", "import sys; sys.exit(3)")
+    proc.communicate(timeout=60)
+    assert proc.returncode == 3
+    assert read_discovery_file(disc) == []
+
+
+def test_server_that_never_gets_healthy_times_out(tmp_path):
+    disc = tmp_path / "servers.txt"
+    proc = _member(disc, sys.executable, "-c", "import time; time.sleep(60)", extra=["--ready-timeout", "1"])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "not healthy" in out
+    assert read_discovery_file(disc) == []

@@ -1,0 +1,114 @@
+"""launch/preemption.py: signals set a flag, all ranks agree to stop after the same step, exit code 75."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from launch import preemption
+from launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_flag_and_uninstall_restores(sig):
+    before = signal.getsignal(sig)
+    h = PreemptionHandler().install()
+    try:
+        assert not h.requested and not h.should_stop()
+        os.kill(os.getpid(), sig)
+        assert h.requested and h.received == sig
+        assert h.should_stop()  # no process group: just the local flag
+        h.reset()
+        assert not h.requested
+    finally:
+        h.uninstall()
+    assert signal.getsignal(sig) == before
+
+
+def test_module_level_helpers():
+    preemption.uninstall_handlers()
+    assert not preemption.preemption_requested()
+    with pytest.raises(RuntimeError, match="install_handlers"):
+        preemption.should_stop()
+    h = preemption.install_handlers()
+    try:
+        assert preemption.install_handlers() is h  # once per process
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.preemption_requested() and preemption.should_stop()
+    finally:
+        preemption.uninstall_handlers()
+
+
+def test_install_outside_main_thread_is_an_error():
+    errors = []
+
+    def body():
+        try:
+            PreemptionHandler().install()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert errors and "main thread" in errors[0]
+
+
+def test_requeue_exit_code_matches_scripts_and_trainer():
+    assert REQUEUE_EXIT_CODE == 75
+    common = (ROOT / "slurm" / "common.sh").read_text()
+    assert re.search(r"^REQUEUE_EXIT_CODE=(\d+)$", common, re.M).group(1) == str(REQUEUE_EXIT_CODE)
+    trainer = ROOT / "megatron_amir" / "training" / "trainer.py"
+    if trainer.exists():
+        m = re.search(r"^REQUEUE_EXIT_CODE\s*=\s*(\d+)", trainer.read_text(), re.M)
+        if m:
+            assert int(m.group(1)) == REQUEUE_EXIT_CODE
+
+
+def test_exit_for_requeue_exits_75():
+    code = "from launch.preemption import exit_for_requeue; exit_for_requeue()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         timeout=60)
+    assert res.returncode == 75
+
+
+_AGREE = r"""
+import os, signal, sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from launch import preemption
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=int(sys.argv[1]), world_size=2)
+h = preemption.install_handlers()
+rank = dist.get_rank()
+for step in range(1, 6):
+    if rank == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGUSR1)   # only rank 1 is signalled, in the middle of step 3
+    dist.barrier()
+    if h.should_stop():
+        print(f"rank {rank} local_flag={int(h.requested)} stop_after={step}", flush=True)
+        preemption.exit_for_requeue()
+print(f"rank {rank} never stopped", flush=True)
+"""
+
+
+@pytest.mark.dist
+def test_all_ranks_stop_after_the_same_step():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, str(r), str(port)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], [e for _, e in outs]
+    lines = sorted(o.strip() for o, _ in outs)
+    assert lines == ["rank 0 local_flag=0 stop_after=3", "rank 1 local_flag=1 stop_after=3"]
