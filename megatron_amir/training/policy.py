@@ -423,27 +423,35 @@ class Policy:
 
 
 class FrozenPolicy:
-    """Reference policy: a deep copy of the model chunks, evaluated with compute_logprobs only."""
+    """Reference policy: a second copy of this rank's model chunks (no optimizer), compute_logprobs only.
+
+    Built as a fresh GPTModel with ``perform_initialization=False`` (no RNG draws, so the training
+    streams are untouched) and loaded from the current weights; deepcopy is not an option because the
+    modules hold process groups.
+    """
 
     def __init__(self, policy: Policy):
-        self._p = copy.copy(policy)
-        # deepcopy must not follow the config's bound methods (DDP.no_sync, optimizer.scale_loss) nor
-        # the DDP grad-buffer views (main_grad): map them away in the memo
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.module import Float16Module
+
         cfg_copy = copy.copy(policy.config)
         cfg_copy.no_sync_func = None
         cfg_copy.grad_scale_func = None
         cfg_copy.finalize_model_grads_func = None
-        memo: dict = {id(policy.config): cfg_copy}
-        for c in policy.model:
-            for prm in c.parameters():
-                if getattr(prm, "main_grad", None) is not None:
-                    memo[id(prm.main_grad)] = None
+        cfg_copy.perform_initialization = False
+        module = build_gpt_model(
+            policy.cfg.model, policy.cfg.parallel,
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), config=cfg_copy,
+        )
+        if cfg_copy.bf16 or cfg_copy.fp16:
+            module = Float16Module(cfg_copy, module)
+        _unwrap(module).load_state_dict(_unwrap(policy.model[0]).state_dict(), strict=True)
+        module.eval()
+        for prm in module.parameters():
+            prm.requires_grad_(False)
+        self._p = copy.copy(policy)
         self._p.config = cfg_copy
-        self._p.model = [copy.deepcopy(_unwrap(c), memo) for c in policy.model]
-        for mdl in self._p.model:
-            mdl.eval()
-            for prm in mdl.parameters():
-                prm.requires_grad_(False)
+        self._p.model = [module]
         self._p.optimizer = None
         self._p.scheduler = None
 
