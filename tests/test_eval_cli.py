@@ -80,3 +80,29 @@ def test_eval_cli_bad_inputs_name_the_culprit(model_dir, bench, tmp_path, capsys
     rc = runner.main(["--model", str(not_a_model), "--tokenizer", str(model_dir / "tokenizer"),
                       "--bench", str(bench), "--samples", "2", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "neither a Hugging Face directory" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["embedded", "vllm"])
+def test_eval_cli_on_gpu(model_dir, bench, tmp_path, engine):
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
+    out = tmp_path / f"gpu_{engine}"
+    assert _eval(model_dir, bench, out, "--engine", engine, "--seed", "1") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extra"]["engine"] == engine
+    if engine == "embedded":
+        assert summary["extra"]["device"] == "cuda" and summary["extra"]["dtype"] == "bf16"
+    rs = read_results(out)
+    assert len(rs) == 5 and all(lp is not None for r in rs for lp in r.mean_logprobs)
+
+
+def test_device_resolution():
+    from megatron_amir.eval.loading import EvalSetupError, resolve_device
+
+    assert resolve_device("cpu", "auto") == ("cpu", "fp32")
+    assert resolve_device("cuda:1", "auto") == ("cuda:1", "bf16")
+    assert resolve_device("cpu", "bf16") == ("cpu", "bf16")
+    with pytest.raises(EvalSetupError, match="--dtype"):
+        resolve_device("cpu", "int4")

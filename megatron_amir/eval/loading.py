@@ -107,22 +107,64 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg) -> tuple[dict, dict]:
     return hf_config_from_model_config(one.model), tensors
 
 
-def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir: Optional[Path] = None):
-    """An EmbeddedEngine holding the model's weights, and a description for the summary."""
-    from megatron_amir.rollout.embedded import EmbeddedEngine
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """("cuda" | "cpu" | an explicit device, "fp32" | "bf16" | "fp16"); auto = CUDA with bf16 when present."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    if dtype not in _DTYPES:
+        raise EvalSetupError(f"--dtype {dtype!r}: choose from auto, {', '.join(_DTYPES)}")
+    return device, dtype
+
+
+def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir: Optional[Path] = None,
+                engine: str = "embedded", device: str = "auto", dtype: str = "auto"):
+    """A rollout engine holding the model's weights, and a description for the summary.
+
+    engine: ``embedded`` (megatron_amir.rollout.EmbeddedEngine on ``device``) or ``vllm`` (a colocated
+    vLLM engine on the GPU, configured by the rollout section: tensor parallel size, memory
+    utilization, FP8 rollouts)."""
+    import torch
 
     path = Path(model)
     if not path.exists():
         raise EvalSetupError(f"--model {path} does not exist")
-    if is_hf_dir(path):
-        return EmbeddedEngine.from_hf_dir(path, logprobs_mode=logprobs_mode, seed=seed), {"model_kind": "hf"}
-    step_dir = step_dir or find_trainer_checkpoint(path)
-    if step_dir is None:
+    hf_dir = is_hf_dir(path)
+    step_dir = None if hf_dir else (step_dir or find_trainer_checkpoint(path))
+    if not hf_dir and step_dir is None:
         raise EvalSetupError(f"--model {path} is neither a Hugging Face directory (config.json + *.safetensors) "
                              f"nor a megatron-amir checkpoint (a directory with 'latest', or with meta.json and model/)")
+    meta: dict[str, Any] = {"model_kind": "hf" if hf_dir else "megatron", "engine": engine}
+    if step_dir is not None:
+        meta["checkpoint"] = str(step_dir)
+    if engine == "vllm":
+        from megatron_amir.rollout.vllm_engine import VLLMEngine
+
+        rc = cfg.rollout.model_copy(update={"logprobs_mode": logprobs_mode})
+        if hf_dir:
+            eng = VLLMEngine(path, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
+                             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
+        else:
+            hf_config, tensors = megatron_checkpoint_to_hf(step_dir, cfg)
+            eng = VLLMEngine.from_config(rc, hf_config, tensors, seed=seed)
+        return eng, meta
+    if engine != "embedded":
+        raise EvalSetupError(f"--engine {engine!r}: choose embedded or vllm")
+    from megatron_amir.rollout.embedded import EmbeddedEngine
+
+    device, dtype = resolve_device(device, dtype)
+    meta.update({"device": device, "dtype": dtype})
+    kw = dict(logprobs_mode=logprobs_mode, seed=seed, device=device, dtype=getattr(torch, _DTYPES[dtype]))
+    if hf_dir:
+        return EmbeddedEngine.from_hf_dir(path, **kw), meta
     hf_config, tensors = megatron_checkpoint_to_hf(step_dir, cfg)
-    engine = EmbeddedEngine(hf_config, tensors, logprobs_mode=logprobs_mode, seed=seed)
-    return engine, {"model_kind": "megatron", "checkpoint": str(step_dir)}
+    return EmbeddedEngine(hf_config, tensors, **kw), meta
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -229,7 +271,8 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
                      temperature: Optional[float] = None, top_p: Optional[float] = None,
                      top_k: Optional[int] = None, max_new_tokens: Optional[int] = None,
                      max_problems: Optional[int] = None, logprobs_mode: str = "raw_logprobs",
-                     seed: int = 0) -> EvalSetup:
+                     seed: int = 0, engine: str = "embedded", device: str = "auto",
+                     dtype: str = "auto") -> EvalSetup:
     from megatron_amir.config import ConfigError, load_config
     from megatron_amir.rewards import get_reward_fn
     from megatron_amir.rollout.engine import SamplingParams
@@ -250,10 +293,12 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
     limit = max_problems or cfg.eval.max_problems
     if limit:
         problems = problems[:limit]
-    engine, meta = load_engine(model, cfg, logprobs_mode=logprobs_mode, seed=seed, step_dir=step_dir)
-    if tokenizer.vocab_size > engine.vocab_size:
+    eng, meta = load_engine(model, cfg, logprobs_mode=logprobs_mode, seed=seed, step_dir=step_dir, engine=engine,
+                            device=device, dtype=dtype)
+    model_vocab = getattr(eng, "vocab_size", None)
+    if model_vocab is not None and tokenizer.vocab_size > model_vocab:
         raise EvalSetupError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                             f"{engine.vocab_size}: wrong --tokenizer for {model}?")
+                             f"{model_vocab}: wrong --tokenizer for {model}?")
     reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
     params = SamplingParams(
         temperature=cfg.eval.temperature if temperature is None else temperature,
@@ -262,4 +307,4 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         stop_token_ids=(tokenizer.eos_id,))
     meta.update({"reward": cfg.reward.name, "template": cfg.data.template, "num_problems": len(problems)})
-    return EvalSetup(engine, tokenizer, problems, reward_fn, params, prompt_formatter(cfg, tokenizer), meta)
+    return EvalSetup(eng, tokenizer, problems, reward_fn, params, prompt_formatter(cfg, tokenizer), meta)

@@ -354,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logprobs-mode", choices=["processed_logprobs", "raw_logprobs"], default="raw_logprobs",
                    help="log-probs recorded per sample (raw = the model's own, as the paper's margin)")
+    p.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
+                   help="embedded torch engine (CPU or GPU) or a colocated vLLM engine (GPU)")
+    p.add_argument("--device", default="auto", help="embedded engine device (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="embedded engine dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--no-texts", action="store_true", help="do not store sample texts in results.jsonl")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="config key.path=value overrides")
@@ -373,7 +378,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             model=args.model, bench=args.bench, config_path=args.config, overrides=args.overrides,
             tokenizer_dir=args.tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
-            logprobs_mode=args.logprobs_mode, seed=args.seed)
+            logprobs_mode=args.logprobs_mode, seed=args.seed, engine=args.engine, device=args.device,
+            dtype=args.dtype)
     except (loading.EvalSetupError, ValueError, FileNotFoundError) as exc:
         print(f"megatron-amir eval: {exc}", file=sys.stderr)
         return 2
