@@ -196,7 +196,8 @@ def test_discovery_file_drives_router_workers(fleet):
 def test_direct_mode_fleet_engine(fleet):
     live = [u for u, p in zip(fleet["urls"], fleet["procs"]) if p.poll() is None]
     eng = FleetEngine([live[0]], use_router=False, token=TOKEN, sync_dir=fleet["weights_root"],
-                      hf_config=fleet["cfg"], skip_unreachable=False, version=3)
+                      hf_config=fleet["cfg"], skip_unreachable=False, version=3,
+                      update_route="collective_rpc")
     try:
         hf_b, _ = tiny_hf_model("llama", seed=9)
         eng.load_weights(hf_b.state_dict(), 4)

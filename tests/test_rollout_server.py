@@ -52,7 +52,7 @@ def test_completion_matches_engine_and_vllm_shape(served):
 def test_state_changing_routes_need_token(served):
     c = served[0]
     for path in ["/pause", "/resume", "/start_weight_update", "/update_weights", "/finish_weight_update",
-                 "/update_weight_version", "/init_weight_transfer_engine"]:
+                 "/update_weight_version", "/init_weight_transfer_engine", "/collective_rpc", "/reset_prefix_cache"]:
         assert c.post(path, json={}).status_code == 401, path
         assert c.post(path, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401, path
     assert c.get("/health").status_code == 200 and c.get("/weight_info").status_code == 200
@@ -91,6 +91,11 @@ def test_file_weight_update_version_and_rejections(served):
         {"success": True, "new_version": "12"}
     assert c.post("/update_weight_version", json={"weight_version": "1"}, headers=AUTH).status_code == 400
     assert eng.version == 12
+    # the vLLM worker-extension route loads the same snapshot
+    r = c.post("/collective_rpc", json={"method": "load_snapshot", "args": [str(snap), 11]}, headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"results": [len(new.state_dict())]}
+    assert eng.version == 11
+    assert c.post("/collective_rpc", json={"method": "execute_model"}, headers=AUTH).status_code == 400
 
 
 def test_pause_holds_generation_until_resume(served):

@@ -7,7 +7,9 @@ never on other 4xx; a late duplicate answer for a finished id is dropped and cou
 through the router (``router_url``) or, in direct mode, straight to the servers (round robin with
 fail-over; meant for one server). Weight updates fan out to every server directly, never through the
 router, with vLLM's RLHF route sequence: pause(wait) -> start_weight_update -> update_weights ->
-finish_weight_update -> update_weight_version -> resume.
+finish_weight_update -> update_weight_version -> resume (``update_route="collective_rpc"``: pause ->
+collective_rpc load_snapshot -> reset_prefix_cache -> update_weight_version -> resume, for stock
+``vllm serve`` members running our worker extension; our server answers both).
 
 ``FleetEngine`` wraps it as a synchronous ``Engine`` for the trainer: it owns the router process and the
 discovery-file watcher, and ``load_weights`` writes a snapshot (weight_sync) and fans it out.
@@ -119,7 +121,11 @@ class FleetClient:
         progress: bool = False,
         model: Optional[str] = None,
         weight_version: int = 0,
+        update_route: str = "update_weights",
     ):
+        if update_route not in ("update_weights", "collective_rpc"):
+            raise ValueError(f"update_route must be update_weights or collective_rpc, got {update_route!r}")
+        self.update_route = update_route
         if router_url is None and not servers:
             raise ValueError("FleetClient needs router_url or at least one server URL")
         self.router_url = router_url.rstrip("/") if router_url else None
@@ -249,9 +255,14 @@ class FleetClient:
             except httpx.ConnectError as exc:
                 return f"unreachable: {exc}"
             try:
-                await self._post(url, "/start_weight_update", {"is_checkpoint_format": True})
-                await self._post(url, "/update_weights", {"update_info": info})
-                await self._post(url, "/finish_weight_update", {})
+                if self.update_route == "update_weights":  # our embedded server's file backend
+                    await self._post(url, "/start_weight_update", {"is_checkpoint_format": True})
+                    await self._post(url, "/update_weights", {"update_info": info})
+                    await self._post(url, "/finish_weight_update", {})
+                else:  # stock vllm serve with vllm_engine.WeightSyncWorkerExtension
+                    await self._post(url, "/collective_rpc", {"method": "load_snapshot",
+                                                              "args": [info["path"], info["version"]]})
+                    await self._post(url, "/reset_prefix_cache", {})
                 await self._post(url, "/update_weight_version", {"new_version": str(int(version))})
                 return "ok"
             finally:
@@ -304,6 +315,7 @@ class FleetEngine:
         router_log: Optional[str | Path] = None,
         skip_unreachable: bool = True,
         version: int = 0,
+        update_route: str = "update_weights",
     ):
         from megatron_amir.rollout.router import DiscoveryWatcher, VllmRouter, read_discovery_file
 
@@ -317,7 +329,8 @@ class FleetEngine:
         self.skip_unreachable = skip_unreachable
         self.router = VllmRouter(initial, policy=policy, log_file=router_log).start() if use_router else None
         self.client = FleetClient(self.router.url if self.router else None, initial, token=token,
-                                  timeout_s=timeout_s, progress=progress, weight_version=version)
+                                  timeout_s=timeout_s, progress=progress, weight_version=version,
+                                  update_route=update_route)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-client", daemon=True)
         self._thread.start()

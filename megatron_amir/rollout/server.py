@@ -11,9 +11,11 @@ Routes
   GET  /health, /v1/models, /metrics (Prometheus text), /weight_info, /is_paused, /get_world_size
   POST (bearer token)      /pause?mode=keep|wait|abort, /resume, /init_weight_transfer_engine,
                            /start_weight_update, /update_weights, /finish_weight_update,
-                           /update_weight_version
+                           /update_weight_version, /reset_prefix_cache, /collective_rpc
   Weight updates use the file backend: ``/update_weights {"update_info": {"path": <snapshot dir>,
-  "version": <int>}}`` loads a ``weight_sync`` snapshot (sha256-verified) and sets the version.
+  "version": <int>}}`` loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
+  ``/collective_rpc {"method": "load_snapshot", "args": [path, version]}`` does the same through the
+  route a stock ``vllm serve`` with our worker extension offers, so the client has one code path.
 
 Requests are batched: whatever arrives while a batch runs is decoded together in the next one (grouped by
 n). Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
@@ -390,22 +392,14 @@ def create_app(
         state["updating"] = True
         return {"message": "Weight update started"}
 
-    @app.post("/update_weights")
-    async def update_weights(request: Request):
-        require_token(request)
-        body = await json_body(request)
-        info = body.get("update_info")
-        if not isinstance(info, dict):
-            raise ApiError(400, "update_weights needs {'update_info': {'path': <snapshot dir>, 'version': <int>}}",
-                           "update_info")
-        path, version = info.get("path"), info.get("version")
+    async def load_snapshot(path: Any, version: Any, param: str) -> dict:
         if not isinstance(path, str) or not path:
-            raise ApiError(400, "update_info.path must be a snapshot directory", "update_info.path")
+            raise ApiError(400, f"{param}.path must be a snapshot directory", f"{param}.path")
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ApiError(400, "update_info.version must be an integer", "update_info.version")
+            raise ApiError(400, f"{param}.version must be an integer", f"{param}.version")
         snap = Path(path).resolve()
         if root is not None and root not in snap.parents and snap != root:
-            raise ApiError(403, f"snapshot {snap} is outside the allowed weights root {root}", "update_info.path",
+            raise ApiError(403, f"snapshot {snap} is outside the allowed weights root {root}", f"{param}.path",
                            "PermissionDenied")
         from megatron_amir.rollout.weight_sync import WeightSyncError, read_snapshot
 
@@ -416,10 +410,40 @@ def create_app(
             # load_weights takes the engine lock: a running batch finishes with the old weights first
             await loop.run_in_executor(None, lambda: engine.load_weights(s.tensors, s.version))
         except (WeightSyncError, KeyError, ValueError) as exc:
-            raise ApiError(400, f"weight update failed: {exc}", "update_info") from None
+            raise ApiError(400, f"weight update failed: {exc}", param) from None
         stats.weight_updates += 1
-        return {"message": "Weights updated", "weight_version": str(engine.version),
-                "seconds": round(time.perf_counter() - t0, 4)}
+        return {"num_tensors": len(s.tensors), "seconds": round(time.perf_counter() - t0, 4)}
+
+    @app.post("/update_weights")
+    async def update_weights(request: Request):
+        require_token(request)
+        body = await json_body(request)
+        info = body.get("update_info")
+        if not isinstance(info, dict):
+            raise ApiError(400, "update_weights needs {'update_info': {'path': <snapshot dir>, 'version': <int>}}",
+                           "update_info")
+        out = await load_snapshot(info.get("path"), info.get("version"), "update_info")
+        return {"message": "Weights updated", "weight_version": str(engine.version), **out}
+
+    @app.post("/collective_rpc")
+    async def collective_rpc(request: Request):
+        """vLLM's RPC route, restricted to the one method our worker extension shares with it:
+        ``load_snapshot(path, version)`` (see vllm_engine.WeightSyncWorkerExtension)."""
+        require_token(request)
+        body = await json_body(request)
+        if body.get("method") != "load_snapshot":
+            raise ApiError(400, f"method {body.get('method')!r} is not available (only load_snapshot)", "method")
+        args, kwargs = body.get("args") or [], body.get("kwargs") or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ApiError(400, "args must be a list and kwargs an object", "args")
+        merged = dict(zip(("path", "version"), args), **kwargs)
+        out = await load_snapshot(merged.get("path"), merged.get("version"), "args")
+        return {"results": [out["num_tensors"]]}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request):
+        require_token(request)
+        return {"message": "no prefix cache in the embedded engine"}
 
     @app.post("/finish_weight_update")
     async def finish_update(request: Request):

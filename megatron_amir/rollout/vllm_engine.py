@@ -1,0 +1,304 @@
+"""vLLM rollout engine (GPU): colocated ``AsyncLLM`` behind the ``Engine`` protocol, the worker
+extension that loads weights in place (file snapshot or NCCL broadcast), the trainer-side NCCL sender,
+and the command line of a ``vllm serve`` fleet member. vLLM is imported lazily: this module imports on
+a CPU machine, and everything that needs vLLM raises a clear ImportError there.
+
+Facts used (../shared/notes/vllm-facts.md): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
+``generate(TokensPrompt, SamplingParams, request_id)`` is an async generator of RequestOutput;
+``SamplingParams(n, temperature, top_p, top_k, seed, stop_token_ids, max_tokens, logprobs=0,
+output_kind=FINAL_ONLY)``; per sample ``c.token_ids`` and ``c.logprobs[i][tok].logprob``;
+``logprobs_mode`` is an engine argument (we pass it explicitly: processed_logprobs by default);
+``worker_extension_cls`` adds methods to every worker, called through ``collective_rpc``.
+FP8 rollouts: ``quantization="fp8"`` with a block-wise dynamic config (as NeMo-RL and verl do); the
+worker extension re-runs ``process_weights_after_loading`` after each update so bf16 weights are
+re-quantized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from megatron_amir.rollout.engine import (
+    LOGPROBS_MODES,
+    GroupResult,
+    NamedTensors,
+    PerPromptParams,
+    Sample,
+    SamplingParams,
+    expand_params,
+    validate_prompts,
+)
+
+log = logging.getLogger("megatron_amir.rollout.vllm_engine")
+EXTENSION = "megatron_amir.rollout.vllm_engine.WeightSyncWorkerExtension"
+FP8_HF_OVERRIDES = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                            "weight_block_size": [128, 128]}}
+
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - CPU machines
+        raise ImportError("the vLLM rollout engine needs vllm on a CUDA machine: pip install 'megatron-amir[gpu]'"
+                          ) from exc
+    return vllm
+
+
+def write_hf_dir(path: str | Path, hf_config: Mapping[str, Any], named_tensors: NamedTensors) -> Path:
+    """An HF model directory (config.json + model.safetensors) that vLLM can start from."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    tensors = {k: v.detach().contiguous().cpu() for k, v in items}
+    cfg = dict(hf_config)
+    if not cfg.get("architectures"):  # vLLM picks the model class from this field
+        cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[cfg["model_type"]]]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def to_vllm_sampling_params(sp: SamplingParams, n: int):
+    """Our SamplingParams -> vllm.SamplingParams (sampled-token log-probs only, final output only)."""
+    from vllm import SamplingParams as VSP
+    from vllm.sampling_params import RequestOutputKind
+
+    return VSP(n=n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else -1,
+               seed=sp.seed, stop_token_ids=list(sp.stop_token_ids), max_tokens=sp.max_new_tokens, logprobs=0,
+               output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
+
+
+def group_from_request_output(out, prompt: list[int], version: int, rid: str) -> GroupResult:
+    samples = []
+    for c in sorted(out.outputs, key=lambda c: c.index):
+        ids = list(c.token_ids)
+        lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)] if c.logprobs else []
+        if len(lps) != len(ids):
+            raise RuntimeError(f"request {rid}: vLLM returned {len(lps)} log-probs for {len(ids)} tokens")
+        fr = c.finish_reason if c.finish_reason in ("stop", "length") else None
+        if fr is None:
+            raise RuntimeError(f"request {rid}: finish_reason {c.finish_reason!r} (aborted?)")
+        samples.append(Sample(ids, lps, fr, version))
+    return GroupResult(prompt, samples, request_id=rid)
+
+
+class VLLMEngine:
+    """Colocated vLLM engine (same process as the trainer's rank 0) implementing ``Engine``.
+
+    ``model_dir``: an HF directory to start from. Weight updates go through the worker extension
+    (``load_weights`` writes a snapshot into ``sync_dir`` and every worker loads it in place).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        logprobs_mode: str = "processed_logprobs",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        fp8: bool = False,
+        dtype: str = "bfloat16",
+        max_model_len: Optional[int] = None,
+        sync_dir: Optional[str | Path] = None,
+        version: int = 0,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        extra_engine_args: Optional[dict[str, Any]] = None,
+    ):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        _require_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args: dict[str, Any] = dict(
+            model=str(model_dir), skip_tokenizer_init=True, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed, logprobs_mode=logprobs_mode,
+            worker_extension_cls=EXTENSION, enforce_eager=enforce_eager, enable_prefix_caching=True,
+        )
+        if max_model_len:
+            args["max_model_len"] = max_model_len
+        if fp8:
+            args["quantization"] = "fp8"
+            args["hf_overrides"] = FP8_HF_OVERRIDES
+        args.update(extra_engine_args or {})
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
+        self._thread.start()
+        self.engine = self._call(self._make(AsyncLLM, AsyncEngineArgs(**args)))
+        self.sync_dir = Path(sync_dir) if sync_dir else Path(tempfile.mkdtemp(prefix="vllm-sync-"))
+        self._version = int(version)
+        self.fp8 = fp8
+
+    @staticmethod
+    async def _make(cls, engine_args):
+        return cls.from_engine_args(engine_args)
+
+    @classmethod
+    def from_config(cls, rc, hf_config: Mapping[str, Any], named_tensors: NamedTensors,
+                    workdir: Optional[str | Path] = None, **kwargs) -> "VLLMEngine":
+        """From ``RolloutConfig`` (logprobs_mode, fp8_rollout, vllm_tensor_parallel_size,
+        vllm_gpu_memory_utilization, weight_sync_dir), an HF config and HF-named tensors."""
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm-model-"))
+        model_dir = write_hf_dir(workdir / "initial", hf_config, named_tensors)
+        return cls(model_dir, logprobs_mode=rc.logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
+                   gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout,
+                   sync_dir=rc.weight_sync_dir or workdir / "sync", **kwargs)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: PerPromptParams, n: int = 1,
+                 request_ids: Optional[Sequence[str]] = None) -> list[GroupResult]:
+        return self._call(self.agenerate(prompts, params, n, request_ids))
+
+    async def agenerate(self, prompts, params, n=1, request_ids=None) -> list[GroupResult]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = validate_prompts(prompts)
+        plist = expand_params(params, len(prompts))
+        rids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in prompts]
+        version = self._version
+
+        async def one(p, sp, rid):
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=p), to_vllm_sampling_params(sp, n),
+                                                  request_id=rid):
+                final = out
+            return group_from_request_output(final, p, version, rid)
+
+        return list(await asyncio.gather(*(one(p, sp, r) for p, sp, r in zip(prompts, plist, rids))))
+
+    def load_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        """Write a verified snapshot and have every worker load it in place (generation is idle here:
+        the trainer calls this between steps), then drop the prefix cache computed with old weights."""
+        from megatron_amir.rollout.weight_sync import write_snapshot
+
+        path = write_snapshot(named_tensors, self.sync_dir, version)
+
+        async def run():
+            await self.engine.collective_rpc("load_snapshot", args=(str(path), int(version)))
+            await self.engine.reset_prefix_cache()
+
+        self._call(run())
+        self._version = int(version)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``); called with ``collective_rpc``.
+
+    ``load_snapshot(path, version)``: load a weight_sync snapshot (sha256-verified) in place.
+    ``init_weight_receiver(host, port, rank_offset, world_size)`` + ``receive_weights(meta)``: join the
+    trainer's NCCL group and receive broadcast tensors (the TRL / OpenRLHF pattern, for ``vllm serve``
+    fleets through ``POST /collective_rpc``, and for engines whose native weight transfer is off).
+    """
+
+    def _finish_load(self) -> None:
+        model = self.model_runner.model
+        if getattr(self.model_runner.vllm_config, "quant_config", None) is not None:
+            # FP8 rollouts: re-quantize the freshly loaded bf16 weights
+            from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+            process_weights_after_loading(model, self.model_runner.model_config, self.device)
+
+    def load_snapshot(self, path: str, version: int) -> int:
+        from megatron_amir.rollout.weight_sync import read_snapshot
+
+        snap = read_snapshot(path, expected_version=version)
+        self.model_runner.model.load_weights(weights=list(snap.tensors.items()))
+        self._finish_load()
+        return len(snap.tensors)
+
+    def init_weight_receiver(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.parallel_state import get_world_group
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        rank = get_world_group().rank + rank_offset
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
+        self._weight_comm = PyNcclCommunicator(pg, device=self.device)
+
+    def receive_weights(self, meta: list[list[Any]]) -> int:
+        """meta: [[name, dtype_name, shape], ...] in the order the trainer broadcasts them from rank 0."""
+        comm = getattr(self, "_weight_comm", None)
+        if comm is None:
+            raise RuntimeError("init_weight_receiver was not called on this worker")
+        weights = []
+        for name, dtype_name, shape in meta:
+            t = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
+            comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            weights.append((name, t))
+        torch.cuda.synchronize()
+        self.model_runner.model.load_weights(weights=weights)
+        self._finish_load()
+        return len(weights)
+
+
+class NCCLWeightSender:
+    """Trainer side of the NCCL path: rank 0 of a group made of the trainer and every vLLM worker.
+
+    Usage (fleet of ``vllm serve`` with ``--worker-extension-cls`` set to ``EXTENSION``): POST
+    /collective_rpc ``init_weight_receiver`` on every server (rank_offset = 1 + sum of earlier world
+    sizes) while calling ``connect()`` here; then per update POST /collective_rpc ``receive_weights``
+    with ``meta(tensors)`` and concurrently ``send(tensors)``.
+    """
+
+    def __init__(self, host: str, port: int, world_size: int, device: Optional[torch.device] = None):
+        self.host, self.port, self.world_size = host, port, world_size
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.comm = None
+
+    def connect(self) -> None:
+        _require_vllm()
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        pg = StatelessProcessGroup.create(host=self.host, port=self.port, rank=0, world_size=self.world_size)
+        self.comm = PyNcclCommunicator(pg, device=self.device)
+
+    @staticmethod
+    def meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[list[Any]]:
+        return [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in named_tensors]
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.comm is None:
+            raise RuntimeError("NCCLWeightSender.connect() first")
+        for _, t in named_tensors:
+            self.comm.broadcast(t.to(self.device).contiguous(), src=0, stream=torch.cuda.current_stream())
+        torch.cuda.synchronize()
+
+
+def vllm_serve_command(model_dir: str, port: int, rc=None, host: str = "127.0.0.1",
+                       extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) to start one stock ``vllm serve`` fleet member with the RLHF routes (dev mode), our
+    worker extension, skip-tokenizer, explicit logprobs mode, and FP8 when ``rc.fp8_rollout``."""
+    argv = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port),
+            "--worker-extension-cls", EXTENSION, "--skip-tokenizer-init",
+            "--logprobs-mode", getattr(rc, "logprobs_mode", "processed_logprobs"),
+            "--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    if rc is not None:
+        argv += ["--tensor-parallel-size", str(rc.vllm_tensor_parallel_size),
+                 "--gpu-memory-utilization", str(rc.vllm_gpu_memory_utilization)]
+        if rc.fp8_rollout:
+            argv += ["--quantization", "fp8", "--hf-overrides", json.dumps(FP8_HF_OVERRIDES)]
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    return argv + list(extra), env
