@@ -80,3 +80,19 @@ def test_study_bad_arguments(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reference"):
         study.build_study(groups, "PPO")
+
+
+def test_study_with_base_run(tmp_path):
+    groups = _make(tmp_path)
+    base = tmp_path / "base"
+    write_results(base / "results.jsonl", [ProblemResult(id=f"p{i}", texts=["t"] * N, correct=[j < c for j in range(N)],
+                                                         lengths=[5] * N) for i, c in enumerate([0, 0, 0, 1])])
+    data = study.build_study(groups, "GRPO", str(base), n_boot=100)
+    assert data["algorithms"]["base"]["seeds"][0]["pass_at_k"][4] == pytest.approx(1 / 4)
+    assert set(data["coverage"][0]["pattern"]) == {"base", "GRPO", "AMIR"}
+    cells = {tuple(r["pattern"][x] for x in ("base", "GRPO", "AMIR")): r["expected_problems"] for r in data["coverage"]}
+    assert cells[(True, True, True)] == pytest.approx(1)        # p3 only
+    assert cells[(False, True, True)] == pytest.approx(0.5 + 1)  # p1 (GRPO 0.5), p2
+    assert sum(cells.values()) == pytest.approx(4)
+    with pytest.raises(ValueError, match="clashes"):
+        study.build_study({"base": groups["GRPO"]}, "base", str(base))
