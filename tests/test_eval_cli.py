@@ -2,7 +2,6 @@
 benchmark file -> results.jsonl / summary.json, then `compare` on two such runs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
