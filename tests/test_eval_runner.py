@@ -198,3 +198,20 @@ def test_with_the_embedded_engine(tmp_path):
              SamplingParams(temperature=1.0, max_new_tokens=6, stop_token_ids=(EOS,)), tmp_path / "e2",
              seed=3, progress=False)
     assert [r.texts for r in read_results(tmp_path / "e2")] == [r.texts for r in rs]
+
+
+def test_batch_reward_called_once_per_engine_batch(tmp_path):
+    from megatron_amir.rewards import ExactReward
+
+    class Counting(ExactReward):
+        calls = []
+
+        def __call__(self, responses, answers):
+            self.calls.append(len(responses))
+            return super().__call__(responses, answers)
+
+    reward = Counting()
+    s = evaluate(ScriptedEngine(), CharTokenizer(), PROBLEMS, reward, 2, SamplingParams(), tmp_path / "c",
+                 batch_size=3, progress=False)
+    assert reward.calls == [6, 6, 2]  # 3 + 3 + 1 problems x 2 samples
+    assert s.num_samples == 14

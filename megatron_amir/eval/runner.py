@@ -129,14 +129,16 @@ def _is_batch_reward(reward_fn: Callable) -> bool:
     return isinstance(reward_fn, RewardFn)
 
 
-def score_samples(reward_fn: Callable, texts: list[str], gold: str, correct_threshold: float) -> list[Verdict]:
-    """Verify one problem's samples.
+def score_samples(reward_fn: Callable, texts: list[str], golds: list[str], correct_threshold: float) -> list[Verdict]:
+    """Verify samples against their gold answers (one call for a whole batch of problems).
 
     A ``megatron_amir.rewards.RewardFn`` (or any callable with ``batch = True``) is called once as
-    ``reward_fn(texts, [gold] * n)`` and may return a ``RewardResult`` (rewards, correct, extracted)
+    ``reward_fn(texts, golds)`` and may return a ``RewardResult`` (rewards, correct, extracted)
     or a list; any other callable is called per sample as ``reward_fn(text, gold)``."""
+    if len(texts) != len(golds):
+        raise ValueError(f"score_samples: {len(texts)} texts but {len(golds)} gold answers")
     if _is_batch_reward(reward_fn):
-        out = reward_fn(texts, [gold] * len(texts))
+        out = reward_fn(texts, golds)
         if hasattr(out, "rewards") and hasattr(out, "correct"):
             extracted = list(getattr(out, "extracted", None) or [None] * len(texts))
             if not (len(out.rewards) == len(out.correct) == len(extracted) == len(texts)):
@@ -148,7 +150,7 @@ def score_samples(reward_fn: Callable, texts: list[str], gold: str, correct_thre
         if len(outs) != len(texts):
             raise ValueError(f"reward function returned {len(outs)} results for {len(texts)} samples")
     else:
-        outs = [reward_fn(t, gold) for t in texts]
+        outs = [reward_fn(t, g) for t, g in zip(texts, golds)]
     verdicts = [make_verdict(o, t, correct_threshold) for o, t in zip(outs, texts)]
     for v in verdicts:
         v.answer = _normalize(v.answer)
@@ -251,16 +253,20 @@ def evaluate(
                     if len(g.samples) != samples:
                         raise RuntimeError(f"engine returned {len(g.samples)} samples for problem {p.id!r}, "
                                            f"asked for {samples}")
-                    texts = [_decode(tokenizer, s.token_ids) for s in g.samples]
-                    verdicts = score_samples(reward_fn, texts, p.answer, correct_threshold)
+                texts = [[_decode(tokenizer, smp.token_ids) for smp in g.samples] for g in groups]
+                # one verifier call per batch: a worker-pool verifier (math) then runs the batch in parallel
+                flat = score_samples(reward_fn, [t for ts in texts for t in ts],
+                                     [p.answer for p in chunk for _ in range(samples)], correct_threshold)
+                for j, (p, g) in enumerate(zip(chunk, groups)):
+                    verdicts = flat[j * samples:(j + 1) * samples]
                     rec = ProblemResult(
                         id=p.id, prompt=p.prompt, gold=p.answer,
-                        texts=texts if keep_texts else [""] * len(texts),
+                        texts=texts[j] if keep_texts else [""] * samples,
                         correct=[v.correct for v in verdicts],
-                        lengths=[len(s.token_ids) for s in g.samples],
+                        lengths=[len(smp.token_ids) for smp in g.samples],
                         answers=[v.answer for v in verdicts],
                         rewards=[v.reward for v in verdicts],
-                        mean_logprobs=[_mean_logprob(s.logprobs) for s in g.samples],
+                        mean_logprobs=[_mean_logprob(smp.logprobs) for smp in g.samples],
                     )
                     results.append(rec)
                     f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
