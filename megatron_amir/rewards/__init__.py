@@ -25,7 +25,7 @@ __all__ = ["RewardFn", "RewardResult", "ExactReward", "MathReward", "get_reward_
 
 
 def _math_reward(**kw) -> RewardFn:
-    from .math import MathReward
+    from .math_reward import MathReward
 
     return MathReward(**kw)
 
@@ -106,7 +106,7 @@ def get_reward_fn(name_or_path: str, cfg: Optional[Any] = None, **kwargs) -> Rew
 
 def __getattr__(name: str):  # MathReward imported lazily (math-verify pulls in sympy)
     if name == "MathReward":
-        from .math import MathReward
+        from .math_reward import MathReward
 
         return MathReward
     raise AttributeError(name)

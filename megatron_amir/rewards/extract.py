@@ -121,8 +121,9 @@ def normalize_answer(ans: str) -> str:
     if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", compact):
         compact = compact.replace(",", "")
     if _INT_RE.fullmatch(compact):
-        v = int(compact)
-        return str(v)
+        # textual canonical form: int() of > 4300 digits raises (CPython's int_max_str_digits)
+        neg, digits = compact.startswith("-"), compact.lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if neg and digits != "0" else digits
     if _NUM_RE.fullmatch(compact):
         # canonical decimal: drop trailing zeros, keep integers integral ("2.50" -> "2.5", "3.0" -> "3")
         neg = compact.startswith("-")

@@ -1,0 +1,130 @@
+"""``math`` reward: answer extraction + math-verify equivalence in a sandboxed worker pool.
+
+Per response: truncate (keep the tail, drop NUL bytes) -> extract the final answer (``\\boxed{}``,
+``####``, "The answer is") -> cut the answer to ``max_answer_chars`` -> decide:
+
+1. fast path in the parent, no parsing: normalized strings equal -> correct; both plain numbers
+   (integers/decimals) -> compare exactly as fractions. This covers most typical answers.
+2. otherwise math-verify in a ``SandboxPool`` worker with a hard per-call time limit and memory limit.
+   A timeout scores 0 and is counted in ``RewardResult.timeouts``; a crash or memory error scores 0
+   and is counted in ``errors``. Results are cached per (gold, answer) pair (groups repeat answers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from fractions import Fraction
+from typing import Optional
+
+from .base import RewardFn, RewardResult, check_lengths, combine_format
+from .extract import extract_answer, normalize_answer, truncate
+
+__all__ = ["MathReward"]
+
+_WORKER_FN = "megatron_amir.rewards.math_worker:verify_answer"
+_PLAIN_NUM = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def _plain_number(s: str) -> Optional[Fraction]:
+    # length cap: Fraction() of a huge digit string is slow/limited; such answers go to the pool
+    return Fraction(s) if len(s) <= 200 and _PLAIN_NUM.fullmatch(s) else None
+
+
+class MathReward(RewardFn):
+    name = "math"
+
+    def __init__(self, format_weight: float = 0.0, timeout_s: float = 5.0, num_workers: int = 2,
+                 memory_limit_mb: int = 1024, max_answer_chars: int = 2000, float_rounding: int = 6,
+                 fast_path: bool = True, cache_size: int = 100_000, grace_s: float = 0.5, chunk_size: int = 16,
+                 **_ignored):
+        if format_weight < 0:
+            raise ValueError(f"format_weight must be >= 0, got {format_weight}")
+        self.format_weight = float(format_weight)
+        self.timeout_s, self.num_workers, self.memory_limit_mb = float(timeout_s), int(num_workers), memory_limit_mb
+        self.max_answer_chars = int(max_answer_chars)
+        self.float_rounding, self.fast_path = int(float_rounding), bool(fast_path)
+        self.grace_s, self.chunk_size = float(grace_s), int(chunk_size)
+        self._cache: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
+        self._cache_size = int(cache_size)
+        self._pool = None
+        self.stats = {"fast_path": 0, "cache_hits": 0, "pool_calls": 0}
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            from .pool import SandboxPool
+
+            self._pool = SandboxPool(self.num_workers, timeout_s=self.timeout_s,
+                                     memory_limit_mb=self.memory_limit_mb,
+                                     preload=("megatron_amir.rewards.math_worker",),
+                                     grace_s=self.grace_s, chunk_size=self.chunk_size)
+        return self._pool
+
+    def _fast(self, gold: str, ans: str) -> Optional[bool]:
+        g, a = normalize_answer(gold), normalize_answer(ans)
+        if g == a and g:
+            return True
+        fg, fa = _plain_number(g), _plain_number(a)
+        if fg is not None and fa is not None:
+            return fg == fa
+        return None
+
+    def __call__(self, responses: list[str], answers: list[str]) -> RewardResult:
+        check_lengths(responses, answers)
+        n = len(responses)
+        extracted: list[Optional[str]] = []
+        correct = [False] * n
+        todo: dict[tuple[str, str], list[int]] = {}
+        for i, (resp, gold) in enumerate(zip(responses, answers)):
+            ans = extract_answer(truncate(resp, self.max_answer_chars * 8))
+            if ans is not None:
+                ans = truncate(ans, self.max_answer_chars)
+            extracted.append(ans)
+            if not ans:
+                continue
+            gold = truncate(gold, self.max_answer_chars)
+            if self.fast_path:
+                fast = self._fast(gold, ans)
+                if fast is not None:
+                    correct[i] = fast
+                    self.stats["fast_path"] += 1
+                    continue
+            todo.setdefault((gold, ans), []).append(i)
+        timeouts = errors = 0
+        keys = list(todo)
+        statuses: dict[tuple[str, str], tuple[str, bool]] = {}
+        for k in keys:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                statuses[k] = self._cache[k]
+                self.stats["cache_hits"] += len(todo[k])
+        missing = [k for k in keys if k not in statuses]
+        if missing:
+            self.stats["pool_calls"] += len(missing)
+            results = self.pool.map(_WORKER_FN, [(g, a, self.float_rounding) for g, a in missing])
+            for k, r in zip(missing, results):
+                statuses[k] = (r.status, bool(r.value) if r.status == "ok" else False)
+                self._cache[k] = statuses[k]
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        for k in keys:
+            status, ok = statuses[k]
+            for i in todo[k]:
+                correct[i] = ok
+                timeouts += status == "timeout"
+                errors += status == "error"
+        fmt = [a is not None for a in extracted]
+        return RewardResult(rewards=combine_format(correct, fmt, self.format_weight), correct=correct,
+                            timeouts=timeouts, errors=errors, format_ok=fmt, extracted=extracted)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
