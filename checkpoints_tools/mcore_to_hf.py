@@ -26,6 +26,7 @@ from checkpoints_tools.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
     build_empty_model,
+    dtype_of,
     load_model,
     read_meta,
     single_process_megatron,
@@ -80,12 +81,14 @@ def mcore_to_hf(
         with single_process_megatron():
             model = build_empty_model(model_cfg)
             load_model(model, model_dir)
+            dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
             for name, tensor in mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab):
                 if tuple(tensor.shape) != expected.get(name):
                     raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
                                      f"config implies {expected.get(name)}")
-                writer.add(name, tensor)
+                # Megatron's local-spec norms stay fp32 in a bf16 model; HF files hold one dtype (exact cast back)
+                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
             missing = set(expected) - set(writer.names())
             if missing:
                 raise ValueError(f"export lacks tensors {sorted(missing)[:6]}")

@@ -1,8 +1,9 @@
 """Logit parity: run converted Megatron checkpoints at a given TP/PP (one process per rank, gloo) and return
 their logits, to compare with the Hugging Face model on the same tokens.
 
-``megatron_logits(ckpt_dirs, tokens, tp=2, pp=1)`` starts TP*PP processes once and evaluates every checkpoint
-in the list inside them (process start-up and ``import megatron.core`` dominate on CPU). Each rank builds its
+``megatron_logits({(1, 1): dirs, (2, 1): dirs, (1, 2): dirs}, tokens)`` starts max(TP*PP) processes once and
+evaluates every checkpoint at every layout inside them (process start-up and ``import megatron.core`` dominate
+on CPU), re-initializing Megatron's parallel state between layouts. Each rank builds its
 stage with the trainer's ``build_gpt_model`` and loads with the trainer's ``load_checkpoint``, so this checks
 exactly what training will see, resharding included. Pipeline stages pass hidden states with send/recv;
 TP ranks all-gather their vocabulary slices; padding columns beyond the original vocabulary are dropped.
@@ -48,7 +49,7 @@ def _stage_forward(model, tokens: torch.Tensor, info) -> torch.Tensor | None:
     return out
 
 
-def _worker(rank: int, world: int, port: int, ckpt_dirs: list[str], tokens: torch.Tensor, tp: int, pp: int,
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[tuple[int, int], list[str]]], tokens: torch.Tensor,
             out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -61,41 +62,51 @@ def _worker(rank: int, world: int, port: int, ckpt_dirs: list[str], tokens: torc
 
     from checkpoints_tools.megatron_side import MODEL_SUBDIR, load_model, read_meta
 
-    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend="gloo")
-    info = init_parallel(par)
     try:
-        for i, ckpt in enumerate(ckpt_dirs):
-            meta = read_meta(Path(ckpt))
-            cfg = ModelConfig(**{**meta["model"], "transformer_impl": "local"})
-            # Loading overwrites every weight, so skip the first/last-stage all-reduce of tied embeddings that
-            # GPTModel does at construction (it also calls .cuda() there, which fails on a CPU-only torch).
-            tcfg = dataclasses.replace(transformer_config(cfg, par, impl="local"), init_model_with_meta_device=True)
-            model = build_gpt_model(cfg, par, pre_process=info.is_first_stage, post_process=info.is_last_stage,
-                                    config=tcfg)
-            model.eval()
-            load_model(model, Path(ckpt) / MODEL_SUBDIR)
-            with torch.no_grad():
-                logits = _stage_forward(model, tokens, info)
-            if logits is not None and info.tp_rank == 0:
-                vocab = int(meta["original_vocab_size"])
-                save_file({"logits": logits[..., :vocab].float().contiguous()}, os.path.join(out_dir, f"{i}.st"))
+        for (tp, pp), ckpt_dirs in jobs:
+            # one world for every layout: ranks beyond TP*PP are data-parallel replicas computing the same logits
+            par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend="gloo")
+            info = init_parallel(par)
+            for i, ckpt in enumerate(ckpt_dirs):
+                meta = read_meta(Path(ckpt))
+                cfg = ModelConfig(**{**meta["model"], "transformer_impl": "local"})
+                # Loading overwrites every weight, so skip the first/last-stage all-reduce of tied embeddings
+                # that GPTModel does at construction (it also calls .cuda() there: fails on CPU-only torch).
+                tcfg = dataclasses.replace(transformer_config(cfg, par, impl="local"), init_model_with_meta_device=True)
+                model = build_gpt_model(cfg, par, pre_process=info.is_first_stage, post_process=info.is_last_stage,
+                                        config=tcfg)
+                model.eval()
+                load_model(model, Path(ckpt) / MODEL_SUBDIR)
+                with torch.no_grad():
+                    logits = _stage_forward(model, tokens, info)
+                if logits is not None and info.tp_rank == 0 and info.dp_rank == 0:
+                    vocab = int(meta["original_vocab_size"])
+                    save_file({"logits": logits[..., :vocab].float().contiguous()},
+                              os.path.join(out_dir, f"tp{tp}pp{pp}-{i}.st"))
+            shutdown_parallel()
     finally:
         shutdown_parallel(destroy_process_group=True)
 
 
-def megatron_logits(ckpt_dirs: Sequence[str | Path], tokens: torch.Tensor, *, tp: int = 1, pp: int = 1
-                    ) -> list[torch.Tensor]:
-    """Logits [b, s, original vocab] (fp32) of each converted checkpoint, evaluated at TP=tp, PP=pp."""
+def megatron_logits(
+    ckpt_dirs: dict[tuple[int, int], Sequence[str | Path]], tokens: torch.Tensor
+) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """{(TP, PP): [checkpoint dirs]} -> {(TP, PP): [logits [b, s, original vocab] fp32, one per checkpoint]}.
+
+    All layouts run in one spawn of max(TP*PP) processes (start-up dominates on CPU).
+    """
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    world = tp * pp
+    jobs = [((int(tp), int(pp)), [str(c) for c in dirs]) for (tp, pp), dirs in ckpt_dirs.items()]
+    world = max(tp * pp for (tp, pp), _ in jobs)
+    bad = [layout for layout, _ in jobs if world % (layout[0] * layout[1])]
+    if bad:
+        raise ValueError(f"layouts {bad} do not divide the world size {world}")
     with tempfile.TemporaryDirectory(prefix="mamir-parity-") as out_dir:
-        mp.start_processes(
-            _worker,
-            args=(world, _free_port(), [str(c) for c in ckpt_dirs], tokens.long(), tp, pp, out_dir),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        return [load_file(os.path.join(out_dir, f"{i}.st"))["logits"] for i in range(len(ckpt_dirs))]
+        mp.start_processes(_worker, args=(world, _free_port(), jobs, tokens.long(), out_dir), nprocs=world,
+                           join=True, start_method="spawn")
+        return {
+            (tp, pp): [load_file(os.path.join(out_dir, f"tp{tp}pp{pp}-{i}.st"))["logits"] for i in range(len(dirs))]
+            for (tp, pp), dirs in jobs
+        }
