@@ -110,3 +110,15 @@ def test_input_logits_not_modified():
         lp, ent = vocab_parallel_logprobs(logits, torch.randint(0, 9, (3, 4), generator=g), with_entropy=True)
         (lp.sum() + ent.sum()).backward()
         assert torch.equal(logits.detach(), before)
+
+
+def test_entropy_as_metric_only_gradient():
+    """with_entropy=True but only logp in the loss (the train step's case): gradient of logp alone."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 9, dtype=torch.float64, generator=g).requires_grad_()
+    targets = torch.randint(0, 9, (2, 5), generator=g)
+    g_lp = torch.randn(2, 5, dtype=torch.float64, generator=g)
+    lp, ent = vocab_parallel_logprobs(logits, targets, chunk_size=3, with_entropy=True)
+    (lp * g_lp).sum().backward()
+    ref = autograd_reference_grad(logits, targets, g_lp, torch.zeros_like(g_lp))
+    assert torch.allclose(logits.grad, ref, atol=1e-10, rtol=0)

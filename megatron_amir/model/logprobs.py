@@ -49,6 +49,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, vocab_start, group, chunk_size, with_entropy):
         T, v_local = logits.shape
         cdt = _compute_dtype(logits)
+        ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a zero tensor
         logp = torch.empty(T, dtype=cdt, device=logits.device)
         log_z = torch.empty(T, dtype=cdt, device=logits.device)
         mean_x = torch.empty(T, dtype=cdt, device=logits.device) if with_entropy else None
@@ -61,17 +62,18 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             _all_reduce(m, dist.ReduceOp.MAX, group)
             x.sub_(m.unsqueeze(-1))  # x - M, reuses the fp32 copy
             tgt = x.gather(-1, local_t[s:e].unsqueeze(-1)).squeeze(-1) * in_shard[s:e]
-            ex = torch.exp(x)
-            sum_ex = ex.sum(dim=-1)
             if with_entropy:
-                # sum_v exp(x_v - M) (x_v - M): with S gives E_p[x] - M
-                ex.mul_(x)
-                sum_exx = ex.sum(dim=-1)
+                ex = torch.exp(x)
+                sum_ex = ex.sum(dim=-1)
+                # sum_v exp(x_v - M) (x_v - M), in place in ex (no third buffer); / S gives E_p[x] - M
+                sum_exx = ex.mul_(x).sum(dim=-1)
                 packed = torch.stack([sum_ex, sum_exx, tgt])
                 _all_reduce(packed, dist.ReduceOp.SUM, group)
                 sum_ex, sum_exx, tgt = packed[0], packed[1], packed[2]
                 mean_x[s:e] = sum_exx / sum_ex + m
             else:
+                ex = x.exp_()  # in place: only S is needed
+                sum_ex = ex.sum(dim=-1)
                 packed = torch.stack([sum_ex, tgt])
                 _all_reduce(packed, dist.ReduceOp.SUM, group)
                 sum_ex, tgt = packed[0], packed[1]
@@ -92,25 +94,33 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         logits, local_t, in_shard, log_z, mean_x = ctx.saved_tensors
         T = logits.shape[0]
         cdt = _compute_dtype(logits)
-        grad = torch.empty_like(logits)
-        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0
+        grad = None
+        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0  # None when entropy is a metric
         if g_logp is None:
             g_logp = torch.zeros(T, dtype=cdt, device=logits.device)
         for s, e in _chunks(T, ctx.chunk_size):
             x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
-            p = torch.exp(x - log_z[s:e].unsqueeze(-1))
             gl = g_logp[s:e].to(cdt).unsqueeze(-1)
             if use_ent:
+                p = torch.sub(x, log_z[s:e].unsqueeze(-1)).exp_()
                 # -p (x - E[x]) * g_H  - p * g_logp
                 x.sub_(mean_x[s:e].unsqueeze(-1)).mul_(g_ent[s:e].to(cdt).unsqueeze(-1)).add_(gl)
                 x.mul_(p).neg_()
                 gx = x
-            else:
+            else:  # one buffer: p computed in place, then scaled
+                p = x.sub_(log_z[s:e].unsqueeze(-1)).exp_()
                 gx = p.mul_(gl).neg_()
             # + g_logp at the target column (only on the rank that owns the target)
             gx.scatter_add_(-1, local_t[s:e].unsqueeze(-1), (gl.squeeze(-1) * in_shard[s:e]).unsqueeze(-1))
-            grad[s:e] = gx
+            if s == 0 and e == T and gx.dtype == logits.dtype:
+                grad = gx  # one chunk in the logits' dtype: the buffer is the gradient
+            else:
+                if grad is None:
+                    grad = torch.empty_like(logits)
+                grad[s:e] = gx
             del x, p, gx
+        if grad is None:  # no tokens
+            grad = torch.empty_like(logits)
         return grad, None, None, None, None, None
 
 
