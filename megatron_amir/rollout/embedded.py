@@ -6,10 +6,10 @@ and then one incremental decode step per token. Finished rows are dropped from t
 cache) once a quarter of it has finished, so long stragglers do not pay for short rows.
 
 Sampling follows vLLM's order: logits -> temperature -> top-k -> top-p -> sample; the log-prob reported
-for each sampled token is selected by ``logprobs_mode`` (see ``engine.py``). Sampling uses the
-exponential race ``argmax(p / E)``, E ~ Exp(1) i.i.d. (equivalent to drawing from p, and what vLLM
-does), with the noise of a seeded request drawn from its own generator (seeded by (seed, prompt)) for all its n rows each step,
-so a seeded request gives the same samples whatever else is in the batch.
+for each sampled token is selected by ``logprobs_mode`` (see ``engine.py``). Sampling is by inverse CDF
+with one uniform number per row and step; a seeded request draws its numbers from its own generator
+(seeded by (seed, prompt)) for all its n rows every step, so it gives the same samples whatever else
+is in the batch.
 """
 
 from __future__ import annotations
@@ -265,33 +265,42 @@ class EmbeddedEngine:
         return groups
 
     def _sample(self, logits, alive, row_req, temps, greedy, topk, topp, reqs, n):
-        """Sample one token per row; returns (tokens [b], log-probs [b] per ``logprobs_mode``)."""
+        """Sample one token per row; returns (tokens [b], log-probs [b] per ``logprobs_mode``).
+
+        Inverse-CDF sampling: token = first j with cdf_j >= u * cdf_V, u ~ U(0, 1], cdf the cumulative
+        sum of the (filtered) probabilities; equivalent to drawing from them, zero-probability tokens
+        are never picked (their cdf equals the previous token's), and it needs one random number per
+        row instead of one per vocabulary entry.
+        """
         scaled = logits / temps[:, None]
         filtered = filter_logits(scaled, topk, topp)
         logp = filtered.log_softmax(dim=-1)
-        noise = self._noise(alive, row_req, reqs, n, logits.shape[-1])
-        sampled = (logp.exp() / noise).argmax(dim=-1)
-        tok = torch.where(greedy, logits.argmax(dim=-1), sampled)
+        cdf = logp.exp().cumsum(dim=-1)
+        u = self._uniform(alive, row_req, reqs, n)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        if bool(greedy.any()):
+            tok = torch.where(greedy, logits.argmax(dim=-1), tok)
         if self.logprobs_mode == "raw_logprobs":
             logp = logits.log_softmax(dim=-1)
         return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
-    def _noise(self, alive, row_req, reqs, n, V):
-        """Exp(1) noise [b, V]: seeded requests from their own generator (n rows drawn every step, then
-        the alive ones picked), the rest from the engine generator."""
+    def _uniform(self, alive, row_req, reqs, n):
+        """U(0, 1] per row: seeded requests draw n numbers per step from their own generator (then the
+        alive rows pick theirs), the other rows share the engine generator."""
         b = alive.shape[0]
-        noise = torch.empty(b, V, device=alive.device)
+        if all(rq.generator is None for rq in reqs):
+            return 1.0 - torch.rand(b, generator=self._generator, device=alive.device)
+        u = torch.empty(b, device=alive.device)
         seeded = torch.zeros(b, dtype=torch.bool, device=alive.device)
         for rq in reqs:
             if rq.generator is None:
                 continue
+            full = 1.0 - torch.rand(n, generator=rq.generator, device=alive.device)
             rows = (row_req == rq.index).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            full = torch.empty(n, V, device=alive.device).exponential_(generator=rq.generator)
-            noise[rows] = full[alive[rows] % n]
-            seeded[rows] = True
+            if rows.numel():
+                u[rows] = full[alive[rows] % n]
+                seeded[rows] = True
         rest = (~seeded).nonzero().squeeze(1)
         if rest.numel():
-            noise[rest] = torch.empty(rest.numel(), V, device=alive.device).exponential_(generator=self._generator)
-        return noise
+            u[rest] = 1.0 - torch.rand(rest.numel(), generator=self._generator, device=alive.device)
+        return u

@@ -186,22 +186,35 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
 
+    def fuse(self) -> None:
+        """Concatenate q/k/v weights (and biases) into one matrix: one matmul instead of three. Derived
+        from the HF-named parameters, never saved; CausalLM refreshes it after every load or move."""
+        self._qkv_w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self._qkv_b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach()
+                       if self.a.qkv_bias else None)
+
     def forward(self, x, cos, sin, cache: "KVCache", layer: int, mask: torch.Tensor) -> torch.Tensor:
         a = self.a
         B, q, _ = x.shape
-        qh = self.q_proj(x).view(B, q, a.num_heads, a.head_dim)
-        kh = self.k_proj(x).view(B, q, a.num_kv_heads, a.head_dim)
-        vh = self.v_proj(x).view(B, q, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        qkv = F.linear(x, self._qkv_w, self._qkv_b)
+        qh = qkv[..., :nq].view(B, q, a.num_heads, a.head_dim)
+        kh = qkv[..., nq : nq + nkv].view(B, q, a.num_kv_heads, a.head_dim)
+        vh = qkv[..., nq + nkv :].view(B, q, a.num_kv_heads, a.head_dim).transpose(1, 2)
         if a.qk_norm:
             qh, kh = self.q_norm(qh), self.k_norm(kh)
         qh = apply_rope(qh.transpose(1, 2), cos, sin)
         kh = apply_rope(kh.transpose(1, 2), cos, sin)
         k_all, v_all = cache.append(layer, kh, vh)
-        if a.num_kv_heads != a.num_heads:
-            rep = a.num_heads // a.num_kv_heads
-            k_all = k_all.repeat_interleave(rep, dim=1)
-            v_all = v_all.repeat_interleave(rep, dim=1)
+        rep = a.num_heads // a.num_kv_heads
+        if rep > 1:
+            # grouped-query attention without copying the cache: query head h uses KV head h // rep
+            # (HF's repeat_interleave), so fold the rep query heads of each KV head into the query axis
+            S = k_all.shape[2]
+            qh = qh.reshape(B, a.num_kv_heads, rep * q, a.head_dim)
+            mask = mask.unsqueeze(2).expand(B, 1, rep, q, S).reshape(B, 1, rep * q, S)
         out = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask)
+        out = out.reshape(B, a.num_heads, q, a.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, q, a.num_heads * a.head_dim))
 
 
@@ -212,9 +225,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
         self.act = _ACTS[a.hidden_act]
+        self.inter = a.intermediate_size
+
+    def fuse(self) -> None:
+        """gate and up projections as one matmul (derived, like Attention.fuse)."""
+        self._gu_w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+        self._gu_b = torch.cat([self.gate_proj.bias, self.up_proj.bias]).detach() if self.gate_proj.bias is not None else None
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gu = F.linear(x, self._gu_w, self._gu_b)
+        return self.down_proj(self.act(gu[..., : self.inter]) * gu[..., self.inter :])
 
 
 class DecoderLayer(nn.Module):
@@ -287,6 +307,19 @@ class CausalLM(nn.Module):
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+        self.refresh_fused()
+
+    def refresh_fused(self) -> None:
+        """Rebuild the fused q/k/v and gate/up matrices from the HF-named parameters."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device/dtype) replaces the parameters: the fused copies must follow
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh_fused()
+        return out
 
     # ------------------------------------------------------------------ weights
     def expected_names(self) -> set[str]:
@@ -321,6 +354,7 @@ class CausalLM(nn.Module):
             missing = self.expected_names() - set(loaded)
             if missing:
                 raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+        self.refresh_fused()
         return loaded
 
     # ------------------------------------------------------------------ forward
@@ -341,11 +375,14 @@ class CausalLM(nn.Module):
         qpos = positions
         # Query at position p sees keys at positions 0..p of its own row (padding keys have pos -1 and
         # are excluded); a padding query sees only itself so softmax never meets an all-masked row.
-        mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
+        if q == 1 and a.sliding_window is None:
+            mask = (kpos >= 0)[:, None, :]  # decoding one real token: every earlier key is visible
+        else:
+            mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
         if a.sliding_window is not None:
             mask &= kpos[:, None, :] > qpos[:, :, None] - a.sliding_window
         pad_q = qpos < 0
-        if bool(pad_q.any()):
+        if q > 1 and bool(pad_q.any()):
             own = torch.zeros_like(mask)
             idx = torch.arange(q, device=tokens.device)
             own[:, idx, cache.length + idx] = True
