@@ -146,10 +146,14 @@ def grad_of_split(logp, pb, cfg, split):
 @pytest.mark.parametrize("cap", [None, 1, 3])
 @pytest.mark.parametrize("margin", [0.0, 0.3, 0.5])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pairs_match_loop_reference(mode, cap, margin, seed):
+@pytest.mark.parametrize("dense", [True, False])
+def test_pairs_match_loop_reference(mode, cap, margin, seed, dense):
     rewards, gids, mask, _ = make_batch(seed, reward_kind="multi")
     mask[2] = False
-    w, l = build_pairs(rewards, gids, mask.any(-1), margin=margin, mode=mode, max_pairs_per_group=cap)
+    # shuffle rows so groups are interleaved (the builder must not rely on contiguous groups)
+    perm = torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seed))
+    rewards, gids, mask = rewards[perm], gids[perm], mask[perm]
+    w, l = build_pairs(rewards, gids, mask.any(-1), margin=margin, mode=mode, max_pairs_per_group=cap, dense=dense)
     got = sorted(zip(w.tolist(), l.tolist()))
     exp = sorted(ref_pairs(rewards, gids, mask, margin, mode, cap))
     assert got == exp

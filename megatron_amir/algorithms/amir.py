@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +59,9 @@ def implicit_rewards(
     return beta * s
 
 
+_DENSE_MAX_ROWS = 1024  # N x N masks up to ~1M entries; beyond that the per-group grid is cheaper
+
+
 def build_pairs(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
@@ -66,50 +70,128 @@ def build_pairs(
     margin: float = 0.0,
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
+    dense: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preference pairs as row-index tensors (w_idx[P], l_idx[P]) with r_w − r_l > margin, same group.
 
-    Vectorized over groups: rows are laid out in a [B, G_max] grid (row order kept inside a group),
-    the [B, G_max, G_max] reward-gap matrix is masked by the pair rules and read back with nonzero().
-    Pairs come out ordered by group, then winner, then loser position.
+    Torch front end of ``pairs_numpy`` (the indices come back on ``rewards.device``).
+    """
+    n = rewards.numel()
+    v = np.ones(n, dtype=bool) if valid is None else valid.detach().cpu().numpy().astype(bool)
+    w, l = pairs_numpy(
+        rewards.detach().cpu().double().numpy(), group_ids.detach().cpu().numpy(), v,
+        margin=margin, mode=mode, max_pairs_per_group=max_pairs_per_group, dense=dense,
+    )
+    dev = rewards.device
+    return torch.from_numpy(w).to(dev), torch.from_numpy(l).to(dev)
+
+
+def pairs_numpy(
+    r: np.ndarray,
+    group_ids: np.ndarray,
+    valid: np.ndarray,
+    *,
+    margin: float = 0.0,
+    mode: str = "all",
+    max_pairs_per_group: Optional[int] = None,
+    dense: Optional[bool] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (w_idx, l_idx) as int64 arrays. Rewards, ids and the validity mask are tiny per-sequence
+    arrays, so the pair bookkeeping runs on the host in float64 (a few microseconds; no device launches).
+
+    Two vectorized layouts with identical results (``dense=None`` picks by size): an N×N same-group
+    mask (fastest for the usual few hundred rows per rank) or a [B, G_max, G_max] per-group grid (memory
+    linear in N). ``max_pairs_per_group`` keeps the largest gaps, ties broken by (winner, loser) row order.
     """
     if mode not in ("all", "top"):
         raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
-    n = rewards.numel()
-    dev = rewards.device
-    if valid is None:
-        valid = torch.ones(n, dtype=torch.bool, device=dev)
-    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    r = np.asarray(r, dtype=np.float64)
+    n = r.shape[0]
     if n == 0:
-        return empty, empty
-    _, gidx = torch.unique(group_ids, return_inverse=True)
-    order = torch.argsort(gidx, stable=True)
-    counts = torch.bincount(gidx)
-    b, gmax = counts.numel(), int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
+        e = np.zeros(0, dtype=np.int64)
+        return e, e
+    if dense is None:
+        dense = n <= _DENSE_MAX_ROWS
+    fn = _pairs_dense if dense else _pairs_grid
+    w, l = fn(r, np.asarray(group_ids), np.asarray(valid, dtype=bool), margin, mode, max_pairs_per_group)
+    return w.astype(np.int64, copy=False), l.astype(np.int64, copy=False)
+
+
+def _pairs_dense(r, group_ids, valid, margin, mode, cap):
+    n = r.shape[0]
+    same = (group_ids[:, None] == group_ids[None, :]) & valid[:, None] & valid[None, :]
+    gap = r[:, None] - r[None, :]  # gap[w, l] = r_w - r_l
+    cand = same & (gap > margin)
+    if mode == "top":
+        # w is its group's top rollout iff no valid same-group row beats it or ties it earlier in row order
+        idx = np.arange(n)
+        beats = (gap < 0) | ((gap == 0) & (idx[None, :] < idx[:, None]))  # [w, j]: j beats w
+        cand &= (valid & ~(same & beats).any(1))[:, None]
+    w, l = np.nonzero(cand)
+    if cap is not None and w.size:
+        # rank candidates inside each group by gap (desc), ties by (w, l) row order: two stable sorts
+        _, g = np.unique(group_ids, return_inverse=True)
+        g = g.reshape(-1)[w]
+        o1 = np.argsort(-gap[w, l], kind="stable")
+        order = o1[np.argsort(g[o1], kind="stable")]
+        gs = g[order]
+        counts = np.bincount(gs)
+        starts = np.cumsum(counts) - counts
+        rank = np.arange(order.size) - starts[gs]
+        keep = np.sort(order[rank < cap])
+        w, l = w[keep], l[keep]
+    return w, l
+
+
+def _pairs_grid(r, group_ids, valid, margin, mode, cap):
+    n = r.shape[0]
+    _, gidx = np.unique(group_ids, return_inverse=True)
+    gidx = gidx.reshape(-1)
+    order = np.argsort(gidx, kind="stable")
+    counts = np.bincount(gidx)
+    b, gmax = counts.size, int(counts.max())
+    starts = np.cumsum(counts) - counts
     gsorted = gidx[order]
-    pos = torch.arange(n, device=dev) - starts[gsorted]
-    slot = torch.full((b, gmax), -1, dtype=torch.long, device=dev)
+    pos = np.arange(n) - starts[gsorted]
+    slot = np.full((b, gmax), -1, dtype=np.int64)
     slot[gsorted, pos] = order
-    filled = slot >= 0
-    safe = slot.clamp(min=0)
-    r = rewards.to(torch.float64)[safe]
-    ok = filled & valid[safe]
-    gap = r.unsqueeze(2) - r.unsqueeze(1)  # gap[b, w, l] = r_w - r_l
-    cand = (gap > margin) & ok.unsqueeze(2) & ok.unsqueeze(1)
+    ok = slot >= 0
+    ok[ok] = valid[slot[ok]]
+    rg = np.where(ok, r[np.maximum(slot, 0)], np.nan)
+    gap = rg[:, :, None] - rg[:, None, :]  # gap[b, w, l] = r_w - r_l
+    with np.errstate(invalid="ignore"):
+        cand = gap > margin
     if mode == "top":
         # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
-        top = torch.where(ok, r, torch.full_like(r, -float("inf"))).argmax(dim=1)
-        is_top = torch.arange(gmax, device=dev).unsqueeze(0) == top.unsqueeze(1)
-        cand = cand & is_top.unsqueeze(2)
-    if max_pairs_per_group is not None:
-        score = torch.where(cand, gap, torch.full_like(gap, -float("inf"))).flatten(1)
-        ranked = torch.argsort(score, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(gmax * gmax, device=dev).expand(b, -1).contiguous())
-        cand = cand & (rank < max_pairs_per_group).view(b, gmax, gmax)
-    bi, wi, li = cand.nonzero(as_tuple=True)
+        top = np.where(ok, rg, -np.inf).argmax(axis=1)
+        cand &= (np.arange(gmax)[None, :] == top[:, None])[:, :, None]
+    if cap is not None:
+        score = np.where(cand, gap, -np.inf).reshape(b, -1)
+        ranked = np.argsort(-score, axis=1, kind="stable")
+        rank = np.empty_like(ranked)
+        np.put_along_axis(rank, ranked, np.broadcast_to(np.arange(gmax * gmax), (b, gmax * gmax)), axis=1)
+        cand &= (rank < cap).reshape(b, gmax, gmax)
+    bi, wi, li = np.nonzero(cand)
     return slot[bi, wi], slot[bi, li]
+
+
+def pair_terms_numpy(
+    s: np.ndarray, w: np.ndarray, l: np.ndarray, beta: float
+) -> tuple[float, float, float, np.ndarray]:
+    """Host-side pair sums for implicit rewards s[N] (float64): (Σ −log σ(d), #(d > 0), Σ d, g) with
+    d = s_w − s_l and g = β·σ(−d) per pair (the unnormalized coefficient magnitudes)."""
+    d = s[w] - s[l]
+    return (
+        float(np.logaddexp(0.0, -d).sum()),
+        float((d > 0).sum()),
+        float(d.sum()),
+        beta * np.exp(-np.logaddexp(0.0, d)),  # σ(−d), overflow-free
+    )
+
+
+def coefficients_from_terms(g: np.ndarray, w: np.ndarray, l: np.ndarray, n: int, num_pairs: float) -> np.ndarray:
+    """c_i = (Σ_{(w,i)} g − Σ_{(i,l)} g) / P: the loser side gets +βσ(−d)/P, the winner side −βσ(−d)/P."""
+    return (np.bincount(l, g, minlength=n) - np.bincount(w, g, minlength=n)) / float(num_pairs)
 
 
 def pair_loss_sum(s: torch.Tensor, w_idx: torch.Tensor, l_idx: torch.Tensor) -> torch.Tensor:
@@ -118,17 +200,23 @@ def pair_loss_sum(s: torch.Tensor, w_idx: torch.Tensor, l_idx: torch.Tensor) -> 
 
 
 def pair_coefficients(
-    s: torch.Tensor, w_idx: torch.Tensor, l_idx: torch.Tensor, beta: float, num_pairs: float
+    s: torch.Tensor,
+    w_idx: torch.Tensor,
+    l_idx: torch.Tensor,
+    beta: float,
+    num_pairs: float,
+    diff: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """c_i = ∂L_pair/∂ℓ̄_i (detached), L_pair = Σ −log σ(s_w − s_l) / num_pairs, s = β ℓ̄ + const.
 
-    d/dd [−log σ(d)] = −σ(−d), d = s_w − s_l, ∂d/∂ℓ̄_w = β, ∂d/∂ℓ̄_l = −β.
+    d/dd [−log σ(d)] = −σ(−d), d = s_w − s_l, ∂d/∂ℓ̄_w = β, ∂d/∂ℓ̄_l = −β. ``diff``: precomputed s_w − s_l.
     """
     with torch.no_grad():
         c = torch.zeros_like(s)
         if w_idx.numel() == 0 or num_pairs <= 0:
             return c
-        g = torch.sigmoid(-(s[w_idx] - s[l_idx])) * (beta / float(num_pairs))
+        d = s[w_idx] - s[l_idx] if diff is None else diff
+        g = torch.sigmoid(-d) * (beta / float(num_pairs))
         c.index_add_(0, w_idx, -g)
         c.index_add_(0, l_idx, g)
         return c

@@ -27,9 +27,9 @@ import torch
 
 from .advantages import ADVANTAGE_ESTIMATORS, group_index, zero_variance_groups
 from .aggregation import token_weights as _token_weights
-from .amir import AmirState, build_pairs, pair_coefficients, pair_loss_sum, seq_logprob
+from .amir import AmirState, coefficients_from_terms, pair_terms_numpy, pairs_numpy, seq_logprob
 from .kl import kl_penalty, kl_reward_penalty
-from .policy_loss import policy_loss, tis_weight
+from .policy_loss import policy_loss, tis_weight, weighted_ppo_loss
 
 _ROW_FIELDS = (
     "advantages", "token_weights", "seq_coef", "old_logp", "response_mask", "ref_logp", "rollout_logp",
@@ -166,15 +166,16 @@ def prepare_batch(
         has_rows, zero_var = zero_variance_groups(r_adv, gidx, num_groups, valid)
         do_pairs = acfg.enabled or pair_metrics
         if do_pairs:
-            w_idx, l_idx = build_pairs(
-                r_raw, group_ids, valid, margin=acfg.margin, mode=acfg.pair_mode,
-                max_pairs_per_group=acfg.max_pairs_per_group,
+            # pair bookkeeping on the host: [N] scalars, O(G^2) per group, no device launches
+            w_idx, l_idx = pairs_numpy(
+                r_raw.cpu().numpy(), group_ids.cpu().numpy(), valid.cpu().numpy(), margin=acfg.margin,
+                mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
             )
         vf = valid.double()
         # ---- all-reduce 1: everything that only needs rewards and masks
         red1 = _allreduce(torch.stack([
             lengths.double().sum(), vf.sum(),
-            torch.tensor(float(w_idx.numel()) if do_pairs else 0.0, dtype=torch.float64, device=dev),
+            torch.tensor(float(w_idx.size) if do_pairs else 0.0, dtype=torch.float64, device=dev),
             has_rows.double().sum(), zero_var.double().sum(),
             (r_raw * vf).sum(), (r_adv * vf).sum(), (r_adv * r_adv * vf).sum(),
         ]), dp_group).tolist()
@@ -204,25 +205,27 @@ def prepare_batch(
         gmean = torch.zeros_like(cnt).index_add_(0, gidx, r_raw * vf) / cnt.clamp(min=1)
         above = (valid & (r_raw > gmean[gidx])).double()
         below = (valid & (r_raw < gmean[gidx])).double()
-        lbar_mean = seq_logprob(pol, mask, "mean").double()
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        lbar_mean = seq_logprob(pol, mask, "mean")
         if do_pairs:
-            s = seq_logprob(pol, mask, acfg.logprob_norm)
+            s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
             if acfg.reference_anchored and ref is not None:
                 s = s - seq_logprob(ref, mask, acfg.logprob_norm)
-            s = acfg.beta * s
-            d = (s[w_idx] - s[l_idx]).double()
-            pair_sum, acc_sum, margin_sum = pair_loss_sum(s, w_idx, l_idx).double(), (d > 0).double().sum(), d.sum()
+            s_host = (acfg.beta * s).double().cpu().numpy()
+            pair_sum, acc_sum, margin_sum, pair_g = pair_terms_numpy(s_host, w_idx, l_idx, acfg.beta)
         else:
-            pair_sum = acc_sum = margin_sum = zero
-        red2 = _allreduce(torch.stack([
-            pair_sum, acc_sum, margin_sum, grpo_local.double(),
+            pair_sum = acc_sum = margin_sum = 0.0
+        lbar_mean = lbar_mean.double()
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        # ---- all-reduce 2: pair sums (host floats) and the sums that need advantages / weights
+        host = torch.tensor([pair_sum, acc_sum, margin_sum], dtype=torch.float64, device=dev)
+        red2 = _allreduce(torch.cat([host, torch.stack([
+            grpo_local.double(),
             (lbar_mean * above).sum(), above.sum(), (lbar_mean * below).sum(), below.sum(),
             (lengths.double() * above).sum(), (lengths.double() * below).sum(),
             (kl_tok * mask).double().sum() if kl_tok is not None else zero,
             (tis * mask).double().sum() if tis is not None else zero,
             adv64.abs().sum(),
-        ]), dp_group).tolist()
+        ])]), dp_group).tolist()
         (g_pair_sum, g_acc, g_margin, g_grpo, g_lab, g_nab, g_lbe, g_nbe, g_len_ab, g_len_be,
          g_kl, g_tis, g_adv_abs) = red2
 
@@ -264,7 +267,8 @@ def prepare_batch(
                 lam = float(amir_state.lam)
                 metrics["lambda"] = lam
                 if g_pairs > 0 and lam != 0.0:
-                    seq_coef = lam * pair_coefficients(s, w_idx, l_idx, acfg.beta, g_pairs)
+                    c = coefficients_from_terms(pair_g, w_idx, l_idx, n, g_pairs)
+                    seq_coef = torch.from_numpy(lam * c).to(device=dev, dtype=dt)
                     per_tok = seq_coef / lengths.clamp(min=1) if acfg.logprob_norm == "mean" else seq_coef
                     pair_token_coef = per_tok.unsqueeze(-1) * mask
 
@@ -299,14 +303,30 @@ def micro_batch_loss(
         raise ValueError(f"micro_batch_loss: logp has shape {tuple(logp.shape)}, batch rows have {tuple(mb.old_logp.shape)}")
     lp = logp if logp.dtype == mb.old_logp.dtype else logp.to(mb.old_logp.dtype)
     mask = mb.response_mask
-    per_tok, info = policy_loss(
-        cfg.policy_loss, lp, mb.old_logp, mb.advantages, mask,
-        clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
-    )
     pg_w = mb.token_weights if mb.pg_weights is None else mb.pg_weights
-    pg = (pg_w * per_tok).sum()
-    loss = pg
     stats: dict[str, torch.Tensor] = {}
+    if cfg.policy_loss == "ppo":
+        # fused path: value and analytic gradient in one pass; the pair term rides along as a linear term
+        loss, info = weighted_ppo_loss(
+            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_token_coef,
+            clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
+        )
+        stats["pg_loss"] = info["pg_value"]
+        if mb.pair_token_coef is not None:
+            stats["pair_term"] = info["linear_value"]
+    else:
+        per_tok, info = policy_loss(
+            cfg.policy_loss, lp, mb.old_logp, mb.advantages, mask,
+            clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
+        )
+        pg = (pg_w * per_tok).sum()
+        loss = pg
+        stats["pg_loss"] = pg.detach()
+        if mb.pair_token_coef is not None:
+            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t: linear in logp, exact gradient
+            pair = (mb.pair_token_coef * lp).sum()
+            loss = loss + pair
+            stats["pair_term"] = pair.detach()
     kl_tok = None
     if cfg.kl_coef > 0 and not cfg.kl_in_reward:
         if mb.ref_logp is None:
@@ -315,15 +335,9 @@ def micro_batch_loss(
         kl_loss = cfg.kl_coef * (mb.token_weights * kl_tok).sum()
         loss = loss + kl_loss
         stats["kl_loss"] = kl_loss.detach()
-    if mb.pair_token_coef is not None:
-        # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t: linear in logp, exact gradient
-        pair = (mb.pair_token_coef * lp).sum()
-        loss = loss + pair
-        stats["pair_term"] = pair.detach()
     with torch.no_grad():
         ntok = mask.sum()
         denom = ntok.clamp(min=1)
-        stats["pg_loss"] = pg.detach()
         stats["num_tokens"] = ntok
         stats["clip_frac_low"] = (info["clipped_low"] * mask).sum() / denom
         stats["clip_frac_high"] = (info["clipped_high"] * mask).sum() / denom
