@@ -53,7 +53,7 @@ def test_eval_cli_writes_results(model_dir, bench, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pass@1=" in printed and "maj@4=" in printed
     rs = read_results(out)
-    assert [r.id for r in rs] == ["b0", "b1", "b2", "b3", "b4"]
+    assert [r.id.split("/")[-1] for r in rs] == ["b0", "b1", "b2", "b3", "b4"]  # the loader prefixes the format
     assert all(r.n == 4 and len(r.texts) == 4 and all(1 <= n <= 6 for n in r.lengths) for r in rs)
     assert all(lp is not None for r in rs for lp in r.mean_logprobs)
     summary = json.loads((out / "summary.json").read_text())
@@ -64,6 +64,21 @@ def test_eval_cli_writes_results(model_dir, bench, tmp_path, capsys):
     assert _eval(model_dir, bench, out_b, "--seed", "2") == 0
     assert compare.main([str(out), str(out_b), "--out", str(tmp_path / "cmp"), "--n-boot", "100"]) == 0
     assert (tmp_path / "cmp" / "report.md").is_file()
+
+
+def test_eval_cli_named_format_and_synthetic(model_dir, tmp_path, capsys):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"{a}+{a}=", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"}) + "\n"
+                           for a in (11, 22, 33)))
+    out = tmp_path / "gsm_run"
+    assert _eval(model_dir, f"gsm8k={gsm}", out) == 0, capsys.readouterr().err
+    rs = read_results(out)
+    assert [r.gold for r in rs] == ["22", "44", "66"] and all(r.id.startswith("gsm8k/") for r in rs)
+    out = tmp_path / "syn_run"
+    assert _eval(model_dir, "synthetic", out, "--max-problems", "3", "data.synthetic.num_test=5") == 0, \
+        capsys.readouterr().err
+    rs = read_results(out)
+    assert len(rs) == 3 and all(r.gold.lstrip("-").isdigit() for r in rs)
 
 
 def test_eval_cli_bad_inputs_name_the_culprit(model_dir, bench, tmp_path, capsys):

@@ -8,7 +8,8 @@ one-function change:
   ``latest``, or one ``step_XXXXXXXX`` directory with ``meta.json`` and ``model/``) is loaded into a
   single-process Megatron-Core policy (TP = PP = 1; dist_checkpointing reshards) and converted to
   HF-named tensors with checkpoints_tools (``megatron_checkpoint_to_hf``).
-- tokenizer / problems / reward: megatron_amir.data and megatron_amir.rewards.
+- tokenizer / problems / templates / reward: megatron_amir.data (tokenizer, benchmarks, templates,
+  synthetic) and megatron_amir.rewards (get_reward_fn).
 """
 
 from __future__ import annotations
@@ -189,80 +190,38 @@ def load_eval_tokenizer(tokenizer_dir: Optional[str], model: Path, cfg):
     raise EvalSetupError(f"no tokenizer found for {model}: pass --tokenizer DIR (or set model.tokenizer)")
 
 
-def _read_problem_file(path: Path) -> list[dict]:
-    """JSONL with id/prompt/answer per line (aliases question/problem, gold); errors name file and line."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalSetupError(f"{path}:{lineno}: not valid JSON: {exc}") from None
-            if not isinstance(rec, dict):
-                raise EvalSetupError(f"{path}:{lineno}: expected a JSON object")
-            if not any(k in rec for k in ("prompt", "question", "problem")) or \
-                    not any(k in rec for k in ("answer", "gold")):
-                raise EvalSetupError(f"{path}:{lineno}: needs a prompt (or question/problem) and an answer (or gold)")
-            rec.setdefault("id", f"{path.stem}/{lineno}")
-            out.append(rec)
-    return out
-
-
 def load_problems(bench: str, cfg) -> list[Any]:
-    """A benchmark file, ``synthetic`` (the config's held-out synthetic split), or a named benchmark
-    through megatron_amir.data's loaders."""
-    path = Path(bench)
-    if path.is_file():
-        try:
-            from megatron_amir.data.benchmarks import load_benchmark_file
-        except ImportError:
-            load_benchmark_file = None
-        probs = load_benchmark_file(path) if load_benchmark_file else _read_problem_file(path)
+    """Problems of ``--bench`` through megatron_amir.data:
+
+    - a file (JSONL / JSON / Parquet): its format is detected from the fields (benchmarks.py);
+    - ``NAME=FILE``: the file read in benchmark NAME's format (math500, aime24, gsm8k, ...);
+    - ``synthetic``: the held-out split of the config's synthetic task;
+    - ``NAME``: benchmark NAME from the config's ``data.test_path`` (never downloaded)."""
+    from megatron_amir.data.benchmarks import load_benchmark, load_benchmark_file
+
+    if Path(bench).is_file():
+        probs = load_benchmark_file(bench)
+    elif "=" in bench:
+        name, file = bench.split("=", 1)
+        if not Path(file).is_file():
+            raise EvalSetupError(f"--bench {bench}: file {file} does not exist")
+        probs = load_benchmark_file(file, name)
     elif bench == "synthetic":
         from megatron_amir.data.synthetic import make_splits
 
-        probs = list(_split(make_splits(cfg.data.synthetic), "test"))
+        probs = list(make_splits(cfg.data.synthetic)[1])
     else:
-        try:
-            from megatron_amir.data.benchmarks import load_benchmark
-        except ImportError:
-            raise EvalSetupError(f"--bench {bench}: not a file, and named benchmarks need "
-                                 "megatron_amir.data.benchmarks (not available)") from None
-        probs = list(load_benchmark(bench, cfg.data))
+        probs = load_benchmark(bench, cfg.data)
     if not probs:
         raise EvalSetupError(f"--bench {bench}: no problems")
-    return probs
+    return list(probs)
 
 
-def _split(splits: Any, name: str):
-    if isinstance(splits, dict):
-        return splits[name]
-    if hasattr(splits, name):
-        return getattr(splits, name)
-    return splits[1] if name == "test" else splits[0]  # (train, test)
+def apply_prompt_template(problems: list[Any], cfg, tokenizer) -> list[Any]:
+    """Problems whose ``prompt`` is the text the model sees (``data.template``: plain, chat, boxed, ...)."""
+    from megatron_amir.data.templates import apply_template
 
-
-def prompt_formatter(cfg, tokenizer) -> Optional[Callable[[str], str]]:
-    """The data section's prompt template as a function of the problem text (None = as is)."""
-    name = cfg.data.template
-    if name == "plain":
-        return None
-    try:
-        from megatron_amir.data.templates import get_template
-    except ImportError:
-        get_template = None
-    if get_template is not None:
-        tmpl = get_template(name)
-        return lambda text: tmpl.render(text, tokenizer) if hasattr(tmpl, "render") else tmpl(text, tokenizer)
-    if name == "chat":
-        return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    raise EvalSetupError(f"data.template={name!r}: unknown (plain, chat)")
+    return apply_template(problems, cfg.data.template, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------- all
@@ -293,6 +252,7 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
     limit = max_problems or cfg.eval.max_problems
     if limit:
         problems = problems[:limit]
+    problems = apply_prompt_template(problems, cfg, tokenizer)
     eng, meta = load_engine(model, cfg, logprobs_mode=logprobs_mode, seed=seed, step_dir=step_dir, engine=engine,
                             device=device, dtype=dtype)
     model_vocab = getattr(eng, "vocab_size", None)
@@ -307,4 +267,4 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         stop_token_ids=(tokenizer.eos_id,))
     meta.update({"reward": cfg.reward.name, "template": cfg.data.template, "num_problems": len(problems)})
-    return EvalSetup(eng, tokenizer, problems, reward_fn, params, prompt_formatter(cfg, tokenizer), meta)
+    return EvalSetup(eng, tokenizer, problems, reward_fn, params, None, meta)

@@ -375,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``megatron-amir eval``. Returns 0 on success, 2 on bad input (message on stderr)."""
     from megatron_amir.eval import loading
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may sit between options
     if args.samples < 1:
         print("megatron-amir eval: --samples must be >= 1", file=sys.stderr)
         return 2
