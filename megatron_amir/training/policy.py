@@ -85,6 +85,8 @@ class Policy:
         from megatron.core.transformer.module import Float16Module
 
         self.cfg = cfg
+        # where the model lives: Megatron creates parameters on torch.cuda.current_device() on GPU
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._loss_fn = loss_fn
         self.trainable = train
         # distributed groups + seeds
@@ -243,8 +245,8 @@ class Policy:
         if self.info.pp_size == 1:
             return t
         if t is None:
-            t = torch.empty(shape, dtype=dtype)
-        t = t.contiguous()
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+        t = t.to(self.device).contiguous()
         dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
         return t
 
@@ -260,7 +262,7 @@ class Policy:
         symmetry and unused: right padding cannot change earlier positions under causal attention.
         """
         del lengths
-        tokens = tokens.long().cpu() if not torch.cuda.is_available() else tokens.long().cuda()
+        tokens = tokens.long().to(self.device)
         N, L = tokens.shape
         mbs = micro_batch_size or self.cfg.train.micro_batch_size
         dp, r = self.dp_size, self.info.dp_rank
@@ -278,7 +280,8 @@ class Policy:
         def loss_func_for(s, e, tok):
             def loss_func(logits):
                 out[s] = self._token_logprobs(logits, tok, temperature, False)[0].float()
-                return torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.int), {}
+                return (torch.zeros((), dtype=torch.float32, device=self.device),
+                        torch.zeros((), dtype=torch.int, device=self.device), {})
 
             return loss_func
 
@@ -305,7 +308,9 @@ class Policy:
         """
         if self.optimizer is None:
             raise RuntimeError("this Policy was built with train=False")
-        tokens = tokens.long()
+        tokens = tokens.long().to(self.device)
+        if hasattr(prepared, "to"):
+            prepared = prepared.to(self.device)
         n, L = tokens.shape
         T = L - 1
         mask = getattr(prepared, "response_mask", None)
@@ -323,7 +328,7 @@ class Policy:
         def loss_func_for(s, e, tok):
             def loss_func(logits):
                 logp, ent = self._token_logprobs(logits, tok, temperature, True)
-                mb = prepared.select(torch.arange(s, e))
+                mb = prepared.select(slice(s, e))
                 loss, stats = loss_fn(logp, mb, acfg, **({"entropy": ent} if pass_entropy else {}))
                 with torch.no_grad():
                     m = mb.response_mask
@@ -339,7 +344,7 @@ class Policy:
                             acc("wsum/" + k, torch.as_tensor(v).double() * ntok)
                 counts["mb"] += 1
                 # num_tokens = 0: our finalize wrapper ignores it; the loss is already the exact sum term
-                return loss, torch.zeros((), dtype=torch.int), {}
+                return loss, torch.zeros((), dtype=torch.int, device=self.device), {}
 
             return loss_func
 
@@ -357,10 +362,11 @@ class Policy:
         keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith(("sum/", "wsum/")))
         vec = None
         if self.info.is_last_stage:
-            vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(n_mb)], dtype=torch.float64)
-            n_stats = torch.tensor([len(keys)], dtype=torch.long)
+            vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(n_mb)], dtype=torch.float64,
+                               device=self.device)
+            n_stats = torch.tensor([len(keys)], dtype=torch.long, device=self.device)
         else:
-            n_stats = torch.tensor([0], dtype=torch.long)
+            n_stats = torch.tensor([0], dtype=torch.long, device=self.device)
         if self.info.pp_size > 1:  # key list lengths agree on every stage (stats names come from the last)
             from megatron.core import parallel_state as ps
 
@@ -375,6 +381,7 @@ class Policy:
 
             dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
             names = obj[0]
+        vec = vec.cpu()
         vals = dict(zip(names, vec[:-1].tolist()))
         total_mb = max(1.0, vec[-1].item())
         out = {
