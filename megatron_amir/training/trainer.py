@@ -72,7 +72,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # data: tokenizer, prompts, held-out problems, reward function
-        from megatron_amir.data.setup import build_data
+        from megatron_amir.training.data_setup import build_data
 
         self.tokenizer, self.sampler, self.test_problems = build_data(cfg)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -82,7 +82,7 @@ class Trainer:
             )
         from megatron_amir.rewards import get_reward_fn
 
-        self.reward_fn = get_reward_fn(cfg.reward) if self.rank == 0 else None
+        self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward) if self.rank == 0 else None
         # policy: Megatron-Core model chunks + DDP + optimizer + LR schedule
         from megatron_amir.training.policy import Policy
 
@@ -283,7 +283,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, tag: str = "eval") -> dict[str, float]:
-        """Greedy accuracy (and sampled pass@k) on the held-out problems, on rank 0."""
+        """Held-out evaluation on rank 0: ``eval.samples`` samples per problem at ``eval.temperature`` (pass@k,
+        maj@k, lengths, log-prob margins; results in ``eval/<tag>_stepN.jsonl``) and, with ``eval.greedy``,
+        greedy accuracy (``eval/greedy/<tag>_stepN.jsonl``)."""
         if self.rank != 0:
             return {}
         from megatron_amir.eval.runner import evaluate
@@ -291,10 +293,17 @@ class Trainer:
         ec = self.cfg.eval
         problems = self.test_problems[: ec.max_problems] if ec.max_problems else self.test_problems
         out_dir = Path(self.cfg.logging.dir) / "eval"
+        kw = dict(max_new_tokens=ec.max_new_tokens or self.cfg.rollout.max_new_tokens, seed=self.cfg.train.seed,
+                  batch_size=64, progress=self.cfg.logging.progress)
         summary = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=ec.samples,
-                           temperature=ec.temperature, max_new_tokens=ec.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                           out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", seed=self.cfg.train.seed)
-        return {f"{tag}/{k}": v for k, v in summary.metrics().items()}
+                           temperature=ec.temperature, out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", **kw)
+        metrics = {f"{tag}/{k}": v for k, v in summary.metrics().items()}
+        if ec.greedy:
+            greedy = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=1, temperature=0.0,
+                              out_path=out_dir / "greedy" / f"{tag}_step{self.step:06d}.jsonl", **kw)
+            metrics[f"{tag}/greedy_accuracy"] = greedy.pass_at_k[1]
+        log.info("%s at step %d: %s", tag, self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        return metrics
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def save(self) -> Path:
@@ -434,12 +443,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--init-from", default=None, help="checkpoint directory to start from (not resumed: step 0)")
-    p.add_argument("--eval-at-end", action="store_true")
+    p.add_argument("--eval-at-start", action="store_true", help="evaluate the starting weights (tag 'initial')")
+    p.add_argument("--eval-at-end", action="store_true", help="evaluate the final weights (tag 'final')")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)  # bad configs fail here, before any work
     trainer = Trainer(cfg, init_from=a.init_from)
+    evals = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
+    if a.eval_at_start and trainer.step == 0:
+        evals.log(0, trainer.evaluate(tag="initial"))
     code = trainer.train()
     if code == 0 and a.eval_at_end:
-        trainer.metrics = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
-        trainer.metrics.log(trainer.step, trainer.evaluate(tag="final"))
+        evals.log(trainer.step, trainer.evaluate(tag="final"))
     return code

@@ -1,0 +1,123 @@
+"""The embedded CPU demo: warm-up -> GRPO and AMIR-GRPO from the same checkpoint -> held-out eval -> report.
+
+    python -m launch.demo [--quick] [--out runs/demo] [--seed 1234]
+
+Each phase is a `megatron-amir` command run as a subprocess (exactly what a user would type; the commands are
+printed and logged), so every phase has its own run directory with config.yaml, metrics.jsonl, TensorBoard
+events, checkpoints and eval results. A phase whose outputs already exist is skipped, so an interrupted demo
+resumes where it stopped. The report (report.md + PNGs) is built only from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo_tiny.yaml"
+
+# (full, quick) settings of each phase; chosen so the full demo fits in ~20 min and --quick in ~3 min on 2 cores
+PLAN = {
+    "warmup_steps": (600, 150),
+    "warmup_target": (0.45, 0.2),
+    "rl_steps": (40, 6),
+    "eval_problems": (200, 48),
+    "eval_samples": (4, 2),
+}
+
+
+def _phase_cmd(sub: str, overrides: list[str], extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "megatron_amir.cli", sub, str(CONFIG), *overrides, *extra]
+
+
+def _run(cmd: list[str], log_path: Path) -> None:
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd[2:]).replace("megatron_amir.cli", "megatron-amir", 1),
+          flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            if _interesting(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"demo: phase failed with exit code {code}; full log: {log_path}")
+
+
+def _interesting(line: str) -> bool:
+    return any(s in line for s in (" INFO megatron_amir", "ERROR", "Error", "error:", "warm-up step", "Traceback"))
+
+
+def _latest_step_dir(ckpt_root: Path) -> Optional[Path]:
+    from megatron_amir.training.checkpoint import CheckpointManager
+
+    return CheckpointManager(ckpt_root).latest_good()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="launch/demo.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a ~3 minute version (fewer steps and problems)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output directory (default runs/demo)")
+    p.add_argument("--seed", type=int, default=1234)
+    a = p.parse_args(argv)
+    q = 1 if a.quick else 0
+    plan = {k: v[q] for k, v in PLAN.items()}
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"megatron-amir demo ({'quick' if q else 'full'}) -> {out}", flush=True)
+    common = [f"train.seed={a.seed}", f"eval.max_problems={plan['eval_problems']}",
+              f"eval.samples={plan['eval_samples']}"]
+    timings: dict[str, float] = {}
+
+    # 1) supervised warm-up from random init until the model solves part of the problems
+    warm = out / "warmup"
+    warm_ckpt = _latest_step_dir(warm / "checkpoints")
+    if warm_ckpt is None:
+        t = time.time()
+        _run(_phase_cmd("sft", [*common, f"logging.dir={warm}", f"checkpoint.dir={warm / 'checkpoints'}",
+                                "train.lr=2e-3", "train.adam_beta2=0.98", "train.weight_decay=0.01",
+                                f"train.steps={plan['warmup_steps']}", "train.micro_batch_size=64"],
+                        ["--steps", str(plan["warmup_steps"]), "--batch-size", "64", "--eval-every", "50",
+                         "--eval-problems", "64", "--target-accuracy", str(plan["warmup_target"])]),
+             out / "logs" / "warmup.log")
+        timings["warm-up"] = time.time() - t
+        warm_ckpt = _latest_step_dir(warm / "checkpoints")
+    assert warm_ckpt is not None, "warm-up wrote no checkpoint"
+
+    # 2) GRPO and AMIR-GRPO from the same checkpoint with the same seeds
+    runs = {"GRPO": ["algorithm.amir.enabled=false"], "AMIR-GRPO": ["algorithm.amir.enabled=true"]}
+    for label, extra in runs.items():
+        run_dir = out / label.lower()
+        if (run_dir / "eval" / "DONE").exists():
+            continue
+        t = time.time()
+        _run(_phase_cmd("train", [*common, *extra, f"name={label}", f"logging.dir={run_dir}",
+                                  f"checkpoint.dir={run_dir / 'checkpoints'}", f"train.steps={plan['rl_steps']}",
+                                  f"checkpoint.save_interval={max(1, plan['rl_steps'] // 2)}"],
+                        ["--init-from", str(warm_ckpt), "--eval-at-start", "--eval-at-end"]),
+             out / "logs" / f"{label.lower()}.log")
+        (run_dir / "eval" / "DONE").write_text("ok\n")
+        timings[label] = time.time() - t
+
+    # 3) report
+    from launch.demo_report import write_demo_report
+
+    report = write_demo_report(out, labels=list(runs), timings=timings, seed=a.seed, quick=bool(q))
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; report: {report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Supervised warm-up on (prompt, solution) pairs with the same Megatron policy and train step as RL.
+
+The demo needs a model that solves part of the problems before RL can learn anything (groups with mixed
+rewards). The loss is the token-mean negative log-likelihood of solution + EOS tokens:
+
+    L = -(1 / N_tok) * sum_{i,t} m_{i,t} * log p(y_{i,t+1} | y_{i,<=t})
+
+expressed in the RL step's contract (per-token weights already divided by the global token count, so
+micro-batch losses sum to L under any micro-batching, pipeline or data parallelism).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megatron_amir.config import Config
+from megatron_amir.training.checkpoint import CheckpointManager
+from megatron_amir.training.metrics import MetricsLogger
+from megatron_amir.training.rollout_batch import build_rollout_batch
+
+log = logging.getLogger("megatron_amir.sft")
+
+
+@dataclass
+class SFTBatch:
+    response_mask: torch.Tensor  # [n, T]
+    token_weights: torch.Tensor  # [n, T] = mask / global token count
+
+    def select(self, idx: torch.Tensor) -> "SFTBatch":
+        return SFTBatch(self.response_mask[idx], self.token_weights[idx])
+
+
+def sft_loss(logp: torch.Tensor, mb: SFTBatch, _cfg: Any = None) -> tuple[torch.Tensor, dict]:
+    """Summable NLL term of one micro-batch: -sum(w * logp)."""
+    nll = -(mb.token_weights * logp).sum()
+    return nll, {"nll": nll.detach()}
+
+
+def tokenize_examples(tokenizer, prompts: Sequence[str], solutions: Sequence[str]):
+    """Rows of prompt ids + solution ids + EOS with the loss on solution + EOS (the RL batch layout)."""
+    p_ids = [tokenizer.encode(p) for p in prompts]
+    r_ids = [tokenizer.encode(s) + [tokenizer.eos_id] for s in solutions]
+    n = len(p_ids)
+    batch = build_rollout_batch(p_ids, r_ids, [[0.0] * len(r) for r in r_ids], list(range(n)), [0.0] * n,
+                                [False] * n, [False] * n, [0] * n, pad_id=tokenizer.pad_id)
+    return batch.tokens, batch.response_mask
+
+
+def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, target_accuracy: Optional[float] = None,
+            eval_problems: int = 100) -> dict[str, float]:
+    """Train ``steps`` supervised steps (stopping early once sampled accuracy reaches ``target_accuracy``)."""
+    t = trainer_like
+    rng = random.Random(t.cfg.train.seed)
+    last: dict[str, float] = {}
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=steps, desc="warm-up", unit="step", disable=t.rank != 0 or not t.cfg.logging.progress)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        probs = [t.train_problems[rng.randrange(len(t.train_problems))] for _ in range(batch_size)]
+        tokens, mask = tokenize_examples(t.tokenizer, [p.prompt for p in probs], [p.solution for p in probs])
+        ntok = mask.sum()
+        batch = SFTBatch(mask, mask / ntok)
+        out = t.policy.train_step(tokens, batch)
+        last = {"sft/loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"],
+                "time/elapsed_s": time.perf_counter() - t0}
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{out['loss']:.3f}")
+        if eval_every and (step % eval_every == 0 or step == steps):
+            acc = t.quick_accuracy(eval_problems)
+            last.update(acc)
+            log.info("warm-up step %d: loss %.4f, %s", step, out["loss"],
+                     ", ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+            t.metrics.log(step, last)
+            if target_accuracy is not None and acc["eval/sampled_accuracy"] >= target_accuracy:
+                log.info("reached sampled accuracy %.3f >= %.3f: stopping the warm-up",
+                         acc["eval/sampled_accuracy"], target_accuracy)
+                break
+        else:
+            t.metrics.log(step, last)
+    pbar.close()
+    last["sft/steps"] = step
+    return last
+
+
+class WarmupRunner:
+    """The parts the warm-up needs: tokenizer + problems, policy with the SFT loss, an engine for evaluation."""
+
+    def __init__(self, cfg: Config):
+        from megatron_amir.training.data_setup import build_data
+        from megatron_amir.training.parallel import initialize_distributed
+        from megatron_amir.training.policy import Policy
+        from megatron_amir.training.trainer import _setup_logging
+
+        self.cfg = cfg
+        self.rank = initialize_distributed(cfg).rank
+        _setup_logging(cfg, self.rank)
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer, sampler, self.test_problems = build_data(cfg)
+        self.train_problems = sampler.records
+        self.policy = Policy(cfg, loss_fn=sft_loss)
+        from megatron_amir.rewards import get_reward_fn
+
+        self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
+        self.metrics = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, enabled=self.rank == 0)
+        self._engine = None
+
+    def engine(self):
+        from checkpoints_tools import hf_config_from_model_config, mcore_to_hf_named_tensors
+        from megatron_amir.rollout.embedded import EmbeddedEngine
+
+        full = self.policy.full_state_dict()
+        if self.rank != 0:
+            return None
+        weights = dict(mcore_to_hf_named_tensors(full, self.cfg.model))
+        if self._engine is None:
+            self._engine = EmbeddedEngine(hf_config_from_model_config(self.cfg.model), weights)
+        else:
+            self._engine.load_weights(weights, self._engine.version + 1)
+        return self._engine
+
+    def quick_accuracy(self, n: int) -> dict[str, float]:
+        """Greedy and sampled (T = rollout temperature) accuracy on the first ``n`` held-out problems."""
+        from megatron_amir.rollout.engine import SamplingParams
+
+        engine = self.engine()
+        if engine is None:
+            return {}
+        probs = self.test_problems[:n]
+        prompts = [self.tokenizer.encode(p.prompt) for p in probs]
+        out = {}
+        for name, temp in (("greedy", 0.0), ("sampled", self.cfg.rollout.temperature)):
+            params = SamplingParams(temperature=temp, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                    stop_token_ids=(self.tokenizer.eos_id,), seed=self.cfg.train.seed)
+            groups = engine.generate(prompts, params, n=1)
+            texts = [self.tokenizer.decode(g.samples[0].token_ids) for g in groups]
+            res = self.reward_fn(texts, [p.answer for p in probs])
+            out[f"eval/{name}_accuracy"] = sum(res.correct) / max(1, len(probs))
+        return out
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        mgr = CheckpointManager(self.cfg.checkpoint.dir, keep_last=1, rank=self.rank, barrier=self.policy.barrier)
+        return mgr.save(step, lambda d: self.policy.save(d / "model", save_optimizer=False),
+                        {"step": step, "kind": "sft-warmup", **extra, "config": self.cfg.model_dump(mode="json")})
+
+
+def main(argv: list[str]) -> int:
+    """``megatron-amir sft CONFIG [key=value ...] --steps N --batch-size B [--target-accuracy A]``."""
+    import argparse
+
+    from megatron_amir.config import load_config
+
+    p = argparse.ArgumentParser(prog="megatron-amir sft", description="supervised warm-up on the task's solutions")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-problems", type=int, default=100)
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="stop once sampled accuracy on held-out problems reaches this")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    runner = WarmupRunner(cfg)
+    last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems)
+    path = runner.save(int(last["sft/steps"]), {"final": last})
+    if runner.rank == 0:
+        log.info("warm-up checkpoint: %s (%s)", path, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    return 0
