@@ -183,3 +183,16 @@ def test_data_parallel_rows_and_errors(policy):
     prep = prepared_for(policy.cfg, policy.compute_logprobs(tokens), mask, rewards, gids)
     with pytest.raises(ValueError, match="response_mask has shape"):
         policy.train_step(tokens[:, :-1], prep)
+
+
+def test_full_hf_state_dict_through_converter_mapping(policy):
+    """HF names from the converter's table; values are the same tensors (llama: no re-layout of norms)."""
+    hf = policy.full_hf_state_dict()
+    full = policy.full_state_dict()
+    assert "model.embed_tokens.weight" in hf and "lm_head.weight" in hf
+    assert torch.equal(hf["model.embed_tokens.weight"], full["embedding.word_embeddings.weight"])
+    assert torch.equal(hf["model.layers.1.post_attention_layernorm.weight"],
+                       full["decoder.layers.1.pre_mlp_layernorm.weight"])
+    # SwiGLU fc1 = [gate; up] in Megatron, two HF matrices
+    fc1 = full["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert torch.equal(torch.cat([hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]]), fc1)

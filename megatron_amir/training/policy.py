@@ -414,6 +414,18 @@ class Policy:
 
         return gather_full_state_dict(self.modules())
 
+    def full_hf_state_dict(self, vocab_size: Optional[int] = None) -> Optional[dict[str, torch.Tensor]]:
+        """HF-named full tensors on rank 0 via the converter mapping (checkpoints_tools, owner D).
+
+        vocab_size: the tokenizer's original vocabulary, to drop padding rows (None keeps all). Collective.
+        """
+        from checkpoints_tools import mcore_to_hf_named_tensors
+
+        full = self.full_state_dict()
+        if full is None:
+            return None
+        return dict(mcore_to_hf_named_tensors(full, self.cfg.model, vocab_size=vocab_size))
+
     def save(self, path, *, save_optimizer: bool = True) -> None:
         from megatron_amir.training.model_checkpoint import save_checkpoint
 
