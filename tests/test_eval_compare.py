@@ -223,3 +223,18 @@ def test_duplicate_ids_and_disjoint_runs_are_errors(runs, tmp_path):
     write_results(other / "results.jsonl", [ProblemResult(id="zzz", texts=["t"], correct=[True], lengths=[1])])
     with pytest.raises(ValueError, match="share no problem ids"):
         compare.compare_runs(compare.load_run(runs["grpo"], "a"), compare.load_run(other, "b"))
+
+
+def test_report_shows_settings_and_warns_on_mismatch(runs, tmp_path):
+    for name, temp in (("grpo", 0.6), ("amir", 1.0)):
+        (runs[name] / "summary.json").write_text(json.dumps(
+            {"extra": {"sampling_params": {"temperature": temp, "max_new_tokens": 64, "seed": 3}, "bench": "b.jsonl",
+                       "seed": 1 if name == "grpo" else 2, "elapsed_s": 9}}))
+    out = tmp_path / "warn"
+    assert compare.main([str(runs["grpo"]), str(runs["amir"]), "--out", str(out), "--n-boot", "50"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| run | bench | max_new_tokens | seed | temperature |" in report
+    assert "different temperature" in report and "seed" not in report.split("Warning")[1].split("\n")[0]
+    (runs["amir"] / "summary.json").write_text((runs["grpo"] / "summary.json").read_text())
+    compare.main([str(runs["grpo"]), str(runs["amir"]), "--out", str(out), "--n-boot", "50"])
+    assert "Warning" not in (out / "report.md").read_text()

@@ -35,9 +35,11 @@ from megatron_amir.eval.results import (
     ProblemResult,
     ResultsError,
     atomic_write_text,
+    eval_settings,
     logprob_margin,
     read_results,
     resolve_results_path,
+    settings_mismatch,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,7 @@ def compare_runs(run_a: Run, run_b: Run, run_base: Optional[Run] = None, *, k: O
                            "num_common_problems": len(ids),
                            "dropped": {r.label: len(r.results) - len(ids) for r in runs},
                            "samples_min": n_min, "k": k, "ks": ks,
+                           "settings": {r.label: eval_settings(r.path) for r in runs},
                            "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha}}
 
     per_run: dict[str, Any] = {}
@@ -232,6 +235,15 @@ def render_report(data: dict[str, Any], plots: dict[str, str]) -> str:
     L.append("Runs (results files):")
     for lab in labels:
         L.append(f"- **{lab}**: `{data['paths'][lab]}` ({data['dropped'][lab]} problems not shared, dropped)")
+    diff = settings_mismatch(data.get("settings", {}), ignore=("seed",))
+    if any(data.get("settings", {}).values()):
+        keys = sorted({k for s in data["settings"].values() for k in s})
+        L += ["", "Evaluation settings (from each run's summary):", "",
+              "| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        L += [f"| {lab} | " + " | ".join(str(data["settings"][lab].get(x, "?")) for x in keys) + " |" for lab in labels]
+    if diff:
+        L += ["", f"**Warning: the runs were evaluated with different {', '.join(diff)}; differences below mix "
+                  "the models with the evaluation settings.**"]
     L += ["", f"{data['num_common_problems']} problems shared by every run; at least {data['samples_min']} samples "
               f"per problem. Confidence intervals: {100 * (1 - data['bootstrap']['alpha']):.0f}% percentile "
               f"bootstrap over problems, {data['bootstrap']['n_boot']} resamples, seed {data['bootstrap']['seed']}.", ""]

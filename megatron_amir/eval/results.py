@@ -164,6 +164,34 @@ def read_results(run: str | os.PathLike) -> list[ProblemResult]:
     return out
 
 
+def summary_path_for(results_path: str | os.PathLike) -> Path:
+    """The summary written beside a results file (``summary.json`` or ``<stem>.summary.json``)."""
+    p = Path(results_path)
+    return p.with_name(SUMMARY_FILE) if p.name == RESULTS_FILE else p.with_name(p.stem + ".summary.json")
+
+
+SETTING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "logprobs_mode", "bench", "seed")
+
+
+def eval_settings(results_path: str | os.PathLike) -> dict[str, Any]:
+    """The sampling settings a results file was produced with (from its summary; {} when absent), so a
+    comparison can show that its runs were evaluated alike."""
+    sp = summary_path_for(results_path)
+    try:
+        extra = json.loads(sp.read_text()).get("extra", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    params = extra.get("sampling_params") or {}
+    merged = {**params, **{k: v for k, v in extra.items() if k != "sampling_params"}}
+    return {k: merged[k] for k in SETTING_KEYS if k in merged}
+
+
+def settings_mismatch(settings: dict[str, dict[str, Any]], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose value differs between runs that report them (``seed`` may differ on purpose: ignore it)."""
+    keys = sorted({k for s in settings.values() for k in s} - set(ignore))
+    return [k for k in keys if len({json.dumps(s.get(k)) for s in settings.values() if k in s}) > 1]
+
+
 # --------------------------------------------------------------------------------------------- summary
 @dataclass
 class EvalSummary:

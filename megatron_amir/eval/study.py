@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron_amir.eval.compare import Run, bootstrap_ci, coverage_table, load_run, paired_bootstrap, run_margins
 from megatron_amir.eval.passk import default_ks, maj_at_k, pass_at_k
-from megatron_amir.eval.results import ResultsError, atomic_write_text
+from megatron_amir.eval.results import ResultsError, atomic_write_text, eval_settings, settings_mismatch
 
 
 def _parse_run_arg(s: str) -> tuple[str, list[str]]:
@@ -74,6 +74,7 @@ def build_study(groups: dict[str, list[str]], reference: str, base: Optional[str
 
     out: dict[str, Any] = {"num_problems": len(ids), "samples_min": n_min, "k": k, "ks": ks, "reference": reference,
                            "files": {r.label: str(r.path) for r in every}, "algorithms": {},
+                           "settings": {r.label: eval_settings(r.path) for r in every},
                            "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha}}
     avg: dict[str, dict[int, np.ndarray]] = {}
     for lab, rs in list(runs.items()) + ([("base", [base_run])] if base_run else []):
@@ -175,8 +176,13 @@ def render_study(data: dict[str, Any], plots: dict[str, str], title: str) -> str
     if train:
         L += ["", "## Training curves", "", "Mean over seeds, band = min..max over seeds.", ""]
         L += [f"![{Path(p).stem}]({p})" for p in train]
+    diff = settings_mismatch(data.get("settings", {}), ignore=("seed",))
+    if diff:
+        L += ["", f"**Warning: the runs were evaluated with different {', '.join(diff)}.**"]
     L += ["", "## Files", "", "Every number above comes from these results files:", ""]
-    L += [f"- {lab}: `{path}`" for lab, path in data["files"].items()]
+    for lab, path in data["files"].items():
+        st = data.get("settings", {}).get(lab) or {}
+        L.append(f"- {lab}: `{path}`" + (" (" + ", ".join(f"{k}={v}" for k, v in st.items()) + ")" if st else ""))
     return "\n".join(L) + "\n"
 
 
