@@ -129,8 +129,10 @@ DEFAULT_PANELS: dict[str, dict[str, Any]] = {
     "logprob_separation": {"title": "Length-normalized log-prob gap, correct - incorrect", "ylabel": "nats/token",
                            "lines": {"": ["amir/logprob_gap_correct_incorrect", "amir/logprob_gap", "logprob/gap_correct_incorrect",
                                           "amir/logprob_separation", "logprob/separation"]}},
-    "eval_pass1": {"title": "Held-out pass@1", "ylabel": "pass@1",
-                   "lines": {"": ["eval/pass@1", "eval/pass_at_1"]}},
+    "eval_pass1": {"title": "Held-out accuracy (periodic eval)", "ylabel": "accuracy",
+                   "lines": {"pass@1": ["eval/pass@1", "eval/pass_at_1"], "greedy": ["eval/greedy_accuracy"]}},
+    "eval_margin": {"title": "Held-out log-prob margin, correct - incorrect (median)", "ylabel": "nats/token",
+                    "lines": {"": ["eval/logprob_margin_median"]}},
 }
 
 
