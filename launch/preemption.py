@@ -11,9 +11,9 @@ The flow on a Slurm cluster (slurm/*.sbatch, docs/slurm.md):
 3. The trainer polls :func:`should_stop` between optimizer steps. It all-reduces the flag (MAX) across ranks,
    so all ranks agree to stop after the *same* step even when the signal reached them at different moments
    -- otherwise one rank would enter the checkpoint collective while another starts the next step's.
-4. The trainer checkpoints, calls :func:`exit_for_requeue` (a barrier so no rank exits while another still
-   writes its shard; ``srun --kill-on-bad-exit`` would otherwise kill it), which exits with
-   :data:`REQUEUE_EXIT_CODE`; the script sees that code and runs ``scontrol requeue $SLURM_JOB_ID``.
+4. The trainer checkpoints, calls :func:`exit_for_requeue` (a barrier, so no rank leaves while another still
+   writes its shard), which exits with :data:`REQUEUE_EXIT_CODE`; srun reports 75 when every rank exits
+   with it, and the script runs ``scontrol requeue $SLURM_JOB_ID``.
 5. The requeued job starts the same script again, and the trainer resumes from the latest good checkpoint.
 """
 

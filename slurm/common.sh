@@ -15,6 +15,7 @@
 #   MEGATRON_AMIR_CONTAINER_MOUNTS pyxis --container-mounts (default: $ROOT:$ROOT)
 #   MEGATRON_AMIR_MAX_REQUEUES     give up (exit 75) after this many requeues (default: 20)
 #   MEGATRON_AMIR_SRUN_ARGS        extra srun arguments, word-split (e.g. "--cpu-bind=none")
+#   MEGATRON_AMIR_SRUN_WAIT        seconds the other trainer ranks get after one exits (default 120)
 #   MASTER_ADDR / MASTER_PORT      override the rendezvous derived from the node list and job id
 #
 # Per-job directory: $MEGATRON_AMIR_LOG_ROOT/<job name>-<job id>/ holding batch.log (this script's messages,
@@ -117,6 +118,12 @@ amir__forward() {
 # amir_finish RC -- end the batch script: requeue on REQUEUE_EXIT_CODE, else exit with RC.
 amir_finish() {
   local rc=$1 max=${MEGATRON_AMIR_MAX_REQUEUES:-20}
+  if [ "$rc" -eq 138 ] && [ "$AMIR_SIGNALLED" = USR1 ]; then
+    # 138 = 128 + SIGUSR1: the warning arrived before the trainer installed its handler (start-up);
+    # nothing was lost since the last checkpoint, so this is a requeue too.
+    amir_log "the trainer died of SIGUSR1 during start-up: treating it as a preemption"
+    rc=$REQUEUE_EXIT_CODE
+  fi
   if [ "$rc" -ne "$REQUEUE_EXIT_CODE" ]; then
     amir_log "finished with exit code $rc"
     exit "$rc"

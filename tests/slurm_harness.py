@@ -99,6 +99,14 @@ def _detect_node() -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- cluster
+@dataclass(frozen=True)
+class JobResult:
+    state: str  # final JobState (COMPLETED, FAILED, ...)
+    exit_code: int  # of the batch script (128 + signal if it was killed)
+    restarts: int  # how many times the job was requeued
+    record: dict
+
+
 @dataclass
 class SlurmCluster:
     """One controller + ``nodes`` emulated compute nodes, all on 127.0.0.1, under ``base``."""
@@ -106,6 +114,9 @@ class SlurmCluster:
     nodes: int = 2
     base: Optional[Path] = None
     cred_expire_s: int = 5  # also the minimum wait before a requeued job may start again (default 120)
+    # How long finished jobs stay visible to scontrol. `sbatch --wait` polls after 2 s, then 4x longer each
+    # time while the interval is below MinJobAge/2: 16 keeps its interval at 8 s (600 gives 2, 8, 32 s).
+    min_job_age_s: int = 16
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     conf_path: Optional[Path] = None
     _own_base: bool = False
@@ -228,7 +239,7 @@ SlurmdDebug=info
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
-MinJobAge=600
+MinJobAge={self.min_job_age_s}
 KillWait=5
 Waittime=0
 JobRequeue=1
@@ -331,43 +342,40 @@ PartitionName=debug Nodes=n[1-{self.nodes}] Default=YES MaxTime=INFINITE State=U
     TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE")
 
-    def wait_done(self, job_id: int, timeout: float) -> tuple[str, int]:
-        """Poll (every 0.25 s, unlike ``sbatch --wait``'s doubling back-off) until the job ends for good;
-        returns (state, exit code of the batch script). A requeued job passes through PENDING and is
-        waited for. On timeout the job is cancelled and TimeoutError raised."""
-        try:
-            state = self.wait_state(job_id, self.TERMINAL, timeout)
-        except TimeoutError:
-            self.run(["scancel", str(job_id)])
-            raise
-        code = self.job_field(job_id, "ExitCode")  # "rc:signal"
-        rc, _, sig = code.partition(":")
-        return state, (int(rc) if rc.isdigit() else -1) or (128 + int(sig) if sig.isdigit() and int(sig) else 0)
+    def wait_done(self, job_id: int, timeout: float) -> "JobResult":
+        """Poll (every 0.25 s, unlike ``sbatch --wait``'s back-off) until the job ends for good and return its
+        final record. A requeued job passes through PENDING and is waited for. On timeout the job is
+        cancelled and TimeoutError raised."""
+        deadline = time.time() + timeout
+        rec: dict[str, str] = {}
+        while time.time() < deadline:
+            rec = self.job_record(job_id)
+            if rec.get("JobState") in self.TERMINAL:
+                rc, _, sig = rec.get("ExitCode", "-1:0").partition(":")
+                code = int(rc) if rc.isdigit() else -1
+                if code == 0 and sig.isdigit() and int(sig):
+                    code = 128 + int(sig)
+                return JobResult(rec["JobState"], code, int(rec.get("Restarts", "0")), rec)
+            time.sleep(0.25)
+        self.run(["scancel", str(job_id)])
+        raise TimeoutError(f"job {job_id} did not finish in {timeout}s (last record {rec})\n{self.logs_tail()}")
 
     def wait_state(self, job_id: int, states: Sequence[str], timeout: float) -> str:
         """Poll until the job (or, for a requeued job, its current incarnation) is in one of ``states``."""
         deadline = time.time() + timeout
         state = ""
         while time.time() < deadline:
-            state = self.job_state(job_id)
+            state = self.job_record(job_id).get("JobState", "")
             if state in states:
                 return state
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {list(states)} after {timeout}s (last state {state!r})")
 
-    def job_state(self, job_id: int) -> str:
+    def job_record(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job -o`` as a dict (the first record: the leader of a heterogeneous job)."""
         res = self.run(["scontrol", "show", "job", "-o", str(job_id)])
-        for kv in res.stdout.split():
-            if kv.startswith("JobState="):
-                return kv.split("=", 1)[1]
-        return ""
-
-    def job_field(self, job_id: int, key: str) -> str:
-        res = self.run(["scontrol", "show", "job", "-o", str(job_id)])
-        for kv in res.stdout.split():
-            if kv.startswith(f"{key}="):
-                return kv.split("=", 1)[1]
-        return ""
+        first = res.stdout.splitlines()[0] if res.stdout.strip() else ""
+        return dict(kv.split("=", 1) for kv in first.split() if "=" in kv)
 
     # ------------------------------------------------------------------ diagnostics
     @staticmethod

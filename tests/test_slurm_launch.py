@@ -1,0 +1,180 @@
+"""The sbatch scripts on a real local Slurm cluster (tests/slurm_harness.py: munged + slurmctld + 2 slurmd),
+driven by stand-ins for the trainer and the rollout server so the launch plumbing is tested on its own:
+rendezvous across 2 emulated nodes, per-job logs, preemption -> checkpoint -> requeue -> resume, failure
+propagation, the requeue limit, and the heterogeneous trainer + fleet job wired by the discovery file.
+(tests/test_slurm_train.py runs the same scripts with the real trainer.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_harness import slurm_cluster  # noqa: E402,F401  (session fixture)
+
+from launch.dist_env import expand_hostlist  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+# Every job gets -t 10: the scripts ask for SIGUSR1 180 s before the time limit, so a limit of 3 minutes or
+# less would "preempt" the job as soon as it starts.
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CONFIG = "configs/demo_tiny.yaml"
+
+
+def standin_env(tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        "MEGATRON_AMIR_ENTRY": "slurm_standin_trainer",
+        "MEGATRON_AMIR_PYTHON": PY,
+        "PYTHONPATH": str(ROOT / "tests"),
+        "MEGATRON_AMIR_LOG_ROOT": str(tmp / "logs"),
+        "MEGATRON_AMIR_BACKEND": "gloo",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def run_args(tmp: Path, steps: int) -> list[str]:
+    return [CONFIG, f"checkpoint.dir={tmp}/ckpt", f"logging.dir={tmp}/run", f"train.steps={steps}"]
+
+
+def metrics(tmp: Path) -> list[dict]:
+    path = tmp / "run" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def job_dir(tmp: Path, name: str, job: int) -> Path:
+    return tmp / "logs" / f"{name}-{job}"
+
+
+def test_srun_tasks_on_two_nodes_see_one_world(slurm_cluster, tmp_path):
+    cmd = f"srun {PY} -m launch.dist_env show"
+    res = slurm_cluster.sbatch_wait(["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/out-%j.txt",
+                                     "--wrap", cmd], timeout=90, env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.strip())
+    rows = [json.loads(line) for line in (tmp_path / f"out-{job}.txt").read_text().splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert sorted(r["node_rank"] for r in rows) == [0, 1]
+    assert {(r["world_size"], r["num_nodes"], r["launcher"]) for r in rows} == {(2, 2, "slurm")}
+    assert len({(r["master_addr"], r["master_port"]) for r in rows}) == 1
+    # the pure-python host list expansion agrees with Slurm's own
+    for spec in ("n[1-2]", "x[01-03,7],y1", "r[1-2]n[1-2]"):
+        out = slurm_cluster.run(["scontrol", "show", "hostnames", spec]).stdout.split()
+        assert expand_hostlist(spec) == out, spec
+
+
+def test_train_sbatch_two_tasks_two_nodes(slurm_cluster, tmp_path):
+    """`sbatch --wait slurm/train.sbatch` with 2 tasks: gloo all-reduce every step, checkpoint, exit 0."""
+    res = slurm_cluster.sbatch_wait(
+        ["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/train.sbatch",
+         *run_args(tmp_path, 3)], timeout=150, env=standin_env(tmp_path), cwd=str(ROOT))
+    job = int(res.stdout.strip().split(";")[0])
+    d = job_dir(tmp_path, "amir-train", job)
+    assert res.returncode == 0, (d / "batch.log").read_text() if d.exists() else res.stderr
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+    assert {m["allreduce"] for m in metrics(tmp_path)} == {3.0}  # 1 + 2 from two ranks
+    assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
+    logs = {p.name for p in d.iterdir()}
+    assert {"batch.log", "job.env", "rank-0.log", "rank-1.log"} <= logs
+    hosts = {line.split(" host ")[1].split()[0] for i in (0, 1)
+             for line in (d / f"rank-{i}.log").read_text().splitlines() if " host " in line}
+    assert hosts == {"n1", "n2"}
+    assert "finished with exit code 0" in (d / "batch.log").read_text()
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@180 sends) -> all ranks stop after the same step, exit 75
+    -> scontrol requeue -> the second start resumes from that step and finishes."""
+    running = tmp_path / "running"
+    env = standin_env(tmp_path, STANDIN_STEP_S="0.4", STANDIN_RUNNING=str(running))
+    job = slurm_cluster.sbatch(["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/slurm-%j.out",
+                                "slurm/train.sbatch", *run_args(tmp_path, 12)], env=env, cwd=str(ROOT))
+    deadline = time.time() + 90
+    while not running.exists():
+        assert time.time() < deadline, slurm_cluster.logs_tail()
+        time.sleep(0.1)
+    res = slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    assert res.returncode == 0, res.stderr
+    res = slurm_cluster.wait_done(job, timeout=180)
+    d = job_dir(tmp_path, "amir-train", job)
+    batch_log = (d / "batch.log").read_text()
+    assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), batch_log
+    rows = metrics(tmp_path)
+    first = [r for r in rows if r["resumed_from"] == 0]
+    second = [r for r in rows if r["resumed_from"] != 0]
+    k = first[-1]["step"]
+    assert 1 <= k < 12
+    assert [r["step"] for r in first] == list(range(1, k + 1))
+    assert {r["resumed_from"] for r in second} == {k}  # resumed from the preemption checkpoint...
+    assert [r["step"] for r in second] == list(range(k + 1, 13))  # ...and did only the remaining steps
+    rank_logs = [(d / f"rank-{i}.log").read_text() for i in (0, 1)]
+    assert all(f"preempted, checkpointed step {k}" in t for t in rank_logs)
+    assert all(f"resume_from {k}" in t for t in rank_logs)
+    assert "got SIGUSR1" in batch_log and "scontrol requeue" in batch_log and "restart 1" in batch_log
+
+
+def test_failing_trainer_is_not_requeued(slurm_cluster, tmp_path):
+    job = slurm_cluster.sbatch(["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/slurm-%j.out",
+                                "slurm/train.sbatch", CONFIG, "train.steps=0"],  # invalid: steps >= 1
+                               env=standin_env(tmp_path), cwd=str(ROOT))
+    res = slurm_cluster.wait_done(job, timeout=120)
+    assert res.state == "FAILED" and res.exit_code not in (0, 75) and res.restarts == 0
+    assert "train.steps" in (job_dir(tmp_path, "amir-train", job) / "rank-0.log").read_text()
+
+
+@pytest.mark.slow
+def test_requeue_limit(slurm_cluster, tmp_path):
+    running = tmp_path / "running"
+    env = standin_env(tmp_path, STANDIN_STEP_S="0.3", STANDIN_RUNNING=str(running), MEGATRON_AMIR_MAX_REQUEUES="0")
+    job = slurm_cluster.sbatch(["-n", "1", "-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/train.sbatch",
+                                *run_args(tmp_path, 50)], env=env, cwd=str(ROOT))
+    deadline = time.time() + 90
+    while not running.exists():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    res = slurm_cluster.wait_done(job, timeout=120)
+    assert (res.state, res.exit_code, res.restarts) == ("FAILED", 75, 0)
+    assert "giving up" in (job_dir(tmp_path, "amir-train", job) / "batch.log").read_text()
+
+
+@pytest.mark.slow
+def test_signal_during_startup_still_requeues(slurm_cluster, tmp_path):
+    """A warning that arrives before the trainer installed its handler (python dies of SIGUSR1, or the
+    handler is already there: either way) still ends in a requeue and a completed second run."""
+    job = slurm_cluster.sbatch(["-n", "1", "-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/train.sbatch",
+                                *run_args(tmp_path, 2)], env=standin_env(tmp_path), cwd=str(ROOT))
+    slurm_cluster.wait_state(job, ["RUNNING"], timeout=60)
+    time.sleep(0.3)  # the batch shell has installed its traps by now; python is still importing torch
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    res = slurm_cluster.wait_done(job, timeout=150)
+    batch_log = (job_dir(tmp_path, "amir-train", job) / "batch.log").read_text()
+    assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), batch_log
+    assert [m["step"] for m in metrics(tmp_path)][-1] == 2
+
+
+@pytest.mark.slow
+def test_hetjob_wires_trainer_to_fleet(slurm_cluster, tmp_path):
+    """Component 1 runs a server through launch/fleet_member.py; component 0 (the trainer) gets the discovery
+    file, reaches the server on every step, and the server unregisters when the job ends."""
+    env = standin_env(tmp_path, MEGATRON_AMIR_FLEET_CMD=f"{PY} {ROOT}/tests/slurm_standin_server.py {{port}}",
+                      MEGATRON_AMIR_FLEET_READY_TIMEOUT="60")
+    job = slurm_cluster.sbatch(["-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/amir_hetjob.sbatch",
+                                *run_args(tmp_path, 3)], env=env, cwd=str(ROOT))
+    res = slurm_cluster.wait_done(job, timeout=150)
+    d = job_dir(tmp_path, "amir-hetjob", job)
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), (d / "batch.log").read_text()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    servers = rows[0]["servers"]
+    assert len(servers) == 1 and servers[0]["procid"] == "0" and servers[0]["node"] in ("n1", "n2")
+    fleet_log = (d / "fleet-0.log").read_text()
+    assert "registered" in fleet_log and "removed" in fleet_log
+    assert (d / "servers.txt").read_text().strip() == ""  # unregistered on the way out
