@@ -178,3 +178,22 @@ def test_hetjob_wires_trainer_to_fleet(slurm_cluster, tmp_path):
     fleet_log = (d / "fleet-0.log").read_text()
     assert "registered" in fleet_log and "removed" in fleet_log
     assert (d / "servers.txt").read_text().strip() == ""  # unregistered on the way out
+
+
+@pytest.mark.slow
+def test_convert_sbatch_hf_to_mcore(slurm_cluster, tmp_path):
+    """convert.sbatch runs the real converter as one task: a tiny random HF Llama -> Megatron checkpoint."""
+    from rollout_helpers import tiny_hf_model
+
+    model, _ = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = tmp_path / "mcore"
+    job = slurm_cluster.sbatch(["-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/convert.sbatch",
+                                "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(out)],
+                               env={"MEGATRON_AMIR_PYTHON": PY, "MEGATRON_AMIR_LOG_ROOT": str(tmp_path / "logs"),
+                                    "OMP_NUM_THREADS": "1"}, cwd=str(ROOT))
+    res = slurm_cluster.wait_done(job, timeout=280)
+    d = job_dir(tmp_path, "amir-convert", job)
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), (d / "convert.log").read_text()[-3000:]
+    assert out.is_dir() and any(out.rglob("*")), "the converter wrote nothing"
+    assert "convert exited with 0" in (d / "batch.log").read_text()
