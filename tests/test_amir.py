@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from megatron_amir.algorithms import (
     AmirState,
     build_pairs,
+    coefficients_from_terms,
     micro_batch_loss,
     pair_coefficients,
     pair_loss_sum,
+    pair_terms_numpy,
     prepare_batch,
     seq_logprob,
 )
@@ -222,6 +224,13 @@ def test_pair_coefficients_are_autograd_of_pair_loss():
     (pair_loss_sum(beta * lbar, w, l) / P).backward()
     c = pair_coefficients(s, w, l, beta, P)
     assert torch.allclose(c, lbar.grad, atol=1e-15, rtol=0)
+    # the host (numpy) twin used by prepare_batch
+    tot, acc, marg, g = pair_terms_numpy(s.numpy(), w.numpy(), l.numpy(), beta)
+    c_host = coefficients_from_terms(g, w.numpy(), l.numpy(), 9, P)
+    assert torch.allclose(torch.from_numpy(c_host), lbar.grad, atol=1e-15, rtol=0)
+    d = [float(s[a] - s[b]) for a, b in zip(w.tolist(), l.tolist())]
+    assert tot == pytest.approx(sum(math.log1p(math.exp(-x)) for x in d), abs=1e-14)
+    assert acc == sum(x > 0 for x in d) and marg == pytest.approx(sum(d), abs=1e-14)
     assert torch.autograd.gradcheck(lambda x: pair_loss_sum(x, w, l), (s.clone().requires_grad_(True),))
     x = -torch.rand(3, 5, dtype=torch.float64).requires_grad_(True)
     m = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)

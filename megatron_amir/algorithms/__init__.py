@@ -6,19 +6,30 @@ from .aggregation import AGGREGATIONS, aggregate, register_aggregation, token_we
 from .amir import (
     AmirState,
     build_pairs,
+    coefficients_from_terms,
     implicit_rewards,
     pair_coefficients,
     pair_loss_sum,
+    pair_terms_numpy,
+    pairs_numpy,
     seq_logprob,
 )
 from .batch import PreparedBatch, micro_batch_loss, prepare_batch, reduce_micro_batch_stats
 from .kl import KL_ESTIMATORS, kl_penalty, kl_reward_penalty, register_kl_estimator
-from .policy_loss import POLICY_LOSSES, clipped_surrogate, policy_loss, register_policy_loss, tis_weight
+from .policy_loss import (
+    POLICY_LOSSES,
+    clipped_surrogate,
+    policy_loss,
+    register_policy_loss,
+    tis_weight,
+    weighted_ppo_loss,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES",
     "AmirState", "PreparedBatch",
-    "aggregate", "build_pairs", "clipped_surrogate", "compute_advantages", "implicit_rewards",
+    "aggregate", "build_pairs", "clipped_surrogate", "coefficients_from_terms", "compute_advantages",
+    "implicit_rewards", "pair_terms_numpy", "pairs_numpy", "weighted_ppo_loss",
     "kl_penalty", "kl_reward_penalty", "micro_batch_loss", "pair_coefficients", "pair_loss_sum",
     "policy_loss", "prepare_batch", "reduce_micro_batch_stats", "register_advantage_estimator",
     "register_aggregation", "register_kl_estimator", "register_policy_loss", "seq_logprob",

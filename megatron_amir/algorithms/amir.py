@@ -209,6 +209,9 @@ def pair_coefficients(
 ) -> torch.Tensor:
     """c_i = ∂L_pair/∂ℓ̄_i (detached), L_pair = Σ −log σ(s_w − s_l) / num_pairs, s = β ℓ̄ + const.
 
+    Torch form (any device); ``prepare_batch`` uses the host twin ``pair_terms_numpy`` +
+    ``coefficients_from_terms`` (same formula, float64).
+
     d/dd [−log σ(d)] = −σ(−d), d = s_w − s_l, ∂d/∂ℓ̄_w = β, ∂d/∂ℓ̄_l = −β. ``diff``: precomputed s_w − s_l.
     """
     with torch.no_grad():

@@ -20,7 +20,7 @@ and the micro-batch losses are SUMMED over micro-batches and DP ranks to give th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
