@@ -239,7 +239,9 @@ def test_pair_coefficients_are_autograd_of_pair_loss():
 
 def test_pair_metrics_match_loop():
     cfg = cfg_of(amir={"margin": 0.5, "adaptive_lambda": False})
-    rewards, gids, mask, old = make_batch(3)
+    rewards, gids, mask, old = make_batch(3, n_groups=5, reward_kind="multi")
+    rewards[:6] = 1.0  # a zero-variance group: on neither side of the correct/incorrect gap
+    rewards[6:12] = torch.tensor([1.0, 0.5, 0.0, 0.5, 0.5, 1.0], dtype=torch.float64)  # rows equal to the mean
     pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=AmirState())
     pairs = ref_pairs(rewards, gids, mask, 0.5, "all", None)
     s = {i: 0.2 * float(ref_lbar(old, mask, i, "mean")) for i in range(len(rewards)) if mask[i].any()}
