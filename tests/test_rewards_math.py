@@ -64,6 +64,10 @@ CASES = [
     ("a+b", r"\boxed{a-b}", False),
     ("1.5", r"\boxed{1.05}", False),
     ("3", r"\boxed{x=4}", False),
+    (r"-\dfrac{3}{4}", r"\boxed{-0.75}", True),
+    (r"\frac{2}{3}", "#### 4/6", True),
+    (r"\frac{2}{3}", r"\boxed{\frac{3}{2}}", False),
+    ("0.25", r"\boxed{\frac{1}{4}}", True),
 ]
 
 TIMEOUT = 2.0
@@ -127,7 +131,8 @@ def test_adversarial_outputs_bounded(math_fn):
     assert not os.path.exists("/tmp/megatron_amir_pwned")
     # every pool call ended within its hard limit (alarm or kill), checked per call below;
     # the whole batch is bounded by calls / workers * limit (plus restarts)
-    bound = (len(ADVERSARIAL) / 2 + 2) * (TIMEOUT + GRACE) + 10
+    hard = math_fn.pool.hard_limit_s  # wall bound per call: 2 x TIMEOUT (CPU limit) + GRACE
+    bound = (len(ADVERSARIAL) / 2 + 2) * hard + 10
     assert wall < bound, (wall, bound, res.timeouts)
     # the pool is still healthy: a normal batch still verifies
     ok = math_fn([r"\boxed{\frac{2}{4}}", "#### 7"], [r"\frac12", "8"])
@@ -147,7 +152,7 @@ def test_each_adversarial_call_within_hard_limit():
                 args.append(("2", truncate(ans, 2000), 6))
         results = pool.map("megatron_amir.rewards.math_worker:verify_answer", args)
         for a, r in zip(args, results):
-            assert r.elapsed_s <= TIMEOUT + GRACE + 1.0, (a[1][:60], r)
+            assert r.elapsed_s <= pool.hard_limit_s + 1.0, (a[1][:60], r)
             assert r.status in ("ok", "timeout", "error")
             assert r.value in (None, False), (a[1][:60], r)
         assert any(r.status == "timeout" for r in results)  # the towers of powers do hit the limit
@@ -165,12 +170,15 @@ def test_timeout_counted_and_scored_zero():
 
 
 def test_pool_survives_hang_crash_and_memory_blowup():
-    with SandboxPool(1, timeout_s=1.0, memory_limit_mb=512, grace_s=0.3) as pool:
+    with SandboxPool(1, timeout_s=1.0, memory_limit_mb=512, grace_s=0.3, wall_factor=2.0) as pool:
         pid0 = pool.pids()[0]
-        # an interruptible hang: the worker's alarm ends it, the worker survives
+        # an interruptible hang: the worker's wall-clock alarm (2 x 1 s) ends it, the worker survives
         r = pool.map("time:sleep", [(30,), (0.01,)])
         assert [x.status for x in r] == ["timeout", "ok"]
-        assert r[0].elapsed_s < 2.0
+        assert 1.9 < r[0].elapsed_s < 3.0
+        # a CPU-bound pure-Python loop (timeit's compiled `for` loop): the CPU-time alarm (1 s) ends it
+        r = pool.map("timeit:timeit", [("pass", "pass", time.perf_counter, 10**12)])
+        assert r[0].status == "timeout" and r[0].elapsed_s < 3.0
         assert pool.pids()[0] == pid0 and pool.restarts == 0
         # a hang the alarm cannot end (SIGALRM blocked): the parent kills and replaces the worker,
         # and the calls queued behind it in the same chunk still run
@@ -181,7 +189,7 @@ def test_pool_survives_hang_crash_and_memory_blowup():
         t0 = time.monotonic()
         r = pool.map("time:sleep", [(30,), (0.01,), (0.01,)])
         assert [x.status for x in r] == ["timeout", "ok", "ok"]
-        assert time.monotonic() - t0 < 5.0
+        assert time.monotonic() - t0 < 2 * pool.hard_limit_s
         assert pool.restarts == 1 and pool.pids()[0] != pid0
         # a crash: error for that call, fresh worker for the rest
         r = pool.map("os:_exit", [(7,)])

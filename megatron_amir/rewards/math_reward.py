@@ -3,9 +3,12 @@
 Per response: truncate (keep the tail, drop NUL bytes) -> extract the final answer (``\\boxed{}``,
 ``####``, "The answer is") -> cut the answer to ``max_answer_chars`` -> decide:
 
-1. fast path in the parent, no parsing: normalized strings equal -> correct; both plain numbers
-   (integers/decimals) -> compare exactly as fractions. This covers most typical answers.
-2. otherwise math-verify in a ``SandboxPool`` worker with a hard per-call time limit and memory limit.
+1. fast path in the parent, no parsing: normalized strings equal -> correct; both simple numbers
+   (integers, decimals, ``\\frac{a}{b}``, ``a/b``) -> equal as exact fractions is correct; unequal is
+   final only without decimals (with a decimal, math-verify's rounding decides in the pool). This
+   covers most typical answers.
+2. otherwise math-verify in a ``SandboxPool`` worker with per-call limits: ``timeout_s`` of CPU time,
+   ``wall_factor * timeout_s`` of wall time, a SIGKILL ``grace_s`` after that, and ``memory_limit_mb``.
    A timeout scores 0 and is counted in ``RewardResult.timeouts``; a crash or memory error scores 0
    and is counted in ``errors``. Results are cached per (gold, answer) pair (groups repeat answers).
 """
@@ -23,12 +26,31 @@ from .extract import extract_answer, normalize_answer, truncate
 __all__ = ["MathReward"]
 
 _WORKER_FN = "megatron_amir.rewards.math_worker:verify_answer"
-_PLAIN_NUM = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+_NUM = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_PLAIN_NUM = re.compile(rf"-?{_NUM}")
+_FRAC = re.compile(rf"(-)?\\[dt]?frac\{{\s*(-?{_NUM})\s*\}}\{{\s*(-?{_NUM})\s*\}}")
+_SLASH = re.compile(rf"(-?{_NUM})\s*/\s*(-?{_NUM})")
 
 
-def _plain_number(s: str) -> Optional[Fraction]:
-    # length cap: Fraction() of a huge digit string is slow/limited; such answers go to the pool
-    return Fraction(s) if len(s) <= 200 and _PLAIN_NUM.fullmatch(s) else None
+def _number(s: str) -> Optional[tuple[Fraction, bool]]:
+    """(value, has_decimal_point) of an integer, decimal, ``\\frac{a}{b}`` or ``a/b``; None otherwise.
+    Length-capped: huge digit strings go to the pool."""
+    if len(s) > 200:
+        return None
+    try:
+        if _PLAIN_NUM.fullmatch(s):
+            return Fraction(s), "." in s
+        m = _FRAC.fullmatch(s)
+        if m:
+            sign, num, den = m.groups()
+            val = Fraction(num) / Fraction(den)
+            return (-val if sign else val), "." in num + den
+        m = _SLASH.fullmatch(s)
+        if m:
+            return Fraction(m.group(1)) / Fraction(m.group(2)), "." in s
+    except ZeroDivisionError:
+        return None
+    return None
 
 
 class MathReward(RewardFn):
@@ -37,14 +59,14 @@ class MathReward(RewardFn):
     def __init__(self, format_weight: float = 0.0, timeout_s: float = 5.0, num_workers: int = 2,
                  memory_limit_mb: int = 1024, max_answer_chars: int = 2000, float_rounding: int = 6,
                  fast_path: bool = True, cache_size: int = 100_000, grace_s: float = 0.5, chunk_size: int = 16,
-                 **_ignored):
+                 wall_factor: float = 2.0, **_ignored):
         if format_weight < 0:
             raise ValueError(f"format_weight must be >= 0, got {format_weight}")
         self.format_weight = float(format_weight)
         self.timeout_s, self.num_workers, self.memory_limit_mb = float(timeout_s), int(num_workers), memory_limit_mb
         self.max_answer_chars = int(max_answer_chars)
         self.float_rounding, self.fast_path = int(float_rounding), bool(fast_path)
-        self.grace_s, self.chunk_size = float(grace_s), int(chunk_size)
+        self.grace_s, self.chunk_size, self.wall_factor = float(grace_s), int(chunk_size), float(wall_factor)
         self._cache: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
         self._cache_size = int(cache_size)
         self._pool = None
@@ -58,16 +80,21 @@ class MathReward(RewardFn):
             self._pool = SandboxPool(self.num_workers, timeout_s=self.timeout_s,
                                      memory_limit_mb=self.memory_limit_mb,
                                      preload=("megatron_amir.rewards.math_worker",),
-                                     grace_s=self.grace_s, chunk_size=self.chunk_size)
+                                     grace_s=self.grace_s, chunk_size=self.chunk_size,
+                                     wall_factor=self.wall_factor)
         return self._pool
 
     def _fast(self, gold: str, ans: str) -> Optional[bool]:
         g, a = normalize_answer(gold), normalize_answer(ans)
         if g == a and g:
             return True
-        fg, fa = _plain_number(g), _plain_number(a)
+        fg, fa = _number(g), _number(a)
         if fg is not None and fa is not None:
-            return fg == fa
+            if fg[0] == fa[0]:
+                return True
+            if not (fg[1] or fa[1]):  # exact rationals on both sides: unequal is final
+                return False
+            # a decimal is involved: math-verify rounds (float_rounding), let it decide
         return None
 
     def __call__(self, responses: list[str], answers: list[str]) -> RewardResult:

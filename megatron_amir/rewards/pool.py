@@ -4,11 +4,15 @@ Why not ``concurrent.futures``/``multiprocessing.Pool``: neither can kill a work
 (``9**9**9**9`` spends minutes in C big-integer code, where no signal handler runs), and a crashed
 worker breaks a ``ProcessPoolExecutor`` for good. Here each worker is a plain process with its own pipe:
 
-- in the worker, a ``setitimer`` alarm (float seconds) interrupts pure-Python work at the limit with a
-  ``BaseException`` that library ``except Exception`` blocks cannot swallow; the worker survives;
-- in the parent, a worker that has not answered ``timeout_s + grace_s`` after its current call began is
-  SIGKILLed and replaced (C-level hangs); a worker that dies (segfault, ``os._exit``, OOM kill) is
-  replaced too; the call in flight is scored as a timeout or an error, the rest of its chunk re-queued;
+- in the worker, two ``setitimer`` alarms interrupt pure-Python work with a ``BaseException`` that
+  library ``except Exception`` blocks cannot swallow, and the worker survives: ``timeout_s`` of CPU time
+  (ITIMER_PROF: whether a verification times out does not depend on how loaded the machine is, so
+  rewards stay reproducible) and ``wall_limit_s = wall_factor * timeout_s`` of wall time (ITIMER_REAL:
+  sleeping or blocked calls);
+- in the parent, a worker that has not answered ``wall_limit_s + grace_s`` after its current call began
+  is SIGKILLed and replaced (C-level hangs that no signal handler interrupts); a worker that dies
+  (segfault, ``os._exit``, OOM kill) is replaced too; the call in flight is scored as a timeout or an
+  error and the rest of its chunk re-queued. ``wall_limit_s + grace_s`` is the hard bound per call;
 - ``resource.setrlimit(RLIMIT_AS)`` caps each worker's address space, so a huge allocation raises
   ``MemoryError`` inside the worker instead of exhausting the machine.
 
@@ -63,7 +67,8 @@ def _resolve(path: str):
     return obj
 
 
-def _worker_main(conn, timeout_s: float, memory_limit_bytes: Optional[int], preload: Sequence[str]) -> None:
+def _worker_main(conn, timeout_s: float, wall_limit_s: float, memory_limit_bytes: Optional[int],
+                 preload: Sequence[str]) -> None:
     """Serve ``("run", fn_path, [(idx, args), ...])`` messages; answer each call with
     ``(idx, status, value, error)`` as soon as it finishes (the parent uses these as heartbeats)."""
     import resource
@@ -74,6 +79,7 @@ def _worker_main(conn, timeout_s: float, memory_limit_bytes: Optional[int], prel
     for mod in preload:
         importlib.import_module(mod)
     signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGPROF, _on_alarm)
     conn.send(("ready", os.getpid()))
     fns: dict[str, Any] = {}
     while True:
@@ -89,10 +95,12 @@ def _worker_main(conn, timeout_s: float, memory_limit_bytes: Optional[int], prel
             try:
                 try:
                     fn = fns.get(fn_path) or fns.setdefault(fn_path, _resolve(fn_path))
-                    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                    signal.setitimer(signal.ITIMER_PROF, timeout_s)
+                    signal.setitimer(signal.ITIMER_REAL, wall_limit_s)
                     value = fn(*args)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.setitimer(signal.ITIMER_PROF, 0)
             except _Deadline:
                 status, value = "timeout", None
             except MemoryError:
@@ -109,9 +117,10 @@ def _worker_main(conn, timeout_s: float, memory_limit_bytes: Optional[int], prel
 
 # ============================================================================================ parent side
 class _Worker:
-    def __init__(self, ctx, timeout_s, mem_bytes, preload):
+    def __init__(self, ctx, timeout_s, wall_limit_s, mem_bytes, preload):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, timeout_s, mem_bytes, tuple(preload)),
+        self.proc = ctx.Process(target=_worker_main,
+                                args=(child, timeout_s, wall_limit_s, mem_bytes, tuple(preload)),
                                 daemon=True, name="megatron-amir-reward-worker")
         self.proc.start()
         child.close()
@@ -135,20 +144,25 @@ class _Worker:
 class SandboxPool:
     """``num_workers`` killable worker processes. ``map(fn_path, args_list)`` -> list[CallResult].
 
-    timeout_s: per-call limit (the worker's alarm); grace_s: extra time before the parent SIGKILLs a
-    worker that does not answer (hangs in C code); memory_limit_mb: RLIMIT_AS per worker (None = off);
+    timeout_s: per-call CPU-time limit (the worker's alarm); wall_factor: the per-call wall-clock limit is
+    ``wall_factor * timeout_s`` (also an alarm in the worker); grace_s: extra wall time after that before
+    the parent SIGKILLs a worker that does not answer (hangs in C code); memory_limit_mb: RLIMIT_AS per worker (None = off);
     preload: modules imported in the forkserver and in each worker before serving; chunk_size: calls
     sent per message (fewer pipe round trips; a killed worker's unfinished calls are re-queued).
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: Optional[int] = 1024,
-                 preload: Sequence[str] = (), grace_s: float = 0.5, chunk_size: int = 16,
+                 preload: Sequence[str] = (), grace_s: float = 0.5, chunk_size: int = 16, wall_factor: float = 2.0,
                  start_method: Optional[str] = None, startup_timeout_s: float = 60.0):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if wall_factor < 1:
+            raise ValueError(f"wall_factor must be >= 1, got {wall_factor}")
         self.num_workers, self.timeout_s, self.grace_s = num_workers, float(timeout_s), float(grace_s)
+        self.wall_limit_s = float(timeout_s) * float(wall_factor)
+        self.hard_limit_s = self.wall_limit_s + self.grace_s  # the parent kills a worker past this
         self.mem_bytes = int(memory_limit_mb) * 1024 * 1024 if memory_limit_mb else None
         self.preload, self.chunk_size, self.startup_timeout_s = tuple(preload), max(1, chunk_size), startup_timeout_s
         method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -162,7 +176,7 @@ class SandboxPool:
         self._closed = False
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.timeout_s, self.mem_bytes, self.preload)
+        return _Worker(self._ctx, self.timeout_s, self.wall_limit_s, self.mem_bytes, self.preload)
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()
@@ -198,7 +212,7 @@ class SandboxPool:
             deadlines = []
             for w in self._workers:
                 if w.pending:
-                    deadlines.append(w.started_at + self.timeout_s + self.grace_s)
+                    deadlines.append(w.started_at + self.hard_limit_s)
                 elif not w.ready:
                     deadlines.append(w.started_at + self.startup_timeout_s)
             wait_s = max(0.0, min(deadlines) - now) if deadlines else 0.05
@@ -235,13 +249,13 @@ class SandboxPool:
             # kill workers past their deadline (stuck in C code, ignoring the alarm)
             now = time.monotonic()
             for i, w in enumerate(list(self._workers)):
-                if w.pending and now > w.started_at + self.timeout_s + self.grace_s:
+                if w.pending and now > w.started_at + self.hard_limit_s:
                     idx = w.pending.popleft()
                     results[idx] = CallResult("timeout", None, "killed after hard limit", now - w.started_at)
                     done += 1
                     queue.extendleft(reversed(w.pending))
                     log.warning("reward worker %d hung past %.1fs; killed and replaced", w.proc.pid,
-                                self.timeout_s + self.grace_s)
+                                self.hard_limit_s)
                     self._replace(i)
                 elif not w.ready and not w.pending and now > w.started_at + self.startup_timeout_s:
                     raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s}s")
