@@ -84,8 +84,10 @@ def test_inactive_when_cuda_present():
               schedules.torch is torch,
               not getattr(mopt.Float16OptimizerWithFloat16Params.__init__, "_amir_cpu_wrapped", False),
               compat.cpu_compat_active())
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        print(not getattr(LanguageModule.setup_embeddings_and_output_layer, "_amir_cpu_wrapped", False))
     """)
-    assert out.split() == ["True", "True", "True", "True", "True", "False"]
+    assert out.split() == ["True", "True", "True", "True", "True", "False", "True"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -122,8 +124,15 @@ def test_applied_idempotent_and_patches_work():
         p = torch.nn.Parameter(torch.ones(4)); p.grad = torch.full((4,), 2.0)
         clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=4.0)
         assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-6)
-        # Tensor.type() is untouched outside the optimizer constructors
+        # Tensor.type() / Tensor.cuda() are untouched outside the wrapped constructors / methods
         assert torch.zeros(1).type() == "torch.FloatTensor"
+        try:
+            torch.zeros(1).cuda()
+            raise SystemExit("Tensor.cuda() should still fail on a CPU build")
+        except (AssertionError, RuntimeError):
+            pass
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        assert LanguageModule.setup_embeddings_and_output_layer._amir_cpu_wrapped
         print("ok")
     """)
     assert out.strip().endswith("ok")

@@ -5,6 +5,7 @@ Four torchrun launches (gloo, CPU) of tests/dist/policy_worker.py share one modu
   tp2  (TP=2): loads the initial model, same step; saves its stepped model (TP=2 checkpoint)
   pp2  (PP=2): same step; then loads the TP=2 checkpoint at PP=2 and records log-probs
   dp2  (DP=2, TP=1): same step, each rank on its own groups; then loads the TP=2 checkpoint at TP=1
+  ref_tied / pp2_tied: the same with tied input/output embeddings, PP=2 against TP=PP=1
 The loss is the real algorithms.prepare_batch + micro_batch_loss (GRPO + AMIR pair term), 4 micro-batches
 per step at DP=1 and 2 per rank at DP=2, so equal grad norms show that micro-batch and DP losses are
 summed, not averaged (Adam's update alone would hide a constant gradient scale).
@@ -43,7 +44,11 @@ def runs(tmp_path_factory):
     _torchrun(2, "step", "--tp", "2", "--name", "tp2", "--out", str(out), "--save-after", str(out / "tp2ckpt"))
     _torchrun(2, "step", "--pp", "2", "--name", "pp2", "--out", str(out), "--load-after", str(out / "tp2ckpt"))
     _torchrun(2, "step", "--name", "dp2", "--out", str(out), "--load-after", str(out / "tp2ckpt"))
-    return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("ref", "tp2", "pp2", "dp2")}
+    # tied input/output embeddings split over two pipeline stages (Megatron keeps a copy on the last stage)
+    _torchrun(1, "ref", "--tied", "--init", "init_tied", "--out", str(out), "--name", "ref_tied")
+    _torchrun(2, "step", "--tied", "--pp", "2", "--init", "init_tied", "--name", "pp2_tied", "--out", str(out))
+    names = ("ref", "tp2", "pp2", "dp2", "ref_tied", "pp2_tied")
+    return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in names}
 
 
 def _maxdiff(a: dict, b: dict) -> float:
@@ -51,9 +56,9 @@ def _maxdiff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "pp2_tied"])
 def test_step_matches_single_process(runs, layout):
-    ref, got = runs["ref"], runs[layout]
+    ref, got = runs["ref_tied" if layout.endswith("_tied") else "ref"], runs[layout]
     assert got["world"] == 2 and ref["world"] == 1
     # same starting model (loaded from the TP=1 save) -> same log-probs
     assert float((got["init_logp"] - ref["init_logp"]).abs().max()) < TOL

@@ -33,6 +33,10 @@ break on a CPU-only machine are listed in ``/work/shared/notes/platform-facts.md
      ``.type()`` strings are translated for CPU tensors by a module-local wrapper around
      ``torch.Tensor.type`` (``_cuda_type_name``) installed only while those constructors run.
 
+  6. ``models/common/language_module/language_module.py::setup_embeddings_and_output_layer`` moves the
+     tied output weight with ``weight.data.cuda()`` before the first/last-stage all-reduce (PP > 1 with
+     tied embeddings): ``Tensor.cuda`` returns the tensor itself while that method runs.
+
 Nothing here runs when CUDA is available: ``apply_cpu_compat`` returns False and touches nothing,
 so GPU runs use upstream Megatron-Core unchanged.
 """
@@ -200,6 +204,31 @@ def _cuda_type_strings():
         torch.Tensor.type = _ORIG_TENSOR_TYPE
 
 
+def _wrap_method(cls, name: str, ctx_factory) -> None:
+    orig = getattr(cls, name)
+    if getattr(orig, "_amir_cpu_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def wrapper(self, *args, **kwargs):
+        with ctx_factory():
+            return orig(self, *args, **kwargs)
+
+    wrapper._amir_cpu_wrapped = True
+    _STATE["originals"][f"{cls.__module__}.{cls.__name__}.{name}"] = orig
+    setattr(cls, name, wrapper)
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
+
+
 def _wrap_init_with_cuda_types(cls):
     orig = cls.__init__
     if getattr(orig, "_amir_cpu_wrapped", False):
@@ -320,6 +349,11 @@ def apply_cpu_compat() -> bool:
 
     _wrap_init_with_cuda_types(moptimizer.Float16OptimizerWithFloat16Params)
     _wrap_init_with_cuda_types(distrib_optimizer.DistributedOptimizer)
+
+    # 6. weight.data.cuda() in the tied-embedding set-up across pipeline stages
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _wrap_method(LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
 
     _STATE["cpu_applied"] = True
     logger.info("megatron_amir CPU compatibility layer applied (torch.cuda unavailable)")

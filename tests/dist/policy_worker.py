@@ -24,12 +24,12 @@ torch.set_num_threads(1)
 N, L, G, VOCAB = 8, 12, 4, 64
 
 
-def make_cfg(tp: int, pp: int, mbs: int = 2):
+def make_cfg(tp: int, pp: int, mbs: int = 2, tied: bool = False):
     from megatron_amir.config import Config
 
     return Config(
         model=dict(arch="qwen2", vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=48, num_layers=2,
-                   num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64),
+                   num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=tied),
         parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         algorithm=dict(amir=dict(enabled=True, lambda_init=0.05, adaptive_lambda=False, margin=0.5)),
         data=dict(prompts_per_step=N // G),
@@ -73,18 +73,20 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--save-after")
     ap.add_argument("--load-after")
+    ap.add_argument("--tied", action="store_true", help="tie input embedding and output layer")
+    ap.add_argument("--init", default="init", help="subdirectory of --out holding the initial model")
     args = ap.parse_args()
     out = Path(args.out)
 
     from megatron_amir.training.policy import Policy
 
-    cfg = make_cfg(args.tp, args.pp)
+    cfg = make_cfg(args.tp, args.pp, tied=args.tied)
     policy = Policy(cfg)
     tokens, mask, rewards, group_ids = make_batch()
     if args.mode == "ref":
-        policy.save(out / "init", save_optimizer=False)
+        policy.save(out / args.init, save_optimizer=False)
     else:
-        policy.load(out / "init", load_optimizer=False)
+        policy.load(out / args.init, load_optimizer=False)
     init_logp = policy.compute_logprobs(tokens)
     _, metrics = run_step(policy, cfg, tokens, mask, rewards, group_ids)
     after_logp = policy.compute_logprobs(tokens)
