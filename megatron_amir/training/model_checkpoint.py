@@ -33,6 +33,10 @@ def _barrier():
         dist.barrier()
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _broadcast_str(s: Optional[str]) -> str:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return s
@@ -53,18 +57,22 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    if dist.get_rank() == 0 and path.exists():
-        raise FileExistsError(f"checkpoint directory {path} already exists")
     if save_optimizer and policy.cfg.parallel.use_distributed_optimizer and not torch.cuda.is_available():
         raise NotImplementedError(
             "saving DistributedOptimizer state is broken on CPU in megatron-core 0.19.2 (platform-facts); "
             "use parallel.use_distributed_optimizer=false or save_optimizer=False"
         )
+    # rank 0 decides (target free? temp dir) and tells everyone, so all ranks raise or proceed together
     tmp = None
-    if dist.get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
+    if _rank() == 0:
+        if path.exists():
+            tmp = f"error:checkpoint directory {path} already exists"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
     tmp = _broadcast_str(tmp)
+    if tmp.startswith("error:"):
+        raise FileExistsError(tmp[len("error:"):])
     model_sd = _model_sharded_state_dict(policy)
     state = {"model": model_sd, "format": FORMAT, "num_steps": policy.num_steps}
     if save_optimizer:
@@ -73,10 +81,10 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
     try:
         dist_checkpointing.save(state, tmp)
         _barrier()
-        if dist.get_rank() == 0:
+        if _rank() == 0:
             os.replace(tmp, path)
     except BaseException:
-        if dist.get_rank() == 0:
+        if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()

@@ -26,9 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
