@@ -25,7 +25,7 @@ WORKER = textwrap.dedent('''
 
     def main():
         out = Path(sys.argv[1])
-        cfg = Config(model=dict(arch="qwen2", vocab_size=64, hidden_size=32, ffn_hidden_size=48, num_layers=2,
+        cfg = Config(model=dict(arch="qwen2", vocab_size=256, hidden_size=32, ffn_hidden_size=48, num_layers=2,
                                 num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64),
                      data=dict(prompts_per_step=2), rollout=dict(group_size=4), train=dict(micro_batch_size=2, seed=7))
         policy = Policy(cfg)
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
         step = CheckpointManager(out / "run" / "checkpoints").save(
             3, lambda d: policy.save(d / "model", save_optimizer=False),
             {"step": 3, "config": cfg.model_dump(mode="json")})
-        tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
         ref = policy.compute_logprobs(tokens)
         shutdown_parallel()
 
@@ -51,6 +51,19 @@ WORKER = textwrap.dedent('''
         print("maxdiff", diff)
         assert diff < 1e-4, diff
 
+        # the whole CLI on the trainer run directory: config, tokenizer (the demo one, as the trainer builds
+        # it) and problems (the synthetic held-out split) all come from the checkpoint's stored config
+        from megatron_amir.eval import runner
+        from megatron_amir.eval.results import read_results
+        rc = runner.main(["--model", str(out / "run"), "--bench", "synthetic", "--samples", "2", "--out",
+                          str(out / "eval"), "--max-new-tokens", "4", "--max-problems", "3", "--no-progress",
+                          "reward.name=exact"])
+        assert rc == 0, rc
+        rs = read_results(out / "eval")
+        assert len(rs) == 3 and all(r.n == 2 for r in rs)
+        summary = json.loads((out / "eval" / "summary.json").read_text())
+        assert summary["extra"]["model_kind"] == "megatron" and summary["extra"]["checkpoint"].endswith("step_00000003")
+
 
     if __name__ == "__main__":  # dist_checkpointing.save starts a spawn Manager
         main()
@@ -60,7 +73,7 @@ WORKER = textwrap.dedent('''
 def test_trainer_checkpoint_loads_into_the_engine(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MEGATRON_AMIR_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -5,9 +5,10 @@ one-function change:
 
 - model: a Hugging Face directory (config.json + *.safetensors) loads straight into the rollout
   package's ``EmbeddedEngine``; a megatron-amir trainer checkpoint (a checkpoint root with
-  ``latest``, or one ``step_XXXXXXXX`` directory with ``meta.json`` and ``model/``) is loaded into a
-  single-process Megatron-Core policy (TP = PP = 1; dist_checkpointing reshards) and converted to
-  HF-named tensors with checkpoints_tools (``megatron_checkpoint_to_hf``).
+  ``latest``, or one ``step_XXXXXXXX`` directory with ``meta.json`` and ``model/``) is loaded into an
+  empty single-process Megatron-Core model (TP = PP = 1; dist_checkpointing reshards) and converted to
+  HF-named tensors with checkpoints_tools (``megatron_checkpoint_to_hf``); for vLLM it is exported to
+  an HF directory with ``checkpoints_tools.mcore_to_hf``.
 - tokenizer / problems / templates / reward: megatron_amir.data (tokenizer, benchmarks, templates,
   synthetic) and megatron_amir.rewards (get_reward_fn).
 """
@@ -84,28 +85,31 @@ def config_from_checkpoint(step_dir: Path, overrides: Optional[list[str]] = None
         raise EvalSetupError(str(exc)) from None
 
 
-def megatron_checkpoint_to_hf(step_dir: Path, cfg) -> tuple[dict, dict]:
-    """(HF config dict, HF-named tensors) of a trainer checkpoint, on one process.
+def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
+    """(HF config dict, HF-named tensors) of a trainer checkpoint step directory (or a converted
+    megatron-amir model directory), on one process, through checkpoints_tools.
 
-    Builds the policy at TP = PP = 1 without an optimizer (dist_checkpointing reshards whatever the
-    training layout was), loads ``step_dir/model`` and converts through the checkpoints_tools mapping."""
-    from checkpoints_tools import hf_config_from_model_config, mcore_to_hf_named_tensors
-    from megatron_amir.training.parallel import shutdown_parallel
-    from megatron_amir.training.policy import Policy
+    The model is built empty at TP = PP = 1 (dist_checkpointing reshards whatever layout it was saved
+    in), loaded from ``step_dir/model``, and mapped to HF names with padding rows of the vocabulary
+    stripped. ``cfg`` is unused (the checkpoint's own metadata names the architecture); kept so callers
+    can pass the eval config."""
+    from checkpoints_tools.config_bridge import hf_config_from_model_config
+    from checkpoints_tools.mapping import mcore_to_hf_named_tensors
+    from checkpoints_tools.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
+                                                 single_process_megatron)
+    from megatron_amir.config import ModelConfig
 
-    one = cfg.model_copy(deep=True)
-    one.parallel.tensor_model_parallel_size = 1
-    one.parallel.pipeline_model_parallel_size = 1
-    one.parallel.use_distributed_optimizer = False
-    one.parallel.sequence_parallel = False
-    policy = Policy(one, train=False)
-    try:
-        policy.load(step_dir / "model", load_optimizer=False)
-        full = policy.full_state_dict()
-        tensors = dict(mcore_to_hf_named_tensors(full, one.model))
-    finally:
-        shutdown_parallel()
-    return hf_config_from_model_config(one.model), tensors
+    del cfg
+    meta = read_meta(step_dir)
+    model_cfg = ModelConfig(**meta["model"])
+    vocab = int(meta.get("original_vocab_size") or model_cfg.vocab_size)
+    with single_process_megatron():
+        model = build_empty_model(model_cfg)
+        load_model(model, Path(step_dir) / MODEL_SUBDIR)
+        tensors = {name: t.detach().clone() for name, t in
+                   mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab)}
+        del model
+    return hf_config_from_model_config(model_cfg, vocab_size=vocab, base=meta.get("hf_config")), tensors
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -151,9 +155,16 @@ def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir:
         if hf_dir:
             eng = VLLMEngine(path, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
                              gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
-        else:
-            hf_config, tensors = megatron_checkpoint_to_hf(step_dir, cfg)
-            eng = VLLMEngine.from_config(rc, hf_config, tensors, seed=seed)
+        else:  # vLLM reads an HF directory: export the checkpoint with checkpoints_tools first
+            import tempfile
+
+            from checkpoints_tools.mcore_to_hf import mcore_to_hf
+
+            export = Path(tempfile.mkdtemp(prefix="mamir-eval-hf-")) / "model"
+            mcore_to_hf(step_dir, export)
+            meta["exported_hf_dir"] = str(export)
+            eng = VLLMEngine(export, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
+                             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
         return eng, meta
     if engine != "embedded":
         raise EvalSetupError(f"--engine {engine!r}: choose embedded or vllm")
@@ -170,24 +181,27 @@ def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir:
 
 # --------------------------------------------------------------------------------------------- data
 def load_eval_tokenizer(tokenizer_dir: Optional[str], model: Path, cfg):
-    """--tokenizer, else the config's tokenizer, else the HF model directory, else the demo tokenizer."""
+    """--tokenizer, else the config's tokenizer (data.tokenizer_dir / model.tokenizer), else the HF model
+    directory's own, else (synthetic task) the trainer's cached demo tokenizer, built the same way."""
     from megatron_amir.data.tokenizer import load_tokenizer
 
-    for cand in (tokenizer_dir, cfg.model.tokenizer, cfg.data.tokenizer_dir):
-        if cand:
-            if not Path(cand).is_dir():
-                raise EvalSetupError(f"tokenizer directory {cand} does not exist")
-            return load_tokenizer(cand)
+    if tokenizer_dir:
+        if not Path(tokenizer_dir).is_dir():
+            raise EvalSetupError(f"--tokenizer {tokenizer_dir} is not a directory")
+        return load_tokenizer(tokenizer_dir)
+    if cfg.data.tokenizer_dir or cfg.model.tokenizer:
+        from megatron_amir.training.data_setup import build_tokenizer
+
+        return build_tokenizer(cfg)
     if is_hf_dir(model) and any((model / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                 "megatron_amir_tokenizer.json")):
         return load_tokenizer(model)
-    try:  # the synthetic demo: the same cached tokenizer the trainer built
-        from megatron_amir.data.setup import build_data
-    except ImportError:
-        build_data = None
-    if build_data is not None and cfg.data.source == "synthetic":
-        return build_data(cfg)[0]
-    raise EvalSetupError(f"no tokenizer found for {model}: pass --tokenizer DIR (or set model.tokenizer)")
+    if cfg.data.source == "synthetic":  # same corpus, vocabulary and cache as the trainer's build_data
+        from megatron_amir.data.synthetic import corpus_lines, make_splits
+        from megatron_amir.training.data_setup import build_tokenizer
+
+        return build_tokenizer(cfg, corpus_lines(make_splits(cfg.data.synthetic)[0]))
+    raise EvalSetupError(f"no tokenizer found for {model}: pass --tokenizer DIR (or set data.tokenizer_dir)")
 
 
 def load_problems(bench: str, cfg) -> list[Any]:
