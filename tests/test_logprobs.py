@@ -122,3 +122,21 @@ def test_entropy_as_metric_only_gradient():
     (lp * g_lp).sum().backward()
     ref = autograd_reference_grad(logits, targets, g_lp, torch.zeros_like(g_lp))
     assert torch.allclose(logits.grad, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_temperature(chunk):
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(2, 4, 10, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    targets = torch.randint(0, 10, (2, 4), generator=g)
+    g_lp, g_ent = torch.randn(2, 4, dtype=torch.float64, generator=g), torch.randn(2, 4, dtype=torch.float64, generator=g)
+    lp, ent = vocab_parallel_logprobs(logits, targets, chunk_size=chunk, with_entropy=True, temperature=0.7)
+    rlp, rent = loop_reference(logits / 0.7, targets)
+    assert torch.allclose(lp, rlp, atol=1e-10, rtol=0) and torch.allclose(ent, rent, atol=1e-10, rtol=0)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    x = logits.detach().clone().requires_grad_()
+    ls = torch.log_softmax(x / 0.7, -1)
+    ((ls.gather(-1, targets[..., None])[..., 0] * g_lp) + (-(ls.exp() * ls).sum(-1) * g_ent)).sum().backward()
+    assert torch.allclose(logits.grad, x.grad, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_parallel_logprobs(logits, targets, temperature=0.0)

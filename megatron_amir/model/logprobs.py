@@ -46,7 +46,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     """logits [T, V_local] (any float dtype), targets [T] (global ids) -> (logp [T] fp32, entropy [T] fp32)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group, chunk_size, with_entropy):
+    def forward(ctx, logits, targets, vocab_start, group, chunk_size, with_entropy, scale):
         T, v_local = logits.shape
         cdt = _compute_dtype(logits)
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a zero tensor
@@ -58,6 +58,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         local_t = torch.where(in_shard, local_t, torch.zeros_like(local_t))
         for s, e in _chunks(T, chunk_size):
             x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
+            if scale != 1.0:
+                x.mul_(scale)  # temperature: the distribution of logits / T
             m = x.max(dim=-1).values
             _all_reduce(m, dist.ReduceOp.MAX, group)
             x.sub_(m.unsqueeze(-1))  # x - M, reuses the fp32 copy
@@ -85,6 +87,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits, local_t, in_shard, log_z, mean_x if with_entropy else log_z)
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
+        ctx.scale = scale
         if with_entropy:
             return logp, entropy
         return logp, torch.empty(0, dtype=cdt, device=logits.device)
@@ -100,6 +103,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             g_logp = torch.zeros(T, dtype=cdt, device=logits.device)
         for s, e in _chunks(T, ctx.chunk_size):
             x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
+            if ctx.scale != 1.0:
+                x.mul_(ctx.scale)
             gl = g_logp[s:e].to(cdt).unsqueeze(-1)
             if use_ent:
                 p = torch.sub(x, log_z[s:e].unsqueeze(-1)).exp_()
@@ -112,6 +117,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                 gx = p.mul_(gl).neg_()
             # + g_logp at the target column (only on the rank that owns the target)
             gx.scatter_add_(-1, local_t[s:e].unsqueeze(-1), (gl.squeeze(-1) * in_shard[s:e]).unsqueeze(-1))
+            if ctx.scale != 1.0:
+                gx.mul_(ctx.scale)  # chain rule through x * scale
             if s == 0 and e == T and gx.dtype == logits.dtype:
                 grad = gx  # one chunk in the logits' dtype: the buffer is the gradient
             else:
@@ -121,7 +128,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             del x, p, gx
         if grad is None:  # no tokens
             grad = torch.empty_like(logits)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -132,18 +139,23 @@ def vocab_parallel_logprobs(
     vocab_start: Optional[int] = None,
     chunk_size: Optional[int] = None,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ):
-    """Log-prob of ``targets`` (and optionally the entropy) under vocab-sharded ``logits``.
+    """Log-prob of ``targets`` (and optionally the entropy) under vocab-sharded ``logits`` / temperature.
 
     logits: [..., V_local] of this TP rank (any float dtype; math in fp32).
     targets: [...] global token ids (long).
     tp_group: the tensor-parallel process group (None = unsharded, or world size 1).
     vocab_start: first global id of this rank's slice (default rank * V_local).
     chunk_size: tokens per chunk along the flattened leading dims (None = all at once).
+    temperature: the distribution is softmax(logits / temperature), applied to each fp32 chunk (no copy
+        of the whole logits tensor).
     Returns (logp [...] fp32 (fp64 for fp64 logits), entropy [...] same dtype, or None). Differentiable w.r.t. logits.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match targets {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     lead = targets.shape
@@ -151,10 +163,10 @@ def vocab_parallel_logprobs(
     if vocab_start is None:
         rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
         vocab_start = rank * v_local
-    flat_logits = logits.reshape(-1, v_local)
+    flat_logits = logits.reshape(-1, v_local)  # a view for contiguous logits (pass them unsliced)
     flat_t = targets.reshape(-1).long()
     logp, ent = _VocabParallelLogprobEntropy.apply(
-        flat_logits, flat_t, int(vocab_start), tp_group, chunk_size, bool(with_entropy)
+        flat_logits, flat_t, int(vocab_start), tp_group, chunk_size, bool(with_entropy), 1.0 / float(temperature)
     )
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
 

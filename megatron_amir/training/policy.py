@@ -227,14 +227,18 @@ class Policy:
         )
 
     def _token_logprobs(self, logits: torch.Tensor, tok: torch.Tensor, temperature: float, with_entropy: bool):
-        """logits [b, L, V_local] (vocab-sharded) -> logp [b, L-1] fp32 (+ entropy)."""
-        lg = logits[:, :-1]
-        if temperature != 1.0:
-            lg = lg / temperature
-        return vocab_parallel_logprobs(
-            lg, tok[:, 1:], tp_group=self.tp_group, chunk_size=self.cfg.train.logprob_chunk_size,
-            with_entropy=with_entropy,
+        """logits [b, L, V_local] (vocab-sharded) -> logp [b, L-1] fp32 (+ entropy [b, L-1]).
+
+        The logits are passed whole (a contiguous [b*L, V_local] view, no copy; slicing off the last
+        position first would copy them) with a dummy in-vocabulary target for the last position, whose
+        result is dropped; temperature is applied per fp32 chunk inside the log-prob function.
+        """
+        targets = torch.cat([tok[:, 1:], tok[:, :1]], dim=1)
+        lp, ent = vocab_parallel_logprobs(
+            logits, targets, tp_group=self.tp_group, chunk_size=self.cfg.train.logprob_chunk_size,
+            with_entropy=with_entropy, temperature=temperature,
         )
+        return lp[:, :-1], (ent[:, :-1] if ent is not None else None)
 
     def _broadcast_from_last_stage(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
         from megatron.core import parallel_state as ps
