@@ -1,7 +1,7 @@
 """Hugging Face checkpoint directories: streaming safetensors reading, sharded writing, side files.
 
-Reading parses the safetensors header and ``readinto``s each tensor into its own buffer (no mmap), so the
-process holds only the tensors it keeps, not the pages of a mapped file. Writing buffers tensors up to
+Reading memory-maps each file (safetensors' own reader validates header and offsets), so renamed tensors are
+never copied in user space; tensors that only feed a fused tensor can be read into their own buffers instead. Writing buffers tensors up to
 ``max_shard_bytes`` and writes a shard at a time; with more than one shard a ``model.safetensors.index.json``
 is written, as ``save_pretrained`` does.
 """
@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,7 +33,7 @@ SIDE_FILES = (
     "chat_template.json",
 )
 
-_DTYPES = {
+_TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -76,56 +76,50 @@ def list_shards(hf_dir: Path) -> list[Path]:
     raise HFCheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {hf_dir}")
 
 
-def _header(f, path: Path) -> tuple[dict, int]:
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise HFCheckpointError(f"{path} is truncated (no safetensors header)")
-    (n,) = struct.unpack("<Q", raw)
-    size = os.fstat(f.fileno()).st_size
-    if n > size - 8:
-        raise HFCheckpointError(f"{path} has a header length {n} beyond the file size {size}")
-    try:
+def _offsets(path: Path) -> tuple[dict, int]:
+    """Header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}} and the data start."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    except ValueError as exc:
-        raise HFCheckpointError(f"{path} has a malformed safetensors header: {exc}") from None
     header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def safetensors_names(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        header, _ = _header(f, Path(path))
-    return list(header)
+def iter_safetensors(path: Path, copy: Callable[[str], bool] = lambda name: False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) of one safetensors file.
 
+    Tensors are memory-mapped views of the file (zero-copy: a renamed tensor goes from the page cache straight
+    to the writer). Pages of a mapping count towards the process RSS for as long as the file stays mapped, so
+    tensors that are only *sources* of a new tensor (q/k/v, gate/up) are better read with ``copy`` true: into
+    their own buffer with ``pread``, freed as soon as the fused tensor is built.
+    """
+    from safetensors import safe_open
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) of one safetensors file in storage order, each in freshly allocated memory."""
     path = Path(path)
-    with open(path, "rb") as f:
-        header, base = _header(f, path)
-        size = os.fstat(f.fileno()).st_size
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise HFCheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        header, base = _offsets(path)  # safe_open has validated the header and every offset
+    except Exception as exc:
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    with handle, open(path, "rb", buffering=0) as raw:
+        for name in handle.keys():
+            if not copy(name):
+                yield name, handle.get_tensor(name)
+                continue
+            info = header[name]
             start, end = info["data_offsets"]
-            shape = info["shape"]
-            numel = 1
-            for s in shape:
-                numel *= s
-            nbytes = end - start
-            if nbytes != numel * torch.empty((), dtype=dtype).element_size() or base + end > size:
-                raise HFCheckpointError(f"{path}: tensor '{name}' has inconsistent offsets (truncated file?)")
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(base + start)
-            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            if end > start and os.preadv(raw.fileno(), [memoryview(buf.numpy())], base + start) != end - start:
                 raise HFCheckpointError(f"{path}: tensor '{name}' is truncated")
-            yield name, buf.view(dtype).reshape(shape)
+            ref = handle.get_slice(name)  # dtype / shape as safetensors parsed them
+            yield name, buf.view(_TORCH_DTYPES[ref.get_dtype()]).reshape(ref.get_shape())
 
 
-def iter_hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(shards: list[Path], copy: Callable[[str], bool] = lambda name: False
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in shards:
-        yield from iter_safetensors(shard)
+        yield from iter_safetensors(shard, copy)
 
 
 class ShardedWriter:

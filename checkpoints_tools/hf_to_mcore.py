@@ -17,11 +17,12 @@ from typing import Optional
 
 from checkpoints_tools import hf_io
 from checkpoints_tools.config_bridge import model_config_from_hf
-from checkpoints_tools.mapping import MappingError, hf_to_mcore_named_tensors, padded_vocab_size
+from checkpoints_tools.mapping import MappingError, hf_to_mcore_named_tensors, model_mapping, padded_vocab_size
 from checkpoints_tools.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
     build_empty_model,
+    prestart_checkpoint_writer,
     save_model,
     single_process_megatron,
     write_meta,
@@ -75,13 +76,20 @@ def hf_to_mcore(
     model_cfg = model_cfg.model_copy(update={"vocab_size": padded_vocab_size(vocab, tp)})
     shards = hf_io.list_shards(hf_dir)
 
+    prestart_checkpoint_writer()
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
         with single_process_megatron():
+            t_build = time.perf_counter()
             model = build_empty_model(model_cfg)
+            log.info("built the empty Megatron model in %.2f s", time.perf_counter() - t_build)
+            t_read = time.perf_counter()
             params = model.state_dict(keep_vars=True)
             filled: set[str] = set()
-            stream = hf_to_mcore_named_tensors(hf_io.iter_hf_tensors(shards), model_cfg, vocab_size=vocab)
+            mm = model_mapping(model_cfg)
+            fused_source = lambda name: len(mm.find_hf(name)[0].hf) > 1  # noqa: E731  (q/k/v, gate/up)
+            stream = hf_to_mcore_named_tensors(hf_io.iter_hf_tensors(shards, copy=fused_source), model_cfg,
+                                               vocab_size=vocab)
             for name, tensor in stream:
                 if name not in params:
                     raise MappingError(f"mapped tensor '{name}' is not a parameter of the Megatron model")
@@ -91,12 +99,18 @@ def hf_to_mcore(
                         f"shape mismatch for Megatron tensor '{name}': mapped {tuple(tensor.shape)}, "
                         f"model expects {tuple(param.shape)}"
                     )
-                param.data.copy_(tensor)
+                if tensor.dtype == param.dtype and tensor.is_contiguous():
+                    param.data = tensor  # adopt the freshly read buffer: no copy, the empty storage is never touched
+                else:
+                    param.data.copy_(tensor)  # e.g. bf16 HF norms into Megatron's fp32 norm weights
                 filled.add(name)
             expected = {n for n in params if not n.endswith("._extra_state")}
             if expected - filled:
                 raise MappingError(f"Hugging Face checkpoint lacks tensors for {sorted(expected - filled)[:6]}")
+            log.info("read and mapped %d tensors in %.2f s", len(filled), time.perf_counter() - t_read)
+            t_save = time.perf_counter()
             save_model(model, tmp / MODEL_SUBDIR)
+            log.info("saved the torch_dist checkpoint in %.2f s", time.perf_counter() - t_save)
             del model, params
         (tmp / HF_SUBDIR).mkdir()
         side = hf_io.copy_side_files(hf_dir, tmp / HF_SUBDIR)

@@ -85,6 +85,21 @@ def build_empty_model(model_cfg: ModelConfig):
     return model
 
 
+def prestart_checkpoint_writer() -> None:
+    """Create Megatron's checkpoint-writer result queue now, with ``fork`` instead of its default ``spawn``.
+
+    dist_checkpointing's writer reports results through a ``multiprocessing`` Manager queue, created on the
+    first save and cached process-wide (``filesystem_async.get_write_results_queue``). With ``spawn`` the
+    Manager is a fresh interpreter that must also import torch to unpickle the first result: several seconds
+    on a busy CPU, inside the save. A forked Manager inherits the already imported torch and starts in
+    milliseconds. Call this before any process group or model exists (no gloo threads, no CUDA context yet), so
+    the fork copies a quiet process; the Manager child only serves the queue. No-op if the queue exists.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue(mp_mode="fork")
+
+
 def _holder(model) -> Any:
     # save_checkpoint / load_checkpoint take the trainer's Policy; a model-only checkpoint needs just these.
     return SimpleNamespace(modules=lambda: [model], num_steps=0, optimizer=None, scheduler=None)

@@ -231,10 +231,10 @@ def test_streaming_reader_matches_safetensors_and_detects_truncation(tmp_path):
     assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in ref)
     raw = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
-    with pytest.raises(hf_io.HFCheckpointError, match="truncated|inconsistent"):
+    with pytest.raises(hf_io.HFCheckpointError, match="cut.safetensors: not a readable safetensors file"):
         list(hf_io.iter_safetensors(tmp_path / "cut.safetensors"))
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
-    with pytest.raises(hf_io.HFCheckpointError, match="header length"):
+    with pytest.raises(hf_io.HFCheckpointError, match="bad.safetensors: not a readable"):
         list(hf_io.iter_safetensors(tmp_path / "bad.safetensors"))
 
 
