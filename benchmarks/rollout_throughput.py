@@ -1,10 +1,12 @@
 """Rollout throughput: EmbeddedEngine tokens/s over transformers ``generate`` tokens/s.
 
-Same tiny random Llama (vocab 512, hidden 64, 2 layers, 4 heads, 2 KV heads), same batch (16 prompts of
-4-12 tokens x 8 samples = 128 rows), same sampling (temperature 1, 64 new tokens, no stop token so both
-produce exactly rows x 64 tokens), one CPU thread. Runs are interleaved after a warm-up; tokens/s uses
-the fastest of ``--repeats`` runs of each (the run least disturbed on a shared machine; the median time
-is printed beside it).
+Same tiny random Llama for both: by default the test model of the rollout issue (vocab 512, hidden 64,
+FFN 128, 2 layers, 4 heads, 2 KV heads); ``--vocab 256 --hidden 128 --ffn 384 --layers 4 --tied`` is the
+architecture of configs/demo_tiny.yaml. Same batch (16 prompts of 4-12 tokens x 8 samples = 128 rows,
+the demo's rollout batch), same sampling (temperature 1, 64 new tokens, no stop token so both produce
+exactly rows x 64 tokens), one CPU thread. Runs are interleaved after a warm-up. Both run on one
+thread, so the ratio uses CPU time (``time.process_time``, the fastest of ``--repeats`` runs): on a shared
+machine wall time mostly measures the other processes (wall time is printed beside it).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 import torch
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, vocab: int = 512, hidden: int = 64, ffn: int = 128, layers: int = 2, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).eval(), cfg.to_dict()
 
 
@@ -32,15 +35,20 @@ def main(argv=None) -> float:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tied", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from megatron_amir.rollout.embedded import EmbeddedEngine
     from megatron_amir.rollout.engine import SamplingParams
 
-    hf, cfg = build()
+    hf, cfg = build(0, args.vocab, args.hidden, args.ffn, args.layers, args.tied)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 512, (int(torch.randint(4, 13, (1,), generator=g)),), generator=g).tolist()
+    prompts = [torch.randint(1, args.vocab, (int(torch.randint(4, 13, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     rows, T = args.prompts * args.n, args.new_tokens
 
@@ -70,19 +78,22 @@ def main(argv=None) -> float:
         return n_tok
 
     runs = {"transformers.generate": run_hf, "EmbeddedEngine": run_engine}
-    times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    wall = {name: [] for name in runs}
     for fn in runs.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
-            n_tok = fn()
-            times[name].append(time.perf_counter() - t0)
-    results = {name: (rows * T / min(ts), min(ts), statistics.median(ts)) for name, ts in times.items()}
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    results = {name: (rows * T / min(cpu[name]), min(cpu[name]), min(wall[name]), statistics.median(wall[name]))
+               for name in runs}
 
-    print(f"{'engine':<24}{'rows':>6}{'new tok':>9}{'min s':>8}{'median s':>10}{'tokens/s':>11}")
-    for name, (tps, best, med) in results.items():
-        print(f"{name:<24}{rows:>6}{T:>9}{best:>8.3f}{med:>10.3f}{tps:>11.0f}")
+    print(f"{'engine':<24}{'rows':>6}{'new tok':>9}{'cpu s':>8}{'wall min':>10}{'wall med':>10}{'tok/cpu-s':>11}")
+    for name, (tps, c, wmin, wmed) in results.items():
+        print(f"{name:<24}{rows:>6}{T:>9}{c:>8.3f}{wmin:>10.3f}{wmed:>10.3f}{tps:>11.0f}")
     ratio = results["EmbeddedEngine"][0] / results["transformers.generate"][0]
     print(f"rollout_throughput: ratio={ratio:.2f} (goal 2)")
     return ratio

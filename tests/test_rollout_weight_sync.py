@@ -72,7 +72,7 @@ def test_corruption_and_mismatch_are_detected(tmp_path):
     m = json.loads((p / "manifest.json").read_text())
     m["files"]["../evil.safetensors"] = m["files"].pop(next(iter(m["files"])))
     (p / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(WeightSyncError, match="bad file name"):
+    with pytest.raises(WeightSyncError, match="bad file entry"):
         read_snapshot(p)
 
 

@@ -207,6 +207,8 @@ class EmbeddedEngine:
         temps = torch.where(greedy, torch.ones_like(temps), temps)
         topk = torch.where(greedy, torch.full_like(topk, V), topk)
         topp = torch.where(greedy, torch.ones_like(topp), topp)
+        self._need_filter = bool((topk < V).any()) or bool((topp < 1).any())
+        self._need_scale = bool((temps != 1).any())
         nstop = max([len(sp.stop_token_ids) for sp in plist] + [1])
         stops = torch.full((len(plist), nstop), -1, dtype=torch.long, device=dev)
         for i, sp in enumerate(plist):
@@ -272,17 +274,19 @@ class EmbeddedEngine:
         are never picked (their cdf equals the previous token's), and it needs one random number per
         row instead of one per vocabulary entry.
         """
-        scaled = logits / temps[:, None]
-        filtered = filter_logits(scaled, topk, topp)
-        logp = filtered.log_softmax(dim=-1)
-        cdf = logp.exp().cumsum(dim=-1)
+        scaled = logits / temps[:, None] if self._need_scale else logits
+        filtered = filter_logits(scaled, topk, topp) if self._need_filter else scaled
+        probs = filtered.softmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
         u = self._uniform(alive, row_req, reqs, n)
         tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp_(max=logits.shape[-1] - 1)
         if bool(greedy.any()):
             tok = torch.where(greedy, logits.argmax(dim=-1), tok)
         if self.logprobs_mode == "raw_logprobs":
-            logp = logits.log_softmax(dim=-1)
-        return tok, logp.gather(1, tok[:, None]).squeeze(1)
+            return tok, logits.gather(1, tok[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        # log of the sampled token's probability: one gather instead of a full log_softmax (float32
+        # softmax has ~1e-7 relative error, so the log is accurate to ~1e-7 absolute)
+        return tok, probs.gather(1, tok[:, None]).squeeze(1).log()
 
     def _uniform(self, alive, row_req, reqs, n):
         """U(0, 1] per row: seeded requests draw n numbers per step from their own generator (then the

@@ -168,6 +168,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         dt = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -212,7 +214,8 @@ class Attention(nn.Module):
             # (HF's repeat_interleave), so fold the rep query heads of each KV head into the query axis
             S = k_all.shape[2]
             qh = qh.reshape(B, a.num_kv_heads, rep * q, a.head_dim)
-            mask = mask.unsqueeze(2).expand(B, 1, rep, q, S).reshape(B, 1, rep * q, S)
+            if q > 1:  # one query row per sequence broadcasts over the rep heads as it is
+                mask = mask.unsqueeze(2).expand(B, 1, rep, q, S).reshape(B, 1, rep * q, S)
         out = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask)
         out = out.reshape(B, a.num_heads, q, a.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, q, a.num_heads * a.head_dim))
@@ -309,6 +312,16 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         self.refresh_fused()
 
+    def rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of position * inv_freq for positions [0, length) (grown by doubling, kept per dtype)."""
+        tab = getattr(self, "_rope", None)
+        if tab is None or tab[0].shape[0] < length or tab[0].dtype != dtype or tab[0].device != self.inv_freq.device:
+            n = max(length, 2 * (tab[0].shape[0] if tab is not None else 256))
+            freqs = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope = tab = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return tab
+
     def refresh_fused(self) -> None:
         """Rebuild the fused q/k/v and gate/up matrices from the HF-named parameters."""
         for layer in self.model.layers:
@@ -387,12 +400,13 @@ class CausalLM(nn.Module):
             idx = torch.arange(q, device=tokens.device)
             own[:, idx, cache.length + idx] = True
             mask = torch.where(pad_q[:, :, None], own, mask)
-        mask = mask[:, None]  # [B, 1, q, S]
-
-        freqs = qpos.clamp(min=0).to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [B, q, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        # additive float mask (0 / -inf): SDPA's CPU kernels are faster with it than with a bool mask
         dt = self.lm_head.weight.dtype
-        cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+        mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
+
+        cos, sin = self.rope_tables(int(qpos.max()) + 1, dt)
+        idx = qpos.clamp(min=0)
+        cos, sin = cos[idx][:, None], sin[idx][:, None]  # [B, 1, q, d]
 
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
