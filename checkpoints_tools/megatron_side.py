@@ -95,6 +95,9 @@ def prestart_checkpoint_writer() -> None:
     milliseconds. Call this before any process group or model exists (no gloo threads, no CUDA context yet), so
     the fork copies a quiet process; the Manager child only serves the queue. No-op if the queue exists.
     """
+    from megatron_amir.model.compat import apply_cpu_compat
+
+    apply_cpu_compat()  # importing megatron.core needs the Triton stand-in where triton is absent
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async.get_write_results_queue(mp_mode="fork")
