@@ -126,9 +126,12 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     pool_fn([r for _, r, _ in warm], [g for g, _, _ in warm])  # starts and warms the workers
     startup_s = time.perf_counter() - t
-    seq_s = seq_cpu = pool_s = pool_cpu = 0.0
+    seq_s = seq_cpu = pool_s = pool_cpu = busy_seq = busy_pool = 0.0
     seq_correct = pool_correct = timeouts = errors = 0
     rounds = max(1, args.rounds)
+    # the parallelism this machine offers right now: the same pure-CPU busy loop sequentially vs in the
+    # pool, measured inside the same rounds (the ceiling for the ratio under the current load)
+    busy = [(range(3_000_000),)] * (2 * args.workers)
     for r in range(rounds):
         part = items[r::rounds]
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
@@ -138,6 +141,10 @@ def main(argv=None) -> None:
                 seq_cpu += _cpu_seconds() - c0
                 seq_s += dt
                 seq_correct += ok
+                t = time.perf_counter()
+                for w in busy:
+                    sum(*w)
+                busy_seq += time.perf_counter() - t
             else:
                 pids = pool_fn.pool.pids()
                 c0, t = _cpu_seconds(pids), time.perf_counter()
@@ -146,15 +153,10 @@ def main(argv=None) -> None:
                 pool_cpu += _cpu_seconds(pids) - c0
                 pool_correct += sum(res.correct)
                 timeouts, errors = timeouts + res.timeouts, errors + res.errors
-    # what parallelism this machine offers right now: the same busy loop sequentially vs in the pool
-    work = [(range(2_000_000),)] * (4 * args.workers)
-    t = time.perf_counter()
-    for w in work:
-        sum(*w)
-    busy_seq = time.perf_counter() - t
-    t = time.perf_counter()
-    pool_fn.pool.map("builtins:sum", work)
-    headroom = busy_seq / (time.perf_counter() - t)
+                t = time.perf_counter()
+                pool_fn.pool.map("builtins:sum", busy)
+                busy_pool += time.perf_counter() - t
+    headroom = busy_seq / busy_pool
     pool_fn.close()
     rows.append(("math-verify sequential (1 process)", len(items), seq_s, seq_cpu,
                  f"{seq_correct}/{n_equiv} equiv"))

@@ -88,6 +88,10 @@ ADVERSARIAL = [
     r"\boxed{1}" * 100_000,  # many boxes
     "\ud800\udfff broken surrogates \\boxed{\ud800}",
     r"\boxed{\int_0^\infty e^{-x^{100}} \, dx \cdot \sum_{n=1}^{10^{10}} n^{n}}",
+    # inputs that survive truncation whole (<= max_answer_chars), so the parser really sees them
+    r"\boxed{" + "{" * 900 + "1" + "}" * 900 + "}",
+    r"\boxed{" + r"\frac{1}{3}+" * 150 + "1}",
+    r"\boxed{" + "(" * 600 + "1" + ")" * 600 + "}",
 ]
 
 
@@ -143,7 +147,7 @@ def test_each_adversarial_call_within_hard_limit():
     """Per-call timing straight from the pool (answers as extracted and truncated by the reward)."""
     from megatron_amir.rewards.extract import extract_answer, truncate
 
-    with SandboxPool(2, timeout_s=TIMEOUT, memory_limit_mb=1024, grace_s=GRACE,
+    with SandboxPool(2, timeout_s=1.0, memory_limit_mb=1024, grace_s=GRACE,
                      preload=("megatron_amir.rewards.math_worker",)) as pool:
         args = []
         for text in ADVERSARIAL:
@@ -223,3 +227,25 @@ def test_format_weight_and_cache(math_fn):
         assert fn.stats["pool_calls"] == calls  # cached per (gold, answer)
     finally:
         fn.close()
+
+
+def test_workers_do_not_reimport_the_main_script(tmp_path):
+    """A trainer script's top level (e.g. `import torch`) must not run again in every reward worker."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    marker = tmp_path / "marker"
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import os, sys\n"
+        f"open({str(marker)!r}, 'a').write('imported\\n')\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from megatron_amir.rewards.pool import SandboxPool\n"
+        "if __name__ == '__main__':\n"
+        "    with SandboxPool(2, timeout_s=2) as p:\n"
+        "        print([r.status for r in p.map('os:getpid', [()] * 4)])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "['ok', 'ok', 'ok', 'ok']" in out.stdout
+    assert marker.read_text().count("imported") == 1

@@ -24,12 +24,16 @@ back per call, in input order. Nothing is ever ``eval``'ed: inputs are data pass
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
+import types
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -85,6 +89,8 @@ def _worker_main(conn, timeout_s: float, wall_limit_s: float, memory_limit_bytes
     while True:
         try:
             msg = conn.recv()
+        except _Deadline:  # a timer signal that was already pending when the call ended: ignore
+            continue
         except (EOFError, OSError):
             return
         if msg[0] == "stop":
@@ -116,13 +122,36 @@ def _worker_main(conn, timeout_s: float, wall_limit_s: float, memory_limit_bytes
 
 
 # ============================================================================================ parent side
+_MAIN_SWAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main_module():
+    """Start children without re-importing the parent's ``__main__``.
+
+    spawn/forkserver children normally re-import the parent's main script (as ``__mp_main__``). For a
+    trainer script that imports torch this costs seconds per worker start and ~600 MB of address space,
+    which would count against the worker's RLIMIT_AS. The workers need nothing from it, so while a
+    worker starts, ``__main__`` is briefly replaced by an empty module (no ``__file__``/``__spec__``,
+    hence nothing to re-import)."""
+    with _MAIN_SWAP_LOCK:
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if saved is not None:
+                sys.modules["__main__"] = saved
+
+
 class _Worker:
     def __init__(self, ctx, timeout_s, wall_limit_s, mem_bytes, preload):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main,
                                 args=(child, timeout_s, wall_limit_s, mem_bytes, tuple(preload)),
                                 daemon=True, name="megatron-amir-reward-worker")
-        self.proc.start()
+        with _without_main_module():
+            self.proc.start()
         child.close()
         self.ready = False
         self.pending: deque[int] = deque()  # call indices sent and not yet answered, in order
