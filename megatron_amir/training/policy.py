@@ -82,12 +82,14 @@ class Policy:
         from megatron.core.transformer.module import Float16Module
 
         self.cfg = cfg
-        # where the model lives: Megatron creates parameters on torch.cuda.current_device() on GPU
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._loss_fn = loss_fn
         self.trainable = train
         # distributed groups + seeds
         self.info: ParallelInfo = init_parallel(cfg.parallel, cfg.train.seed)
+        # where the model lives: Megatron creates parameters on torch.cuda.current_device() (set from
+        # LOCAL_RANK by init_parallel) on GPU
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
         m = cfg.model
         if m.vocab_size % self.info.tp_size:
             raise ValueError(
