@@ -29,7 +29,7 @@ __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer
 
 _META_FILE = "megatron_amir_tokenizer.json"
 _SPM_FILE = "tokenizer.model"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 # chat markers of the demo tokenizer; each is one token (user-defined symbol)
 DEMO_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # always-single-token pieces of the demo vocabulary (the answer marker of the synthetic task)
@@ -214,7 +214,8 @@ def demo_tokenizer(cache_dir: str | os.PathLike, texts: Sequence[str], vocab_siz
     corpus = [t for t in texts if t]
     if not corpus:
         raise ValueError("demo_tokenizer: no texts to train on")
-    corpus.append(string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", ""))
+    # every printable ASCII character, one per line: covered by the vocabulary, but no merges learned
+    corpus.extend(c for c in string.printable if c not in "\x0b\x0c\r\n")
     h = hashlib.sha256()
     h.update(json.dumps({"v": _FORMAT_VERSION, "vocab": vocab_size, "type": model_type,
                          "spm": spm.__version__,
