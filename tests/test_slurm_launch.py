@@ -197,3 +197,28 @@ def test_convert_sbatch_hf_to_mcore(slurm_cluster, tmp_path):
     assert (res.state, res.exit_code) == ("COMPLETED", 0), (d / "convert.log").read_text()[-3000:]
     assert out.is_dir() and any(out.rglob("*")), "the converter wrote nothing"
     assert "convert exited with 0" in (d / "batch.log").read_text()
+
+
+def test_daemons_die_with_the_session_that_started_them(slurm_cluster, tmp_path):
+    """A test session killed hard (SIGKILL, `timeout`) never runs its teardown: its daemons must not outlive it."""
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from slurm_harness import SlurmCluster\n"
+            "c = SlurmCluster(nodes=1).start()\n"
+            "print(' '.join(str(p.pid) for p in c.procs.values()), flush=True)\n"
+            "time.sleep(300)\n") % str(ROOT / "tests")
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 3  # munged, slurmctld, one slurmd
+    assert all(os.path.exists(f"/proc/{p}") for p in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and
+                 Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"daemons outlived their session: {alive}"
