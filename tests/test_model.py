@@ -127,3 +127,20 @@ def test_cpu_guards():
         build(fp8="e4m3")
     with pytest.raises(ValueError, match="sequence_parallel is not supported on CPU"):
         transformer_config(ModelConfig(**SMALL), ParallelConfig(sequence_parallel=True))
+
+
+def test_fp8_recipe_needs_the_right_gpu():
+    """Pure check of recipe vs compute capability (the GPU path calls it with the real capability)."""
+    from megatron_amir.model.builder import FP8UnavailableError, check_fp8_support
+
+    check_fp8_support(ModelConfig(**SMALL), (7, 0))  # no FP8 requested: nothing to check
+    check_fp8_support(ModelConfig(**SMALL, fp8="hybrid", fp8_recipe="tensorwise"), (9, 0))
+    check_fp8_support(ModelConfig(**SMALL, fp8="e4m3", fp8_recipe="delayed"), (8, 9))
+    check_fp8_support(ModelConfig(**SMALL, fp8="hybrid", fp8_recipe="blockwise"), (9, 0))
+    check_fp8_support(ModelConfig(**SMALL, fp8="hybrid", fp8_recipe="mxfp8"), (10, 0))
+    with pytest.raises(FP8UnavailableError, match="fp8_recipe='mxfp8'.*>= 10.0; this one is 9.0"):
+        check_fp8_support(ModelConfig(**SMALL, fp8="hybrid", fp8_recipe="mxfp8"), (9, 0))
+    with pytest.raises(FP8UnavailableError, match="blockwise"):
+        check_fp8_support(ModelConfig(**SMALL, fp8="hybrid", fp8_recipe="blockwise"), (8, 9))
+    with pytest.raises(FP8UnavailableError, match=">= 8.9; this one is 8.0"):
+        check_fp8_support(ModelConfig(**SMALL, fp8="e4m3"), (8, 0))

@@ -38,6 +38,19 @@ def te_available() -> bool:
     return True
 
 
+def check_fp8_support(model_cfg: ModelConfig, capability: tuple[int, int]) -> None:
+    """FP8 recipes the GPU can run (Transformer Engine): FP8 GEMMs need compute capability >= 8.9
+    (Ada/Hopper); blockwise scaling Hopper (9.x) or newer; MXFP8 Blackwell (10.x) or newer."""
+    if not model_cfg.fp8:
+        return
+    need = {"mxfp8": (10, 0), "blockwise": (9, 0)}.get(model_cfg.fp8_recipe, (8, 9))
+    if tuple(capability) < need:
+        raise FP8UnavailableError(
+            f"model.fp8_recipe={model_cfg.fp8_recipe!r} (model.fp8={model_cfg.fp8!r}) needs a GPU of compute "
+            f"capability >= {need[0]}.{need[1]}; this one is {capability[0]}.{capability[1]}"
+        )
+
+
 def choose_transformer_impl(model_cfg: ModelConfig) -> str:
     """The one place that decides 'transformer_engine' vs 'local'.
 
@@ -51,6 +64,8 @@ def choose_transformer_impl(model_cfg: ModelConfig) -> str:
             f"(cuda available: {torch.cuda.is_available()}, transformer_engine importable: {te_available()}); "
             "unset model.fp8 to train in bf16/fp32 on this machine"
         )
+    if model_cfg.fp8:
+        check_fp8_support(model_cfg, torch.cuda.get_device_capability())
     if model_cfg.transformer_impl == "transformer_engine":
         if not have_te:
             raise FP8UnavailableError(
