@@ -37,11 +37,10 @@ def check_parallel(model_cfg, tp: int, pp: int) -> None:
     """TP must divide attention and KV heads, PP the layers (the checkpoint must load at that layout)."""
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
-    if model_cfg.num_attention_heads % tp or model_cfg.num_kv_heads % tp:
-        raise ValueError(
-            f"TP={tp} does not divide num_attention_heads={model_cfg.num_attention_heads} and "
-            f"num_key_value_heads={model_cfg.num_kv_heads}"
-        )
+    for field, n in (("num_attention_heads", model_cfg.num_attention_heads),
+                     ("num_key_value_heads", model_cfg.num_kv_heads)):
+        if n % tp:
+            raise ValueError(f"TP={tp} does not divide {field}={n} (TP must divide attention and KV heads)")
     if model_cfg.num_layers % pp:
         raise ValueError(f"PP={pp} does not divide num_hidden_layers={model_cfg.num_layers}")
 

@@ -65,6 +65,7 @@ def mcore_logits(converted, tokens):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"tp{x[0]}pp{x[1]}")
 def test_logit_parity(layout, mcore_logits, hf_logits):
     got = mcore_logits[layout]
@@ -217,3 +218,17 @@ def test_cli_main(converted, tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert main(["hf-to-mcore", "--hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_export_from_trainer_step_dir(converted, tmp_path):
+    """mcore-to-hf also reads a trainer step directory (model/ + meta.json holding the resolved config)."""
+    import shutil
+
+    src = converted["llama3-untied"]["mc"][1]
+    meta = json.loads((src / "megatron_amir_model.json").read_text())
+    step = tmp_path / "step_00000010"
+    shutil.copytree(src / "model", step / "model")
+    (step / "meta.json").write_text(json.dumps({"step": 10, "config": {"model": meta["model"]}}))
+    mcore_to_hf(step, tmp_path / "hf", vocab_size=meta["original_vocab_size"])
+    a, b = _load_dir(converted["llama3-untied"]["hf"]), _load_dir(tmp_path / "hf")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
