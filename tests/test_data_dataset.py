@@ -173,3 +173,18 @@ def test_templates_and_length_filter(tmp_path):
     assert "dropped 1" in rep.summary() and "c (" in rep.summary()
     with pytest.raises(ValueError, match="no prompt text"):
         filter_by_length(recs, tok, 10)
+
+
+def test_prepare_prompts_template_then_filter(tmp_path):
+    from megatron_amir.data.templates import prepare_prompts
+
+    tok = _CharTok()
+    recs = load_prompts(_write(tmp_path, GOOD))
+    out, rep = prepare_prompts(recs, tok, "gsm8k", max_prompt_tokens=20)
+    # "Question: 1+1=\nAnswer:" is 22 chars > 20: dropped; chat record rendered through the chat template
+    assert [r.id for r in out] == []
+    assert rep.dropped == 3
+    out, rep = prepare_prompts(recs, tok, "plain", max_prompt_tokens=1000)
+    assert [r.prompt for r in out][:2] == ["1+1=", "What is 3*4?"] and rep.dropped == 0
+    out, rep = prepare_prompts(recs, tok, "plain")
+    assert rep is None and len(out) == 3

@@ -83,3 +83,19 @@ def test_registry_dotted_paths_and_errors():
         get_reward_fn("megatron_amir.rewards.exact:nope")
     with pytest.raises(ValueError, match="not a registered name"):
         get_reward_fn("unknownname")
+
+
+def test_metrics_and_register():
+    from megatron_amir.rewards import REGISTRY, register_reward
+
+    res = get_reward_fn("exact")(["#### 1", "#### 2", "x"], ["1", "1", "1"])
+    m = res.metrics()
+    assert m["reward/mean"] == pytest.approx(1 / 3) and m["reward/accuracy"] == pytest.approx(1 / 3)
+    assert m["reward/format_rate"] == pytest.approx(2 / 3) and m["reward/timeouts"] == 0.0
+    register_reward("always_one", lambda **kw: get_reward_fn("tests.test_rewards_exact:user_reward"))
+    try:
+        assert get_reward_fn("always_one")(["ab"], ["cd"]).rewards == [1.0]
+    finally:
+        REGISTRY.pop("always_one")
+    with pytest.raises(ValueError, match="plain word"):
+        register_reward("a.b", ExactReward)

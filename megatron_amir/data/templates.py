@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-__all__ = ["Template", "get_template", "apply_template", "TEMPLATES", "BOXED_INSTRUCTION"]
+__all__ = ["Template", "get_template", "apply_template", "prepare_prompts", "TEMPLATES", "BOXED_INSTRUCTION"]
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -86,3 +86,15 @@ def apply_template(records: Sequence[Any], template: str | Template, tokenizer: 
             r = replace(r, prompt=text)
         out.append(r)
     return out
+
+
+def prepare_prompts(records: Sequence[Any], tokenizer: Any, template: str | Template = "plain",
+                    max_prompt_tokens: Optional[int] = None):
+    """Template + length filter in one call (what a trainer does with ``DataConfig.template`` and
+    ``DataConfig.max_prompt_tokens``): returns ``(records with rendered prompts, LengthReport | None)``."""
+    from .dataset import filter_by_length
+
+    out = apply_template(records, template, tokenizer)
+    if max_prompt_tokens is None:
+        return out, None
+    return filter_by_length(out, tokenizer, max_prompt_tokens)
