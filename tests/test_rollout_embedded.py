@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from megatron_amir.rollout.embedded import EmbeddedEngine, filter_logits
+from megatron_amir.rollout.embedded import EmbeddedEngine, filter_logits, request_stream_seed
 from megatron_amir.rollout.engine import Engine, GroupResult, SamplingParams
-from tests.rollout_helpers import tiny_hf_model
+from rollout_helpers import tiny_hf_model  # pytest puts tests/ on sys.path (no __init__.py)
 
 torch.set_num_threads(1)
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42, 43]]
@@ -187,3 +187,12 @@ def test_chunking_keeps_groups_and_order():
     whole = EmbeddedEngine(cfg, hf.state_dict()).generate(PROMPTS, sp, n=3)
     assert [g.request_id for g in chunked] == ["a", "b", "c", "d"]
     assert [[s.token_ids for s in g.samples] for g in chunked] == [[s.token_ids for s in g.samples] for g in whole]
+
+
+def test_stream_seed_mixes_prompt_and_seed():
+    """One batch-wide seed must not give every prompt the same random stream."""
+    a = request_stream_seed(7, [1, 2, 3])
+    assert a == request_stream_seed(7, [1, 2, 3])
+    assert len({a, request_stream_seed(7, [1, 2, 4]), request_stream_seed(8, [1, 2, 3]),
+                request_stream_seed(7, [1, 2, 3, 0])}) == 4
+    assert 0 <= a < 2**63

@@ -19,7 +19,7 @@ from megatron_amir.rollout.embedded import EmbeddedEngine
 from megatron_amir.rollout.engine import SamplingParams
 from megatron_amir.rollout.router import DiscoveryWatcher, VllmRouter, read_discovery_file
 from megatron_amir.rollout.weight_sync import write_snapshot
-from tests.rollout_helpers import tiny_hf_model
+from rollout_helpers import tiny_hf_model  # pytest puts tests/ on sys.path (no __init__.py)
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 torch.set_num_threads(1)
@@ -191,6 +191,22 @@ def test_discovery_file_drives_router_workers(fleet):
         r = httpx.post(f"{router.url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 2}, timeout=30)
         assert r.status_code == 200
     assert seen == [[live[0]], live, [live[1]]]
+
+
+@pytest.mark.parametrize("policy", ["power_of_two", "cache_aware", "random"])
+def test_router_policies_serve(fleet, policy):
+    live = [u for u, p in zip(fleet["urls"], fleet["procs"]) if p.poll() is None]
+    with VllmRouter(live, policy=policy, log_file=fleet["tmp"] / f"router-{policy}.log") as router:
+        client = FleetClient(router.url, live, timeout_s=30, backoff_s=0.05)
+
+        async def run():
+            try:
+                return await client.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_new_tokens=3), n=2)
+            finally:
+                await client.aclose()
+
+        groups = asyncio.run(run())
+    assert [len(g.samples) for g in groups] == [2, 2] and all(len(s.token_ids) == 3 for g in groups for s in g.samples)
 
 
 def test_direct_mode_fleet_engine(fleet):

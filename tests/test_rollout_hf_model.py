@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_amir.rollout.hf_model import CausalLM, HFConfigError, ModelArgs
-from tests.rollout_helpers import tiny_hf_model
+from rollout_helpers import tiny_hf_model  # pytest puts tests/ on sys.path (no __init__.py)
 
 torch.set_num_threads(1)
 

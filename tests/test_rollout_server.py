@@ -16,7 +16,7 @@ from megatron_amir.rollout.embedded import EmbeddedEngine
 from megatron_amir.rollout.engine import SamplingParams
 from megatron_amir.rollout.server import create_app
 from megatron_amir.rollout.weight_sync import write_snapshot
-from tests.rollout_helpers import tiny_hf_model
+from rollout_helpers import tiny_hf_model  # pytest puts tests/ on sys.path (no __init__.py)
 
 torch.set_num_threads(1)
 AUTH = {"Authorization": "Bearer s3cret"}

@@ -9,7 +9,7 @@ from megatron_amir.config import RolloutConfig
 from megatron_amir.rollout.embedded import EmbeddedEngine
 from megatron_amir.rollout.engine import SamplingParams
 from megatron_amir.rollout.vllm_engine import EXTENSION, vllm_serve_command, write_hf_dir
-from tests.rollout_helpers import tiny_hf_model
+from rollout_helpers import tiny_hf_model  # pytest puts tests/ on sys.path (no __init__.py)
 
 torch.set_num_threads(1)
 
