@@ -86,19 +86,28 @@ amir_srun_args() {
   AMIR_SRUN_ARGS=("${AMIR_CONTAINER_ARGS[@]}" "${extra[@]}")
 }
 
-# amir_run_forwarding COMMAND... -- run COMMAND (usually srun) in the background, forward SIGUSR1 and
-# SIGTERM that reach this batch shell to it, and wait for it even across those signals (bash's `wait`
-# returns early when a trapped signal arrives). Sets AMIR_RC to the command's exit code.
+# amir_run_forwarding COMMAND... -- run COMMAND (usually srun) in the background, forward SIGUSR1 that
+# reaches this batch shell (the preemption warning, --signal=B:USR1@...) to it, and wait for it even across
+# signals (bash's `wait` returns early when a trapped signal arrives). Sets AMIR_RC to its exit code.
+# SIGTERM is trapped but not forwarded: on scancel, time limit or preemption Slurm sends it to every task
+# itself, and a SIGTERM to srun makes srun kill its step after KillWait, the same deadline.
 amir_run_forwarding() {
   "$@" &
-  amir_wait_forwarding $!
+  amir_wait_forwarding $! USR1
 }
 
-# amir_wait_forwarding PID -- the waiting half of amir_run_forwarding, for a step already started with &.
+# amir_wait_forwarding PID [SIGNAL...] -- the waiting half of amir_run_forwarding, for a step already started
+# with &: forward the listed signals (none: only record them).
 amir_wait_forwarding() {
   AMIR_CHILD=$1
-  trap 'amir__forward USR1' USR1
-  trap 'amir__forward TERM' TERM
+  shift
+  local sig
+  trap 'AMIR_SIGNALLED=USR1; amir_log "got SIGUSR1"' USR1
+  trap 'AMIR_SIGNALLED=TERM; amir_log "got SIGTERM: Slurm signals every task itself; waiting for the step"' TERM
+  for sig in "$@"; do
+    # shellcheck disable=SC2064  # expand $sig now: one trap per signal
+    trap "amir__forward $sig" "$sig"
+  done
   while kill -0 "$AMIR_CHILD" 2>/dev/null; do
     wait "$AMIR_CHILD" || true
   done

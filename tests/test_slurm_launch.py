@@ -222,3 +222,31 @@ def test_daemons_die_with_the_session_that_started_them(slurm_cluster, tmp_path)
                  Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] != "Z"]
         time.sleep(0.2)
     assert not alive, f"daemons outlived their session: {alive}"
+
+
+def test_fleet_sbatch_registers_every_server_and_cleans_up_on_scancel(slurm_cluster, tmp_path):
+    disc = tmp_path / "fleet" / "servers.txt"
+    env = {"MEGATRON_AMIR_PYTHON": PY, "MEGATRON_AMIR_LOG_ROOT": str(tmp_path / "logs"),
+           "MEGATRON_AMIR_DISCOVERY_FILE": str(disc), "MEGATRON_AMIR_FLEET_READY_TIMEOUT": "60",
+           "MEGATRON_AMIR_FLEET_CMD": f"{PY} {ROOT}/tests/slurm_standin_server.py {{port}}"}
+    job = slurm_cluster.sbatch(["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/slurm-%j.out",
+                                "slurm/fleet.sbatch", "unused-model"], env=env, cwd=str(ROOT))
+    from launch.fleet_member import read_discovery_file
+
+    deadline = time.time() + 90
+    while len(read_discovery_file(disc)) < 2:
+        assert time.time() < deadline and slurm_cluster.job_record(job).get("JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    import urllib.request
+
+    seen = []
+    for url in read_discovery_file(disc):
+        with urllib.request.urlopen(url + "/whoami", timeout=10) as r:
+            seen.append(json.loads(r.read()))
+    assert sorted(s["procid"] for s in seen) == ["0", "1"] and sorted(s["node"] for s in seen) == ["n1", "n2"]
+    slurm_cluster.run(["scancel", str(job)])
+    res = slurm_cluster.wait_done(job, timeout=60)
+    assert res.state == "CANCELLED"
+    assert read_discovery_file(disc) == []  # every server removed itself on SIGTERM
+    logs = "".join(p.read_text() for p in job_dir(tmp_path, "amir-fleet", job).glob("fleet-*.log"))
+    assert logs.count("removed from") == 2
