@@ -188,3 +188,14 @@ def test_prepare_prompts_template_then_filter(tmp_path):
     assert [r.prompt for r in out][:2] == ["1+1=", "What is 3*4?"] and rep.dropped == 0
     out, rep = prepare_prompts(recs, tok, "plain")
     assert rep is None and len(out) == 3
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([GOOD[0], {"id": "b", "prompt": 3, "answer": "1"}]))
+    with pytest.raises(DatasetError, match=rf"{p}:item 2: field 'prompt' must be a string"):
+        load_prompts(p)
+    assert [r.id for r in load_prompts(p, on_bad_record="skip")] == ["a"]
+    p.write_text('[{"id": "a",\n "prompt": }]')
+    with pytest.raises(DatasetError, match=rf"{p}:2: bad JSON"):
+        load_prompts(p)

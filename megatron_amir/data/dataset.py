@@ -157,6 +157,30 @@ def _iter_jsonl(path: Path):
                 yield where, DatasetError(f"{where}: bad JSON: {exc.msg} (column {exc.colno})")
 
 
+def _iter_json_array(path: Path):
+    """A ``.json`` file holding one array of records: (``file:item N``, record)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: not valid UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} (column {exc.colno})") from None
+    for i, obj in enumerate(data, 1):
+        yield f"{path}:item {i}", obj
+
+
+def _is_json_array(path: Path) -> bool:
+    if path.suffix != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head[:1] == b"["
+
+
 def _iter_parquet(path: Path):
     try:
         import pyarrow.parquet as pq
@@ -172,7 +196,8 @@ def _iter_parquet(path: Path):
 
 
 def load_prompts(path: str | Path, on_bad_record: str = "error") -> PromptList:
-    """Load and validate a JSONL (``.jsonl``/``.json`` lines) or Parquet (``.parquet``) prompt file.
+    """Load and validate a JSONL (``.jsonl``, or ``.json`` with one object per line), a JSON array
+    (``.json`` starting with ``[``; records are named ``file:item N``) or Parquet (``.parquet``) file.
 
     on_bad_record: ``error`` raises DatasetError at the first bad record; ``skip`` drops bad records,
     counting them in ``PromptList.skipped`` with their messages in ``.problems``. Duplicate ids are bad
@@ -183,7 +208,12 @@ def load_prompts(path: str | Path, on_bad_record: str = "error") -> PromptList:
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{p}: no such file")
-    rows = _iter_parquet(p) if p.suffix == ".parquet" else _iter_jsonl(p)
+    if p.suffix == ".parquet":
+        rows = _iter_parquet(p)
+    elif _is_json_array(p):
+        rows = _iter_json_array(p)
+    else:
+        rows = _iter_jsonl(p)
     out = PromptList(source=str(p))
     seen: dict[str, str] = {}
     for where, obj in rows:
