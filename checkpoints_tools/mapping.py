@@ -32,6 +32,7 @@ on the way in, ``spec`` picks the spelling on the way out.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
@@ -376,6 +377,13 @@ class ModelMapping:
 
 
 def model_mapping(cfg: ModelConfig) -> ModelMapping:
+    """The (cached) mapping of a model config; per-tensor callers such as weight sync reuse the compiled table."""
+    return _cached_mapping(cfg.model_dump_json())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_mapping(cfg_json: str) -> ModelMapping:
+    cfg = ModelConfig.model_validate_json(cfg_json)
     return ModelMapping(cfg, family_for_arch(cfg.arch).table(cfg))
 
 
