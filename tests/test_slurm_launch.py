@@ -250,3 +250,28 @@ def test_fleet_sbatch_registers_every_server_and_cleans_up_on_scancel(slurm_clus
     assert read_discovery_file(disc) == []  # every server removed itself on SIGTERM
     logs = "".join(p.read_text() for p in job_dir(tmp_path, "amir-fleet", job).glob("fleet-*.log"))
     assert logs.count("removed from") == 2
+
+
+@pytest.mark.slow
+def test_hetjob_with_real_embedded_server(slurm_cluster, tmp_path):
+    """The hetjob's embedded path end to end except the Megatron update: seed snapshot (launch/fleet_seed.py),
+    the real server (megatron_amir.rollout.server) registered by fleet_member, and the trainer's FleetEngine
+    (router, discovery file, file weight sync under the job's token and weights root) pushing new weights
+    every step and sampling from them."""
+    env = standin_env(tmp_path, MEGATRON_AMIR_FLEET_ENGINE="embedded", STANDIN_FLEET_ENGINE="1",
+                      MEGATRON_AMIR_FLEET_READY_TIMEOUT="240")
+    args = [*run_args(tmp_path, 2), "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128"]
+    job = slurm_cluster.sbatch(["-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/amir_hetjob.sbatch", *args],
+                               env=env, cwd=str(ROOT))
+    res = slurm_cluster.wait_done(job, timeout=280)
+    d = job_dir(tmp_path, "amir-hetjob", job)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(d.glob("*.log")))
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), logs
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["sample_versions"] for r in rows] == [[1], [2]]  # each step sampled from the weights it pushed
+    assert sorted(p.name for p in (d / "weights").iterdir() if p.is_dir())[-1].endswith("2")
+    batch = (d / "batch.log").read_text()
+    assert "seed snapshot for the embedded servers" in batch and "1 rollout server(s) registered" in batch
+    assert "MEGATRON_AMIR_TOKEN" not in (d / "job.env").read_text()
+    assert (d / "servers.txt").read_text().strip() == ""
