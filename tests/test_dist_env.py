@@ -215,3 +215,22 @@ def test_gloo_allreduce_from_slurm_variables():
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     assert sorted(o.split() for o, _ in outs) == [["0", "2", "gloo", "3.0"], ["1", "2", "gloo", "3.0"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (nccl backend)")
+def test_auto_backend_is_nccl_on_gpu_and_binds_local_rank():
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from launch.dist_env import init_process_group\n"
+        "from megatron_amir.config import ParallelConfig\n"
+        "d = init_process_group(ParallelConfig(backend='auto'), timeout_s=60)\n"
+        "t = torch.ones(1, device='cuda'); dist.all_reduce(t)\n"
+        "print(dist.get_backend(), torch.cuda.current_device(), t.item())\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **slurm_step_env(procid=0, ntasks=1,
+                                                                                  job_id=_job_id_with_free_port())}
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["nccl", "0", "1.0"]
