@@ -193,6 +193,31 @@ def test_discovery_file_drives_router_workers(fleet):
     assert seen == [[live[0]], live, [live[1]]]
 
 
+def test_gloo_broadcast_weight_update(fleet):
+    """The collective path on CPU: tensors broadcast over gloo to every live server, announced with
+    vLLM's update_info; then greedy outputs equal the trainer-side transformers model."""
+    live = [u for u, p in zip(fleet["urls"], fleet["procs"]) if p.poll() is None]
+    trainer_model, _ = tiny_hf_model("llama", seed=21)
+    client = FleetClient(None, live, token=TOKEN, timeout_s=60, backoff_s=0.05)
+    prompt = [2, 7, 1, 8]
+
+    async def run():
+        try:
+            report = await client.update_weights_broadcast(trainer_model.state_dict(), 8)
+            versions = await client.weight_versions()
+            groups = await client.generate([prompt] * len(live), SamplingParams(temperature=0, max_new_tokens=10))
+            return report, versions, groups
+        finally:
+            await client.aclose()
+
+    report, versions, groups = asyncio.run(run())
+    assert report == {u: "ok" for u in live} and set(versions.values()) == {"8"}
+    ids = torch.tensor([prompt])
+    ref = trainer_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+    assert all(g.samples[0].token_ids == ref and g.weight_version == 8 for g in groups)  # direct mode: every server
+
+
 @pytest.mark.parametrize("policy", ["power_of_two", "cache_aware", "random"])
 def test_router_policies_serve(fleet, policy):
     live = [u for u, p in zip(fleet["urls"], fleet["procs"]) if p.poll() is None]

@@ -86,6 +86,11 @@ def test_file_weight_update_version_and_rejections(served):
     assert c.post("/update_weights", json={"update_info": "x"}, headers=AUTH).status_code == 400
     assert c.post("/init_weight_transfer_engine", json={"init_info": {"backend": "nccl"}},
                   headers=AUTH).status_code == 400
+    assert c.post("/init_weight_transfer_engine", json={"init_info": {"backend": "gloo", "master_port": 1}},
+                  headers=AUTH).status_code == 400
+    r = c.post("/update_weights", json={"update_info": {"names": ["x"], "dtype_names": ["float32"], "shapes": [[1]]}},
+               headers=AUTH)
+    assert r.status_code == 400 and "init_weight_transfer_engine" in r.json()["error"]["message"]
     assert c.get("/weight_info").json() == {"weight_version": "11"}
     assert c.post("/update_weight_version", json={"new_version": "12"}, headers=AUTH).json() == \
         {"success": True, "new_version": "12"}

@@ -285,6 +285,42 @@ class FleetClient:
         self.weight_version = int(version)
         return report
 
+    async def update_weights_broadcast(self, named_tensors: NamedTensors, version: int,
+                                       master_address: str = "127.0.0.1", master_port: Optional[int] = None
+                                       ) -> dict[str, str]:
+        """Collective path on CPU fleets: form a gloo group with every server (trainer = rank 0, server
+        i = rank i + 1) on first use, then per update: pause -> start_weight_update -> update_weights
+        (vLLM's update_info: names, dtype_names, shapes, version) on every server while this process
+        broadcasts the tensors in that order -> finish_weight_update -> resume."""
+        from megatron_amir.rollout.router import free_port
+        from megatron_amir.rollout.weight_sync import TensorBroadcaster, send_tensors, update_info
+
+        items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        servers = list(self.servers)
+        if not servers:
+            raise FleetError("no servers to update (servers list is empty)")
+        if getattr(self, "_bcast", None) is None or self._bcast_servers != servers:
+            port = master_port or free_port(master_address)
+            world = len(servers) + 1
+            joins = [self._post(u, "/init_weight_transfer_engine", {"init_info": {
+                "backend": "gloo", "master_address": master_address, "master_port": port,
+                "rank_offset": i + 1, "world_size": world}}) for i, u in enumerate(servers)]
+            comm_task = asyncio.to_thread(TensorBroadcaster.gloo, master_address, port, 0, world)
+            *_, comm = await asyncio.gather(*joins, comm_task)
+            self._bcast, self._bcast_servers = comm, servers
+        info = {**update_info(items), "version": int(version)}
+        await asyncio.gather(*(self._post(u, "/pause", params={"mode": "wait"}) for u in servers))
+        try:
+            await asyncio.gather(*(self._post(u, "/start_weight_update", {"is_checkpoint_format": True})
+                                   for u in servers))
+            await asyncio.gather(*(self._post(u, "/update_weights", {"update_info": info}) for u in servers),
+                                 asyncio.to_thread(send_tensors, self._bcast, items))
+            await asyncio.gather(*(self._post(u, "/finish_weight_update", {}) for u in servers))
+        finally:
+            await asyncio.gather(*(self._post(u, "/resume", {}) for u in servers), return_exceptions=True)
+        self.weight_version = int(version)
+        return {u: "ok" for u in servers}
+
     async def weight_versions(self) -> dict[str, Optional[str]]:
         async def one(url: str) -> Optional[str]:
             try:

@@ -12,7 +12,7 @@ Routes
   POST (bearer token)      /pause?mode=keep|wait|abort, /resume, /init_weight_transfer_engine,
                            /start_weight_update, /update_weights, /finish_weight_update,
                            /update_weight_version, /reset_prefix_cache, /collective_rpc
-  Weight updates use the file backend: ``/update_weights {"update_info": {"path": <snapshot dir>,
+  Weight updates use the file backend, or a gloo broadcast group with vLLM's update_info (see below): ``/update_weights {"update_info": {"path": <snapshot dir>,
   "version": <int>}}`` loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
   ``/collective_rpc {"method": "load_snapshot", "args": [path, version]}`` does the same through the
   route a stock ``vllm serve`` with our worker extension offers, so the client has one code path.
@@ -198,7 +198,7 @@ def create_app(
     those routes answer 403, the server cannot be changed). ``weights_root``: if set, weight updates may
     only load snapshots under this directory."""
     stats = _Stats()
-    state: dict[str, Any] = {"batcher": None, "updating": False}
+    state: dict[str, Any] = {"batcher": None, "updating": False, "broadcaster": None}
     app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     root = Path(weights_root).resolve() if weights_root else None
 
@@ -375,15 +375,36 @@ def create_app(
 
     @app.post("/init_weight_transfer_engine")
     async def init_transfer(request: Request):
+        """backend "file" (default): nothing to set up. backend "gloo": join the trainer's broadcast
+        group ({master_address, master_port, rank_offset, world_size}; this server is rank rank_offset);
+        blocks until every member has joined."""
         require_token(request)
         body = await json_body(request)
         info = body.get("init_info", {})
         if not isinstance(info, dict):
             raise ApiError(400, "init_info must be an object", "init_info")
         backend = info.get("backend", "file")
-        if backend != "file":
-            raise ApiError(400, f"backend {backend!r} is not available on the embedded server (file only)",
+        if backend == "file":
+            return {"message": "Weight transfer initialized"}
+        if backend != "gloo":
+            raise ApiError(400, f"backend {backend!r} is not available on the embedded server (file or gloo)",
                            "init_info.backend")
+        try:
+            host, port = str(info["master_address"]), int(info["master_port"])
+            rank, world = int(info["rank_offset"]), int(info["world_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(400, "gloo init_info needs master_address, master_port, rank_offset, world_size",
+                           "init_info") from None
+        if not 0 < rank < world:
+            raise ApiError(400, f"rank_offset {rank} must be in [1, world_size={world})", "init_info.rank_offset")
+        from megatron_amir.rollout.weight_sync import TensorBroadcaster
+
+        loop = asyncio.get_running_loop()
+        try:
+            state["broadcaster"] = await loop.run_in_executor(
+                None, lambda: TensorBroadcaster.gloo(host, port, rank, world, timeout_s=60))
+        except Exception as exc:  # noqa: BLE001 - rendezvous failures are the caller's to fix
+            raise ApiError(400, f"could not join the weight broadcast group: {exc}", "init_info") from None
         return {"message": "Weight transfer initialized"}
 
     @app.post("/start_weight_update")
@@ -416,12 +437,35 @@ def create_app(
 
     @app.post("/update_weights")
     async def update_weights(request: Request):
+        """File backend: update_info {path, version}. Broadcast backend (after a gloo init): vLLM's
+        update_info {names, dtype_names, shapes} (+ optional version); the tensors arrive by broadcast."""
         require_token(request)
         body = await json_body(request)
         info = body.get("update_info")
         if not isinstance(info, dict):
-            raise ApiError(400, "update_weights needs {'update_info': {'path': <snapshot dir>, 'version': <int>}}",
-                           "update_info")
+            raise ApiError(400, "update_weights needs {'update_info': {'path': <snapshot dir>, 'version': <int>}} "
+                                "or {'update_info': {'names', 'dtype_names', 'shapes'}}", "update_info")
+        if "names" in info:
+            comm = state.get("broadcaster")
+            if comm is None:
+                raise ApiError(400, "broadcast update without init_weight_transfer_engine(backend=gloo)",
+                               "update_info")
+            version = info.get("version")
+            if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+                raise ApiError(400, "update_info.version must be an integer", "update_info.version")
+            from megatron_amir.rollout.weight_sync import receive_tensors
+
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            try:
+                tensors = await loop.run_in_executor(None, lambda: receive_tensors(comm, info))
+                new_version = engine.version if version is None else version
+                await loop.run_in_executor(None, lambda: engine.load_weights(tensors, new_version))
+            except (KeyError, ValueError) as exc:
+                raise ApiError(400, f"weight update failed: {exc}", "update_info") from None
+            stats.weight_updates += 1
+            return {"message": "Weights updated", "weight_version": str(engine.version),
+                    "num_tensors": len(tensors), "seconds": round(time.perf_counter() - t0, 4)}
         out = await load_snapshot(info.get("path"), info.get("version"), "update_info")
         return {"message": "Weights updated", "weight_version": str(engine.version), **out}
 

@@ -10,8 +10,11 @@
     when cores are free; the hash work itself (about 2 GB/s per core with SHA-NI) is the floor otherwise. No fsync: the rename
     makes a snapshot visible only when complete, which is what readers on the same host or a shared
     file system need; durability across power loss is the checkpoint's job, not the sync's.
-(b) Collective path (GPU): the trainer broadcasts each tensor over NCCL to vLLM's workers through
-    vLLM's native weight-transfer engine; see ``vllm_engine.NCCLWeightSender`` (imported lazily).
+(b) Collective path: the trainer broadcasts each tensor from rank 0 of a group it forms with the
+    rollout workers, announced with vLLM's update_info (names, dtype_names, shapes). On GPUs the group
+    is NCCL (``vllm_engine.NCCLWeightSender`` and the vLLM worker extension); ``TensorBroadcaster.gloo``
+    is the same protocol over gloo, used by the embedded server (``init_weight_transfer_engine`` with
+    backend "gloo") so CPU tests exercise it.
 
 Name mapping Megatron -> HF is not here: callers pass HF-named tensors (checkpoints_tools owns the map).
 """
@@ -306,3 +309,66 @@ def read_snapshot(path: Union[str, Path], verify: bool = True, expected_version:
     if len(tensors) != manifest.get("num_tensors", len(tensors)):
         raise WeightSyncError(f"{path}: {len(tensors)} tensors, manifest says {manifest.get('num_tensors')}")
     return Snapshot(path=path, version=manifest["version"], tensors=tensors, manifest=manifest)
+
+
+# ------------------------------------------------------------------------------------------- collective path
+class TensorBroadcaster:
+    """A broadcast group between the trainer (rank 0, the sender) and rollout workers, outside the
+    trainer's own torch.distributed world (its own TCPStore rendezvous, no init_process_group).
+
+    ``gloo`` runs on CPU (tests, CPU fleets); on GPUs the vLLM workers use vLLM's PyNccl communicator
+    with the same metadata and order (``vllm_engine.WeightSyncWorkerExtension``). The message format is
+    vLLM's NCCL update_info: parallel lists ``names``, ``dtype_names``, ``shapes``; tensors follow in
+    that order, each broadcast from rank 0.
+    """
+
+    def __init__(self, pg, rank: int, world_size: int, store):
+        self.pg, self.rank, self.world_size, self._store = pg, rank, world_size, store
+
+    @classmethod
+    def gloo(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float = 120.0) -> "TensorBroadcaster":
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store)
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+
+
+def update_info(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
+    """vLLM's update_info for a broadcast: {"names", "dtype_names", "shapes"} in sending order."""
+    items = list(named_tensors)
+    return {"names": [n for n, _ in items], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in items],
+            "shapes": [list(t.shape) for _, t in items]}
+
+
+def send_tensors(comm: TensorBroadcaster, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    for _, t in named_tensors:
+        comm.broadcast(t.detach().contiguous())
+
+
+def receive_tensors(comm: TensorBroadcaster, info: Mapping[str, Any], device="cpu") -> dict[str, torch.Tensor]:
+    """Receive the tensors ``info`` (update_info) announces, in order; validates the metadata first."""
+    names, dtypes, shapes = info.get("names"), info.get("dtype_names"), info.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not (
+            len(names) == len(dtypes) == len(shapes)):
+        raise ValueError("update_info needs parallel lists names, dtype_names, shapes")
+    out = {}
+    for name, dn, shape in zip(names, dtypes, shapes):
+        dtype = getattr(torch, str(dn), None)
+        if not isinstance(dtype, torch.dtype) or dtype not in _DTYPE_CODE:
+            raise ValueError(f"update_info: tensor {name!r} has unsupported dtype {dn!r}")
+        if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+            raise ValueError(f"update_info: tensor {name!r} has a bad shape {shape!r}")
+        t = torch.empty(shape, dtype=dtype, device=device)
+        comm.broadcast(t)
+        out[str(name)] = t
+    return out
