@@ -3,12 +3,19 @@ vLLM's API subset, the router + fleet client, and weight sync. Heavy parts impor
 
 from megatron_amir.rollout.engine import Engine, GroupResult, Sample, SamplingParams
 
-__all__ = ["Engine", "GroupResult", "Sample", "SamplingParams", "EmbeddedEngine"]
+__all__ = ["Engine", "GroupResult", "Sample", "SamplingParams", "EmbeddedEngine", "FleetClient", "FleetEngine",
+           "VLLMEngine"]
+_LAZY = {
+    "EmbeddedEngine": "megatron_amir.rollout.embedded",
+    "FleetClient": "megatron_amir.rollout.client",
+    "FleetEngine": "megatron_amir.rollout.client",
+    "VLLMEngine": "megatron_amir.rollout.vllm_engine",
+}
 
 
 def __getattr__(name):
-    if name == "EmbeddedEngine":
-        from megatron_amir.rollout.embedded import EmbeddedEngine
+    if name in _LAZY:
+        import importlib
 
-        return EmbeddedEngine
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron_amir.rollout' has no attribute {name!r}")

@@ -75,7 +75,7 @@ def request_stream_seed(seed: int, prompt: Sequence[int]) -> int:
 class _Request:
     """Book-keeping of one prompt's n rows during a generate call."""
 
-    __slots__ = ("index", "params", "generator", "rows")
+    __slots__ = ("index", "params", "generator")
 
     def __init__(self, index: int, params: SamplingParams, generator: Optional[torch.Generator]):
         self.index, self.params, self.generator = index, params, generator
