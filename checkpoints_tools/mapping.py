@@ -52,6 +52,7 @@ TE_FUSED_NORMS = {
 }
 SPECS = ("local", "te")
 TIED_HF_OUTPUT = "lm_head.weight"
+HF_DERIVED_SUFFIX = ".rotary_emb.inv_freq"
 
 
 class MappingError(ValueError):
@@ -484,6 +485,8 @@ def hf_to_mcore_named_tensors(
     for name, t in hf_tensors:
         if model_cfg.tie_word_embeddings and name == TIED_HF_OUTPUT:
             continue  # transformers' state_dict() lists the tied output weight; it is the embedding
+        if name.endswith(HF_DERIVED_SUFFIX):
+            continue  # older checkpoints store RoPE inverse frequencies; Megatron recomputes them
         mp, i, layer = mm.find_hf(name)
         if layer is not None and layer >= model_cfg.num_layers:
             raise MappingError(f"tensor '{name}' has layer {layer} >= num_layers={model_cfg.num_layers}")

@@ -149,6 +149,9 @@ def test_mapping_errors_name_the_tensor():
         list(hf_to_mcore_named_tensors([("model.layers.0.self_attn.foo", torch.zeros(1))], mc, vocab_size=256))
     with pytest.raises(MappingError, match=r"missing.*v_proj"):
         list(hf_to_mcore_named_tensors(list(good.items())[:2], mc, vocab_size=256))
+    # RoPE buffers some older checkpoints carry are derived, not weights: skipped
+    inv = [("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(2))]
+    assert list(hf_to_mcore_named_tensors(inv, mc, vocab_size=256)) == []
     with pytest.raises(MappingError, match="layer 7"):
         list(hf_to_mcore_named_tensors([("model.layers.7.input_layernorm.weight", torch.zeros(24))], mc,
                                        vocab_size=256))
