@@ -6,6 +6,7 @@ Four torchrun launches (gloo, CPU) of tests/dist/policy_worker.py share one modu
   pp2  (PP=2): same step; then loads the TP=2 checkpoint at PP=2 and records log-probs
   dp2  (DP=2, TP=1): same step, each rank on its own groups; then loads the TP=2 checkpoint at TP=1
   ref_tied / pp2_tied: the same with tied input/output embeddings, PP=2 against TP=PP=1
+  dp2_distopt: DP=2 with the DistributedOptimizer
 The loss is the real algorithms.prepare_batch + micro_batch_loss (GRPO + AMIR pair term), 4 micro-batches
 per step at DP=1 and 2 per rank at DP=2, so equal grad norms show that micro-batch and DP losses are
 summed, not averaged (Adam's update alone would hide a constant gradient scale).
@@ -47,7 +48,9 @@ def runs(tmp_path_factory):
     # tied input/output embeddings split over two pipeline stages (Megatron keeps a copy on the last stage)
     _torchrun(1, "ref", "--tied", "--init", "init_tied", "--out", str(out), "--name", "ref_tied")
     _torchrun(2, "step", "--tied", "--pp", "2", "--init", "init_tied", "--name", "pp2_tied", "--out", str(out))
-    names = ("ref", "tp2", "pp2", "dp2", "ref_tied", "pp2_tied")
+    # DP=2 with Megatron's DistributedOptimizer (optimizer state sharded over DP, params all-gathered)
+    _torchrun(2, "step", "--dist-opt", "--name", "dp2_distopt", "--out", str(out))
+    names = ("ref", "tp2", "pp2", "dp2", "ref_tied", "pp2_tied", "dp2_distopt")
     return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in names}
 
 
@@ -56,7 +59,7 @@ def _maxdiff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "pp2_tied"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "pp2_tied", "dp2_distopt"])
 def test_step_matches_single_process(runs, layout):
     ref, got = runs["ref_tied" if layout.endswith("_tied") else "ref"], runs[layout]
     assert got["world"] == 2 and ref["world"] == 1

@@ -24,13 +24,14 @@ torch.set_num_threads(1)
 N, L, G, VOCAB = 8, 12, 4, 64
 
 
-def make_cfg(tp: int, pp: int, mbs: int = 2, tied: bool = False):
+def make_cfg(tp: int, pp: int, mbs: int = 2, tied: bool = False, dist_opt: bool = False):
     from megatron_amir.config import Config
 
     return Config(
         model=dict(arch="qwen2", vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=48, num_layers=2,
                    num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=tied),
-        parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                      use_distributed_optimizer=dist_opt),
         algorithm=dict(amir=dict(enabled=True, lambda_init=0.05, adaptive_lambda=False, margin=0.5)),
         data=dict(prompts_per_step=N // G),
         rollout=dict(group_size=G),
@@ -75,12 +76,13 @@ def main() -> None:
     ap.add_argument("--load-after")
     ap.add_argument("--tied", action="store_true", help="tie input embedding and output layer")
     ap.add_argument("--init", default="init", help="subdirectory of --out holding the initial model")
+    ap.add_argument("--dist-opt", action="store_true", help="Megatron DistributedOptimizer (ZeRO-1 over DP)")
     args = ap.parse_args()
     out = Path(args.out)
 
     from megatron_amir.training.policy import Policy
 
-    cfg = make_cfg(args.tp, args.pp, tied=args.tied)
+    cfg = make_cfg(args.tp, args.pp, tied=args.tied, dist_opt=args.dist_opt)
     policy = Policy(cfg)
     tokens, mask, rewards, group_ids = make_batch()
     if args.mode == "ref":
@@ -102,6 +104,11 @@ def main() -> None:
         tmp = out / f".{args.name}.pt.tmp"
         torch.save(result, tmp)
         os.replace(tmp, out / f"{args.name}.pt")
+    # tear the groups down before interpreter exit (an undestroyed gloo group can abort at exit)
+    from megatron_amir.training.parallel import shutdown_parallel
+
+    torch.distributed.barrier()
+    shutdown_parallel(destroy_process_group=True)
 
 
 if __name__ == "__main__":
