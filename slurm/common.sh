@@ -58,6 +58,20 @@ amir_init() {
   trap 'AMIR_SIGNALLED=TERM; amir_log "got SIGTERM before the trainer started"' TERM
 }
 
+# amir_check_config ENTRY CONFIG [OVERRIDE...] -- validate the config before any node work starts and keep
+# the resolved copy as <job dir>/config.yaml (only for the real CLI, and not inside a container, where
+# the batch step may have no python).
+amir_check_config() {
+  local entry=$1
+  shift
+  if [ "$entry" != megatron_amir.cli ] || [ -n "${MEGATRON_AMIR_CONTAINER_IMAGE:-}" ]; then return 0; fi
+  if ! "$AMIR_PY" -m megatron_amir.cli config show "$@" > "$AMIR_JOB_DIR/config.yaml.tmp"; then
+    amir_log "invalid config: $*"
+    exit 2
+  fi
+  mv "$AMIR_JOB_DIR/config.yaml.tmp" "$AMIR_JOB_DIR/config.yaml"
+}
+
 # amir_log MESSAGE... -- timestamped line on stdout and in the per-job batch.log.
 amir_log() {
   local line

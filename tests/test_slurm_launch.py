@@ -275,3 +275,18 @@ def test_hetjob_with_real_embedded_server(slurm_cluster, tmp_path):
     assert "seed snapshot for the embedded servers" in batch and "1 rollout server(s) registered" in batch
     assert "MEGATRON_AMIR_TOKEN" not in (d / "job.env").read_text()
     assert (d / "servers.txt").read_text().strip() == ""
+
+
+def test_invalid_config_fails_before_any_task_starts(slurm_cluster, tmp_path):
+    """With the real CLI the batch script validates the config first: a bad key fails the job with exit 2
+    and the validation message, and no trainer task is launched."""
+    env = {"MEGATRON_AMIR_PYTHON": PY, "MEGATRON_AMIR_LOG_ROOT": str(tmp_path / "logs")}
+    job = slurm_cluster.sbatch(["-N", "2", "-n", "2", "-t", "10", f"--output={tmp_path}/slurm-%j.out",
+                                "slurm/train.sbatch", CONFIG, "train.stepz=3"], env=env, cwd=str(ROOT))
+    res = slurm_cluster.wait_done(job, timeout=120)
+    assert (res.state, res.exit_code) == ("FAILED", 2)
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "train.stepz" in out and "did you mean 'train.steps'" in out
+    d = job_dir(tmp_path, "amir-train", job)
+    assert "invalid config" in (d / "batch.log").read_text()
+    assert not list(d.glob("rank-*.log"))
