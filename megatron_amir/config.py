@@ -28,7 +28,10 @@ class ModelConfig(_Section):
     """Architecture of the policy (a Megatron-Core GPTModel). Field names follow HF config.json where possible."""
 
     arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
-    vocab_size: int = Field(512, ge=1)
+    vocab_size: int = Field(512, ge=1)  # rows of the embedding (may be padded beyond the tokenizer)
+    real_vocab_size: Optional[int] = Field(
+        None, ge=1, description="ids >= this are padding rows, never sampled (default: the tokenizer's size)"
+    )
     hidden_size: int = Field(64, ge=1)
     ffn_hidden_size: int = Field(128, ge=1)
     num_layers: int = Field(2, ge=1)
@@ -77,6 +80,8 @@ class ModelConfig(_Section):
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; set model.head_dim"
             )
+        if self.real_vocab_size is not None and self.real_vocab_size > self.vocab_size:
+            raise ValueError(f"real_vocab_size={self.real_vocab_size} > vocab_size={self.vocab_size}")
         if self.fp8_param and not self.fp8:
             raise ValueError("fp8_param=true needs model.fp8 set (e4m3 or hybrid)")
         return self

@@ -140,3 +140,18 @@ def test_temperature(chunk):
     assert torch.allclose(logits.grad, x.grad, atol=1e-10, rtol=0)
     with pytest.raises(ValueError, match="temperature"):
         vocab_parallel_logprobs(logits, targets, temperature=0.0)
+
+
+def test_valid_vocab_masks_padding_rows():
+    """Padding rows (ids >= valid_vocab) get probability 0: log-probs and entropy equal a float64
+    log_softmax over the real vocabulary only, and padding columns get zero gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (3, 5))
+    logp, ent = vocab_parallel_logprobs(logits, targets, with_entropy=True, valid_vocab=9, temperature=0.7)
+    ref = torch.log_softmax(logits.detach()[..., :9] / 0.7, dim=-1)
+    assert torch.allclose(logp, ref.gather(-1, targets.unsqueeze(-1)).squeeze(-1), atol=1e-12)
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-12)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[..., 9:].abs().max() == 0

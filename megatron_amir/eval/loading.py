@@ -102,7 +102,7 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     del cfg
     meta = read_meta(step_dir)
     model_cfg = ModelConfig(**meta["model"])
-    vocab = int(meta.get("original_vocab_size") or model_cfg.vocab_size)
+    vocab = int(meta.get("original_vocab_size") or model_cfg.real_vocab_size or model_cfg.vocab_size)
     with single_process_megatron():
         model = build_empty_model(model_cfg)
         load_model(model, Path(step_dir) / MODEL_SUBDIR)

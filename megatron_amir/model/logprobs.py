@@ -37,6 +37,10 @@ def _chunks(n: int, chunk_size: Optional[int]):
         yield s, min(n, s + step)
 
 
+# finite (not -inf) so that 0 * x stays 0 in the entropy and gradient sums
+_PAD_LOGIT = -1e30
+
+
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (used by exactness tests)."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -46,7 +50,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     """logits [T, V_local] (any float dtype), targets [T] (global ids) -> (logp [T] fp32, entropy [T] fp32)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group, chunk_size, with_entropy, scale):
+    def forward(ctx, logits, targets, vocab_start, group, chunk_size, with_entropy, scale, pad_from):
         T, v_local = logits.shape
         cdt = _compute_dtype(logits)
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a zero tensor
@@ -60,6 +64,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
             if scale != 1.0:
                 x.mul_(scale)  # temperature: the distribution of logits / T
+            if pad_from < v_local:
+                x[:, pad_from:] = _PAD_LOGIT  # padded vocabulary rows are not tokens: probability 0
             m = x.max(dim=-1).values
             _all_reduce(m, dist.ReduceOp.MAX, group)
             x.sub_(m.unsqueeze(-1))  # x - M, reuses the fp32 copy
@@ -88,6 +94,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
         ctx.scale = scale
+        ctx.pad_from = pad_from
         if with_entropy:
             return logp, entropy
         return logp, torch.empty(0, dtype=cdt, device=logits.device)
@@ -105,6 +112,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             x = logits[s:e].to(cdt, copy=True)  # a private fp32 copy: edited in place below
             if ctx.scale != 1.0:
                 x.mul_(ctx.scale)
+            if ctx.pad_from < x.shape[-1]:
+                x[:, ctx.pad_from:] = _PAD_LOGIT  # p = 0 there, so their gradient is 0
             gl = g_logp[s:e].to(cdt).unsqueeze(-1)
             if use_ent:
                 p = torch.sub(x, log_z[s:e].unsqueeze(-1)).exp_()
@@ -128,7 +137,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             del x, p, gx
         if grad is None:  # no tokens
             grad = torch.empty_like(logits)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -140,6 +149,7 @@ def vocab_parallel_logprobs(
     chunk_size: Optional[int] = None,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
 ):
     """Log-prob of ``targets`` (and optionally the entropy) under vocab-sharded ``logits`` / temperature.
 
@@ -150,6 +160,9 @@ def vocab_parallel_logprobs(
     chunk_size: tokens per chunk along the flattened leading dims (None = all at once).
     temperature: the distribution is softmax(logits / temperature), applied to each fp32 chunk (no copy
         of the whole logits tensor).
+    valid_vocab: ids >= valid_vocab are padding rows of the embedding (vocabulary padded to a multiple of
+        128*TP, or beyond the tokenizer): they get probability 0, as in the rollout engine, which never
+        sees them. None = every row is a token.
     Returns (logp [...] fp32 (fp64 for fp64 logits), entropy [...] same dtype, or None). Differentiable w.r.t. logits.
     """
     if logits.shape[:-1] != targets.shape:
@@ -166,7 +179,8 @@ def vocab_parallel_logprobs(
     flat_logits = logits.reshape(-1, v_local)  # a view for contiguous logits (pass them unsliced)
     flat_t = targets.reshape(-1).long()
     logp, ent = _VocabParallelLogprobEntropy.apply(
-        flat_logits, flat_t, int(vocab_start), tp_group, chunk_size, bool(with_entropy), 1.0 / float(temperature)
+        flat_logits, flat_t, int(vocab_start), tp_group, chunk_size, bool(with_entropy), 1.0 / float(temperature),
+        v_local if valid_vocab is None else max(0, min(v_local, int(valid_vocab) - int(vocab_start))),
     )
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
 

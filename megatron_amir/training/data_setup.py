@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from megatron_amir.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -45,4 +48,33 @@ def build_data(cfg: Config) -> tuple[Any, Any, list]:
             train = load_prompts(d.train_path, on_bad_record=d.on_bad_record)
         test = load_prompts(d.test_path, on_bad_record=d.on_bad_record) if d.test_path else []
         tokenizer = build_tokenizer(cfg)
+        # chat records become prompt text through the template; over-long prompts are dropped, with a report
+        from megatron_amir.data.templates import prepare_prompts
+
+        train, report = prepare_prompts(train, tokenizer, d.template, d.max_prompt_tokens)
+        if report is not None:
+            log.info("training prompts: %s", report.summary())
+        if test:
+            test, _ = prepare_prompts(test, tokenizer, d.template, d.max_prompt_tokens)
     return tokenizer, PromptSampler(train, seed=d.shuffle_seed), test
+
+
+def bind_vocab(cfg: Config, tokenizer) -> None:
+    """The embedding may have more rows than the tokenizer has ids (padding to a multiple of 128*TP, or a demo
+    model sized in advance): record the real size so padding ids are never sampled nor given probability."""
+    n = tokenizer.vocab_size
+    if n > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({n}); "
+                         "raise model.vocab_size")
+    if cfg.model.real_vocab_size is None:
+        cfg.model.real_vocab_size = n
+    elif cfg.model.real_vocab_size < n:
+        raise ValueError(f"model.real_vocab_size={cfg.model.real_vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({n})")
+
+
+def rollout_hf_config(cfg: Config) -> dict:
+    """HF config.json of the model the rollout engine runs: the real vocabulary, padding rows dropped."""
+    from checkpoints_tools import hf_config_from_model_config
+
+    return hf_config_from_model_config(cfg.model, vocab_size=cfg.model.real_vocab_size)

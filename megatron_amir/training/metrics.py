@@ -76,13 +76,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_line(step: int, total: int, m: dict[str, Any], keys: Optional[list[str]] = None) -> str:
+SUMMARY_KEYS = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len",
+                "amir/pair_count": "pairs", "amir/pair_accuracy": "pair_acc", "amir/lambda": "lambda", "loss": "loss",
+                "grad_norm": "gnorm", "time/step_s": "s/step"}
+
+
+def summary_line(step: int, total: int, m: dict[str, Any]) -> str:
     """One human line per step: the handful of numbers people watch."""
-    keys = keys or ["reward/mean", "reward/accuracy", "response/length_mean", "amir/pair_count",
-                    "amir/pair_accuracy", "amir/lambda", "loss/total", "grad_norm", "time/step_s"]
     parts = [f"step {step}/{total}"]
-    for k in keys:
-        if k in m:
-            v = _clean(m[k])
-            parts.append(f"{k.split('/')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('/')[-1]}={v}")
+    for key, short in SUMMARY_KEYS.items():
+        if key in m:
+            v = _clean(m[key])
+            parts.append(f"{short}={v:.4g}" if isinstance(v, float) else f"{short}={v}")
     return " | ".join(parts)

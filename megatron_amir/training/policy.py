@@ -238,7 +238,7 @@ class Policy:
         targets = torch.cat([tok[:, 1:], tok[:, :1]], dim=1)
         lp, ent = vocab_parallel_logprobs(
             logits, targets, tp_group=self.tp_group, chunk_size=self.cfg.train.logprob_chunk_size,
-            with_entropy=with_entropy, temperature=temperature,
+            with_entropy=with_entropy, temperature=temperature, valid_vocab=self.cfg.model.real_vocab_size,
         )
         return lp[:, :-1], (ent[:, :-1] if ent is not None else None)
 

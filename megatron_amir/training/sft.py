@@ -94,7 +94,7 @@ class WarmupRunner:
     """The parts the warm-up needs: tokenizer + problems, policy with the SFT loss, an engine for evaluation."""
 
     def __init__(self, cfg: Config):
-        from megatron_amir.training.data_setup import build_data
+        from megatron_amir.training.data_setup import bind_vocab, build_data
         from megatron_amir.training.parallel import initialize_distributed
         from megatron_amir.training.policy import Policy
         from megatron_amir.training.trainer import _setup_logging
@@ -104,6 +104,7 @@ class WarmupRunner:
         _setup_logging(cfg, self.rank)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer, sampler, self.test_problems = build_data(cfg)
+        bind_vocab(cfg, self.tokenizer)
         self.train_problems = sampler.records
         self.policy = Policy(cfg, loss_fn=sft_loss)
         from megatron_amir.rewards import get_reward_fn
@@ -113,15 +114,14 @@ class WarmupRunner:
         self._engine = None
 
     def engine(self):
-        from checkpoints_tools import hf_config_from_model_config, mcore_to_hf_named_tensors
         from megatron_amir.rollout.embedded import EmbeddedEngine
+        from megatron_amir.training.data_setup import rollout_hf_config
 
-        full = self.policy.full_state_dict()
+        weights = self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
         if self.rank != 0:
             return None
-        weights = dict(mcore_to_hf_named_tensors(full, self.cfg.model))
         if self._engine is None:
-            self._engine = EmbeddedEngine(hf_config_from_model_config(self.cfg.model), weights)
+            self._engine = EmbeddedEngine(rollout_hf_config(self.cfg), weights)
         else:
             self._engine.load_weights(weights, self._engine.version + 1)
         return self._engine

@@ -72,14 +72,10 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # data: tokenizer, prompts, held-out problems, reward function
-        from megatron_amir.training.data_setup import build_data
+        from megatron_amir.training.data_setup import bind_vocab, build_data
 
         self.tokenizer, self.sampler, self.test_problems = build_data(cfg)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({self.tokenizer.vocab_size}); raise model.vocab_size"
-            )
+        bind_vocab(cfg, self.tokenizer)
         from megatron_amir.rewards import get_reward_fn
 
         self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward) if self.rank == 0 else None
@@ -109,44 +105,40 @@ class Trainer:
         if self._needs_ref:
             self.ref_policy = self.policy.frozen_copy()
         # rollout engine (colocated embedded engine or the remote fleet) with the current weights
-        self.engine = self._build_engine() if self.rank == 0 else None
+        weights = self._hf_weights()  # collective: every rank takes part in the gather
+        self.engine = self._build_engine(weights) if self.rank == 0 else None
         if self.rank == 0:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_config(cfg))
 
     # ------------------------------------------------------------------------------------------ parts
-    def _build_engine(self):
-        from checkpoints_tools import hf_config_from_model_config
+    def _build_engine(self, weights: dict):
+        from megatron_amir.training.data_setup import rollout_hf_config
 
-        hf_config = hf_config_from_model_config(self.cfg.model)
+        hf_config = rollout_hf_config(self.cfg)
         rc = self.cfg.rollout
         if rc.engine == "embedded":
             from megatron_amir.rollout.embedded import EmbeddedEngine
 
-            engine = EmbeddedEngine(hf_config, self._hf_weights(), logprobs_mode=rc.logprobs_mode,
+            engine = EmbeddedEngine(hf_config, weights, logprobs_mode=rc.logprobs_mode,
                                     version=self.weight_version)
         elif rc.engine == "remote":
             from megatron_amir.rollout.client import FleetEngine
 
             engine = FleetEngine.from_config(rc, hf_config=hf_config, sync_dir=self._sync_dir())
-            engine.load_weights(self._hf_weights(), self.weight_version)
+            engine.load_weights(weights, self.weight_version)
         else:  # vllm, colocated
             from megatron_amir.rollout.vllm_engine import VLLMEngine
 
-            engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=self._hf_weights())
+            engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=weights)
         return engine
 
     def _sync_dir(self) -> str:
         return self.cfg.rollout.weight_sync_dir or str(Path(self.cfg.logging.dir) / "weights")
 
     def _hf_weights(self):
-        """HF-named tensors of the current policy (collective: every rank calls; rank 0 gets them)."""
-        from checkpoints_tools import mcore_to_hf_named_tensors
-
-        full = self.policy.full_state_dict()
-        if self.rank != 0:
-            return None
-        return dict(mcore_to_hf_named_tensors(full, self.cfg.model))
+        """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
+        return self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -188,12 +180,7 @@ class Trainer:
         ref_logp = (self.ref_policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)
                     if self.ref_policy is not None else None)
         t_logp = time.perf_counter() - t0 - t_rollout
-        rewards = batch.rewards
-        if ref_logp is not None and cfg.algorithm.kl_in_reward:
-            from megatron_amir.algorithms import kl_reward_penalty
-
-            rewards = rewards - cfg.algorithm.kl_coef * kl_reward_penalty(old_logp, ref_logp, batch.response_mask,
-                                                                          cfg.algorithm.kl_estimator)
+        # (with algorithm.kl_in_reward, prepare_batch subtracts the KL penalty itself; pairs use the raw rewards)
         # 3) this data-parallel rank's whole groups
         rows = self.policy.data_parallel_rows(batch.num_sequences, cfg.rollout.group_size)
         # 4) PPO epochs x minibatches, one optimizer step each
@@ -204,12 +191,19 @@ class Trainer:
         for epoch in range(cfg.algorithm.ppo_epochs):
             for start in range(0, rows.numel(), gbs):
                 idx = rows[start : start + gbs]
+                # implicit rewards s_i are exact from old_logp only on the first update of a rollout batch;
+                # later minibatches / epochs get a fresh no-grad forward of the current policy
+                # (collective over DP, so every rank recomputes the whole batch and takes its rows)
+                fresh = None
+                if epoch > 0 or start > 0:
+                    fresh = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)[idx]
                 prepared = prepare_batch(
-                    rewards=rewards[idx], group_ids=batch.group_ids[idx], response_mask=batch.response_mask[idx],
+                    rewards=batch.rewards[idx], group_ids=batch.group_ids[idx], response_mask=batch.response_mask[idx],
                     old_logp=old_logp[idx], cfg=cfg.algorithm, amir_state=self.amir_state,
                     ref_logp=None if ref_logp is None else ref_logp[idx],
                     rollout_logp=batch.rollout_logp[idx] if cfg.algorithm.tis_cap else None,
-                    dp_group=self.policy.dp_group,
+                    dp_group=self.policy.dp_group, policy_logp=fresh,
+                    pair_metrics=True,  # GRPO runs measure the pair statistics too (lambda stays 0 there)
                 )
                 out = self.policy.train_step(batch.tokens[idx], prepared, temperature=cfg.rollout.temperature)
                 self._check_finite(out)
@@ -248,27 +242,28 @@ class Trainer:
         cfg = self.cfg
         G, P = cfg.rollout.group_size, cfg.data.prompts_per_step
         params = SamplingParams.from_rollout_config(cfg.rollout, stop_token_ids=[self.tokenizer.eos_id])
-        kept, spare, rounds = [], [], 0
+        kept, spare, rounds, timeouts = [], [], 0, 0
         while len(kept) < P:
             rounds += 1
             problems = self.sampler.next_batch(P - len(kept))
             prompts = [self.tokenizer.encode(p.prompt) for p in problems]
             groups = self.engine.generate(prompts, params.replace(seed=cfg.train.seed * 100003 + self.step * 131 + rounds),
                                           n=G)
-            for prob, prompt, grp in zip(problems, prompts, groups):
-                texts = [self.tokenizer.decode(s.token_ids) for s in grp.samples]
-                res = self.reward_fn(texts, [prob.answer] * G)
-                entry = (prob, prompt, grp, res)
-                varied = len(set(res.rewards)) > 1
+            # one reward call for the whole round, so a verifier pool works on all samples in parallel
+            texts = [self.tokenizer.decode(s.token_ids) for g in groups for s in g.samples]
+            res = self.reward_fn(texts, [p.answer for p in problems for _ in range(G)])
+            timeouts += res.timeouts
+            for i, (prob, prompt, grp) in enumerate(zip(problems, prompts, groups)):
+                rw, ok = res.rewards[i * G : (i + 1) * G], res.correct[i * G : (i + 1) * G]
+                entry = (prob, prompt, grp, rw, ok)
+                varied = len(set(rw)) > 1
                 (kept if varied or not cfg.train.dynamic_sampling else spare).append(entry)
             if not cfg.train.dynamic_sampling or rounds >= cfg.train.max_sampling_rounds:
                 break
         kept = (kept + spare)[:P]
         prompts_, responses, logps, gids, rewards, correct, trunc, versions = [], [], [], [], [], [], [], []
-        timeouts = 0
-        for gi, (prob, prompt, grp, res) in enumerate(kept):
-            timeouts += res.timeouts
-            for s, r, c in zip(grp.samples, res.rewards, res.correct):
+        for gi, (prob, prompt, grp, rw, ok) in enumerate(kept):
+            for s, r, c in zip(grp.samples, rw, ok):
                 prompts_.append(prompt)
                 responses.append(s.token_ids)
                 logps.append(s.logprobs)
@@ -359,7 +354,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _check_finite(self, out: dict[str, float]) -> None:
-        if all(math.isfinite(float(out.get(k, 0.0))) for k in ("loss/total", "grad_norm")):
+        if all(math.isfinite(float(out.get(k, 0.0))) for k in ("loss", "grad_norm")):
             self._nonfinite_in_a_row = 0
             return
         self._nonfinite_in_a_row += 1
