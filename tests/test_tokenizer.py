@@ -47,8 +47,12 @@ def test_decode_skip_special_and_ascii_roundtrip(tok):
     with_specials = [tok.bos_id] + tok.encode("12+3=") + [tok.eos_id, tok.pad_id]
     assert tok.decode(with_specials) == "12+3="
     assert tok.decode(with_specials, skip_special=False) == "<s>12+3=</s><pad>"
+    # ids past the vocabulary (padding rows of a larger embedding) decode to nothing, like specials
+    assert tok.decode(tok.encode("7+") + [tok.vocab_size, tok.vocab_size + 40]) == "7+"
     with pytest.raises(ValueError, match="out of range"):
-        tok.decode([tok.vocab_size])
+        tok.decode([tok.vocab_size], skip_special=False)
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([-1])
 
 
 def test_chat_template_markers_are_single_tokens(tok):

@@ -108,11 +108,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        bad = [i for i in ids if i < 0 or (i >= self.vocab_size and not skip_special)]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         if skip_special:
-            ids = [i for i in ids if i not in self._control and i not in self._chat_ids]
+            # ids past the vocabulary are padding rows of a larger embedding (a model may sample them,
+            # e.g. before training): like special tokens they decode to nothing
+            ids = [i for i in ids if i < self.vocab_size and i not in self._control and i not in self._chat_ids]
             return self._sp.decode(ids)
         # sentencepiece drops control pieces when decoding; spell them out piece by piece instead
         out, run = [], []
