@@ -7,9 +7,10 @@ the servers only need a model of the right architecture to begin with. This writ
 
     python -m launch.fleet_seed CONFIG OUT_ROOT [key.path=value ...]   # prints OUT_ROOT/v0
 
-The HF config is the trainer's own (checkpoints_tools.hf_config_from_model_config of ``cfg.model``), the
-tensors are the embedded engine's random initialization with ``cfg.train.seed``, written with
-megatron_amir.rollout.weight_sync (safetensors + manifest with sha256, atomic).
+The HF config is the one the trainer gives its rollout engine (megatron_amir.training.data_setup:
+the tokenizer's real vocabulary, padding rows dropped), the tensors are the embedded engine's random
+initialization with ``cfg.train.seed``, written with megatron_amir.rollout.weight_sync (safetensors +
+manifest with sha256, atomic).
 """
 
 from __future__ import annotations
@@ -19,16 +20,25 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+def rollout_hf_config_of(cfg) -> dict:
+    """The HF config the trainer gives its rollout engine (same call path as the trainer: the tokenizer's
+    real vocabulary bound into ``cfg.model``, padding rows dropped)."""
+    from megatron_amir.training.data_setup import bind_vocab, build_data, rollout_hf_config
+
+    tokenizer, _, _ = build_data(cfg)
+    bind_vocab(cfg, tokenizer)
+    return rollout_hf_config(cfg)
+
+
 def write_seed_snapshot(config: str, out_root: str | Path, overrides: Sequence[str] = ()) -> Path:
     import torch
 
-    from checkpoints_tools import hf_config_from_model_config
     from megatron_amir.config import load_config
     from megatron_amir.rollout.hf_model import CausalLM
     from megatron_amir.rollout.weight_sync import write_snapshot
 
     cfg = load_config(config, list(overrides))
-    hf_config = hf_config_from_model_config(cfg.model)
+    hf_config = rollout_hf_config_of(cfg)
     torch.manual_seed(cfg.train.seed)
     model = CausalLM(hf_config)
     names = model.expected_names()

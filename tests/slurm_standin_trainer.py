@@ -61,10 +61,10 @@ def main(argv: list[str]) -> int:
     if cfg.rollout.engine == "remote" and rank == 0 and os.environ.get("STANDIN_FLEET_ENGINE") == "1":
         # the trainer's own remote path against real embedded servers: FleetEngine (router + discovery
         # watcher + file weight sync with the job's token), weights pushed and sampled every step
-        from checkpoints_tools import hf_config_from_model_config
+        from launch.fleet_seed import rollout_hf_config_of
         from megatron_amir.rollout.client import FleetEngine
 
-        hf_config = hf_config_from_model_config(cfg.model)
+        hf_config = rollout_hf_config_of(cfg)
         fleet = FleetEngine.from_config(cfg.rollout, hf_config=hf_config)
         servers = [{"url": u} for u in fleet.client.servers]
         print(f"fleet engine over {servers}", flush=True)
