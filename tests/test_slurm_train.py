@@ -89,7 +89,7 @@ def test_hetjob_trainer_with_embedded_rollout_server(slurm_cluster, tmp_path):
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
-    steps = 6
+    steps = 60  # a step of this tiny model takes ~0.1 s: enough of them that the signal lands mid-run
     job = slurm_cluster.sbatch(["-N", "2", "-n", "2", "-t", "20", f"--output={tmp_path}/slurm-%j.out",
                                 "slurm/train.sbatch", *run_args(tmp_path, steps=steps, save_interval=100)],
                                env=env(tmp_path), cwd=str(ROOT))
