@@ -49,9 +49,12 @@ def read_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise HFCheckpointError(f"{path} not found: not a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as exc:
         raise HFCheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HFCheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def list_shards(hf_dir: Path) -> list[Path]:
@@ -61,7 +64,9 @@ def list_shards(hf_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("'weight_map' must map tensor names to shard file names")
+        except (ValueError, KeyError, TypeError) as exc:
             raise HFCheckpointError(f"{index} is malformed: {exc}") from None
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (hf_dir / n).is_file()]

@@ -69,7 +69,10 @@ def hf_to_mcore(
         if dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype {dtype!r} not one of {DTYPE_CHOICES}")
         overrides["params_dtype"] = dtype
-    model_cfg = model_config_from_hf(hf_config, **overrides)
+    try:
+        model_cfg = model_config_from_hf(hf_config, **overrides)
+    except Exception as exc:  # e.g. transformers' strict config classes (not ValueError) on a bad field
+        raise hf_io.HFCheckpointError(f"{hf_dir / 'config.json'}: {type(exc).__name__}: {exc}") from None
     check_parallel(model_cfg, tp, pp)
     vocab = model_cfg.vocab_size
     model_cfg = model_cfg.model_copy(update={"vocab_size": padded_vocab_size(vocab, tp)})

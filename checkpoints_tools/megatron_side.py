@@ -127,18 +127,28 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # the message must name the file, not only "line 1 column 2"
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     """Metadata of a converted directory, or of a trainer checkpoint (step dir with meta.json + model/)."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / META_NAME
     if path.is_file():
-        meta = json.loads(path.read_text())
+        meta = _read_json(path)
         if meta.get("format") != META_FORMAT:
             raise ValueError(f"{path}: unknown format {meta.get('format')!r} (expected {META_FORMAT})")
         return meta
     trainer_meta = ckpt_dir / "meta.json"
     if trainer_meta.is_file():
-        data = json.loads(trainer_meta.read_text())
+        data = _read_json(trainer_meta)
         model = (data.get("config") or {}).get("model")
         if model is None:
             raise ValueError(f"{trainer_meta} has no config.model section; cannot tell the architecture")

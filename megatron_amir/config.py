@@ -377,6 +377,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raw = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, binary junk
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
         except yaml.YAMLError as exc:  # carries line/column
             raise ConfigError(f"cannot parse config file {path}: {exc}") from None
         if not isinstance(raw, dict):

@@ -232,6 +232,8 @@ def load_prompts(path: str | Path, on_bad_record: str = "error") -> PromptList:
             out.problems.append(str(exc))
     if not out and out.skipped:
         raise DatasetError(f"{p}: every record was bad ({out.skipped} skipped); first: {out.problems[0]}")
+    if not out:  # an empty (or whitespace-only) file is never a usable dataset; say which file
+        raise DatasetError(f"{p}: no records (the file is empty)")
     return out
 
 

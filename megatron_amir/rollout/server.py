@@ -63,7 +63,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM; a bigger one crashed the batch
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: Optional[int] = None
     return_token_ids: bool = False

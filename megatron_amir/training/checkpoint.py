@@ -81,7 +81,12 @@ def verify_manifest(root: Path) -> Optional[str]:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
-    except (ValueError, KeyError) as exc:
+        # a hand-edited or bit-flipped manifest must read as "corrupt", not crash the fallback search
+        if not isinstance(files, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("size"), int) for i in files.values()
+        ):
+            raise ValueError("'files' must map each path to {size, sha256}")
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
         return f"{mpath} is unreadable: {exc}"
     for rel, info in files.items():
         p = root / rel
@@ -118,16 +123,24 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self.barrier()
+        written = False
         try:
             write(tmp)
+            written = True
         finally:
             self.barrier()
+            if not written and self.rank == 0:  # a failed save leaves nothing half-written behind
+                shutil.rmtree(tmp, ignore_errors=True)
         if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-            (tmp / MANIFEST).write_text(json.dumps(build_manifest(tmp), indent=1))
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    _fsync_path(p)
+            try:
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+                (tmp / MANIFEST).write_text(json.dumps(build_manifest(tmp), indent=1))
+                for p in tmp.rglob("*"):
+                    if p.is_file():
+                        _fsync_path(p)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -149,8 +162,8 @@ class CheckpointManager:
             return None
         named = None
         pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
+        if pointer.is_file():  # garbage in the pointer (a torn write, binary junk) only loses its preference
+            named = self.root / pointer.read_bytes().decode("utf-8", "replace").strip()
         candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
         if named is not None and named in candidates:  # the pointer wins over newer unpointed dirs
             candidates.remove(named)

@@ -356,10 +356,33 @@ class Policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._forward_backward(tokens, self.cfg.train.micro_batch_size, loss_func_for, forward_only=False)
-        update_successful, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if self._grads_finite():
+            update_successful, grad_norm, _ = self.optimizer.step()
+        else:
+            # the fp32 and bf16 Megatron optimizers have no inf/nan check (only fp16's loss scaler does): a
+            # non-finite gradient would reach Adam and turn every weight into NaN. Skip the update, as Megatron
+            # does on an fp16 overflow; the trainer counts skipped steps (train.max_consecutive_nonfinite).
+            self.optimizer.zero_grad()
+            update_successful, grad_norm = False, float("nan")
+        if update_successful:  # as Megatron's training loop: a skipped update does not advance the LR schedule
+            self.scheduler.step(increment=1)
         self.num_steps += 1
         return self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
+
+    def _grads_finite(self) -> bool:
+        """True when every gradient of every rank is finite (collective: all ranks agree on skipping)."""
+        grads = []
+        for chunk in self.model:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                g = p.grad if g is None else g
+                if g is not None:
+                    grads.append(torch.isfinite(g).all())
+        ok = torch.stack(grads).all().float() if grads else torch.ones((), device=self.device)
+        ok = ok.reshape(1).to(self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
 
     def _reduce_metrics(self, sums, n_mb, update_successful, grad_norm) -> dict[str, float]:
         keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith(("sum/", "wsum/")))

@@ -428,6 +428,19 @@ def _setup_logging(cfg: Config, rank: int) -> None:
         logging.getLogger().setLevel(logging.WARNING)
 
 
+def _init_from_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a checkpoint ``--init-from`` can load (a trainer step dir or a converted model
+    directory: ``model/`` holding a Megatron dist checkpoint), or None."""
+    if not path.is_dir():
+        return "no such directory"
+    model = path / "model"
+    if not (model / "metadata.json").is_file():
+        hint = " (a Hugging Face model: convert it with `megatron-amir convert hf-to-mcore` first)" \
+            if (path / "config.json").is_file() else ""
+        return f"{model}/metadata.json not found: not a Megatron checkpoint directory{hint}"
+    return None
+
+
 def main(argv: list[str]) -> int:
     """``megatron-amir train CONFIG [key=value ...] [--init-from CKPT]``."""
     import argparse
@@ -442,6 +455,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-at-end", action="store_true", help="evaluate the final weights (tag 'final')")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)  # bad configs fail here, before any work
+    if a.init_from:  # and so does a wrong --init-from (not after minutes of model building)
+        problem = _init_from_problem(Path(a.init_from))
+        if problem:
+            print(f"megatron-amir train: --init-from {a.init_from}: {problem}", file=sys.stderr)
+            return 2
     trainer = Trainer(cfg, init_from=a.init_from)
     evals = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
     if a.eval_at_start and trainer.step == 0:
