@@ -79,7 +79,12 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int = 1234) -> ParallelInf
     from megatron.core import tensor_parallel
 
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
-    init_distributed(parallel_cfg.backend)
+    if not dist.is_initialized():
+        # torchrun's or Slurm's environment (a bare `srun -n N` included), or a single process; a config that
+        # needs more ranks than were launched fails here with a message saying how to launch
+        from launch.dist_env import init_process_group
+
+        init_process_group(parallel_cfg)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(

@@ -166,9 +166,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--target-accuracy", type=float, default=None,
                    help="stop once sampled accuracy on held-out problems reaches this")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint (a trainer/warm-up step dir or a converted HF model dir)")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
     runner = WarmupRunner(cfg)
+    if a.init_from:
+        runner.policy.load(Path(a.init_from) / "model", load_optimizer=False)
     last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems)
     path = runner.save(int(last["sft/steps"]), {"final": last})
     if runner.rank == 0:

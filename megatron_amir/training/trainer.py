@@ -29,7 +29,7 @@ from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout
 
 log = logging.getLogger("megatron_amir.trainer")
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: slurm/*.sbatch requeue the job on this code
+from launch.preemption import REQUEUE_EXIT_CODE  # 75: slurm/*.sbatch requeue the job on this code
 INTERRUPT_EXIT_CODE = 130
 
 
@@ -58,7 +58,6 @@ class Trainer:
         self.cfg = cfg
         self.step = 0
         self.weight_version = 0
-        self._stop_signal: Optional[int] = None
         self._nonfinite_in_a_row = 0
         # distributed (torchrun / Slurm env or a single process) and Megatron parallel state
         from megatron_amir.training.parallel import initialize_distributed
@@ -156,10 +155,12 @@ class Trainer:
                     pbar.update(1)
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.metrics.log(self.step, self.evaluate(tag="eval"))
-                if self._stop_signal is not None:
+                stop = self._should_stop()
+                if stop is not None:
                     self.save()
-                    code = INTERRUPT_EXIT_CODE if self._stop_signal == signal.SIGINT else REQUEUE_EXIT_CODE
-                    log.warning("signal %d: checkpointed step %d, exiting with %d", self._stop_signal, self.step, code)
+                    self.policy.barrier()  # no rank leaves while another still writes its shard
+                    code = INTERRUPT_EXIT_CODE if stop == signal.SIGINT else REQUEUE_EXIT_CODE
+                    log.warning("signal %d: checkpointed step %d, exiting with %d", stop, self.step, code)
                     return code
                 if self.step % cfg.checkpoint.save_interval == 0 or self.step == cfg.train.steps:
                     self.save()
@@ -344,14 +345,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ safety
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
-            self._stop_signal = signum
-            log.warning("received signal %d: finishing step %d, then checkpointing", signum, self.step + 1)
+        """SIGUSR1/SIGTERM (Slurm preemption) and SIGINT (Ctrl-C) only set a flag; between steps all ranks
+        agree (launch.preemption.should_stop all-reduces it) to checkpoint and exit after the same step."""
+        from launch.preemption import install_handlers
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        self._preemption = install_handlers((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT))
+
+    def _should_stop(self) -> Optional[int]:
+        if not self._preemption.should_stop():
+            return None
+        return self._preemption.received or signal.SIGUSR1  # another rank got it
 
     def _check_finite(self, out: dict[str, float]) -> None:
         if all(math.isfinite(float(out.get(k, 0.0))) for k in ("loss", "grad_norm")):
