@@ -156,7 +156,8 @@ def _two_checkpoints(root: Path) -> CheckpointManager:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("manifest", ['{"format": 1, "files": ["model/w.bin"]}',
                                       '{"format": 1, "files": {"model/w.bin": {"sha256": null}}}',
-                                      '{"format": 1, "files": {"model/w.bin": 32}}', "\x00\x01garbage"])
+                                      '{"format": 1, "files": {"model/w.bin": 32}}', "\x00\x01garbage"],
+                         ids=["files-list", "entry-without-size", "entry-int", "binary-garbage"])
 def test_checkpoint_malformed_manifest_falls_back_with_warning(tmp_path, caplog, manifest):
     mgr = _two_checkpoints(tmp_path)
     (tmp_path / "step_00000002" / "MANIFEST.json").write_text(manifest)
