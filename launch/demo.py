@@ -25,9 +25,9 @@ CONFIG = ROOT / "configs" / "demo_tiny.yaml"
 
 # (full, quick) settings of each phase; chosen so the full demo fits in ~20 min and --quick in ~3 min on 2 cores
 PLAN = {
-    "warmup_steps": (600, 150),
-    "warmup_target": (0.45, 0.2),
-    "rl_steps": (40, 6),
+    "warmup_steps": (1500, 250),
+    "warmup_target": (0.3, 1.0),  # sampled accuracy at which the warm-up stops early
+    "rl_steps": (120, 8),
     "eval_problems": (200, 48),
     "eval_samples": (4, 2),
 }
@@ -87,9 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if warm_ckpt is None:
         t = time.time()
         _run(_phase_cmd("sft", [*common, f"logging.dir={warm}", f"checkpoint.dir={warm / 'checkpoints'}",
-                                "train.lr=2e-3", "train.adam_beta2=0.98", "train.weight_decay=0.01",
+                                "train.lr=3e-3", "train.adam_beta2=0.98", "train.weight_decay=0.01",
                                 f"train.steps={plan['warmup_steps']}", "train.micro_batch_size=64"],
-                        ["--steps", str(plan["warmup_steps"]), "--batch-size", "64", "--eval-every", "50",
+                        ["--steps", str(plan["warmup_steps"]), "--batch-size", "64", "--eval-every", "100",
                          "--eval-problems", "64", "--target-accuracy", str(plan["warmup_target"])]),
              out / "logs" / "warmup.log")
         timings["warm-up"] = time.time() - t
@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         t = time.time()
         _run(_phase_cmd("train", [*common, *extra, f"name={label}", f"logging.dir={run_dir}",
                                   f"checkpoint.dir={run_dir / 'checkpoints'}", f"train.steps={plan['rl_steps']}",
-                                  f"checkpoint.save_interval={max(1, plan['rl_steps'] // 2)}"],
+                                  f"checkpoint.save_interval={max(1, plan['rl_steps'] // 4)}"],
                         ["--init-from", str(warm_ckpt), "--eval-at-start", "--eval-at-end"]),
              out / "logs" / f"{label.lower()}.log")
         (run_dir / "eval" / "DONE").write_text("ok\n")

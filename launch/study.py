@@ -1,0 +1,74 @@
+"""The reproduction study on the embedded task: 3 seeds x {GRPO, Dr.GRPO, AMIR-GRPO} from one warm-up checkpoint.
+
+    python -m launch.study [--seeds 1 2 3] [--steps 120] [--out runs/study] [--report docs/results.md]
+
+Reuses the demo's warm-up checkpoint (runs/demo/warmup; trained first if missing), runs every
+(algorithm, seed) with `megatron-amir train ... --eval-at-start --eval-at-end` (skipping finished runs, so an
+interrupted study resumes), then writes the report with `megatron-amir study`. Every number in the report is
+read from the run directories it lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.demo import ROOT, _latest_step_dir, _phase_cmd, _run
+
+ALGORITHMS = {
+    "GRPO": ["algorithm.amir.enabled=false"],
+    # Dr.GRPO (Liu et al. 2025): no std normalization, sum over tokens divided by a constant
+    "Dr.GRPO": ["algorithm.amir.enabled=false", "algorithm.advantage=drgrpo",
+                "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.loss_agg_max_len=64"],
+    "AMIR-GRPO": ["algorithm.amir.enabled=true"],
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--out", default=str(ROOT / "runs" / "study"))
+    p.add_argument("--warmup", default=str(ROOT / "runs" / "demo" / "warmup" / "checkpoints"),
+                   help="warm-up checkpoint root (default: the demo's; `bash launch/demo.sh` makes it)")
+    p.add_argument("--report", default=str(ROOT / "docs" / "results.md"))
+    a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    warm = _latest_step_dir(Path(a.warmup))
+    if warm is None:
+        print(f"no warm-up checkpoint under {a.warmup}: running the demo's warm-up first", flush=True)
+        subprocess.run([sys.executable, "-m", "launch.demo", "--out", str(Path(a.warmup).parent.parent)], check=True,
+                       cwd=ROOT)
+        warm = _latest_step_dir(Path(a.warmup))
+    t0 = time.time()
+    dirs: dict[str, list[str]] = {}
+    for label, extra in ALGORITHMS.items():
+        for seed in a.seeds:
+            run = out / f"{label.lower().replace('.', '')}_s{seed}"
+            dirs.setdefault(label, []).append(str(run))
+            if (run / "eval" / "DONE").exists():
+                continue
+            _run(_phase_cmd("train", [*extra, f"train.seed={seed}", f"name={label}-s{seed}", f"logging.dir={run}",
+                                      f"checkpoint.dir={run / 'checkpoints'}", f"train.steps={a.steps}",
+                                      f"checkpoint.save_interval={a.steps}", "eval.max_problems=200",
+                                      "logging.progress=false"],
+                            ["--init-from", str(warm), "--eval-at-start", "--eval-at-end"]),
+                 out / "logs" / f"{run.name}.log")
+            (run / "eval" / "DONE").write_text("ok\n")
+    base = sorted((Path(dirs["GRPO"][0]) / "eval").glob("initial_step*.jsonl"))[-1]
+    cmd = [sys.executable, "-m", "megatron_amir.cli", "study", "--base", str(base), "--reference", "GRPO",
+           "--out", str(Path(a.report).parent / "results_assets"), "--report", a.report,
+           "--title", f"Reproduction study: {len(a.seeds)} seeds x {{GRPO, Dr.GRPO, AMIR-GRPO}}, {a.steps} RL steps "
+                      f"from one warm-up checkpoint ({warm})"]
+    for label, ds in dirs.items():
+        cmd += ["--run", f"{label}={','.join(ds)}"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"study finished in {time.time() - t0:.0f} s; report: {a.report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
