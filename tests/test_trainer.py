@@ -91,16 +91,18 @@ def test_train_metrics_checkpoint_and_exact_resume_after_sigkill(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_exits_with_requeue_code(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 75), (signal.SIGINT, 130)], ids=["SIGUSR1", "Ctrl-C"])
+def test_signal_checkpoints_and_exits(tmp_path, sig, code):
+    """Slurm's preemption signal -> checkpoint + requeue code 75; Ctrl-C -> checkpoint + 130. Both resumable."""
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run, "train.steps=200", "checkpoint.save_interval=1000"), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     step = int((run / "ckpt" / "latest").read_text().strip().split("_")[1])
     assert step >= 1 and _rows(run)[-1]["step"] == step
 
