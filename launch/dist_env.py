@@ -331,8 +331,14 @@ def init_process_group(parallel_cfg=None, timeout_s: float = 600.0):
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(d.local_rank)
-        dist.init_process_group(backend=backend, init_method="env://", rank=d.rank, world_size=d.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if d.world_size == 1:
+            # an in-memory store: a lone process needs no TCP port (a picked free port can be taken by another
+            # process before it is bound, on a busy machine)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", rank=d.rank, world_size=d.world_size,
+                                    timeout=timeout)
     return d
 
 
