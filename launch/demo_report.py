@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_amir.training.checkpoint import atomic_write_text
+from megatron_amir.fileio import atomic_write_text
 from megatron_amir.training.metrics import read_metrics
 
 

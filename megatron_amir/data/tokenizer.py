@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from megatron_amir.fileio import atomic_write_bytes
+
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer", "demo_tokenizer",
            "DEMO_SPECIAL_TOKENS"]
 
@@ -144,8 +146,8 @@ class SentencePieceTokenizer(Tokenizer):
         d.mkdir(parents=True, exist_ok=True)
         meta = {"format": "megatron_amir.sentencepiece", "version": _FORMAT_VERSION, **self.meta,
                 "eos_id": self.eos_id, "pad_id": self.pad_id, "bos_id": self.bos_id, "vocab_size": self.vocab_size}
-        _atomic_write(d / _SPM_FILE, self._proto)
-        _atomic_write(d / _META_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(d / _SPM_FILE, self._proto)
+        atomic_write_bytes(d / _META_FILE, json.dumps(meta, indent=2).encode())
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> "SentencePieceTokenizer":
@@ -154,20 +156,6 @@ class SentencePieceTokenizer(Tokenizer):
         if meta.get("format") != "megatron_amir.sentencepiece":
             raise ValueError(f"{d / _META_FILE}: not a megatron-amir sentencepiece tokenizer (format={meta.get('format')!r})")
         return cls((d / _SPM_FILE).read_bytes(), meta)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _train_spm(texts: list[str], vocab_size: int, model_type: str) -> bytes:

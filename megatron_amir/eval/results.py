@@ -19,12 +19,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
+
+from megatron_amir.fileio import atomic_write_text  # noqa: F401  (re-exported: eval modules import it from here)
 
 from megatron_amir.eval.passk import default_ks, maj_at_k, pass_at_k
 
@@ -98,21 +99,6 @@ class ProblemResult:
 
 
 # --------------------------------------------------------------------------------------------- files
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(path: str | os.PathLike, results: Iterable[ProblemResult]) -> None:
     atomic_write_text(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results))
 

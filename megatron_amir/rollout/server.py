@@ -606,9 +606,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             await asyncio.sleep(0.02)
         if server.started:
             if args.port_file:
-                from megatron_amir.rollout.weight_sync import _atomic_write_text
+                from megatron_amir.fileio import atomic_write_text
 
-                _atomic_write_text(Path(args.port_file), url + "\n")
+                atomic_write_text(Path(args.port_file), url + "\n")
             if args.register:
                 register_url(args.register, url)
             log.warning("serving %s on %s", args.served_model_name, url)

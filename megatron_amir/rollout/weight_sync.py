@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from megatron_amir.fileio import atomic_write_text
+
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 FORMAT = "megatron-amir-weights"
@@ -191,7 +193,7 @@ def write_snapshot(
             "files": files,
             "hf_config": dict(hf_config) if hf_config is not None else None,
         }
-        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         os.chmod(tmp, 0o755)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
@@ -201,7 +203,7 @@ def write_snapshot(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(root / LATEST, final.name + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")
     if keep_last is not None:
         prune_snapshots(root, keep_last)
     return final
@@ -209,18 +211,6 @@ def write_snapshot(
 
 def _default_hash_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def list_snapshots(root: Union[str, Path]) -> list[tuple[int, Path]]:

@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_amir.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 HASH_LIMIT = 256 * 1024 * 1024  # hashing 100s of GB would dominate save time; sizes are always checked
@@ -49,18 +51,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + fsync + rename, so readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def build_manifest(root: Path) -> dict[str, Any]:
@@ -146,6 +136,7 @@ class CheckpointManager:
             os.replace(tmp, final)
             _fsync_path(self.root)
             atomic_write_text(self.root / LATEST, final.name + "\n")
+            _fsync_path(self.root)
             self._prune()
         self.barrier()
         return final
