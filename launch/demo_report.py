@@ -55,13 +55,14 @@ def write_demo_report(out: Path, labels: list[str], timings: dict[str, float], s
 
     # plots from the metrics files
     plot_dir = out / "plots"
-    curves = P.plot_training_curves({lab: d / "metrics.jsonl" for lab, d in runs.items()}, plot_dir, smooth_window=3)
+    curves = {f"RL: {k}": v for k, v in P.plot_training_curves(
+        {lab: d / "metrics.jsonl" for lab, d in runs.items()}, plot_dir, smooth_window=3).items()}
     if warm_rows:
-        curves.update(P.plot_training_curves(
+        curves.update({f"warm-up: {k}": v for k, v in P.plot_training_curves(
             {"warm-up": out / "warmup" / "metrics.jsonl"}, plot_dir, prefix="warmup_",
             panels={"loss": {"title": "Supervised warm-up loss", "ylabel": "NLL / token", "lines": {"": ["sft/loss"]}},
                     "accuracy": {"title": "Warm-up held-out accuracy", "ylabel": "accuracy",
-                                 "lines": {"greedy": ["eval/greedy_accuracy"], "sampled": ["eval/sampled_accuracy"]}}}))
+                                 "lines": {"greedy": ["eval/greedy_accuracy"], "sampled": ["eval/sampled_accuracy"]}}}).items()})
 
     # coverage / margins / CIs: base = the shared starting checkpoint (identical in both runs), A = GRPO, B = AMIR
     base_file = _eval_file(runs[labels[0]], "initial")
