@@ -52,7 +52,7 @@ def _stage_forward(model, tokens: torch.Tensor, info) -> torch.Tensor | None:
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[tuple[int, int], list[str]]], tokens: torch.Tensor,
             out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 

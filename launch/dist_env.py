@@ -326,7 +326,9 @@ def init_process_group(parallel_cfg=None, timeout_s: float = 600.0):
     import torch
     import torch.distributed as dist
 
-    d = setup(parallel_cfg)
+    d = detect(min_world_size=min_world_size_of(parallel_cfg))
+    if d.world_size > 1:
+        export(d)  # a lone process exports nothing: its children (sbatch, servers) must not inherit RANK=0
     backend = resolve_backend(getattr(parallel_cfg, "backend", "auto"))
     if not dist.is_initialized():
         if backend == "nccl":

@@ -127,6 +127,10 @@ class JobResult:
 
 
 @dataclass
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+
+
 class SlurmCluster:
     """One controller + ``nodes`` emulated compute nodes, all on 127.0.0.1, under ``base``."""
 
@@ -145,7 +149,9 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         """os.environ plus SLURM_CONF pointing at this cluster (for sbatch/squeue/scontrol/srun)."""
         assert self.conf_path is not None, "cluster not started"
-        env = dict(os.environ)
+        # torchrun's variables in the test process (set by an in-process distributed test) must not leak into
+        # jobs: sbatch exports the environment, and a task would take RANK=0 over its SLURM_PROCID
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
         env["SLURM_CONF"] = str(self.conf_path)
         return env
 
