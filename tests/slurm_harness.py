@@ -126,11 +126,11 @@ class JobResult:
     record: dict
 
 
-@dataclass
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID")
 
 
+@dataclass
 class SlurmCluster:
     """One controller + ``nodes`` emulated compute nodes, all on 127.0.0.1, under ``base``."""
 
