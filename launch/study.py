@@ -1,6 +1,6 @@
 """The reproduction study on the embedded task: 3 seeds x {GRPO, Dr.GRPO, AMIR-GRPO} from one warm-up checkpoint.
 
-    python -m launch.study [--seeds 1 2 3] [--steps 120] [--out runs/study] [--report docs/results.md]
+    python -m launch.study [--seeds 1 2 3] [--steps 60] [--out runs/study] [--report docs/results.md]
 
 Reuses the demo's warm-up checkpoint (runs/demo/warmup; trained first if missing), runs every
 (algorithm, seed) with `megatron-amir train ... --eval-at-start --eval-at-end` (skipping finished runs, so an
@@ -76,7 +76,7 @@ def append_reading(report: Path, study_json: Path, steps: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default=str(ROOT / "runs" / "study"))
     p.add_argument("--warmup", default=str(ROOT / "runs" / "demo" / "warmup" / "checkpoints"),
                    help="warm-up checkpoint root (default: the demo's; `bash launch/demo.sh` makes it)")
