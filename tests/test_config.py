@@ -58,6 +58,8 @@ BAD = [
     (["model.fp8=e5m2"], "model.fp8"),
     (["algorithm.amir.lambda_min=0.1"], "lambda_min=0.1 > lambda_max=0.05"),
     (["rollout.engine=remote"], "rollout.servers: rollout.engine=remote needs"),
+    (["train.lr=.inf"], "train.lr: Input should be a finite number"),
+    (["algorithm.amir.beta=.nan"], "algorithm.amir.beta: Input should be a finite number"),
 ]
 
 
