@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..rewards.extract import extract_boxed
-from .dataset import DatasetError, PromptList, PromptRecord, canonical_answer
+from .dataset import DatasetError, PromptList, PromptRecord, canonical_answer, read_utf8
 
 __all__ = ["BENCHMARKS", "load_benchmark", "load_benchmark_file", "read_rows", "detect_benchmark"]
 
@@ -45,12 +45,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
         import pyarrow.parquet as pq
 
         return [(f"{p}:row {i}", r) for i, r in enumerate(pq.read_table(p).to_pylist(), 1)]
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{p}:{line}: not valid UTF-8") from None
+    text = read_utf8(p)
     stripped = text.lstrip()
     if p.suffix == ".json" and stripped[:1] in ("[", "{"):
         try:

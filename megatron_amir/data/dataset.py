@@ -157,14 +157,19 @@ def _iter_jsonl(path: Path):
                 yield where, DatasetError(f"{where}: bad JSON: {exc.msg} (column {exc.colno})")
 
 
-def _iter_json_array(path: Path):
-    """A ``.json`` file holding one array of records: (``file:item N``, record)."""
+def read_utf8(path: Path) -> str:
+    """The whole file as text; a non-UTF-8 byte is a DatasetError naming ``file:line``."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DatasetError(f"{path}:{line}: not valid UTF-8") from None
+
+
+def _iter_json_array(path: Path):
+    """A ``.json`` file holding one array of records: (``file:item N``, record)."""
+    text = read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
