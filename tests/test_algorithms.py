@@ -24,6 +24,8 @@ from megatron_amir.algorithms import (
 )
 from megatron_amir.config import AlgorithmConfig, AmirConfig
 
+from algo_helpers import random_split
+
 torch.set_num_threads(1)
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -154,19 +156,6 @@ def ref_grpo_total(logp, old, A, mask, cfg, ref=None, rollout=None):
     if kl:
         total = total + cfg.kl_coef * ref_aggregate(kl, mask, cfg.loss_agg_mode, cfg.loss_agg_max_len)
     return total
-
-
-def random_split(n, seed):
-    """Random permutation of rows cut into random-size micro-batches."""
-    rng = random.Random(seed)
-    perm = list(range(n))
-    rng.shuffle(perm)
-    cuts = sorted(rng.sample(range(1, n), k=min(n - 1, rng.randint(1, 4))))
-    out, prev = [], 0
-    for c in cuts + [n]:
-        out.append(perm[prev:c])
-        prev = c
-    return out
 
 
 def loss_and_grad(logp, prepared, cfg, split):

@@ -26,6 +26,8 @@ from megatron_amir.algorithms import (
 )
 from megatron_amir.config import AlgorithmConfig, AmirConfig
 
+from algo_helpers import random_split
+
 torch.set_num_threads(1)
 
 
@@ -122,18 +124,6 @@ def ref_lambda_rule(lam, pair_loss, grpo_loss):
     return lam
 
 
-def random_split(n, seed):
-    rng = random.Random(seed)
-    perm = list(range(n))
-    rng.shuffle(perm)
-    cuts = sorted(rng.sample(range(1, n), k=min(n - 1, rng.randint(1, 5))))
-    out, prev = [], 0
-    for c in cuts + [n]:
-        out.append(perm[prev:c])
-        prev = c
-    return out
-
-
 def grad_of_split(logp, pb, cfg, split):
     lp = logp.clone().requires_grad_(True)
     for rows in split:
@@ -208,7 +198,7 @@ def test_coefficient_form_gradient_equals_direct_pair_loss(amir, seed):
     assert pb.metrics["pair_loss"] == pytest.approx(float(direct.detach()), abs=1e-12)
     assert pb.metrics["pair_count"] == len(pairs)
     for split_seed in range(4):
-        split = random_split(len(rewards), split_seed)
+        split = random_split(len(rewards), split_seed, max_cuts=5)
         g_on = grad_of_split(logp, pb, cfg, split)
         g_off = grad_of_split(logp, pb_off, cfg_off, split)
         assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
