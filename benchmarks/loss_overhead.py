@@ -2,9 +2,11 @@
 
 One optimizer step's loss work on 64 sequences × 1024 tokens (8 groups of G = 8, binary rewards,
 ragged prompt/response lengths): ``prepare_batch`` + ``micro_batch_loss`` on micro-batches of 8 rows +
-``backward`` into the log-prob tensor, for plain GRPO (AMIR disabled) and AMIR-GRPO (pairs, implicit
-rewards, adaptive λ, pair term). Median over repeats after warm-up; the model forward/backward, which
-dominates a real step, is not included, so this ratio is an upper bound on the end-to-end overhead.
+``backward`` into the log-prob tensor, for plain GRPO (AMIR disabled, no pair work: the goal's baseline)
+and AMIR-GRPO (pairs, implicit rewards, adaptive λ, pair term). For context it also times GRPO as the
+trainer runs it, with the pair diagnostics on (``pair_metrics=True``: pair accuracy / margin logged for
+GRPO baselines too). Median over repeats after warm-up; the model forward/backward, which dominates a
+real step, is not included, so this ratio is an upper bound on the end-to-end overhead.
 
     python -m benchmarks.loss_overhead [--repeats 200] [--device cpu|cuda] [--threads 1]
 """
@@ -34,9 +36,10 @@ def make_inputs(n=64, T=1024, G=8, device="cpu", seed=0):
     return [x.to(device) for x in (rewards, gids, mask, old, logp)]
 
 
-def one_step(cfg, state, inputs, micro):
+def one_step(cfg, state, inputs, micro, pair_metrics=False):
     rewards, gids, mask, old, logp0 = inputs
-    pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=state)
+    pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=state,
+                       pair_metrics=pair_metrics)
     lp = logp0.detach().requires_grad_(True)
     for start in range(0, lp.shape[0], micro):
         sl = slice(start, start + micro)
@@ -45,22 +48,22 @@ def one_step(cfg, state, inputs, micro):
     return lp.grad
 
 
-def time_both(cfgs, inputs, micro, repeats, device, warmup=5):
-    """Alternate the objectives step by step so load drift on a shared machine hits both alike.
+def time_all(cfgs, inputs, micro, repeats, device, warmup=5):
+    """Alternate the objectives (``(cfg, pair_metrics)`` pairs) step by step so load drift hits all alike.
 
     On CPU the clock is this thread's CPU time (time.thread_time): with one intra-op thread it is the
     work done, and time spent descheduled by other jobs on a shared machine does not count. On CUDA it
     is wall time around a synchronize.
     """
     clock = time.perf_counter if device == "cuda" else time.thread_time
-    states = [AmirState.from_config(c.amir) for c in cfgs]
+    states = [AmirState.from_config(c.amir) for c, _ in cfgs]
     times = [[] for _ in cfgs]
     for i in range(repeats + warmup):
-        for k, (cfg, state) in enumerate(zip(cfgs, states)):
+        for k, ((cfg, pair_metrics), state) in enumerate(zip(cfgs, states)):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = clock()
-            one_step(cfg, state, inputs, micro)
+            one_step(cfg, state, inputs, micro, pair_metrics)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -79,17 +82,19 @@ def main(argv=None):
     inputs = make_inputs(device=args.device)
     grpo = AlgorithmConfig(amir=AmirConfig(enabled=False))
     amir = AlgorithmConfig(amir=AmirConfig(enabled=True))
-    t_g, t_a = time_both([grpo, amir], inputs, args.micro_batch, args.repeats, args.device)
-    med_g, med_a = statistics.median(t_g), statistics.median(t_a)
+    t_g, t_gm, t_a = time_all([(grpo, False), (grpo, True), (amir, False)], inputs, args.micro_batch, args.repeats,
+                              args.device)
+    med_g, med_gm, med_a = statistics.median(t_g), statistics.median(t_gm), statistics.median(t_a)
     n_tok = int(inputs[2].sum())
     clock = "wall" if args.device == "cuda" else "thread CPU"
     print(f"{clock} time of loss + backward, 64 seqs x 1024 tokens ({n_tok} response tokens), micro-batch {args.micro_batch}, "
           f"device {args.device}, threads {args.threads}, {len(t_g)} repeats")
     print(f"{'objective':<12} {'median ms':>10} {'min ms':>8} {'p10 ms':>8} {'p90 ms':>8}")
-    for name, ts in (("GRPO", t_g), ("AMIR-GRPO", t_a)):
+    for name, ts in (("GRPO", t_g), ("GRPO+diag", t_gm), ("AMIR-GRPO", t_a)):
         q = statistics.quantiles(ts, n=10)
         print(f"{name:<12} {1e3 * statistics.median(ts):>10.3f} {1e3 * min(ts):>8.3f} {1e3 * q[0]:>8.3f} "
               f"{1e3 * q[-1]:>8.3f}")
+    print(f"context: AMIR-GRPO / GRPO with pair diagnostics (the trainer's GRPO): {med_a / med_gm:.3f}")
     print(f"ratio of minima (least disturbed runs): {min(t_a) / min(t_g):.3f}")
     print(f"loss_overhead: ratio={med_a / med_g:.3f} (goal 1.05)")
 

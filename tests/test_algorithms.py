@@ -345,8 +345,10 @@ def test_fully_masked_rows_contribute_nothing():
     assert abs(l1 - l2) < 1e-14
     assert torch.allclose(g2[: len(rewards)], g1, atol=1e-15, rtol=0)
     assert torch.equal(g2[len(rewards):], torch.zeros_like(g2[len(rewards):]))
-    for k in ("num_sequences", "num_tokens", "num_groups", "pair_count", "pair_loss", "zero_variance_groups"):
+    for k in ("num_sequences", "num_tokens", "num_groups", "pair_count", "zero_variance_groups"):
         assert pb.metrics[k] == pb2.metrics[k], k
+    # the padded rows change the group grid, hence the float summation order: equal to rounding
+    assert pb.metrics["pair_loss"] == pytest.approx(pb2.metrics["pair_loss"], rel=1e-14, abs=0)
 
 
 def test_bf16_inputs_are_upcast():

@@ -20,6 +20,7 @@ from megatron_amir.algorithms import (
     micro_batch_loss,
     pair_coefficients,
     pair_loss_sum,
+    pair_statistics,
     pair_terms_numpy,
     prepare_batch,
     seq_logprob,
@@ -202,6 +203,36 @@ def test_coefficient_form_gradient_equals_direct_pair_loss(amir, seed):
         g_on = grad_of_split(logp, pb, cfg, split)
         g_off = grad_of_split(logp, pb_off, cfg_off, split)
         assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "shuffled", "unequal"])
+@pytest.mark.parametrize("mode,cap,margin", [("all", None, 0.0), ("all", None, 0.3), ("top", None, 0.1), ("all", 2, 0.1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, seed):
+    """The grid sums (contiguous view, gathered grid with padding) and the capped host path against loops."""
+    rewards, gids, mask, old = make_batch(seed, n_groups=5, G=6, reward_kind="multi")
+    mask[4] = False  # an invalid row inside a group
+    if layout == "unequal":  # drop rows so groups have 6, 4, 6, 5, 6 rows
+        keep = torch.tensor([i not in (7, 9, 20) for i in range(len(rewards))])
+        rewards, gids, mask, old = rewards[keep], gids[keep], mask[keep], old[keep]
+    if layout != "contiguous":
+        perm = torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seed))
+        rewards, gids, mask, old = rewards[perm], gids[perm], mask[perm], old[perm]
+    beta = 0.7
+    lbar = torch.tensor([ref_lbar(old, mask, i, "mean") if mask[i].any() else 0.0 for i in range(len(rewards))],
+                        dtype=torch.float64)
+    gidx = torch.unique(gids, return_inverse=True)[1]
+    st = pair_statistics(rewards, gidx, mask.any(-1), beta * lbar, margin=margin, mode=mode, max_pairs_per_group=cap)
+    pairs = ref_pairs(rewards, gids, mask, margin, mode, cap)
+    assert pairs
+    d = [beta * float(lbar[w] - lbar[l]) for w, l in pairs]
+    count, loss_sum, correct, margin_sum = st.sums.tolist()
+    assert count == len(pairs) and correct == sum(x > 0 for x in d)
+    assert loss_sum == pytest.approx(sum(math.log1p(math.exp(-x)) for x in d), abs=1e-12)
+    assert margin_sum == pytest.approx(sum(d), abs=1e-12)
+    x = lbar.clone().requires_grad_(True)
+    (pair_loss_sum(beta * x, torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs]))).backward()
+    assert torch.allclose(beta * st.coef_sum, x.grad, atol=1e-12, rtol=0)  # c_i = β·coef_sum_i / P
 
 
 def test_pair_coefficients_are_autograd_of_pair_loss():

@@ -5,11 +5,13 @@ from .advantages import ADVANTAGE_ESTIMATORS, compute_advantages, register_advan
 from .aggregation import AGGREGATIONS, aggregate, register_aggregation, token_weights
 from .amir import (
     AmirState,
+    PairStats,
     build_pairs,
     coefficients_from_terms,
     implicit_rewards,
     pair_coefficients,
     pair_loss_sum,
+    pair_statistics,
     pair_terms_numpy,
     pairs_numpy,
     seq_logprob,
@@ -27,9 +29,9 @@ from .policy_loss import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES",
-    "AmirState", "PreparedBatch",
+    "AmirState", "PairStats", "PreparedBatch",
     "aggregate", "build_pairs", "clipped_surrogate", "coefficients_from_terms", "compute_advantages",
-    "implicit_rewards", "pair_terms_numpy", "pairs_numpy", "weighted_ppo_loss",
+    "implicit_rewards", "pair_statistics", "pair_terms_numpy", "pairs_numpy", "weighted_ppo_loss",
     "kl_penalty", "kl_reward_penalty", "micro_batch_loss", "pair_coefficients", "pair_loss_sum",
     "policy_loss", "prepare_batch", "reduce_micro_batch_stats", "register_advantage_estimator",
     "register_aggregation", "register_kl_estimator", "register_policy_loss", "seq_logprob",

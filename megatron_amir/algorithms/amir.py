@@ -26,6 +26,8 @@ loss, and skips the update when a batch has no pairs; ``prepare_batch`` does the
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -144,19 +146,11 @@ def _pairs_dense(r, group_ids, valid, margin, mode, cap):
 
 
 def _pairs_grid(r, group_ids, valid, margin, mode, cap):
-    n = r.shape[0]
     _, gidx = np.unique(group_ids, return_inverse=True)
     gidx = gidx.reshape(-1)
-    order = np.argsort(gidx, kind="stable")
     counts = np.bincount(gidx)
     b, gmax = counts.size, int(counts.max())
-    starts = np.cumsum(counts) - counts
-    gsorted = gidx[order]
-    pos = np.arange(n) - starts[gsorted]
-    slot = np.full((b, gmax), -1, dtype=np.int64)
-    slot[gsorted, pos] = order
-    ok = slot >= 0
-    ok[ok] = valid[slot[ok]]
+    slot, ok = _group_slots(gidx, valid, counts)
     rg = np.where(ok, r[np.maximum(slot, 0)], np.nan)
     gap = rg[:, :, None] - rg[:, None, :]  # gap[b, w, l] = r_w - r_l
     with np.errstate(invalid="ignore"):
@@ -192,6 +186,103 @@ def pair_terms_numpy(
 def coefficients_from_terms(g: np.ndarray, w: np.ndarray, l: np.ndarray, n: int, num_pairs: float) -> np.ndarray:
     """c_i = (Σ_{(w,i)} g − Σ_{(i,l)} g) / P: the loser side gets +βσ(−d)/P, the winner side −βσ(−d)/P."""
     return (np.bincount(l, g, minlength=n) - np.bincount(w, g, minlength=n)) / float(num_pairs)
+
+
+@dataclass
+class PairStats:
+    """One rank's pair sums for implicit rewards s (float64 tensors on the rewards' device).
+
+    ``sums`` = [P, Σ −log σ(d), #(d > 0), Σ d] over this rank's pairs (d = s_w − s_l), and ``coef_sum[N]`` =
+    Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that c_i = β·coef_sum_i / P_global.
+    """
+
+    sums: torch.Tensor
+    coef_sum: torch.Tensor
+
+
+def pair_statistics(
+    r: torch.Tensor,
+    gidx: torch.Tensor,
+    valid: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    num_groups: Optional[int] = None,
+    margin: float = 0.0,
+    mode: str = "all",
+    max_pairs_per_group: Optional[int] = None,
+) -> PairStats:
+    """Pairs of rewards ``r[N]`` inside groups ``gidx[N]`` (dense 0..B-1) and their terms under implicit rewards
+    ``s[N]`` (β included). Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` +
+    ``coefficients_from_terms``.
+
+    Without a cap no pair list is built: rows go on a [B, G_max] grid (a view when groups are contiguous and
+    equal-sized, the trainer's layout) and every sum is a masked reduction over [B, G, G]: about fifteen
+    tensor ops of the kinds the GRPO loss already runs, no host round trip. With a cap the pairs are ranked
+    on the host (``pairs_numpy``).
+    """
+    if mode not in ("all", "top"):
+        raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
+    n, dev = r.shape[0], r.device
+    r, s = r.to(torch.float64), s.to(torch.float64)
+    if n == 0:
+        return PairStats(torch.zeros(4, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.float64, device=dev))
+    if max_pairs_per_group is not None:
+        w, l = pairs_numpy(r.cpu().numpy(), gidx.cpu().numpy(), valid.cpu().numpy(), margin=margin, mode=mode,
+                           max_pairs_per_group=max_pairs_per_group)
+        loss_sum, correct, margin_sum, sig = pair_terms_numpy(s.cpu().numpy(), w, l, 1.0)
+        sums = torch.tensor([float(w.size), loss_sum, correct, margin_sum], dtype=torch.float64, device=dev)
+        return PairStats(sums, torch.from_numpy(coefficients_from_terms(sig, w, l, n, 1.0)).to(dev))
+    b = int(num_groups) if num_groups is not None else int(gidx.max()) + 1
+    slot = None
+    if n % b == 0 and torch.equal(gidx, _contiguous_groups(n, b, gidx.device)):
+        rg, sg, ok = r.view(b, -1), s.view(b, -1), valid.view(b, -1)
+    else:
+        slot_np, ok_np = _group_slots(gidx.cpu().numpy(), valid.cpu().numpy(), np.bincount(gidx.cpu().numpy()))
+        slot, ok = torch.from_numpy(slot_np).to(dev), torch.from_numpy(ok_np).to(dev)
+        rg, sg = r[slot.clamp(min=0)], s[slot.clamp(min=0)]
+    rg = torch.where(ok, rg, _nan(dev))  # invalid rows and padding: NaN never wins or loses a comparison
+    cand = (rg.unsqueeze(2) - rg.unsqueeze(1)) > margin  # cand[b, w, l]: r_w − r_l > margin
+    if mode == "top":
+        # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
+        top = torch.where(ok, rg, -math.inf).argmax(dim=1)
+        cand &= (torch.arange(rg.shape[1], device=dev) == top.unsqueeze(1)).unsqueeze(2)
+    d = sg.unsqueeze(2) - sg.unsqueeze(1)  # d[b, w, l] = s_w − s_l, so d.mT = −d
+    c = cand.to(torch.float64)
+    log_sig = F.logsigmoid(d)
+    sums = torch.stack([
+        c.sum(), -(log_sig * c).sum(), (cand & (d > 0)).sum(dtype=torch.float64), (d * c).sum(),
+    ])
+    g = log_sig.mT.exp() * c  # σ(−d[b,w,l]) = σ(d[b,l,w]) on every pair (w, l)
+    coef = (g - g.mT).sum(1)  # Σ_w g[b,w,i] − Σ_l g[b,i,l]: losers +, winners −
+    if slot is None:
+        return PairStats(sums, coef.view(n))
+    flat = torch.zeros(n, dtype=torch.float64, device=dev)
+    flat[slot[ok]] = coef[ok]
+    return PairStats(sums, flat)
+
+
+@functools.lru_cache(maxsize=4)
+def _nan(device: torch.device) -> torch.Tensor:
+    return torch.tensor(math.nan, dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
+    """The group index of the trainer's layout: rows [k·G, (k+1)·G) form group k (G = n / b)."""
+    return torch.arange(n, device=device) // (n // b)
+
+
+def _group_slots(gidx: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row index of every (group, position) cell (-1 for padding) and whether the cell is a valid row."""
+    n = gidx.shape[0]
+    order = np.argsort(gidx, kind="stable")
+    starts = np.cumsum(counts) - counts
+    gsorted = gidx[order]
+    slot = np.full((counts.size, int(counts.max())), -1, dtype=np.int64)
+    slot[gsorted, np.arange(n) - starts[gsorted]] = order
+    ok = slot >= 0
+    ok[ok] = valid[slot[ok]]
+    return slot, ok
 
 
 def pair_loss_sum(s: torch.Tensor, w_idx: torch.Tensor, l_idx: torch.Tensor) -> torch.Tensor:

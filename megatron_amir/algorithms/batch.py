@@ -27,7 +27,7 @@ import torch
 
 from .advantages import ADVANTAGE_ESTIMATORS, group_index, zero_variance_groups
 from .aggregation import token_weights as _token_weights
-from .amir import AmirState, coefficients_from_terms, pair_terms_numpy, pairs_numpy, seq_logprob
+from .amir import AmirState, pair_statistics, seq_logprob
 from .kl import kl_penalty, kl_reward_penalty
 from .policy_loss import policy_loss, tis_weight, weighted_ppo_loss
 
@@ -145,13 +145,14 @@ def prepare_batch(
         old = old_logp.detach().to(dt)
         ref = None if ref_logp is None else ref_logp.detach().to(dt)
         rollout = None if rollout_logp is None else rollout_logp.detach().to(dt)
-        pol = old if policy_logp is None else policy_logp.detach().to(dt)
+        pol = None if policy_logp is None else policy_logp.detach().to(dt)
         for name, x in (("old_logp", old), ("ref_logp", ref), ("rollout_logp", rollout), ("policy_logp", pol)):
             if x is not None and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"prepare_batch: {name} has non-finite values (log-probs must be finite everywhere)")
         r_raw = rewards.detach().to(device=dev, dtype=torch.float64)
         if not bool(torch.isfinite(r_raw).all()):
             raise ValueError("prepare_batch: rewards has non-finite values")
+        pol = old if pol is None else pol
         group_ids = group_ids.to(dev)
         lengths = mask.sum(-1)
         valid = lengths > 0
@@ -165,17 +166,21 @@ def prepare_batch(
         gidx, num_groups = group_index(group_ids)
         has_rows, zero_var = zero_variance_groups(r_adv, gidx, num_groups, valid)
         do_pairs = acfg.enabled or pair_metrics
+        lbar_mean = seq_logprob(pol, mask, "mean")
         if do_pairs:
-            # pair bookkeeping on the host: [N] scalars, O(G^2) per group, no device launches
-            w_idx, l_idx = pairs_numpy(
-                r_raw.cpu().numpy(), group_ids.cpu().numpy(), valid.cpu().numpy(), margin=acfg.margin,
-                mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
+            # pair sums over [B, G, G] grids (no pair list, no host round trip); P enters all-reduce 1
+            s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
+            if acfg.reference_anchored and ref is not None:
+                s = s - seq_logprob(ref, mask, acfg.logprob_norm)
+            pairs = pair_statistics(
+                r_raw, gidx, valid, s.double() * acfg.beta, num_groups=num_groups,
+                margin=acfg.margin, mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
             )
         vf = valid.double()
         # ---- all-reduce 1: everything that only needs rewards and masks
         red1 = _allreduce(torch.stack([
             lengths.double().sum(), vf.sum(),
-            torch.tensor(float(w_idx.size) if do_pairs else 0.0, dtype=torch.float64, device=dev),
+            pairs.sums[0] if do_pairs else torch.zeros((), dtype=torch.float64, device=dev),
             has_rows.double().sum(), zero_var.double().sum(),
             (r_raw * vf).sum(), (r_adv * vf).sum(), (r_adv * r_adv * vf).sum(),
         ]), dp_group).tolist()
@@ -205,20 +210,11 @@ def prepare_batch(
         gmean = torch.zeros_like(cnt).index_add_(0, gidx, r_raw * vf) / cnt.clamp(min=1)
         above = (valid & (r_raw > gmean[gidx])).double()
         below = (valid & (r_raw < gmean[gidx])).double()
-        lbar_mean = seq_logprob(pol, mask, "mean")
-        if do_pairs:
-            s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
-            if acfg.reference_anchored and ref is not None:
-                s = s - seq_logprob(ref, mask, acfg.logprob_norm)
-            s_host = (acfg.beta * s).double().cpu().numpy()
-            pair_sum, acc_sum, margin_sum, pair_g = pair_terms_numpy(s_host, w_idx, l_idx, acfg.beta)
-        else:
-            pair_sum = acc_sum = margin_sum = 0.0
         lbar_mean = lbar_mean.double()
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        # ---- all-reduce 2: pair sums (host floats) and the sums that need advantages / weights
-        host = torch.tensor([pair_sum, acc_sum, margin_sum], dtype=torch.float64, device=dev)
-        red2 = _allreduce(torch.cat([host, torch.stack([
+        # ---- all-reduce 2: pair sums and the sums that need advantages / weights
+        pair_sums = pairs.sums[1:] if do_pairs else torch.zeros(3, dtype=torch.float64, device=dev)
+        red2 = _allreduce(torch.cat([pair_sums, torch.stack([
             grpo_local.double(),
             (lbar_mean * above).sum(), above.sum(), (lbar_mean * below).sum(), below.sum(),
             (lengths.double() * above).sum(), (lengths.double() * below).sum(),
@@ -267,8 +263,7 @@ def prepare_batch(
                 lam = float(amir_state.lam)
                 metrics["lambda"] = lam
                 if g_pairs > 0 and lam != 0.0:
-                    c = coefficients_from_terms(pair_g, w_idx, l_idx, n, g_pairs)
-                    seq_coef = torch.from_numpy(lam * c).to(device=dev, dtype=dt)
+                    seq_coef = (pairs.coef_sum * (lam * acfg.beta / g_pairs)).to(dt)
                     per_tok = seq_coef / lengths.clamp(min=1) if acfg.logprob_norm == "mean" else seq_coef
                     pair_token_coef = per_tok.unsqueeze(-1) * mask
 

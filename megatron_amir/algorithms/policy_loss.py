@@ -117,17 +117,20 @@ def policy_loss(
 
 
 class _PrecomputedGrad(torch.autograd.Function):
-    """Returns ``value`` and, in backward, ``g · grad`` for ``logp`` (grad formed in the forward pass)."""
+    """Returns ``value (+ extra)`` and, in backward, ``g · grad`` for ``logp`` (grad formed in the forward pass).
+
+    The sum with ``extra`` is formed here because the output must be a new tensor anyway (a clone otherwise).
+    """
 
     @staticmethod
-    def forward(ctx, logp, value, grad):
+    def forward(ctx, logp, grad, value, extra=None):
         ctx.save_for_backward(grad)
-        return value.clone()
+        return value.clone() if extra is None else value + extra
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return g * grad, None, None
+        return g * grad, None, None, None
 
 
 def weighted_ppo_loss(
@@ -145,8 +148,9 @@ def weighted_ppo_loss(
 
     Same value and gradient as autograd through ``ppo_loss`` — ∂ℓ/∂logp = −A ρ where the unclipped
     branch is active (ties included, as torch.maximum's half+half) and |logp − old| ≤ 20, else 0 —
-    but formed in one pass, so backward is a single multiply. The linear term costs one add: the AMIR
-    pair term Σ_i seq_coef_i ℓ̄_i(logp) is exactly such a term. Returns (total, info) with detached
+    but formed in one pass, so backward is a single multiply. The linear term rides in the gradient's
+    ``addcmul`` and costs one reduction for its value: the AMIR pair term Σ_i seq_coef_i ℓ̄_i(logp) is
+    exactly such a term. Returns (total, info) with detached
     ``ratio``, ``clipped_low``, ``clipped_high``, ``dual_clipped`` (dual-clip only), ``pg_value`` and
     ``linear_value`` (when ``linear`` is given).
     """
@@ -177,10 +181,10 @@ def weighted_ppo_loss(
         grad = weights * live_pg1 if linear is None else torch.addcmul(linear, weights, live_pg1)
         value = (weights * loss).sum()
         info["pg_value"] = value
+        lin = None
         if linear is not None:
-            lin = torch.dot(linear.reshape(-1), lp.reshape(-1))
+            lin = (linear * lp).sum()  # not torch.dot: a BLAS call is cold code here and costs more
             info["linear_value"] = lin
-            value = value + lin
     if not logp.requires_grad:
-        return value, info
-    return _PrecomputedGrad.apply(logp, value, grad), info
+        return (value if lin is None else value + lin), info
+    return _PrecomputedGrad.apply(logp, grad, value, lin), info
