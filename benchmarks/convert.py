@@ -1,16 +1,22 @@
 """HF -> Megatron conversion cost against a raw safetensors read + write of the same bytes.
 
-A random Llama-style model (default ~0.5 GB fp32, 4 shards) is written as an HF directory. Each measured job
-runs in a fresh subprocess (clean peak RSS) after its imports, and reports its wall time and
-``ru_maxrss`` minus the RSS it had before the job started (interpreter, torch and Megatron-Core imports
-excluded: they are a fixed ~0.5 GB that would swamp any model size this machine can afford):
+A random Llama-style model (default 623 MB fp32, 5 shards of <= 150 MB) is written as an HF directory. Each
+measured job runs in a fresh subprocess after its imports, and reports its wall time and its peak RSS growth: the peak
+(``VmHWM``, reset to the current RSS when the job starts by writing 5 to ``/proc/self/clear_refs``) minus the
+RSS at the start (interpreter, torch and Megatron-Core imports excluded: they are a fixed ~0.4 GB that would
+swamp any model size this machine can afford). Without the reset, ``ru_maxrss`` would also count import-time
+transients and, after fork + exec, the parent's RSS at the fork (the parent has just generated the model);
+where clear_refs is not writable it falls back to ``ru_maxrss``, an upper bound:
 
 - baseline:   ``safetensors.torch.load_file`` + ``save_file`` of every shard into a new directory (the goal's
               denominator); ``baseline+fsync`` adds an fsync per file (Megatron's writer fsyncs), for context
-- hf-to-mcore: ``checkpoints_tools.hf_to_mcore`` (single process, includes Megatron model build + torch_dist save)
+- hf-to-mcore: ``checkpoints_tools.hf_to_mcore`` with its defaults (single process, includes the Megatron
+              layout from a meta-device model and the torch_dist write; no fsync, like the baseline);
+              ``hf-to-mcore+fsync`` with ``fsync=True``, for context (compare it with ``baseline+fsync``)
 - mcore-to-hf: ``checkpoints_tools.mcore_to_hf`` back to sharded safetensors (reported, no goal)
 
-The page cache is warmed by reading the source once first, so every job reads from memory; nothing fsyncs.
+The page cache is warmed by reading the source once first, so every job reads from memory; only the +fsync
+jobs fsync.
 
     python -m benchmarks.convert [--hidden 1024] [--layers 8] [--vocab 32000] [--dtype fp32] [--repeats 2]
 
@@ -35,6 +41,25 @@ from pathlib import Path
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset: bool) -> int:
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _make_model(root: Path, hidden: int, layers: int, vocab: int, dtype: str, shard_bytes: int) -> tuple[Path, int]:
@@ -82,6 +107,7 @@ def _child(job: str, src: str, dst: str) -> None:
 
     from checkpoints_tools import hf_io
 
+    reset = _reset_peak_rss()
     base_rss = _rss_bytes()
     t0 = time.perf_counter()
     if job.startswith("baseline"):
@@ -93,12 +119,12 @@ def _child(job: str, src: str, dst: str) -> None:
                 fd = os.open(out, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-    elif job == "hf-to-mcore":
-        hf_to_mcore(src, dst)
+    elif job.startswith("hf-to-mcore"):
+        hf_to_mcore(src, dst, fsync=job == "hf-to-mcore+fsync")
     else:
         mcore_to_hf(src, dst)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes(reset)
     print(json.dumps({"job": job, "seconds": seconds, "peak_growth": peak - base_rss, "base_rss": base_rss}))
 
 
@@ -136,25 +162,28 @@ def main(argv: list[str] | None = None) -> None:
                                           args.shard_mb * 10**6)
         for f in hf_dir.iterdir():  # warm the page cache so every job reads from memory
             f.read_bytes()
-        results: dict[str, list[dict]] = {"baseline": [], "baseline+fsync": [], "hf-to-mcore": [], "mcore-to-hf": []}
+        results: dict[str, list[dict]] = {"baseline": [], "baseline+fsync": [], "hf-to-mcore": [],
+                                          "hf-to-mcore+fsync": [], "mcore-to-hf": []}
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits every job alike
             results["baseline"].append(_run("baseline", hf_dir, root / "raw"))
             results["baseline+fsync"].append(_run("baseline+fsync", hf_dir, root / "raw"))
+            results["hf-to-mcore+fsync"].append(_run("hf-to-mcore+fsync", hf_dir, root / "mc"))
             results["hf-to-mcore"].append(_run("hf-to-mcore", hf_dir, root / "mc"))
             mc_copy = root / "mc-src"
             if not mc_copy.exists():
                 shutil.copytree(root / "mc", mc_copy)
             results["mcore-to-hf"].append(_run("mcore-to-hf", mc_copy, root / "hf2"))
-        out_bytes = {"baseline": _du(root / "raw"), "baseline+fsync": _du(root / "raw"), "hf-to-mcore": _du(root / "mc"), "mcore-to-hf": _du(root / "hf2")}
+        out_bytes = {"baseline": _du(root / "raw"), "baseline+fsync": _du(root / "raw"), "hf-to-mcore": _du(root / "mc"),
+                     "hf-to-mcore+fsync": _du(root / "mc"), "mcore-to-hf": _du(root / "hf2")}
 
     best = {job: min(rs, key=lambda r: r["seconds"]) for job, rs in results.items()}
     peak = {job: max(r["peak_growth"] for r in rs) for job, rs in results.items()}
     print(f"model: llama hidden={args.hidden} layers={args.layers} vocab={args.vocab} {args.dtype}, "
           f"{model_bytes / 1e6:.1f} MB in shards of <= {args.shard_mb} MB; "
           f"best of {args.repeats} runs; RSS = peak growth over the job's start (imports excluded)")
-    print(f"{'job':<15} {'seconds':>8} {'time/base':>10} {'peak RSS MB':>12} {'RSS/model':>10} {'out MB':>8}")
+    print(f"{'job':<18} {'seconds':>8} {'time/base':>10} {'peak RSS MB':>12} {'RSS/model':>10} {'out MB':>8}")
     for job in results:
-        print(f"{job:<15} {best[job]['seconds']:8.2f} {best[job]['seconds'] / best['baseline']['seconds']:10.2f} "
+        print(f"{job:<18} {best[job]['seconds']:8.2f} {best[job]['seconds'] / best['baseline']['seconds']:10.2f} "
               f"{peak[job] / 1e6:12.1f} {peak[job] / model_bytes:10.2f} {out_bytes[job] / 1e6:8.1f}")
     rss_ratio = peak["hf-to-mcore"] / model_bytes
     time_ratio = best["hf-to-mcore"]["seconds"] / best["baseline"]["seconds"]

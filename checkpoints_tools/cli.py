@@ -20,6 +20,8 @@ def build_parser(prog: str = "megatron-amir convert") -> argparse.ArgumentParser
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint targets (validated)")
     a.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="Megatron parameter dtype (default: the HF config's)")
+    a.add_argument("--fsync", action="store_true",
+                   help="flush the checkpoint to disk before publishing it (survives power loss; slower)")
     b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint (converted or trainer step dir) -> HF dir")
     b.add_argument("--ckpt", required=True, help="directory holding model/ and its metadata")
     b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.direction == "hf-to-mcore":
             from checkpoints_tools.hf_to_mcore import hf_to_mcore
 
-            meta = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+            meta = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, fsync=args.fsync)
             print(f"wrote {args.out} ({meta['model']['arch']}, vocab {meta['original_vocab_size']} padded to "
                   f"{meta['padded_vocab_size']})")
         else:

@@ -1,19 +1,22 @@
 """Hugging Face checkpoint directories: streaming safetensors reading, sharded writing, side files.
 
-Reading memory-maps each file (safetensors' own reader validates header and offsets), so renamed tensors are
-never copied in user space; tensors that only feed a fused tensor can be read into their own buffers instead. Writing buffers tensors up to
+Reading validates each file with safetensors' own reader (header, dtypes, offsets) and then hands out where
+each tensor's bytes lie (``TensorRef``), so a converter can copy them file to file without holding them;
+``read_tensor`` reads one into its own buffer where it must be transformed. Writing buffers tensors up to
 ``max_shard_bytes`` and writes a shard at a time; with more than one shard a ``model.safetensors.index.json``
 is written, as ``save_pretrained`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -90,41 +93,75 @@ def _offsets(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_safetensors(path: Path, copy: Callable[[str], bool] = lambda name: False
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) of one safetensors file.
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie in an open safetensors file (dtype and shape as its header states)."""
 
-    Tensors are memory-mapped views of the file (zero-copy: a renamed tensor goes from the page cache straight
-    to the writer). Pages of a mapping count towards the process RSS for as long as the file stays mapped, so
-    tensors that are only *sources* of a new tensor (q/k/v, gate/up) are better read with ``copy`` true: into
-    their own buffer with ``pread``, freed as soon as the fused tensor is built.
-    """
+    path: Path
+    fd: int
+    offset: int  # absolute file offset of the first byte
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_tensor(ref: TensorRef) -> torch.Tensor:
+    """The tensor ``ref`` points to, ``pread`` into its own buffer (no mapping of the file stays behind)."""
+    buf = torch.empty(ref.nbytes, dtype=torch.uint8)
+    if ref.nbytes and os.preadv(ref.fd, [memoryview(buf.numpy())], ref.offset) != ref.nbytes:
+        raise HFCheckpointError(f"{ref.path}: a tensor at byte {ref.offset} is truncated")
+    return buf.view(ref.dtype).reshape(ref.shape)
+
+
+def _tensor_refs(path: Path, fd: int) -> list[tuple[str, TensorRef]]:
     from safetensors import safe_open
 
-    path = Path(path)
     try:
-        handle = safe_open(str(path), framework="pt")
-        header, base = _offsets(path)  # safe_open has validated the header and every offset
+        with safe_open(str(path), framework="pt") as handle:  # validates the header and every offset
+            names = list(handle.keys())
+            kinds = {n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in names}
+        header, base = _offsets(path)
     except Exception as exc:
         raise HFCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    with handle, open(path, "rb", buffering=0) as raw:
-        for name in handle.keys():
-            if not copy(name):
-                yield name, handle.get_tensor(name)
-                continue
-            info = header[name]
-            start, end = info["data_offsets"]
-            buf = torch.empty(end - start, dtype=torch.uint8)
-            if end > start and os.preadv(raw.fileno(), [memoryview(buf.numpy())], base + start) != end - start:
-                raise HFCheckpointError(f"{path}: tensor '{name}' is truncated")
-            ref = handle.get_slice(name)  # dtype / shape as safetensors parsed them
-            yield name, buf.view(_TORCH_DTYPES[ref.get_dtype()]).reshape(ref.get_shape())
+    refs = []
+    for name in names:
+        dtype, shape = kinds[name]
+        if dtype not in _TORCH_DTYPES:
+            raise HFCheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        start, end = header[name]["data_offsets"]
+        refs.append((name, TensorRef(path, fd, base + start, end - start, _TORCH_DTYPES[dtype], shape)))
+    return refs
 
 
-def iter_hf_tensors(shards: list[Path], copy: Callable[[str], bool] = lambda name: False
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+@contextlib.contextmanager
+def open_tensor_refs(shards: list[Path]) -> Iterator[list[tuple[str, TensorRef]]]:
+    """(name, TensorRef) of every tensor of ``shards``, in file order; the files stay open inside the block.
+
+    Nothing is read but the headers: a writer copies the bytes file to file (``os.copy_file_range``) or
+    ``read_tensor`` reads one tensor where it must be transformed.
+    """
+    fds: list[int] = []
+    try:
+        refs = []
+        for shard in shards:
+            fds.append(os.open(shard, os.O_RDONLY))
+            refs += _tensor_refs(Path(shard), fds[-1])
+        yield refs
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) of one safetensors file, each read into its own buffer."""
+    with open_tensor_refs([path]) as refs:
+        for name, ref in refs:
+            yield name, read_tensor(ref)
+
+
+def iter_hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in shards:
-        yield from iter_safetensors(shard, copy)
+        yield from iter_safetensors(shard)
 
 
 class ShardedWriter:

@@ -1,32 +1,48 @@
-"""Hugging Face directory -> Megatron-Core torch_dist checkpoint (+ metadata), streaming shard by shard.
+"""Hugging Face directory -> Megatron-Core torch_dist checkpoint (+ metadata), file to file.
 
-Each HF tensor is read (``hf_io.iter_safetensors``), mapped (``mapping.hf_to_mcore_named_tensors``: q/k/v and
-gate/up wait only until their partners arrive) and copied into the matching parameter of an uninitialized
-TP=PP=1 GPTModel, then freed; the model is saved with the trainer's checkpoint code. Peak memory is about one
-copy of the model plus one tensor in flight. Output appears atomically: everything is written to a temp
-directory beside ``out_dir`` and renamed at the end; on any error the temp directory is removed.
+The HF shards are indexed (headers only: ``hf_io.open_tensor_refs``) and grouped per Megatron parameter by the
+one mapping (``mapping.group_hf_tensors``; names, layers, duplicates, missing pieces and shapes are all checked
+before anything is written). What to write -- keys, chunks, dtypes, objects -- comes from Megatron itself: the
+sharded state dict of a meta-device TP=PP=1 model, preprocessed as ``dist_checkpointing.save`` does
+(``megatron_side.checkpoint_layout``). ``torch_dist.TorchDistWriter`` then writes each chunk: when the HF dtype
+is the parameter's, its bytes are the HF rows the mapping names (``ParamMapping.mcore_rows``: q/k/v
+interleaved per query group, [gate; up], zero rows for vocabulary padding) copied file to file in the kernel;
+otherwise (a dtype cast, e.g. bf16 HF norms into Megatron's fp32 norms) the parameter is read and built with
+``ParamMapping.to_mcore``. No model copy is held: memory stays at about one parameter in flight. Output
+appears atomically: everything is written to a temp directory beside ``out_dir`` and renamed at the end
+(flushed to disk first with ``fsync=True``); on any error the temp directory is removed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from checkpoints_tools import hf_io
 from checkpoints_tools.config_bridge import model_config_from_hf
-from checkpoints_tools.mapping import MappingError, hf_to_mcore_named_tensors, model_mapping, padded_vocab_size
+from checkpoints_tools.mapping import (
+    MappingError,
+    ParamMapping,
+    check_hf_shapes,
+    group_hf_tensors,
+    padded_vocab_size,
+)
 from checkpoints_tools.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
-    build_empty_model,
-    prestart_checkpoint_writer,
-    save_model,
+    CheckpointLayout,
+    checkpoint_layout,
     single_process_megatron,
     write_meta,
 )
+from checkpoints_tools.torch_dist import Piece, TorchDistWriter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +61,58 @@ def check_parallel(model_cfg, tp: int, pp: int) -> None:
         raise ValueError(f"PP={pp} does not divide num_hidden_layers={model_cfg.num_layers}")
 
 
+def _param_pieces(mp: ParamMapping, parts: list[hf_io.TensorRef], model_cfg, vocab: int,
+                  dtype: torch.dtype, shape: tuple[int, ...]) -> list[Piece]:
+    """The full Megatron parameter's bytes as pieces: HF file ranges where no cast is needed, else one buffer."""
+    if all(ref.dtype == dtype for ref in parts):
+        pieces: list[Piece] = []
+        row_bytes = [ref.nbytes // ref.shape[0] if ref.shape and ref.shape[0] else 0 for ref in parts]
+        zero_row = (math.prod(shape[1:]) if len(shape) > 1 else 1) * dtype.itemsize
+        for i, first, n in mp.mcore_rows(model_cfg, vocab):
+            if i is None:
+                pieces.append(bytes(n * zero_row))
+            else:
+                pieces.append((parts[i].fd, parts[i].offset + first * row_bytes[i], n * row_bytes[i]))
+        return pieces
+    full = mp.to_mcore([hf_io.read_tensor(ref) for ref in parts], model_cfg, vocab).to(dtype).contiguous()
+    return [full.reshape(-1).view(torch.uint8).numpy().data]
+
+
+def _write_model(path: Path, layout: CheckpointLayout, groups: dict, model_cfg, vocab: int, *,
+                 fsync: bool) -> None:
+    """Every chunk of ``layout`` from the HF groups (Megatron name -> (mapping, [TensorRef])), then the objects."""
+    writer = TorchDistWriter(path, sync=fsync)
+    by_param: dict[str, list] = {}
+    for name, sh in layout.tensors:
+        by_param.setdefault(name, []).append(sh)
+    for name, chunks in by_param.items():
+        if name not in groups:
+            raise MappingError(f"Hugging Face checkpoint lacks tensors for Megatron parameter '{name}'")
+        mp, parts = groups.pop(name)
+        param = layout.params[name]  # meta device: shape and dtype only
+        rows = sum(n for _, _, n in mp.mcore_rows(model_cfg, vocab))
+        if (rows, *parts[0].shape[1:]) != tuple(param.shape):
+            raise MappingError(f"shape mismatch for Megatron tensor '{name}': mapped {(rows, *parts[0].shape[1:])}, "
+                               f"model expects {tuple(param.shape)}")
+        for sh in chunks:
+            if sh.flattened_range is not None or not sh.data.is_contiguous() or sh.dtype != param.dtype:
+                raise MappingError(f"'{name}': unsupported chunk layout in Megatron's sharded state dict")
+        keys = {sh.key for sh in chunks}
+        for key in keys:
+            mine = [sh for sh in chunks if sh.key == key]
+            writer.add_tensor(
+                key, mine[0].global_shape, param.dtype,
+                [(sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape),
+                  (sh.data.storage_offset() - param.storage_offset()) * param.dtype.itemsize) for sh in mine],
+                functools.partial(_param_pieces, mp, parts, model_cfg, vocab, param.dtype, tuple(param.shape)),
+            )
+    if groups:
+        raise MappingError(f"mapped tensor '{sorted(groups)[0]}' is not a parameter of the Megatron model")
+    for obj in layout.objects:
+        writer.add_object(obj.unique_key, obj.data)
+    writer.close()
+
+
 def hf_to_mcore(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -52,12 +120,17 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     dtype: Optional[str] = None,
+    fsync: bool = False,
 ) -> dict:
     """Convert ``hf_dir`` to a Megatron checkpoint in ``out_dir`` (must not exist or be empty).
 
     tp / pp: the layout the checkpoint is meant for; the files are reshardable, tp sets the vocabulary padding
     (multiple of 128 * tp) and both are validated against the architecture.
     dtype: fp32 | bf16 | fp16 for the Megatron parameters (default: the HF config's dtype).
+    fsync: flush the checkpoint to disk before it is renamed into place (durable across an OS crash or power
+    loss, as Megatron's own writer is; costs about as much again as writing it). Off by default, like
+    ``save_pretrained`` / safetensors: a crashed *process* never leaves a partial ``out_dir`` either way (temp
+    dir + rename), and the source is untouched, so a conversion lost to a power cut is simply run again.
     Returns the metadata written to ``megatron_amir_model.json``.
     """
     t0 = time.perf_counter()
@@ -78,42 +151,20 @@ def hf_to_mcore(
     model_cfg = model_cfg.model_copy(update={"vocab_size": padded_vocab_size(vocab, tp)})
     shards = hf_io.list_shards(hf_dir)
 
-    prestart_checkpoint_writer()
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
-        with single_process_megatron():
-            t_build = time.perf_counter()
-            model = build_empty_model(model_cfg)
-            log.info("built the empty Megatron model in %.2f s", time.perf_counter() - t_build)
-            t_read = time.perf_counter()
-            params = model.state_dict(keep_vars=True)
-            filled: set[str] = set()
-            mm = model_mapping(model_cfg)
-            fused_source = lambda name: len(mm.find_hf(name)[0].hf) > 1  # noqa: E731  (q/k/v, gate/up)
-            stream = hf_to_mcore_named_tensors(hf_io.iter_hf_tensors(shards, copy=fused_source), model_cfg,
-                                               vocab_size=vocab)
-            for name, tensor in stream:
-                if name not in params:
-                    raise MappingError(f"mapped tensor '{name}' is not a parameter of the Megatron model")
-                param = params[name]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise MappingError(
-                        f"shape mismatch for Megatron tensor '{name}': mapped {tuple(tensor.shape)}, "
-                        f"model expects {tuple(param.shape)}"
-                    )
-                if tensor.dtype == param.dtype and tensor.is_contiguous():
-                    param.data = tensor  # adopt the freshly read buffer: no copy, the empty storage is never touched
-                else:
-                    param.data.copy_(tensor)  # e.g. bf16 HF norms into Megatron's fp32 norm weights
-                filled.add(name)
-            expected = {n for n in params if not n.endswith("._extra_state")}
-            if expected - filled:
-                raise MappingError(f"Hugging Face checkpoint lacks tensors for {sorted(expected - filled)[:6]}")
-            log.info("read and mapped %d tensors in %.2f s", len(filled), time.perf_counter() - t_read)
+        with hf_io.open_tensor_refs(shards) as refs:
+            groups = {}
+            for mp, layer, parts in group_hf_tensors(refs, model_cfg):
+                check_hf_shapes(mp, parts, model_cfg, vocab, layer)
+                groups[mp.mcore_param(layer)] = (mp, parts)
+            t_layout = time.perf_counter()
+            with single_process_megatron():
+                layout = checkpoint_layout(model_cfg)
+            log.info("checkpoint layout from a meta-device model in %.2f s", time.perf_counter() - t_layout)
             t_save = time.perf_counter()
-            save_model(model, tmp / MODEL_SUBDIR)
-            log.info("saved the torch_dist checkpoint in %.2f s", time.perf_counter() - t_save)
-            del model, params
+            _write_model(tmp / MODEL_SUBDIR, layout, groups, model_cfg, vocab, fsync=fsync)
+            log.info("wrote the torch_dist checkpoint in %.2f s", time.perf_counter() - t_save)
         (tmp / HF_SUBDIR).mkdir()
         side = hf_io.copy_side_files(hf_dir, tmp / HF_SUBDIR)
         meta = {

@@ -37,7 +37,7 @@ import importlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -101,6 +101,14 @@ class ParamMapping:
         """
         raise NotImplementedError
 
+    def mcore_rows(self, cfg: ModelConfig, vocab_size: int) -> list[tuple[Optional[int], int, int]]:
+        """``to_mcore`` as a list of row ranges: (HF piece index or None for zero rows, first row, row count).
+
+        Concatenating those dim-0 rows in order gives the full Megatron tensor (a 1-D tensor has one element
+        per row), so a writer can copy the bytes straight from the HF files without building the tensor.
+        """
+        raise NotImplementedError
+
     def tp_shard(self, tensor: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
         """TP rank ``rank``'s block of the full Megatron tensor, as that rank's module holds it."""
         if self.tp_axis is None:
@@ -111,6 +119,10 @@ class ParamMapping:
         if spec not in SPECS:
             raise ValueError(f"unknown layer spec {spec!r}; expected one of {SPECS}")
         return TE_FUSED_NORMS.get(self.mcore, self.mcore) if spec == "te" else self.mcore
+
+    def mcore_param(self, layer: Optional[int], spec: str = "local") -> str:
+        """The concrete Megatron parameter name of ``layer`` (None for non-layer tensors)."""
+        return _fill(self.mcore_name(spec), layer)
 
     @property
     def per_layer(self) -> bool:
@@ -129,6 +141,10 @@ class DirectMapping(ParamMapping):
     def to_mcore(self, tensors, cfg, vocab_size):
         (t,) = tensors
         return t
+
+    def mcore_rows(self, cfg, vocab_size):
+        shape = self.shape(cfg)
+        return [(0, 0, shape[0] if shape else 1)]
 
     def to_hf(self, tensor, cfg):
         return [tensor]
@@ -155,6 +171,10 @@ class VocabMapping(ParamMapping):
         if pad == 0:
             return t
         return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
+
+    def mcore_rows(self, cfg, vocab_size):
+        rows = [(0, 0, vocab_size)]
+        return rows + [(None, 0, cfg.vocab_size - vocab_size)] if cfg.vocab_size > vocab_size else rows
 
     def to_hf(self, tensor, cfg):
         return [tensor]
@@ -191,6 +211,12 @@ class QKVMapping(ParamMapping):
         )
         return qkv.reshape(ng * (per_group + 2) * d, *tail)
 
+    def mcore_rows(self, cfg, vocab_size):
+        ng, d = cfg.num_kv_heads, cfg.kv_channels
+        per_group = cfg.num_attention_heads // ng
+        q_rows = per_group * d
+        return [row for g in range(ng) for row in ((0, g * q_rows, q_rows), (1, g * d, d), (2, g * d, d))]
+
     def to_hf(self, tensor, cfg):
         d = cfg.kv_channels
         per_group = cfg.num_attention_heads // cfg.num_kv_heads
@@ -217,6 +243,9 @@ class GatedMLPMapping(ParamMapping):
     def to_mcore(self, tensors, cfg, vocab_size):
         gate, up = tensors
         return torch.cat([gate, up], dim=0)
+
+    def mcore_rows(self, cfg, vocab_size):
+        return [(0, 0, cfg.ffn_hidden_size), (1, 0, cfg.ffn_hidden_size)]
 
     def tp_shard(self, tensor, rank, tp):
         # Megatron's swiglu layout per rank: cat([gate_r; up_r]), not rows [r*2F/tp, (r+1)*2F/tp) of the full one.
@@ -462,26 +491,32 @@ def gather_tp_shards(shards: Sequence[torch.Tensor], tp_axis: Optional[int]) -> 
     return shards[0] if tp_axis is None else torch.cat(list(shards), dim=tp_axis)
 
 
+def check_hf_shapes(mp: ParamMapping, hf_tensors: Sequence, cfg: ModelConfig, vocab_size: int,
+                    layer: Optional[int]) -> None:
+    """Every HF piece (anything with ``.shape``) has the shape the config implies; the error names the tensor."""
+    for h, t, s in zip(mp.hf, hf_tensors, mp.hf_shapes(cfg, vocab_size)):
+        _check_shape(_fill(h, layer), t, s)
+
+
 def hf_to_mcore_tensor(
     mp: ParamMapping, hf_tensors: Sequence[torch.Tensor], cfg: ModelConfig, vocab_size: int, layer: Optional[int]
 ) -> torch.Tensor:
     """Check the HF pieces' shapes (naming the tensor) and build the full Megatron tensor."""
-    for h, t, s in zip(mp.hf, hf_tensors, mp.hf_shapes(cfg, vocab_size)):
-        _check_shape(_fill(h, layer), t, s)
+    check_hf_shapes(mp, hf_tensors, cfg, vocab_size, layer)
     return mp.to_mcore(hf_tensors, cfg, vocab_size)
 
 
-def hf_to_mcore_named_tensors(
-    hf_tensors: Iterable[tuple[str, torch.Tensor]], model_cfg: ModelConfig, *, vocab_size: int, spec: str = "local"
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (HF name, tensor) -> (Megatron name, full Megatron tensor), emitting a parameter as soon as all
-    its HF pieces have arrived (so at most one layer's q/k/v or gate/up waits in memory).
+def group_hf_tensors(
+    hf_tensors: Iterable[tuple[str, Any]], model_cfg: ModelConfig
+) -> Iterator[tuple[ParamMapping, Optional[int], list]]:
+    """Stream (HF name, value) -> (mapping, layer, values in ``mapping.hf`` order), as soon as all the pieces of
+    one Megatron parameter have arrived (so at most one layer's q/k/v or gate/up waits). Values are passed
+    through untouched (tensors, or references to tensors in files).
 
-    vocab_size: original vocabulary (rows of embed_tokens / lm_head); model_cfg.vocab_size is the padded one.
-    Raises MappingError on an unknown name, a shape mismatch, or pieces missing at the end.
+    Raises MappingError on an unknown name, a layer out of range, a duplicate, or pieces missing at the end.
     """
     mm = model_mapping(model_cfg)
-    pending: dict[tuple[int, Optional[int]], dict[int, torch.Tensor]] = {}
+    pending: dict[tuple[int, Optional[int]], dict[int, Any]] = {}
     for name, t in hf_tensors:
         if model_cfg.tie_word_embeddings and name == TIED_HF_OUTPUT:
             continue  # transformers' state_dict() lists the tied output weight; it is the embedding
@@ -497,12 +532,23 @@ def hf_to_mcore_named_tensors(
         parts[i] = t
         if len(parts) == len(mp.hf):
             del pending[key]
-            yield _fill(mp.mcore_name(spec), layer), hf_to_mcore_tensor(
-                mp, [parts[j] for j in range(len(mp.hf))], model_cfg, vocab_size, layer
-            )
+            yield mp, layer, [parts[j] for j in range(len(mp.hf))]
     if pending:
         missing = []
         for (mid, layer), parts in pending.items():
             mp = next(m for m in mm.table if id(m) == mid)
             missing += [_fill(h, layer) for j, h in enumerate(mp.hf) if j not in parts]
         raise MappingError(f"missing Hugging Face tensor(s): {sorted(missing)[:8]}")
+
+
+def hf_to_mcore_named_tensors(
+    hf_tensors: Iterable[tuple[str, torch.Tensor]], model_cfg: ModelConfig, *, vocab_size: int, spec: str = "local"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor) -> (Megatron name, full Megatron tensor), emitting a parameter as soon as all
+    its HF pieces have arrived (so at most one layer's q/k/v or gate/up waits in memory).
+
+    vocab_size: original vocabulary (rows of embed_tokens / lm_head); model_cfg.vocab_size is the padded one.
+    Raises MappingError on an unknown name, a shape mismatch, or pieces missing at the end.
+    """
+    for mp, layer, parts in group_hf_tensors(hf_tensors, model_cfg):
+        yield mp.mcore_param(layer, spec), hf_to_mcore_tensor(mp, parts, model_cfg, vocab_size, layer)

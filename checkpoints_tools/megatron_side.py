@@ -1,10 +1,11 @@
 """The Megatron side of a conversion: a one-process Megatron-Core context, an uninitialized TP=PP=1 model,
 and the converted-checkpoint layout.
 
-The converter writes the Megatron checkpoint through the trainer's own code (``build_gpt_model`` and
-``training.model_checkpoint.save_checkpoint`` / ``load_checkpoint``), so the keys, the layer stacking and the
-swiglu / QKV sharding rules are exactly what the trainer loads; dist_checkpointing reshards the TP=PP=1 files to
-any TP/PP on load. Layout of a converted directory::
+The converters take the Megatron side from the trainer's own code: ``build_gpt_model`` builds the model
+(``mcore-to-hf`` loads into it with ``training.model_checkpoint.load_checkpoint``; ``hf-to-mcore`` takes the
+checkpoint layout -- keys, layer stacking, swiglu / QKV sharding -- from a meta-device one, exactly what
+``save_checkpoint`` would write), so the files are what the trainer loads; dist_checkpointing reshards the
+TP=PP=1 files to any TP/PP on load. Layout of a converted directory::
 
     <dir>/model/                      torch_dist checkpoint (format megatron-amir/policy-v1, no optimizer)
     <dir>/megatron_amir_model.json    ModelConfig (vocab_size = padded), original vocab size, source, HF config
@@ -71,36 +72,65 @@ def single_process_megatron(seed: int = 1234) -> Iterator[None]:
                 os.rmdir(store_dir)
 
 
-def build_empty_model(model_cfg: ModelConfig):
+def build_empty_model(model_cfg: ModelConfig, *, meta: bool = False):
     """TP=PP=1 GPTModel on CPU with the local spec and *uninitialized* parameters (torch.empty pages are not
-    touched until the converter writes them, so memory grows with the weights actually filled in)."""
+    touched until the converter writes them, so memory grows with the weights actually filled in).
+    meta: parameters on the meta device (no storage at all; for the checkpoint layout only)."""
     from megatron_amir.model.builder import build_gpt_model, transformer_config
 
     cfg = model_cfg.model_copy(update={"transformer_impl": "local", "fp8": None, "fp8_param": False})
     par = ParallelConfig()
     tcfg = transformer_config(cfg, par, impl="local")
-    tcfg = dataclasses.replace(tcfg, use_cpu_initialization=True, perform_initialization=False)
+    tcfg = dataclasses.replace(tcfg, use_cpu_initialization=True, perform_initialization=False,
+                               init_model_with_meta_device=meta)
     model = build_gpt_model(cfg, par, config=tcfg)
     model.requires_grad_(False)
     return model
 
 
-def prestart_checkpoint_writer() -> None:
-    """Create Megatron's checkpoint-writer result queue now, with ``fork`` instead of its default ``spawn``.
+@dataclasses.dataclass
+class CheckpointLayout:
+    """What the trainer's ``save_checkpoint(save_optimizer=False)`` writes for a TP=PP=1 model.
 
-    dist_checkpointing's writer reports results through a ``multiprocessing`` Manager queue, created on the
-    first save and cached process-wide (``filesystem_async.get_write_results_queue``). With ``spawn`` the
-    Manager is a fresh interpreter that must also import torch to unpickle the first result: several seconds
-    on a busy CPU, inside the save. A forked Manager inherits the already imported torch and starts in
-    milliseconds. Call this before any process group or model exists (no gloo threads, no CUDA context yet), so
-    the fork copies a quiet process; the Manager child only serves the queue. No-op if the queue exists.
+    tensors: (parameter name, ShardedTensor) -- every chunk, factories (swiglu ``linear_fc1``) already split;
+             ``ShardedTensor.data`` is a meta-device view of the parameter (its offset and size inside it).
+    objects: every ShardedObject, the ``common_state`` one (format tag, num_steps) included.
+    params: the meta-device parameters by name (shape, dtype).
     """
-    from megatron_amir.model.compat import apply_cpu_compat
 
-    apply_cpu_compat()  # importing megatron.core needs the Triton stand-in where triton is absent
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    tensors: list[tuple[str, Any]]
+    objects: list[Any]
+    params: dict[str, torch.Tensor]
 
-    filesystem_async.get_write_results_queue(mp_mode="fork")
+
+def checkpoint_layout(model_cfg: ModelConfig) -> CheckpointLayout:
+    """The layout, from Megatron itself: a meta-device model's sharded state dict, preprocessed the way
+    ``dist_checkpointing.save`` does (factories applied, common part split off). Costs no parameter memory;
+    call inside ``single_process_megatron``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    from megatron_amir.training.model_checkpoint import FORMAT
+
+    model = build_empty_model(model_cfg, meta=True)
+    state = {"model": model.sharded_state_dict(), "format": FORMAT, "num_steps": 0}  # as save_checkpoint builds it
+    sharded, common = save_preprocess(state, validate_access_integrity=False)
+    tensors, objects = [], []
+    for name, value in sharded.get("model", {}).items():
+        for item in nested_values(value) if isinstance(value, (dict, list)) else [value]:
+            if isinstance(item, ShardedTensor):
+                tensors.append((name, item))
+            elif isinstance(item, ShardedObject):
+                objects.append(item)
+            else:
+                raise TypeError(f"unexpected {type(item).__name__} in the sharded state dict under '{name}'")
+    if set(sharded) - {"model"}:
+        raise TypeError(f"unexpected sharded entries {sorted(set(sharded) - {'model'})}")
+    # dist_checkpointing.save stores the common (non-sharded) part as one more object
+    objects.append(ShardedObject(key="common_state", data=common, global_shape=(1,), global_offset=(0,),
+                                 replica_id=0))
+    return CheckpointLayout(tensors, objects, dict(model.state_dict(keep_vars=True)))
 
 
 def _holder(model) -> Any:
