@@ -114,3 +114,22 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "parallel.tensor_model_parallel_size: TP=3 must divide" in out.stderr
     assert not run.exists()
+
+
+def test_step_metrics_combine_every_optimizer_update():
+    """2 PPO epochs x 2 minibatches: sizes are the rollout batch's (first epoch summed), λ the last value,
+    the rest means over the 4 updates of their finite values."""
+    from megatron_amir.training.trainer import combine_update_metrics
+
+    ups = [
+        {"amir/num_sequences": 8.0, "amir/pair_count": 5.0, "loss": 1.0, "amir/pair_accuracy": float("nan"), "amir/lambda": 0.01},
+        {"amir/num_sequences": 6.0, "amir/pair_count": 3.0, "loss": 2.0, "amir/pair_accuracy": 0.5, "amir/lambda": 0.0125},
+        {"amir/num_sequences": 8.0, "amir/pair_count": 5.0, "loss": 3.0, "amir/pair_accuracy": 0.7, "amir/lambda": 0.015625},
+        {"amir/num_sequences": 6.0, "amir/pair_count": 3.0, "loss": 6.0, "amir/pair_accuracy": 0.9, "amir/lambda": 0.0125},
+    ]
+    m = combine_update_metrics(ups, updates_per_epoch=2)
+    assert m["amir/num_sequences"] == 14.0 and m["amir/pair_count"] == 8.0
+    assert m["loss"] == 3.0 and m["amir/pair_accuracy"] == pytest.approx(0.7)
+    assert m["amir/lambda"] == 0.0125 and m["train/updates"] == 4.0
+    one = combine_update_metrics(ups[:1], updates_per_epoch=1)
+    assert one["loss"] == 1.0 and one["amir/pair_accuracy"] != one["amir/pair_accuracy"]  # NaN stays NaN

@@ -187,7 +187,7 @@ class Trainer:
         # 4) PPO epochs x minibatches, one optimizer step each
         from megatron_amir.algorithms import prepare_batch
 
-        step_metrics: dict[str, float] = {}
+        updates: list[dict[str, float]] = []
         gbs = (cfg.train.global_batch_size or batch.num_sequences) // self.policy.dp_size
         for epoch in range(cfg.algorithm.ppo_epochs):
             for start in range(0, rows.numel(), gbs):
@@ -208,8 +208,9 @@ class Trainer:
                 )
                 out = self.policy.train_step(batch.tokens[idx], prepared, temperature=cfg.rollout.temperature)
                 self._check_finite(out)
-                step_metrics = {**{f"amir/{k}" if not k.startswith(("adv", "kl", "amir", "pg")) else k: v
-                                   for k, v in prepared.metrics.items()}, **out}
+                updates.append({**{f"amir/{k}" if not k.startswith(("adv", "kl", "amir", "pg")) else k: v
+                                   for k, v in prepared.metrics.items()}, **out})
+        step_metrics = combine_update_metrics(updates, updates_per_epoch=len(updates) // cfg.algorithm.ppo_epochs)
         t_train = time.perf_counter() - t0 - t_rollout - t_logp
         # 5) weight sync: the engine samples the next step from the new weights
         self.weight_version += 1
@@ -371,6 +372,34 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+_COUNT_METRICS = ("num_sequences", "num_tokens", "num_groups", "zero_variance_groups", "pair_count")
+_LAST_METRICS = ("lambda",)
+
+
+def combine_update_metrics(updates: list[dict[str, float]], updates_per_epoch: int) -> dict[str, float]:
+    """One metrics row for a step's optimizer updates (PPO epochs × minibatches).
+
+    Sizes of the rollout batch (``_COUNT_METRICS``, any prefix) are summed over the first epoch's
+    minibatches, λ is its value after the last update, everything else is the mean over updates of its
+    finite values (NaN if none is finite, e.g. pair accuracy when no update had pairs). Adds
+    ``train/updates``.
+    """
+    out: dict[str, float] = {}
+    keys = dict.fromkeys(k for u in updates for k in u)
+    for k in keys:
+        base = k.rsplit("/", 1)[-1]
+        vals = [float(u[k]) for u in updates if k in u]
+        if base in _COUNT_METRICS:
+            out[k] = sum(float(u[k]) for u in updates[:updates_per_epoch] if k in u)
+        elif base in _LAST_METRICS:
+            out[k] = vals[-1]
+        else:
+            finite = [v for v in vals if math.isfinite(v)]
+            out[k] = sum(finite) / len(finite) if finite else float("nan")
+    out["train/updates"] = float(len(updates))
+    return out
+
+
 def _rollout_metrics(b: RolloutBatch, G: int, rounds: int, timeouts: int) -> dict[str, float]:
     r = b.rewards.view(-1, G)
     lens = b.response_len.float()
