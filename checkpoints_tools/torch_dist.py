@@ -241,8 +241,12 @@ class TorchDistWriter:
 
     def close(self) -> None:
         """Write the data files (in parallel), then ``.metadata`` and Megatron's ``metadata.json``."""
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
         from torch.serialization import get_crc32_options, set_crc32_options
+
+        from megatron_amir.model.compat import apply_cpu_compat
+
+        apply_cpu_compat()  # importing megatron.core needs the Triton stand-in where triton is absent
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
         buckets: list[list[_Tensor]] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads

@@ -17,6 +17,7 @@ from checkpoints_tools.mapping import (
     QKVMapping,
     VocabMapping,
     gather_tp_shards,
+    group_hf_tensors,
     hf_to_mcore_named_tensors,
     mcore_tp_shard_to_hf,
     mcore_to_hf_named_tensors,
@@ -125,6 +126,23 @@ def test_state_dict_round_trip_and_tp_gather(case):
             if isinstance(mp, VocabMapping):
                 gathered = strip_vocab(gathered, vocab)
             assert torch.equal(gathered, sd[hf_name]), hf_name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mcore_rows_rebuild_to_mcore(case):
+    """The row plan hf_to_mcore copies file to file gives exactly to_mcore's tensor (vocab padding included)."""
+    model = make_hf_model(case)
+    mc = model_config_from_hf(json.loads(model.config.to_json_string()))
+    vocab = mc.vocab_size
+    mc = mc.model_copy(update={"vocab_size": padded_vocab_size(vocab, 2)})
+    seen = 0
+    for mp, _, parts in group_hf_tensors(model.state_dict().items(), mc):
+        full = mp.to_mcore(parts, mc, vocab)
+        rows = [parts[i][first:first + n] if i is not None else full.new_zeros((n, *full.shape[1:]))
+                for i, first, n in mp.mcore_rows(mc, vocab)]
+        assert torch.equal(torch.cat(rows), full), mp.mcore
+        seen += 1
+    assert seen == len(model_mapping(mc).expected_mcore_names())
 
 
 def test_te_spelling_and_pipeline_offset():
@@ -257,3 +275,40 @@ def test_sharded_writer_and_index(tmp_path):
         hf_io.list_shards(tmp_path)
     with pytest.raises(hf_io.HFCheckpointError, match="no model.safetensors"):
         hf_io.list_shards(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------ torch_dist writer
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write-fallback"])
+def test_torch_dist_writer_reads_back_with_dcp(tmp_path, monkeypatch, kernel_copy):
+    """Chunks from file ranges and from memory, and an object, read back by DCP's own reader."""
+    import io
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from checkpoints_tools.torch_dist import TorchDistWriter, slice_pieces
+
+    if not kernel_copy:
+        def no_copy(*args, **kwargs):
+            raise OSError(18, "EXDEV")
+        monkeypatch.setattr(os, "copy_file_range", no_copy)
+    w = torch.randn(4, 6)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 10 + w[:2].numpy().tobytes())
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        pieces = [(fd, 10, 48), w[2:].numpy().tobytes()]
+        assert slice_pieces(pieces, 40, 16) == [(fd, 50, 8), memoryview(w[2:].numpy().tobytes())[:8]]
+        writer = TorchDistWriter(tmp_path / "ckpt", sync=not kernel_copy)
+        writer.add_tensor("w", (4, 6), torch.float32, [((0, 0), (2, 6), 0), ((2, 0), (2, 6), 48)], lambda: pieces)
+        writer.add_tensor("b", (3,), torch.bfloat16, [((0,), (3,), 0)],
+                          lambda: [torch.arange(3).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()])
+        writer.add_object("obj/shard_0_1", {"format": "x"})
+        writer.close()
+    finally:
+        os.close(fd)
+    state = {"w": torch.zeros(4, 6), "b": torch.zeros(3, dtype=torch.bfloat16), "obj/shard_0_1": io.BytesIO()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(tmp_path / "ckpt"), no_dist=True)
+    assert torch.equal(state["w"], w) and torch.equal(state["b"], torch.arange(3).to(torch.bfloat16))
+    assert state["obj/shard_0_1"] == [{"format": "x"}]
+    assert json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"

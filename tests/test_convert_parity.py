@@ -119,6 +119,54 @@ def test_bf16_round_trip(tmp_path):
     assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
 
 
+def _dcp_items(d: Path) -> tuple[dict, dict]:
+    """(state_dict_metadata, {(key, chunk offset): item as torch.load reads it}) of a torch_dist directory."""
+    import io
+    import pickle
+
+    md = pickle.loads((d / ".metadata").read_bytes())
+    items = {}
+    for index, info in md.storage_data.items():
+        with open(d / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            raw = io.BytesIO(f.read(info.length))
+        items[(index.fqn, index.offset and tuple(index.offset))] = torch.load(raw, weights_only=False)
+    return md.state_dict_metadata, items
+
+
+@pytest.mark.parametrize("case,tp,src_dtype,dtype", [
+    ("llama3-untied", 2, torch.float32, None),  # vocab padding rows
+    ("qwen3-qknorm", 1, torch.float32, None),
+    ("qwen2-bias-tied", 1, torch.bfloat16, None),  # bf16 weights copied, bf16 norms cast to Megatron's fp32
+    ("mistral-nowindow-tied", 1, torch.float32, "bf16"),  # every tensor cast
+], ids=lambda x: str(x).replace("torch.", ""))
+def test_checkpoint_equals_megatron_save(case, tp, src_dtype, dtype, tmp_path):
+    """The directly written torch_dist directory has the format the trainer's save_checkpoint
+    (dist_checkpointing.save) writes: the same keys, global shapes, dtypes, chunks and objects, and loading it
+    and saving it again with Megatron changes no item. (The values themselves: round-trip and parity tests.)"""
+    from checkpoints_tools.megatron_side import (
+        MODEL_SUBDIR, build_empty_model, load_model, read_meta, save_model, single_process_megatron,
+    )
+    from megatron_amir.config import ModelConfig
+
+    hf = save_hf_model(make_hf_model(case, dtype=src_dtype), tmp_path / "hf", max_shard_size="200KB")
+    hf_to_mcore(hf, tmp_path / "mc", tp=tp, dtype=dtype)
+    cfg = ModelConfig(**read_meta(tmp_path / "mc")["model"])
+    with single_process_megatron():
+        model = build_empty_model(cfg)
+        load_model(model, tmp_path / "mc" / MODEL_SUBDIR)
+        save_model(model, tmp_path / "megatron")
+    (mine_md, mine), (ref_md, ref) = _dcp_items(tmp_path / "mc" / MODEL_SUBDIR), _dcp_items(tmp_path / "megatron")
+    assert mine_md == ref_md and set(mine) == set(ref)
+    for key, value in ref.items():
+        if isinstance(value, torch.Tensor):
+            assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
+        else:
+            assert mine[key] == value, key
+    assert (tmp_path / "mc" / MODEL_SUBDIR / "metadata.json").read_text() == \
+        (tmp_path / "megatron" / "metadata.json").read_text()
+
+
 def test_weight_sync_path_matches_hf(converted):
     """Trainer -> rollout: the trainer's gathered full state dict (TE-style sharded names) through the one mapping."""
     from checkpoints_tools import mcore_to_hf_named_tensors
@@ -213,7 +261,8 @@ def test_cli_main(converted, tmp_path, capsys):
     from checkpoints_tools.cli import main
 
     hf = converted["mistral-nowindow-tied"]["hf"]
-    assert main(["hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--tp", "2", "--dtype", "fp32"]) == 0
+    assert main(["hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--tp", "2", "--dtype", "fp32",
+                 "--fsync"]) == 0
     assert main(["mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert main(["hf-to-mcore", "--hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
