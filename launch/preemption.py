@@ -59,11 +59,16 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, _frame) -> None:
         first = not self._event.is_set()
+        if not first and signum == signal.SIGINT and self.received == signal.SIGINT:
+            # a second Ctrl-C means "now": a step stuck in I/O or a collective must not hold the user hostage
+            os.write(2, b"[preemption] second SIGINT: stopping now, without a checkpoint\n")
+            raise KeyboardInterrupt
         self.received = signum
         self._event.set()
         if first:  # os.write: no locks taken (the logging module may hold one we interrupted)
             name = signal.Signals(signum).name
-            os.write(2, f"[preemption] received {name}: stopping after the current step\n".encode())
+            hint = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"[preemption] received {name}: stopping after the current step{hint}\n".encode())
 
     # ------------------------------------------------------------------ query
     @property

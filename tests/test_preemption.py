@@ -35,6 +35,25 @@ def test_signal_sets_flag_and_uninstall_restores(sig):
     assert signal.getsignal(sig) == before
 
 
+def test_second_ctrl_c_stops_at_once():
+    """First SIGINT: flag only (checkpoint after the step); a second one raises KeyboardInterrupt right away.
+    Repeated SIGTERM / SIGUSR1 never force (Slurm may send them twice)."""
+    h = PreemptionHandler((signal.SIGINT, signal.SIGTERM)).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert h.requested and h.received == signal.SIGTERM
+        h.reset()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert h.requested and h.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes of the main thread
+                pass
+    finally:
+        h.uninstall()
+
+
 def test_module_level_helpers():
     preemption.uninstall_handlers()
     assert not preemption.preemption_requested()
