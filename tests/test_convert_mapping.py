@@ -102,12 +102,16 @@ def test_vocab_padding_and_strip():
         mp.to_mcore([torch.randn(400, 24)], cfg, 400)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_state_dict_round_trip_and_tp_gather(case):
+def _case_model(case: str):
+    """(HF model, its ModelConfig with the vocabulary padded for TP=2, original vocabulary size)."""
     model = make_hf_model(case)
     mc = model_config_from_hf(json.loads(model.config.to_json_string()))
-    vocab = mc.vocab_size
-    mc = mc.model_copy(update={"vocab_size": padded_vocab_size(vocab, 2)})
+    return model, mc.model_copy(update={"vocab_size": padded_vocab_size(mc.vocab_size, 2)}), mc.vocab_size
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_round_trip_and_tp_gather(case):
+    model, mc, vocab = _case_model(case)
     sd = model.state_dict()
     mcore = dict(hf_to_mcore_named_tensors(sd.items(), mc, vocab_size=vocab))
     assert set(mcore) == set(model_mapping(mc).expected_mcore_names())
@@ -131,10 +135,7 @@ def test_state_dict_round_trip_and_tp_gather(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_mcore_rows_rebuild_to_mcore(case):
     """The row plan hf_to_mcore copies file to file gives exactly to_mcore's tensor (vocab padding included)."""
-    model = make_hf_model(case)
-    mc = model_config_from_hf(json.loads(model.config.to_json_string()))
-    vocab = mc.vocab_size
-    mc = mc.model_copy(update={"vocab_size": padded_vocab_size(vocab, 2)})
+    model, mc, vocab = _case_model(case)
     seen = 0
     for mp, _, parts in group_hf_tensors(model.state_dict().items(), mc):
         full = mp.to_mcore(parts, mc, vocab)
