@@ -254,28 +254,38 @@ class TorchDistWriter:
             i = loads.index(min(loads))
             buckets[i].append(t)
             loads[i] += t.nbytes
-        files = [_DataFile(self.path / f"__0_{i}.distcp", self.sync) for i in range(self.threads)]
+        files: list[_DataFile] = []
+        workers: list[threading.Thread] = []
         errors: list[BaseException] = []
+        stop = threading.Event()  # a failure anywhere stops the other writers at their next tensor
 
         def run(f: _DataFile, tensors: list[_Tensor]) -> None:
             try:
                 for t in tensors:
+                    if stop.is_set():
+                        return
                     f.write_tensor(t)
             except BaseException as exc:  # re-raised by the caller
                 errors.append(exc)
+                stop.set()
 
         crc = get_crc32_options()
         set_crc32_options(False)  # process-wide: set once around all threads
         try:
+            for i in range(self.threads):
+                files.append(_DataFile(self.path / f"__0_{i}.distcp", self.sync))
             for key, data in self._objects:
                 files[0].write_object(key, data)
             workers = [threading.Thread(target=run, args=(f, b), daemon=True) for f, b in zip(files[1:], buckets[1:])]
             for w in workers:
                 w.start()
             run(files[0], buckets[0])
-            for w in workers:
-                w.join()
+        except BaseException:
+            stop.set()
+            raise
         finally:
+            for w in workers:  # before any descriptor is closed (a reused number must not be written to)
+                w.join()
             set_crc32_options(crc)
             for f in files:
                 f.close()

@@ -313,3 +313,12 @@ def test_torch_dist_writer_reads_back_with_dcp(tmp_path, monkeypatch, kernel_cop
     assert torch.equal(state["w"], w) and torch.equal(state["b"], torch.arange(3).to(torch.bfloat16))
     assert state["obj/shard_0_1"] == [{"format": "x"}]
     assert json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+
+    def broken():
+        raise MappingError("no bytes for 'x'")
+    writer = TorchDistWriter(tmp_path / "bad")
+    writer.add_tensor("x", (2,), torch.float32, [((0,), (2,), 0)], broken)
+    writer.add_tensor("y", (2,), torch.float32, [((0,), (2,), 0)], lambda: [bytes(8)])
+    with pytest.raises(MappingError, match="no bytes for 'x'"):
+        writer.close()
+    assert not (tmp_path / "bad" / ".metadata").exists()  # the caller removes the directory
