@@ -25,12 +25,32 @@ class RolloutBatch:
     truncated: torch.Tensor  # [N] bool: finish_reason == "length"
     weight_version: torch.Tensor  # [N] long
 
+    def __post_init__(self) -> None:
+        for name, (dtype, _) in FIELD_SPECS.items():
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                raise TypeError(f"RolloutBatch.{name}: dtype {t.dtype}, expected {dtype}")
+
     @property
     def num_sequences(self) -> int:
         return self.tokens.shape[0]
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
         return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+# every field's dtype and shape ([N, L], [N, T = L - 1] or [N]): one table for building, checking and broadcasting
+FIELD_SPECS: dict[str, tuple[torch.dtype, str]] = {
+    "tokens": (torch.long, "NL"),
+    "response_mask": (torch.float32, "NT"),
+    "rollout_logp": (torch.float32, "NT"),
+    "rewards": (torch.float32, "N"),
+    "correct": (torch.bool, "N"),
+    "group_ids": (torch.long, "N"),
+    "response_len": (torch.long, "N"),
+    "truncated": (torch.bool, "N"),
+    "weight_version": (torch.long, "N"),
+}
 
 
 def build_rollout_batch(
@@ -81,21 +101,18 @@ def broadcast_rollout_batch(batch: Optional[RolloutBatch], src: int = 0, group=N
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         assert batch is not None
         return batch
-    names = [f.name for f in fields(RolloutBatch)]
     shape = torch.zeros(2, dtype=torch.long)
     if dist.get_rank() == src:
         shape[:] = torch.tensor(batch.tokens.shape)
     dist.broadcast(shape, src, group=group)
     n, L = shape.tolist()
+    dims = {"NL": (n, L), "NT": (n, L - 1), "N": (n,)}
     out = {}
-    for name in names:
+    for name, (dtype, kind) in FIELD_SPECS.items():
         if dist.get_rank() == src:
             t = getattr(batch, name).contiguous()
         else:
-            dtype = {"tokens": torch.long, "group_ids": torch.long, "response_len": torch.long,
-                     "weight_version": torch.long, "correct": torch.bool, "truncated": torch.bool}.get(name, torch.float32)
-            t = torch.empty((n, L) if name == "tokens" else (n, L - 1) if name in ("response_mask", "rollout_logp") else (n,),
-                            dtype=dtype)
+            t = torch.empty(dims[kind], dtype=dtype)
         # gloo cannot broadcast bool tensors: send as uint8
         buf = t.to(torch.uint8) if t.dtype == torch.bool else t
         dist.broadcast(buf, src, group=group)
