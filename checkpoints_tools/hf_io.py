@@ -244,6 +244,22 @@ def temp_dir_beside(out_dir: Path) -> Path:
     return tmp
 
 
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (and ``root``), deepest first."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in [*filenames, "."]:
+            fsync_path(Path(dirpath) / name)
+
+
 def publish_dir(tmp: Path, out_dir: Path) -> None:
     """Rename the finished temp dir onto ``out_dir`` (which may exist only as an empty dir)."""
     out_dir = Path(out_dir).absolute()

@@ -178,7 +178,11 @@ def hf_to_mcore(
             "side_files": side,
         }
         write_meta(tmp, meta)
+        if fsync:
+            hf_io.fsync_tree(tmp)  # the model files are flushed already; this adds the metadata and side files
         hf_io.publish_dir(tmp, out_dir)
+        if fsync:
+            hf_io.fsync_path(out_dir.absolute().parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -298,9 +298,7 @@ class TorchDistWriter:
                 os.fsync(fh.fileno())
         save_config(CheckpointingConfig("torch_dist", 1), str(self.path))
         if self.sync:
+            from checkpoints_tools.hf_io import fsync_path
+
             for name in ("metadata.json", "."):
-                fd = os.open(self.path / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(self.path / name)
