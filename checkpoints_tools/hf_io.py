@@ -245,12 +245,10 @@ def temp_dir_beside(out_dir: Path) -> Path:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync one file or directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync one file or directory (the trainer checkpoint manager's helper)."""
+    from megatron_amir.training.checkpoint import _fsync_path
+
+    _fsync_path(Path(path))
 
 
 def fsync_tree(root: Path) -> None:
