@@ -94,11 +94,11 @@ def _write_model(path: Path, layout: CheckpointLayout, groups: dict, model_cfg, 
         if (rows, *parts[0].shape[1:]) != tuple(param.shape):
             raise MappingError(f"shape mismatch for Megatron tensor '{name}': mapped {(rows, *parts[0].shape[1:])}, "
                                f"model expects {tuple(param.shape)}")
-        for sh in chunks:
-            if sh.flattened_range is not None or not sh.data.is_contiguous() or sh.dtype != param.dtype:
+        for sh in chunks:  # each chunk a contiguous piece of the parameter itself (or all of it)
+            if (sh.flattened_range is not None or not sh.data.is_contiguous() or sh.dtype != param.dtype
+                    or not (sh.data is param or sh.data._base is param)):
                 raise MappingError(f"'{name}': unsupported chunk layout in Megatron's sharded state dict")
-        keys = {sh.key for sh in chunks}
-        for key in keys:
+        for key in dict.fromkeys(sh.key for sh in chunks):
             mine = [sh for sh in chunks if sh.key == key]
             writer.add_tensor(
                 key, mine[0].global_shape, param.dtype,

@@ -60,20 +60,23 @@ _sync_file_range = _libc_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _size(piece: Piece) -> int:
+    return piece[2] if isinstance(piece, tuple) else memoryview(piece).nbytes
+
+
 def slice_pieces(pieces: Sequence[Piece], start: int, nbytes: int) -> list[Piece]:
     """The sub-list of ``pieces`` covering bytes [start, start + nbytes) of their concatenation."""
     out: list[Piece] = []
     pos = 0
     for p in pieces:
-        size = p[2] if isinstance(p, tuple) else memoryview(p).nbytes
-        lo, hi = max(start, pos), min(start + nbytes, pos + size)
+        lo, hi = max(start, pos), min(start + nbytes, pos + _size(p))
         if lo < hi:
             if isinstance(p, tuple):
                 out.append((p[0], p[1] + lo - pos, hi - lo))
             else:
                 out.append(memoryview(p).cast("B")[lo - pos:hi - pos])
-        pos += size
-    if sum(p[2] if isinstance(p, tuple) else p.nbytes for p in out) != nbytes:
+        pos += _size(p)
+    if sum(map(_size, out)) != nbytes:
         raise ValueError(f"pieces hold {pos} bytes, asked for [{start}, {start + nbytes})")
     return out
 
