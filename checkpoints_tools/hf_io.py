@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from megatron_amir.fileio import fsync_path
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # files copied next to the weights (tokenizers, generation defaults, chat template)
@@ -242,13 +244,6 @@ def temp_dir_beside(out_dir: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
-
-
-def fsync_path(path: Path) -> None:
-    """fsync one file or directory (the trainer checkpoint manager's helper)."""
-    from megatron_amir.training.checkpoint import _fsync_path
-
-    _fsync_path(Path(path))
 
 
 def fsync_tree(root: Path) -> None:

@@ -301,7 +301,7 @@ class TorchDistWriter:
                 os.fsync(fh.fileno())
         save_config(CheckpointingConfig("torch_dist", 1), str(self.path))
         if self.sync:
-            from checkpoints_tools.hf_io import fsync_path
+            from megatron_amir.fileio import fsync_path
 
             for name in ("metadata.json", "."):
                 fsync_path(self.path / name)

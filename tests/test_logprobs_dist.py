@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.spawn_helpers import run_ranks
 from tests.test_logprobs import autograd_reference_grad, loop_reference
 
 pytestmark = pytest.mark.dist
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, q):
@@ -54,16 +47,7 @@ def _worker(rank: int, world: int, port: int, q):
 
 
 def test_tp2_matches_full_vocab_reference():
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = dict(q.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    out = run_ranks(_worker, 2)
     for rank in (0, 1):
         for (dtype, chunk), (d_lp, d_ent, d_grad) in out[rank].items():
             tol = 1e-10 if dtype == "torch.float64" else 1e-5

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_amir.training.rollout_batch import FIELD_SPECS, RolloutBatch, broadcast_rollout_batch, build_rollout_batch
+from tests.spawn_helpers import run_ranks
 
 
 def _batch():
@@ -35,9 +34,9 @@ def test_layout_and_dtypes():
         dataclasses.replace(b, rewards=b.rewards.double())
 
 
-def _worker(rank, port, q):
+def _worker(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         got = broadcast_rollout_batch(_batch() if rank == 0 else None)
         q.put((rank, {k: v.tolist() for k, v in dataclasses.asdict(got).items()}))
@@ -46,17 +45,6 @@ def _worker(rank, port, q):
 
 
 def test_broadcast_reaches_the_other_rank_bit_exact():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_ranks(_worker, 2)
     expected = {k: v.tolist() for k, v in dataclasses.asdict(_batch()).items()}
     assert got[0] == expected and got[1] == expected

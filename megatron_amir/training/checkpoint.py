@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from megatron_amir.fileio import atomic_write_text
+from megatron_amir.fileio import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -127,16 +119,16 @@ class CheckpointManager:
                 (tmp / MANIFEST).write_text(json.dumps(build_manifest(tmp), indent=1))
                 for p in tmp.rglob("*"):
                     if p.is_file():
-                        _fsync_path(p)
+                        fsync_path(p)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             atomic_write_text(self.root / LATEST, final.name + "\n")
-            _fsync_path(self.root)
+            fsync_path(self.root)
             self._prune()
         self.barrier()
         return final
