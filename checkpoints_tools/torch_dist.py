@@ -127,6 +127,18 @@ class _ArchiveSink:
         pass
 
 
+def _crc32(enabled: bool) -> bool:
+    """Turn torch.save's CRC32 computation on/off; returns the previous setting. torch < 2.6 has no switch:
+    archives then carry their CRC (slower, same meaning)."""
+    try:
+        from torch.serialization import get_crc32_options, set_crc32_options
+    except ImportError:
+        return True
+    previous = get_crc32_options()
+    set_crc32_options(enabled)
+    return previous
+
+
 def _address(mv: memoryview) -> int:
     import numpy as np
 
@@ -244,8 +256,6 @@ class TorchDistWriter:
 
     def close(self) -> None:
         """Write the data files (in parallel), then ``.metadata`` and Megatron's ``metadata.json``."""
-        from torch.serialization import get_crc32_options, set_crc32_options
-
         from megatron_amir.model.compat import apply_cpu_compat
 
         apply_cpu_compat()  # importing megatron.core needs the Triton stand-in where triton is absent
@@ -272,8 +282,7 @@ class TorchDistWriter:
                 errors.append(exc)
                 stop.set()
 
-        crc = get_crc32_options()
-        set_crc32_options(False)  # process-wide: set once around all threads
+        crc = _crc32(False)  # process-wide: set once around all threads
         try:
             for i in range(self.threads):
                 files.append(_DataFile(self.path / f"__0_{i}.distcp", self.sync))
@@ -289,7 +298,7 @@ class TorchDistWriter:
         finally:
             for w in workers:  # before any descriptor is closed (a reused number must not be written to)
                 w.join()
-            set_crc32_options(crc)
+            _crc32(crc)
             for f in files:
                 f.close()
         if errors:
