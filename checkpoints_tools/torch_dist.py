@@ -129,7 +129,8 @@ class _ArchiveSink:
 
 def _crc32(enabled: bool) -> bool:
     """Turn torch.save's CRC32 computation on/off; returns the previous setting. torch < 2.6 has no switch:
-    archives then carry their CRC (slower, same meaning)."""
+    its archives then carry the CRC of the untouched placeholder, not of the copied payload -- harmless, as
+    nothing reads it (``torch.load`` and DCP's reader never verify), only slower."""
     try:
         from torch.serialization import get_crc32_options, set_crc32_options
     except ImportError:
