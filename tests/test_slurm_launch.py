@@ -197,6 +197,7 @@ def test_convert_sbatch_hf_to_mcore(slurm_cluster, tmp_path):
     assert (res.state, res.exit_code) == ("COMPLETED", 0), (d / "convert.log").read_text()[-3000:]
     assert out.is_dir() and any(out.rglob("*")), "the converter wrote nothing"
     assert "convert exited with 0" in (d / "batch.log").read_text()
+    assert "--fsync" in (d / "batch.log").read_text()  # a batch job publishes durable output by default
 
 
 def test_daemons_die_with_the_session_that_started_them(slurm_cluster, tmp_path):
