@@ -133,3 +133,18 @@ def test_step_metrics_combine_every_optimizer_update():
     assert m["amir/lambda"] == 0.0125 and m["train/updates"] == 4.0
     one = combine_update_metrics(ups[:1], updates_per_epoch=1)
     assert one["loss"] == 1.0 and one["amir/pair_accuracy"] != one["amir/pair_accuracy"]  # NaN stays NaN
+
+
+def test_bad_reward_names_the_sample():
+    from types import SimpleNamespace
+
+    from megatron_amir.training.trainer import _check_rewards
+
+    probs = [SimpleNamespace(id="p0"), SimpleNamespace(id="p1")]
+    _check_rewards([0.0, 1, True, 0.5], ["a", "b", "c", "d"], probs, 2, "exact")  # numbers of any kind pass
+    with pytest.raises(RuntimeError, match=r"returned nan for sample 1 of problem 'p1' .*'the answer is'"):
+        _check_rewards([0.0, 1.0, 0.0, float("nan")], ["a", "b", "c", "the answer is"], probs, 2, "mine")
+    with pytest.raises(RuntimeError, match="returned 3 rewards for 4 responses"):
+        _check_rewards([0.0, 1.0, 0.0], ["a", "b", "c", "d"], probs, 2, "mine")
+    with pytest.raises(RuntimeError, match="returned None"):
+        _check_rewards([None, 1.0, 0.0, 1.0], ["a", "b", "c", "d"], probs, 2, "mine")

@@ -254,6 +254,7 @@ class Trainer:
             # one reward call for the whole round, so a verifier pool works on all samples in parallel
             texts = [self.tokenizer.decode(s.token_ids) for g in groups for s in g.samples]
             res = self.reward_fn(texts, [p.answer for p in problems for _ in range(G)])
+            _check_rewards(res.rewards, texts, problems, G, cfg.reward.name)
             timeouts += res.timeouts
             for i, (prob, prompt, grp) in enumerate(zip(problems, prompts, groups)):
                 rw, ok = res.rewards[i * G : (i + 1) * G], res.correct[i * G : (i + 1) * G]
@@ -398,6 +399,22 @@ def combine_update_metrics(updates: list[dict[str, float]], updates_per_epoch: i
             out[k] = sum(finite) / len(finite) if finite else float("nan")
     out["train/updates"] = float(len(updates))
     return out
+
+
+def _check_rewards(rewards, texts, problems, G: int, reward_name: str) -> None:
+    """Every reward must be a finite number: name the first bad one (problem id, sample, response excerpt)."""
+    if len(rewards) != len(texts):
+        raise RuntimeError(f"reward '{reward_name}' returned {len(rewards)} rewards for {len(texts)} responses")
+    for i, r in enumerate(rewards):
+        try:
+            ok = math.isfinite(float(r))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            excerpt = texts[i][:120].replace("\n", " ")
+            raise RuntimeError(f"reward '{reward_name}' returned {r!r} for sample {i % G} of problem "
+                               f"{getattr(problems[i // G], 'id', i // G)!r} (response starts {excerpt!r}); "
+                               f"rewards must be finite numbers")
 
 
 def _rollout_metrics(b: RolloutBatch, G: int, rounds: int, timeouts: int) -> dict[str, float]:
