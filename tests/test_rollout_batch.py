@@ -31,7 +31,7 @@ def test_layout_and_dtypes():
     for name, (dtype, _) in FIELD_SPECS.items():
         assert getattr(b, name).dtype == dtype, name
     with pytest.raises(TypeError, match="rewards"):
-        dataclasses.replace(b, rewards=b.rewards.double())
+        dataclasses.replace(b, rewards=b.rewards.float())
 
 
 def _worker(rank, world, port, q):

@@ -18,7 +18,7 @@ class RolloutBatch:
     tokens: torch.Tensor  # [N, L] long
     response_mask: torch.Tensor  # [N, T] float32
     rollout_logp: torch.Tensor  # [N, T] float32 (0 outside the response)
-    rewards: torch.Tensor  # [N] float32
+    rewards: torch.Tensor  # [N] float64
     correct: torch.Tensor  # [N] bool
     group_ids: torch.Tensor  # [N] long, the prompt index inside the step
     response_len: torch.Tensor  # [N] long
@@ -44,7 +44,7 @@ FIELD_SPECS: dict[str, tuple[torch.dtype, str]] = {
     "tokens": (torch.long, "NL"),
     "response_mask": (torch.float32, "NT"),
     "rollout_logp": (torch.float32, "NT"),
-    "rewards": (torch.float32, "N"),
+    "rewards": (torch.float64, "N"),  # as the verifier gave them: pair margins compare exact values
     "correct": (torch.bool, "N"),
     "group_ids": (torch.long, "N"),
     "response_len": (torch.long, "N"),
@@ -85,7 +85,7 @@ def build_rollout_batch(
         tokens=tokens,
         response_mask=mask,
         rollout_logp=rlp,
-        rewards=torch.tensor(list(rewards), dtype=torch.float32),
+        rewards=torch.tensor(list(rewards), dtype=torch.float64),
         correct=torch.tensor(list(correct), dtype=torch.bool),
         group_ids=torch.tensor(list(group_ids), dtype=torch.long),
         response_len=torch.tensor([len(r) for r in responses], dtype=torch.long),
