@@ -2,6 +2,11 @@
 benchmark file -> results.jsonl / summary.json, then `compare` on two such runs."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +125,44 @@ def test_device_resolution():
     assert resolve_device("cpu", "bf16") == ("cpu", "bf16")
     with pytest.raises(EvalSetupError, match="--dtype"):
         resolve_device("cpu", "int4")
+
+
+def test_eval_remote_engine_pushes_the_model_to_the_fleet(model_dir, bench, tmp_path, monkeypatch, capsys):
+    """--engine remote against a real rollout server started with OTHER random weights: eval pushes --model's
+    weights first, so its greedy results equal the embedded engine's on the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = json.loads((model_dir / "model" / "config.json").read_text())
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(tmp_path / "other", safe_serialization=True)
+    weights, port_file, token = tmp_path / "weights", tmp_path / "port", "eval-token-1"
+    weights.mkdir()
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "megatron_amir.rollout.server", "--model", str(tmp_path / "other"), "--port", "0",
+         "--port-file", str(port_file), "--api-key", token, "--weights-root", str(weights),
+         "--logprobs-mode", "raw_logprobs"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        cwd=root)
+    try:
+        deadline = time.monotonic() + 90
+        while not port_file.exists():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.1)
+        url = port_file.read_text().strip()
+        greedy = ("--temperature", "0", "--samples", "2")
+        rc = _eval(model_dir, bench, tmp_path / "missing", "--engine", "remote", "--servers", url)
+        assert rc == 2 and "--weights-dir" in capsys.readouterr().err
+        monkeypatch.setenv("MEGATRON_AMIR_TOKEN", token)
+        assert _eval(model_dir, bench, tmp_path / "remote", "--engine", "remote", "--servers", url,
+                     "--weights-dir", str(weights), *greedy) == 0, capsys.readouterr().err
+        assert _eval(model_dir, bench, tmp_path / "local", *greedy) == 0
+    finally:
+        server.terminate()
+        server.wait(10)
+    remote, local = read_results(tmp_path / "remote"), read_results(tmp_path / "local")
+    assert [r.texts for r in remote] == [r.texts for r in local]
+    assert [r.correct for r in remote] == [r.correct for r in local]
+    extra = json.loads((tmp_path / "remote" / "summary.json").read_text())["extra"]
+    assert extra["engine"] == "remote" and extra["servers"] == [url]

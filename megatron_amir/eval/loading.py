@@ -129,12 +129,15 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
 
 
 def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir: Optional[Path] = None,
-                engine: str = "embedded", device: str = "auto", dtype: str = "auto"):
+                engine: str = "embedded", device: str = "auto", dtype: str = "auto",
+                remote: Optional[dict[str, Any]] = None):
     """A rollout engine holding the model's weights, and a description for the summary.
 
-    engine: ``embedded`` (megatron_amir.rollout.EmbeddedEngine on ``device``) or ``vllm`` (a colocated
+    engine: ``embedded`` (megatron_amir.rollout.EmbeddedEngine on ``device``), ``vllm`` (a colocated
     vLLM engine on the GPU, configured by the rollout section: tensor parallel size, memory
-    utilization, FP8 rollouts)."""
+    utilization, FP8 rollouts) or ``remote`` (a running fleet of rollout servers: the model's weights are
+    pushed to every server as a weight-sync snapshot, then the fleet samples; ``remote`` = servers /
+    discovery_file / weights_dir, each defaulting to the rollout section)."""
     import torch
 
     path = Path(model)
@@ -166,17 +169,48 @@ def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir:
             eng = VLLMEngine(export, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
                              gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
         return eng, meta
-    if engine != "embedded":
-        raise EvalSetupError(f"--engine {engine!r}: choose embedded or vllm")
-    from megatron_amir.rollout.embedded import EmbeddedEngine
+    from megatron_amir.rollout.embedded import EmbeddedEngine, read_hf_dir
 
+    if engine not in ("embedded", "remote"):
+        raise EvalSetupError(f"--engine {engine!r}: choose embedded, vllm or remote")
+    hf_config, tensors = read_hf_dir(path) if hf_dir else megatron_checkpoint_to_hf(step_dir, cfg)
+    if engine == "remote":
+        return _remote_engine(hf_config, tensors, cfg, remote or {}, meta)
     device, dtype = resolve_device(device, dtype)
     meta.update({"device": device, "dtype": dtype})
-    kw = dict(logprobs_mode=logprobs_mode, seed=seed, device=device, dtype=getattr(torch, _DTYPES[dtype]))
-    if hf_dir:
-        return EmbeddedEngine.from_hf_dir(path, **kw), meta
-    hf_config, tensors = megatron_checkpoint_to_hf(step_dir, cfg)
-    return EmbeddedEngine(hf_config, tensors, **kw), meta
+    return EmbeddedEngine(hf_config, tensors, logprobs_mode=logprobs_mode, seed=seed, device=device,
+                          dtype=getattr(torch, _DTYPES[dtype])), meta
+
+
+def _remote_engine(hf_config: dict, tensors: dict, cfg, remote: dict[str, Any], meta: dict[str, Any]):
+    """A FleetEngine on the configured (or given) servers, loaded with ``tensors`` as weight version 1."""
+    from megatron_amir.rollout.client import FleetEngine
+
+    rc = cfg.rollout.model_copy(update={k: v for k, v in (("servers", remote.get("servers")),
+                                                          ("discovery_file", remote.get("discovery_file")))
+                                        if v})
+    if not (rc.servers or rc.discovery_file):
+        raise EvalSetupError("--engine remote needs --servers or --discovery-file (or rollout.servers / "
+                             "rollout.discovery_file in --config)")
+    sync_dir = remote.get("weights_dir") or rc.weight_sync_dir
+    if not sync_dir:
+        raise EvalSetupError("--engine remote needs --weights-dir: a directory the servers can read "
+                             "(their --weights-root), where the model's weights are written for them")
+    eng = FleetEngine.from_config(rc, hf_config=hf_config, sync_dir=sync_dir)
+    try:
+        eng.load_weights(tensors, version=1)
+    except BaseException:
+        eng.close()
+        raise
+    meta.update({"servers": list(rc.servers), "discovery_file": rc.discovery_file, "weights_dir": str(sync_dir)})
+    return eng, meta
+
+
+def close_engine(engine: Any) -> None:
+    """Release an engine's resources (a fleet client's router and event-loop thread); no-op for others."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -245,7 +279,7 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
                      top_k: Optional[int] = None, max_new_tokens: Optional[int] = None,
                      max_problems: Optional[int] = None, logprobs_mode: str = "raw_logprobs",
                      seed: int = 0, engine: str = "embedded", device: str = "auto",
-                     dtype: str = "auto") -> EvalSetup:
+                     dtype: str = "auto", remote: Optional[dict[str, Any]] = None) -> EvalSetup:
     from megatron_amir.config import ConfigError, load_config
     from megatron_amir.rewards import get_reward_fn
     from megatron_amir.rollout.engine import SamplingParams
@@ -268,9 +302,10 @@ def build_eval_setup(*, model: str, bench: str, config_path: Optional[str] = Non
         problems = problems[:limit]
     problems = apply_prompt_template(problems, cfg, tokenizer)
     eng, meta = load_engine(model, cfg, logprobs_mode=logprobs_mode, seed=seed, step_dir=step_dir, engine=engine,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, remote=remote)
     model_vocab = getattr(eng, "vocab_size", None)
     if model_vocab is not None and tokenizer.vocab_size > model_vocab:
+        close_engine(eng)
         raise EvalSetupError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                              f"{model_vocab}: wrong --tokenizer for {model}?")
     reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)

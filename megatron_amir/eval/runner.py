@@ -360,8 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logprobs-mode", choices=["processed_logprobs", "raw_logprobs"], default="raw_logprobs",
                    help="log-probs recorded per sample (raw = the model's own, as the paper's margin)")
-    p.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
-                   help="embedded torch engine (CPU or GPU) or a colocated vLLM engine (GPU)")
+    p.add_argument("--engine", choices=["embedded", "vllm", "remote"], default="embedded",
+                   help="embedded torch engine (CPU or GPU), a colocated vLLM engine (GPU), or a running fleet of "
+                        "rollout servers (remote: the model's weights are pushed to them first)")
+    p.add_argument("--servers", nargs="+", default=None, help="remote: server URLs (default: rollout.servers)")
+    p.add_argument("--discovery-file", default=None, help="remote: file listing server URLs, one per line")
+    p.add_argument("--weights-dir", default=None,
+                   help="remote: directory the servers read weights from (their --weights-root; default: "
+                        "rollout.weight_sync_dir); bearer token from rollout.token or $MEGATRON_AMIR_TOKEN")
     p.add_argument("--device", default="auto", help="embedded engine device (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="embedded engine dtype (auto: bf16 on GPU, fp32 on CPU)")
@@ -385,16 +391,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             tokenizer_dir=args.tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
             logprobs_mode=args.logprobs_mode, seed=args.seed, engine=args.engine, device=args.device,
-            dtype=args.dtype)
+            dtype=args.dtype, remote={"servers": args.servers, "discovery_file": args.discovery_file,
+                                      "weights_dir": args.weights_dir})
     except (loading.EvalSetupError, ValueError, FileNotFoundError) as exc:
         print(f"megatron-amir eval: {exc}", file=sys.stderr)
         return 2
-    summary = evaluate(
-        setup.engine, setup.tokenizer, setup.problems, setup.reward_fn, args.samples, setup.sampling_params,
-        args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        keep_texts=not args.no_texts, format_prompt=setup.format_prompt,
-        meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
-              **setup.meta})
+    try:
+        summary = evaluate(
+            setup.engine, setup.tokenizer, setup.problems, setup.reward_fn, args.samples, setup.sampling_params,
+            args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+            keep_texts=not args.no_texts, format_prompt=setup.format_prompt,
+            meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
+                  **setup.meta})
+    finally:
+        loading.close_engine(setup.engine)
     print(format_summary(summary))
     print("wrote " + " and ".join(str(p) for p in output_paths(args.out)))
     return 0

@@ -119,20 +119,7 @@ class EmbeddedEngine:
     @classmethod
     def from_hf_dir(cls, path: str | Path, **kwargs) -> "EmbeddedEngine":
         """Load ``config.json`` and every ``*.safetensors`` of an HF model directory."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found (an HF model directory needs config.json)")
-        hf_config = json.loads(cfg_file.read_text())
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {path}")
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            tensors.update(load_file(str(f)))
-        return cls(hf_config, tensors, **kwargs)
+        return cls(*read_hf_dir(path), **kwargs)
 
     # ------------------------------------------------------------------ Engine protocol
     @property
@@ -308,3 +295,21 @@ class EmbeddedEngine:
         if rest.numel():
             u[rest] = 1.0 - torch.rand(rest.numel(), generator=self._generator, device=alive.device)
         return u
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, every tensor of the ``*.safetensors`` files) of an HF model directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found (an HF model directory needs config.json)")
+    hf_config = json.loads(cfg_file.read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return hf_config, tensors
