@@ -130,5 +130,6 @@ def test_train_with_nan_reward_stops_with_clear_error_and_no_checkpoint(tmp_path
         if "EADDRINUSE" not in out.stderr:
             break
     assert out.returncode != 0
-    assert "rewards has non-finite values" in out.stderr, out.stderr[-3000:]
+    # the error names the reward function, the problem and the sample
+    assert "reward 'nan_reward:reward' returned nan for sample 0 of problem" in out.stderr, out.stderr[-3000:]
     assert not (run / "ckpt").exists() or not any((run / "ckpt").iterdir())  # nothing saved from a poisoned step
