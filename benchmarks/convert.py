@@ -106,6 +106,7 @@ def _child(job: str, src: str, dst: str) -> None:
     from safetensors.torch import load_file, save_file
 
     from checkpoints_tools import hf_io
+    from megatron_amir.fileio import fsync_path
 
     reset = _reset_peak_rss()
     base_rss = _rss_bytes()
@@ -116,9 +117,7 @@ def _child(job: str, src: str, dst: str) -> None:
             out = os.path.join(dst, shard.name)
             save_file(load_file(str(shard)), out, metadata={"format": "pt"})  # load_file memory-maps the shard
             if job == "baseline+fsync":  # Megatron's checkpoint writer fsyncs its files; this row shows that cost
-                fd = os.open(out, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+                fsync_path(out)
     elif job.startswith("hf-to-mcore"):
         hf_to_mcore(src, dst, fsync=job == "hf-to-mcore+fsync")
     else:

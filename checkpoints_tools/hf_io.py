@@ -121,7 +121,7 @@ def _tensor_refs(path: Path, fd: int) -> list[tuple[str, TensorRef]]:
     try:
         with safe_open(str(path), framework="pt") as handle:  # validates the header and every offset
             names = list(handle.keys())
-            kinds = {n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in names}
+            kinds = {n: (sl.get_dtype(), tuple(sl.get_shape())) for n in names for sl in [handle.get_slice(n)]}
         header, base = _offsets(path)
     except Exception as exc:
         raise HFCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None

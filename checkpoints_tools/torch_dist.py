@@ -40,6 +40,8 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
+from megatron_amir.fileio import fsync_path
+
 _SYNC_CHUNK = 32 << 20  # start writeback every this many bytes
 _COPY_CHUNK = 1 << 30
 
@@ -311,7 +313,5 @@ class TorchDistWriter:
                 os.fsync(fh.fileno())
         save_config(CheckpointingConfig("torch_dist", 1), str(self.path))
         if self.sync:
-            from megatron_amir.fileio import fsync_path
-
             for name in ("metadata.json", "."):
                 fsync_path(self.path / name)

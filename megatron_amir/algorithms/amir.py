@@ -237,9 +237,11 @@ def pair_statistics(
     if n % b == 0 and torch.equal(gidx, _contiguous_groups(n, b, gidx.device)):
         rg, sg, ok = r.view(b, -1), s.view(b, -1), valid.view(b, -1)
     else:
-        slot_np, ok_np = _group_slots(gidx.cpu().numpy(), valid.cpu().numpy(), np.bincount(gidx.cpu().numpy()))
+        g_np = gidx.cpu().numpy()
+        slot_np, ok_np = _group_slots(g_np, valid.cpu().numpy(), np.bincount(g_np))
         slot, ok = torch.from_numpy(slot_np).to(dev), torch.from_numpy(ok_np).to(dev)
-        rg, sg = r[slot.clamp(min=0)], s[slot.clamp(min=0)]
+        rows = slot.clamp(min=0)  # padding cells read row 0; ``ok`` masks them
+        rg, sg = r[rows], s[rows]
     rg = torch.where(ok, rg, _nan(dev))  # invalid rows and padding: NaN never wins or loses a comparison
     cand = (rg.unsqueeze(2) - rg.unsqueeze(1)) > margin  # cand[b, w, l]: r_w − r_l > margin
     if mode == "top":

@@ -389,10 +389,11 @@ def combine_update_metrics(updates: list[dict[str, float]], updates_per_epoch: i
     keys = dict.fromkeys(k for u in updates for k in u)
     for k in keys:
         base = k.rsplit("/", 1)[-1]
-        vals = [float(u[k]) for u in updates if k in u]
         if base in _COUNT_METRICS:
             out[k] = sum(float(u[k]) for u in updates[:updates_per_epoch] if k in u)
-        elif base in _LAST_METRICS:
+            continue
+        vals = [float(u[k]) for u in updates if k in u]
+        if base in _LAST_METRICS:
             out[k] = vals[-1]
         else:
             finite = [v for v in vals if math.isfinite(v)]
