@@ -36,10 +36,14 @@ def make_inputs(n=64, T=1024, G=8, device="cpu", seed=0):
     return [x.to(device) for x in (rewards, gids, mask, old, logp)]
 
 
-def one_step(cfg, state, inputs, micro, pair_metrics=False):
+def one_step(cfg, state, inputs, micro, pair_metrics=False, clock=None, split=None):
+    """One optimizer step's loss work; with ``clock`` and ``split`` (a list), appends the time ``prepare_batch`` took."""
     rewards, gids, mask, old, logp0 = inputs
+    t0 = clock() if split is not None else 0.0
     pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=state,
                        pair_metrics=pair_metrics)
+    if split is not None:
+        split.append(clock() - t0)
     lp = logp0.detach().requires_grad_(True)
     for start in range(0, lp.shape[0], micro):
         sl = slice(start, start + micro)
@@ -58,17 +62,20 @@ def time_all(cfgs, inputs, micro, repeats, device, warmup=5):
     clock = time.perf_counter if device == "cuda" else time.thread_time
     states = [AmirState.from_config(c.amir) for c, _ in cfgs]
     times = [[] for _ in cfgs]
+    preps = [[] for _ in cfgs]
     for i in range(repeats + warmup):
         for k, ((cfg, pair_metrics), state) in enumerate(zip(cfgs, states)):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = clock()
-            one_step(cfg, state, inputs, micro, pair_metrics)
+            prep: list[float] = []
+            one_step(cfg, state, inputs, micro, pair_metrics, clock=clock, split=prep)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[k].append(clock() - t0)
-    return times
+                preps[k].append(prep[0])
+    return times, preps
 
 
 def main(argv=None):
@@ -82,7 +89,7 @@ def main(argv=None):
     inputs = make_inputs(device=args.device)
     grpo = AlgorithmConfig(amir=AmirConfig(enabled=False))
     amir = AlgorithmConfig(amir=AmirConfig(enabled=True))
-    t_g, t_gm, t_a = time_all([(grpo, False), (grpo, True), (amir, False)], inputs, args.micro_batch, args.repeats,
+    (t_g, t_gm, t_a), (p_g, _, p_a) = time_all([(grpo, False), (grpo, True), (amir, False)], inputs, args.micro_batch, args.repeats,
                               args.device)
     med_g, med_gm, med_a = statistics.median(t_g), statistics.median(t_gm), statistics.median(t_a)
     n_tok = int(inputs[2].sum())
@@ -94,6 +101,9 @@ def main(argv=None):
         q = statistics.quantiles(ts, n=10)
         print(f"{name:<12} {1e3 * statistics.median(ts):>10.3f} {1e3 * min(ts):>8.3f} {1e3 * q[0]:>8.3f} "
               f"{1e3 * q[-1]:>8.3f}")
+    pg, pa = statistics.median(p_g), statistics.median(p_a)
+    print(f"of which prepare_batch (once per step): GRPO {1e3 * pg:.3f} ms, AMIR-GRPO {1e3 * pa:.3f} ms "
+          f"(+{1e3 * (pa - pg):.3f}); micro-batch loss + backward: AMIR-GRPO +{1e3 * ((med_a - pa) - (med_g - pg)):.3f} ms")
     print(f"context: AMIR-GRPO / GRPO with pair diagnostics (the trainer's GRPO): {med_a / med_gm:.3f}")
     print(f"ratio of minima (least disturbed runs): {min(t_a) / min(t_g):.3f}")
     print(f"loss_overhead: ratio={med_a / med_g:.3f} (goal 1.05)")

@@ -168,7 +168,7 @@ def prepare_batch(
         do_pairs = acfg.enabled or pair_metrics
         lbar_mean = seq_logprob(pol, mask, "mean")
         if do_pairs:
-            # pair sums over [B, G, G] grids (no pair list, no host round trip); P enters all-reduce 1
+            # pair sums over [B, G, G] grids (no pair list, no host round trip); they enter all-reduce 2
             s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
             if acfg.reference_anchored and ref is not None:
                 s = s - seq_logprob(ref, mask, acfg.logprob_norm)
@@ -180,11 +180,10 @@ def prepare_batch(
         # ---- all-reduce 1: everything that only needs rewards and masks
         red1 = _allreduce(torch.stack([
             lengths.double().sum(), vf.sum(),
-            pairs.sums[0] if do_pairs else torch.zeros((), dtype=torch.float64, device=dev),
             has_rows.double().sum(), zero_var.double().sum(),
             (r_raw * vf).sum(), (r_adv * vf).sum(), (r_adv * r_adv * vf).sum(),
         ]), dp_group).tolist()
-        g_tokens, g_seqs, g_pairs, g_groups, g_zero_var, g_rsum, g_radv_sum, g_radv_sq = red1
+        g_tokens, g_seqs, g_groups, g_zero_var, g_rsum, g_radv_sum, g_radv_sq = red1
 
         if cfg.whiten_rewards:
             mu = g_radv_sum / max(g_seqs, 1.0)
@@ -213,7 +212,7 @@ def prepare_batch(
         lbar_mean = lbar_mean.double()
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         # ---- all-reduce 2: pair sums and the sums that need advantages / weights
-        pair_sums = pairs.sums[1:] if do_pairs else torch.zeros(3, dtype=torch.float64, device=dev)
+        pair_sums = pairs.sums if do_pairs else torch.zeros(4, dtype=torch.float64, device=dev)
         red2 = _allreduce(torch.cat([pair_sums, torch.stack([
             grpo_local.double(),
             (lbar_mean * above).sum(), above.sum(), (lbar_mean * below).sum(), below.sum(),
@@ -222,7 +221,7 @@ def prepare_batch(
             (tis * mask).double().sum() if tis is not None else zero,
             adv64.abs().sum(),
         ])]), dp_group).tolist()
-        (g_pair_sum, g_acc, g_margin, g_grpo, g_lab, g_nab, g_lbe, g_nbe, g_len_ab, g_len_be,
+        (g_pairs, g_pair_sum, g_acc, g_margin, g_grpo, g_lab, g_nab, g_lbe, g_nbe, g_len_ab, g_len_be,
          g_kl, g_tis, g_adv_abs) = red2
 
         metrics: dict[str, float] = {
