@@ -148,3 +148,33 @@ def test_bad_reward_names_the_sample():
         _check_rewards([0.0, 1.0, 0.0], ["a", "b", "c", "d"], probs, 2, "mine")
     with pytest.raises(RuntimeError, match="returned None"):
         _check_rewards([None, 1.0, 0.0, 1.0], ["a", "b", "c", "d"], probs, 2, "mine")
+
+
+def test_close_releases_engine_reward_pool_and_metrics_once(monkeypatch, tmp_path):
+    """``main`` closes the trainer however training ends (here: it raises), and ``close`` is idempotent."""
+    from megatron_amir.training import trainer as tr
+
+    closed = []
+
+    class Closable:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    class FakeTrainer(tr.Trainer):
+        def __init__(self, cfg, init_from=None):
+            self.rank, self.step = 0, 0
+            self.engine, self.reward_fn, self.metrics = Closable("engine"), Closable("reward"), Closable("metrics")
+
+        def train(self):
+            raise RuntimeError("boom")
+
+    made = []
+    monkeypatch.setattr(tr, "Trainer", lambda cfg, init_from=None: made.append(FakeTrainer(cfg)) or made[-1])
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.main([str(CONFIG), f"logging.dir={tmp_path}", "logging.tensorboard=false"])
+    assert closed == ["engine", "reward", "metrics"]
+    made[0].close()  # a second close releases nothing twice
+    assert closed == ["engine", "reward", "metrics", "metrics"] and made[0].engine is None

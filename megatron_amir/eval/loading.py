@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_amir.rollout.engine import close_engine
+
 log = logging.getLogger(__name__)
 
 
@@ -204,13 +206,6 @@ def _remote_engine(hf_config: dict, tensors: dict, cfg, remote: dict[str, Any], 
         raise
     meta.update({"servers": list(rc.servers), "discovery_file": rc.discovery_file, "weights_dir": str(sync_dir)})
     return eng, meta
-
-
-def close_engine(engine: Any) -> None:
-    """Release an engine's resources (a fleet client's router and event-loop thread); no-op for others."""
-    close = getattr(engine, "close", None)
-    if callable(close):
-        close()
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -29,6 +29,7 @@ from megatron_amir.eval.results import (
     atomic_write_text,
     summarize,
 )
+from megatron_amir.rollout.engine import close_engine
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             meta={"model": str(args.model), "bench": str(args.bench), "logprobs_mode": args.logprobs_mode,
                   **setup.meta})
     finally:
-        loading.close_engine(setup.engine)
+        close_engine(setup.engine)
     print(format_summary(summary))
     print("wrote " + " and ".join(str(p) for p in output_paths(args.out)))
     return 0

@@ -1,10 +1,10 @@
 """Rollout: the Engine protocol, the embedded torch engine, the vLLM engine, the HTTP server speaking
 vLLM's API subset, the router + fleet client, and weight sync. Heavy parts import lazily."""
 
-from megatron_amir.rollout.engine import Engine, GroupResult, Sample, SamplingParams
+from megatron_amir.rollout.engine import Engine, GroupResult, Sample, SamplingParams, close_engine
 
 __all__ = ["Engine", "GroupResult", "Sample", "SamplingParams", "EmbeddedEngine", "FleetClient", "FleetEngine",
-           "VLLMEngine"]
+           "VLLMEngine", "close_engine"]
 _LAZY = {
     "EmbeddedEngine": "megatron_amir.rollout.embedded",
     "FleetClient": "megatron_amir.rollout.client",

@@ -158,3 +158,11 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], params: PerPromptParams, n: int = 1) -> list[GroupResult]: ...
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> None: ...
+
+
+def close_engine(engine: object) -> None:
+    """Release an engine's resources (a fleet client's router and event-loop thread, a vLLM engine's workers);
+    a no-op for engines without ``close`` (the embedded engine holds nothing beyond memory)."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()

@@ -63,6 +63,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -279,6 +279,23 @@ class Trainer:
                                     pad_id=self.tokenizer.pad_id)
         return batch, _rollout_metrics(batch, G, rounds, timeouts)
 
+    def close(self) -> None:
+        """Release the rollout engine (a fleet client's threads and router, vLLM's workers), the reward
+        function's worker pool and the metrics writers. Idempotent; ``main`` calls it however training ends."""
+        from megatron_amir.rollout.engine import close_engine
+
+        engine, self.engine = self.engine, None
+        reward_fn, self.reward_fn = self.reward_fn, None
+        try:
+            if engine is not None:
+                close_engine(engine)
+        finally:
+            try:
+                if reward_fn is not None:
+                    reward_fn.close()
+            finally:
+                self.metrics.close()
+
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, tag: str = "eval") -> dict[str, float]:
         """Held-out evaluation on rank 0: ``eval.samples`` samples per problem at ``eval.temperature`` (pass@k,
@@ -512,9 +529,13 @@ def main(argv: list[str]) -> int:
             return 2
     trainer = Trainer(cfg, init_from=a.init_from)
     evals = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
-    if a.eval_at_start and trainer.step == 0:
-        evals.log(0, trainer.evaluate(tag="initial"))
-    code = trainer.train()
-    if code == 0 and a.eval_at_end:
-        evals.log(trainer.step, trainer.evaluate(tag="final"))
-    return code
+    try:
+        if a.eval_at_start and trainer.step == 0:
+            evals.log(0, trainer.evaluate(tag="initial"))
+        code = trainer.train()
+        if code == 0 and a.eval_at_end:
+            evals.log(trainer.step, trainer.evaluate(tag="final"))
+        return code
+    finally:
+        evals.close()
+        trainer.close()
