@@ -168,6 +168,19 @@ def test_frozen_copy_keeps_the_old_weights(policy):
     assert torch.equal(frozen.compute_logprobs(tokens), before)
 
 
+def test_frozen_copy_loads_a_saved_policy(policy, tmp_path):
+    """The reference policy of a resumed run: a frozen copy whose weights are replaced by a checkpoint's."""
+    tokens, mask, rewards, gids = batch()
+    saved = policy.compute_logprobs(tokens)
+    policy.save(tmp_path / "start", save_optimizer=False)
+    policy.train_step(tokens, prepared_for(policy.cfg, saved, mask, rewards, gids))
+    frozen = policy.frozen_copy()
+    assert not torch.equal(frozen.compute_logprobs(tokens), saved)
+    frozen.load(tmp_path / "start")
+    assert torch.equal(frozen.compute_logprobs(tokens), saved)
+    assert not torch.equal(policy.compute_logprobs(tokens), saved)  # the policy itself is untouched
+
+
 def test_full_state_dict_names_match_module(policy):
     full = policy.full_state_dict()
     own = {k: v for k, v in policy.modules()[0].state_dict().items() if not k.endswith("_extra_state")}

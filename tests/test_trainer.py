@@ -5,6 +5,7 @@ Runs `megatron-amir train` as subprocesses (what users run) on a very small mode
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,33 @@ def test_close_releases_engine_reward_pool_and_metrics_once(monkeypatch, tmp_pat
     assert closed == ["engine", "reward", "metrics"]
     made[0].close()  # a second close releases nothing twice
     assert closed == ["engine", "reward", "metrics", "metrics"] and made[0].engine is None
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_starting_weights_as_reference(tmp_path):
+    """With KL on, a run stopped after step 2 and resumed gives step 3 exactly as an uninterrupted run: the
+    reference policy is reloaded from ``<checkpoint.dir>/reference`` (the starting weights), not rebuilt
+    from the resumed weights (which would make the KL to the reference 0 again right after the resume)."""
+    # a reward that varies inside every group (the tiny random model solves nothing), so the policy moves
+    (tmp_path / "varied_reward.py").write_text(
+        "def by_parity(responses, answers):\n    return [float(len(r) % 2) for r in responses]\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    kl = ["algorithm.kl_coef=0.05", "checkpoint.save_interval=1000", "reward.name=varied_reward:by_parity"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run = lambda d, steps: subprocess.run(_cmd(d, *kl, f"train.steps={steps}"), check=True, env=env, cwd=ROOT,
+                                          timeout=600, capture_output=True)
+    run(straight, 3)
+    run(split, 2)
+    assert (split / "ckpt" / "reference" / "metadata.json").is_file()
+    meta = json.loads((split / "ckpt" / "step_00000002" / "meta.json").read_text())
+    assert meta["reference"] == {"source": "initial", "path": "reference"}
+    run(split, 3)
+    want, got = _rows(straight), _rows(split)
+    assert len(want) == len(got) == 3
+    assert want[1]["kl"] > 0 and want[2]["kl"] > 0  # the policy has moved away from the reference
+    assert got == want
+    # without the recorded reference a resume stops with the path, not with a silently different objective
+    shutil.rmtree(split / "ckpt" / "reference")
+    out = subprocess.run(_cmd(split, *kl, "train.steps=4"), env=env, cwd=ROOT, timeout=600, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "reference policy weights not found at" in out.stderr

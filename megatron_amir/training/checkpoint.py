@@ -8,6 +8,9 @@ Layout under ``checkpoint.dir``::
         meta.json             step, weight version, lambda state, data cursor, resolved config, ...
         MANIFEST.json         size (and sha256 for files <= HASH_LIMIT) of every file above
     latest                    text file naming the newest complete step directory, replaced last
+    reference/                the run's starting weights (a model-only policy checkpoint), saved once at a fresh
+                              start when the reference policy is needed (KL, reference-anchored pairs) and no
+                              --init-from checkpoint holds them; every meta.json records where the reference lives
 
 A save goes to ``.tmp-step_XXXXXXXX`` first, is fsynced, then renamed; ``latest`` is replaced only after the
 rename. A crash at any point leaves the previous checkpoint as ``latest``. On load the manifest is verified and
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 HASH_LIMIT = 256 * 1024 * 1024  # hashing 100s of GB would dominate save time; sizes are always checked
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+REFERENCE_DIR = "reference"  # relative to the checkpoint root; never pruned
 
 
 class CheckpointError(RuntimeError):

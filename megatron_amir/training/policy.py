@@ -502,3 +502,9 @@ class FrozenPolicy:
 
     def compute_logprobs(self, tokens, micro_batch_size=None, temperature: float = 1.0, lengths=None):
         return self._p.compute_logprobs(tokens, micro_batch_size, temperature, lengths)
+
+    def load(self, path) -> None:
+        """Replace the weights with a policy checkpoint's (any saved TP/PP; its optimizer state is ignored)."""
+        from megatron_amir.training.model_checkpoint import load_checkpoint
+
+        load_checkpoint(self._p, Path(path), load_optimizer=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_amir.config import Config, dump_config
-from megatron_amir.training.checkpoint import CheckpointManager
+from megatron_amir.training.checkpoint import REFERENCE_DIR, CheckpointManager
 from megatron_amir.training.metrics import MetricsLogger, summary_line
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
 
@@ -96,13 +97,14 @@ class Trainer:
                                               barrier=self.policy.barrier)
         self.metrics = MetricsLogger(cfg.logging.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                      enabled=self.rank == 0)
-        # resume (or initialize from a warm-up checkpoint), then the reference copy of the starting weights
+        # resume (or initialize from a warm-up checkpoint), then the reference policy: the run's STARTING weights
+        self.reference: Optional[dict] = None  # where those weights live; recorded in every checkpoint
         resumed = self._resume()
         if not resumed and init_from:
             log.info("initializing the policy from %s", init_from)
             self.policy.load(Path(init_from) / "model", load_optimizer=False)
         if self._needs_ref:
-            self.ref_policy = self.policy.frozen_copy()
+            self.ref_policy = self._reference_policy(resumed, init_from)
         # rollout engine (colocated embedded engine or the remote fleet) with the current weights
         weights = self._hf_weights()  # collective: every rank takes part in the gather
         self.engine = self._build_engine(weights) if self.rank == 0 else None
@@ -138,6 +140,40 @@ class Trainer:
     def _hf_weights(self):
         """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
         return self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
+
+    def _reference_policy(self, resumed: bool, init_from: Optional[str]):
+        """The frozen reference policy π_ref = the weights this run started from, also after a resume.
+
+        A fresh run takes a frozen copy of its starting weights and records where they live: the
+        ``--init-from`` checkpoint, or (random init) a model-only copy saved once as ``<checkpoint.dir>/reference``.
+        A resumed run loads the reference from that record, not from the resumed weights (which would reset
+        the KL anchor at every preemption).
+        """
+        root = Path(self.cfg.checkpoint.dir)
+        if not resumed:
+            if init_from:
+                self.reference = {"source": "init_from", "path": str((Path(init_from) / "model").resolve())}
+            else:
+                saved = root / REFERENCE_DIR
+                if self.rank == 0 and saved.exists():  # a stale copy from an earlier fresh start in this directory
+                    shutil.rmtree(saved)
+                self.policy.barrier()
+                self.policy.save(saved, save_optimizer=False)  # collective; tmp dir + rename inside
+                self.reference = {"source": "initial", "path": REFERENCE_DIR}
+            return self.policy.frozen_copy()
+        frozen = self.policy.frozen_copy()
+        if self.reference is None:
+            log.warning("the resumed checkpoint records no reference policy (saved without KL or reference-anchored "
+                        "pairs, or by an older version): the reference is the resumed weights")
+            return frozen
+        path = Path(self.reference["path"])
+        path = path if path.is_absolute() else root / path
+        if not path.is_dir():
+            raise FileNotFoundError(f"reference policy weights not found at {path} (recorded in the checkpoint as "
+                                    f"{self.reference}); restore them, or start a fresh run (checkpoint.resume=none)")
+        frozen.load(path)
+        log.info("reference policy loaded from %s", path)
+        return frozen
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -329,6 +365,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "world_size": self.world_size,
             "config": self.cfg.model_dump(mode="json"),
+            "reference": self.reference,
         }
 
         def write(d: Path) -> None:
@@ -353,6 +390,7 @@ class Trainer:
         self.weight_version = int(meta["weight_version"])
         self.amir_state.load_state_dict(meta["amir_state"])
         self.sampler.load_state_dict(meta["sampler"])
+        self.reference = meta.get("reference")
         rng = ckpt / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file() and meta.get("world_size") == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=True))
