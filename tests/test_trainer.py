@@ -209,3 +209,9 @@ def test_resume_keeps_the_starting_weights_as_reference(tmp_path):
     out = subprocess.run(_cmd(split, *kl, "train.steps=4"), env=env, cwd=ROOT, timeout=600, capture_output=True,
                          text=True)
     assert out.returncode != 0 and "reference policy weights not found at" in out.stderr
+    # resuming another run's checkpoint into a new directory finds that run's reference and records it absolutely
+    other = tmp_path / "other"
+    subprocess.run(_cmd(other, *kl, "train.steps=4", f"checkpoint.resume={straight / 'ckpt' / 'step_00000003'}"),
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    meta = json.loads((other / "ckpt" / "step_00000004" / "meta.json").read_text())
+    assert meta["reference"]["path"] == str((straight / "ckpt" / "reference").resolve())

@@ -150,8 +150,11 @@ class Trainer:
         the KL anchor at every preemption).
         """
         root = Path(self.cfg.checkpoint.dir)
-        if not resumed:
-            if init_from:
+        if resumed and self.reference is None:
+            log.warning("the resumed checkpoint records no reference policy (saved without KL or reference-anchored "
+                        "pairs, or by an older version): the resumed weights become the reference from now on")
+        if not resumed or self.reference is None:
+            if init_from and not resumed:
                 self.reference = {"source": "init_from", "path": str((Path(init_from) / "model").resolve())}
             else:
                 saved = root / REFERENCE_DIR
@@ -159,15 +162,15 @@ class Trainer:
                     shutil.rmtree(saved)
                 self.policy.barrier()
                 self.policy.save(saved, save_optimizer=False)  # collective; tmp dir + rename inside
-                self.reference = {"source": "initial", "path": REFERENCE_DIR}
+                self.reference = {"source": "initial" if not resumed else f"step {self.step}", "path": REFERENCE_DIR}
             return self.policy.frozen_copy()
         frozen = self.policy.frozen_copy()
-        if self.reference is None:
-            log.warning("the resumed checkpoint records no reference policy (saved without KL or reference-anchored "
-                        "pairs, or by an older version): the reference is the resumed weights")
-            return frozen
+        # a relative path is relative to the root the resumed checkpoint was saved in (which may be another run's)
+        saved_root = self._resumed_from.parent
         path = Path(self.reference["path"])
-        path = path if path.is_absolute() else root / path
+        path = path if path.is_absolute() else saved_root / path
+        if saved_root.resolve() != root.resolve():  # later checkpoints here must still find it
+            self.reference = {**self.reference, "path": str(path.resolve())}
         if not path.is_dir():
             raise FileNotFoundError(f"reference policy weights not found at {path} (recorded in the checkpoint as "
                                     f"{self.reference}); restore them, or start a fresh run (checkpoint.resume=none)")
@@ -385,6 +388,7 @@ class Trainer:
         if ckpt is None:
             return False
         meta = CheckpointManager.read_meta(ckpt)
+        self._resumed_from = ckpt
         self.policy.load(ckpt / "model", load_optimizer=True)
         self.step = int(meta["step"])
         self.weight_version = int(meta["weight_version"])
