@@ -87,3 +87,17 @@ def test_versions_prune_and_rewrite(tmp_path):
     with pytest.raises(TypeError, match="complex"):
         write_snapshot({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path, 9)
     assert [v for v, _ in list_snapshots(tmp_path)] == [3, 4]
+
+
+@pytest.mark.parametrize("keep_last", [2, None])
+def test_resumed_trainer_writes_an_older_version(tmp_path, keep_last):
+    """A trainer that crashed after syncing v5..v6 and resumed from its v3 checkpoint writes v3 again: that
+    snapshot must survive the pruning and the abandoned run's newer ones must go (they would be 'latest')."""
+    for v in (4, 5, 6):
+        write_snapshot({"w": torch.full((3,), float(v))}, tmp_path, v, keep_last=keep_last)
+    p = write_snapshot({"w": torch.full((3,), 30.0)}, tmp_path, 3, keep_last=keep_last)
+    assert p.is_dir() and latest_snapshot(tmp_path) == p
+    assert torch.equal(read_snapshot(p).tensors["w"], torch.full((3,), 30.0))
+    assert [v for v, _ in list_snapshots(tmp_path)] == [3]
+    write_snapshot({"w": torch.full((3,), 4.0)}, tmp_path, 4, keep_last=keep_last)
+    assert [v for v, _ in list_snapshots(tmp_path)] == [3, 4]

@@ -150,7 +150,9 @@ def write_snapshot(
     shards keep the hashing parallel on the reader's side too.
 
     ``keep_last``: delete older snapshots beyond this many (None keeps all). Re-writing an existing
-    version replaces it (a retried sync after a trainer restart).
+    version replaces it (a retried sync after a trainer restart). Snapshots with a HIGHER version are
+    deleted: the trainer's versions only grow, so they were written by a run that crashed after its last
+    checkpoint and was resumed from it (its version counts again from the checkpoint's).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -204,8 +206,7 @@ def write_snapshot(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / LATEST, final.name + "\n")
-    if keep_last is not None:
-        prune_snapshots(root, keep_last)
+    prune_snapshots(root, keep_last, current=int(version))
     return final
 
 
@@ -221,10 +222,18 @@ def list_snapshots(root: Union[str, Path]) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def prune_snapshots(root: Union[str, Path], keep_last: int) -> None:
+def prune_snapshots(root: Union[str, Path], keep_last: Optional[int], current: Optional[int] = None) -> None:
+    """Delete snapshots newer than ``current`` (an abandoned run's), then all but the newest ``keep_last``
+    (None: keep all; the ``current`` snapshot itself is always kept)."""
     snaps = list_snapshots(root)
-    for _, p in snaps[: max(0, len(snaps) - keep_last)]:
-        shutil.rmtree(p, ignore_errors=True)
+    if current is not None:
+        for v, p in snaps:
+            if v > current:
+                shutil.rmtree(p, ignore_errors=True)
+        snaps = [(v, p) for v, p in snaps if v <= current]
+    if keep_last is not None:
+        for _, p in snaps[: max(0, len(snaps) - max(1, keep_last))]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_snapshot(root: Union[str, Path]) -> Optional[Path]:
