@@ -249,3 +249,36 @@ def test_direct_mode_fleet_engine(fleet):
         assert g.samples[0].token_ids == local.samples[0].token_ids and g.weight_version == 4
     finally:
         eng.close()
+
+
+def test_new_member_gets_current_weights_before_traffic(fleet):
+    """A server that joins through the discovery file (a replacement, launched with other weights) is given
+    the current snapshot before the engine sends it work: every sample carries the current version and the
+    greedy outputs of both members equal the trainer-side model."""
+    live = [u for u, p in zip(fleet["urls"], fleet["procs"]) if p.poll() is None]
+    tmp, disc = fleet["tmp"], fleet["tmp"] / "disc_join.txt"
+    disc.write_text(live[0] + "\n")
+    eng = FleetEngine([], use_router=False, token=TOKEN, sync_dir=fleet["weights_root"], hf_config=fleet["cfg"],
+                      discovery_file=disc, skip_unreachable=False)
+    proc = None
+    try:
+        eng.watcher.stop()  # polls are driven by the test
+        hf_b, _ = tiny_hf_model("llama", seed=13)
+        eng.load_weights(hf_b.state_dict(), 5)
+        proc = _start_server(tmp / "model", tmp, 9, disc, fleet["weights_root"])  # registers itself in disc
+        deadline = time.monotonic() + 90
+        while len(read_discovery_file(disc)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "server9.log").read_text()[-2000:]
+            time.sleep(0.1)
+        new = [u for u in read_discovery_file(disc) if u != live[0]][0]
+        assert eng.watcher.check() and eng.client.servers == [live[0], new]
+        params = SamplingParams(temperature=0, max_new_tokens=6)
+        local = EmbeddedEngine(fleet["cfg"], hf_b.state_dict()).generate([[1, 2, 3]], params)[0].samples[0].token_ids
+        for _ in range(4):  # direct mode alternates between the two members
+            g = eng.generate([[1, 2, 3]], params, n=1)[0]
+            assert g.samples[0].weight_version == 5 and g.samples[0].token_ids == local
+    finally:
+        eng.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)

@@ -247,6 +247,22 @@ class FleetClient:
         failing the update (a dead server will be replaced via the discovery file)."""
         if not self.servers:
             raise FleetError("no servers to update (servers list is empty)")
+        servers = list(self.servers)
+        report = await self.push_snapshot(path, version, servers)
+        dead = [u for u, s in report.items() if s.startswith("unreachable")]
+        bad = [u for u, s in report.items() if s != "ok" and not (skip_unreachable and u in dead)]
+        if skip_unreachable and dead:
+            log.warning("dropping unreachable servers %s", dead)
+            self.servers = [u for u in self.servers if u not in dead]
+        if bad:
+            raise FleetError(f"weight update v{version} failed on {len(bad)} server(s): "
+                             + "; ".join(f"{u}: {report[u]}" for u in bad))
+        self.weight_version = int(version)
+        return report
+
+    async def push_snapshot(self, path: str | Path, version: int, servers: Sequence[str]) -> dict[str, str]:
+        """Load a snapshot on ``servers`` (pause, load, version, resume each); returns url -> 'ok' /
+        'unreachable: …' / 'error: …' and raises nothing. The client's own version and list are untouched."""
         info = {"path": str(Path(path).resolve()), "version": int(version)}
 
         async def one(url: str) -> str:
@@ -271,19 +287,8 @@ class FleetClient:
                 except (httpx.HTTPError, FleetError) as exc:
                     log.warning("could not resume %s: %s", url, exc)
 
-        servers = list(self.servers)
         out = await asyncio.gather(*(one(u) for u in servers), return_exceptions=True)
-        report = {u: (o if isinstance(o, str) else f"error: {type(o).__name__}: {o}") for u, o in zip(servers, out)}
-        dead = [u for u, s in report.items() if s.startswith("unreachable")]
-        bad = [u for u, s in report.items() if s != "ok" and not (skip_unreachable and u in dead)]
-        if skip_unreachable and dead:
-            log.warning("dropping unreachable servers %s", dead)
-            self.servers = [u for u in self.servers if u not in dead]
-        if bad:
-            raise FleetError(f"weight update v{version} failed on {len(bad)} server(s): "
-                             + "; ".join(f"{u}: {report[u]}" for u in bad))
-        self.weight_version = int(version)
-        return report
+        return {u: (o if isinstance(o, str) else f"error: {type(o).__name__}: {o}") for u, o in zip(servers, out)}
 
     async def update_weights_broadcast(self, named_tensors: NamedTensors, version: int,
                                        master_address: str = "127.0.0.1", master_port: Optional[int] = None
@@ -370,9 +375,13 @@ class FleetEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-client", daemon=True)
         self._thread.start()
+        # weight updates and fleet changes are serialized: a server joins only once it holds the current weights
+        self._sync_lock = threading.RLock()
+        self._snapshot: Optional[tuple[Path, int]] = None  # the weights every serving member holds
         self.watcher = None
         if discovery_file:
-            self.watcher = DiscoveryWatcher(discovery_file, self.router, self.client.set_servers).start()
+            self.watcher = DiscoveryWatcher(discovery_file, self.router, self.client.set_servers,
+                                            prepare=self._prepare_members, lock=self._sync_lock).start()
 
     @classmethod
     def from_config(cls, rc, hf_config: Optional[Mapping[str, Any]] = None, sync_dir: Optional[str] = None,
@@ -403,8 +412,24 @@ class FleetEngine:
 
         if self.sync_dir is None:
             raise ValueError("FleetEngine.load_weights needs sync_dir (rollout.weight_sync_dir)")
-        path = write_snapshot(named_tensors, self.sync_dir, version, hf_config=self.hf_config)
-        return self._call(self.client.update_weights_from_snapshot(path, version, self.skip_unreachable))
+        with self._sync_lock:
+            path = write_snapshot(named_tensors, self.sync_dir, version, hf_config=self.hf_config)
+            report = self._call(self.client.update_weights_from_snapshot(path, version, self.skip_unreachable))
+            self._snapshot = (path, int(version))
+            return report
+
+    def _prepare_members(self, added: list[str]) -> list[str]:
+        """Discovery callback: load the current snapshot on newly listed servers before they get traffic
+        (a replacement member starts from its launch weights); returns those that took it."""
+        if self._snapshot is None:  # no weights pushed yet: the first load_weights reaches them with the rest
+            return added
+        path, version = self._snapshot
+        report = self._call(self.client.push_snapshot(path, version, added))
+        for url, status in report.items():
+            if status != "ok":
+                log.warning("new server %s did not load weight version %d (%s); retrying at the next poll",
+                            url, version, status)
+        return [u for u in added if report[u] == "ok"]
 
     def close(self) -> None:
         if self.watcher:

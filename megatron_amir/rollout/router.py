@@ -9,6 +9,7 @@ written by fleet jobs, e.g. ``megatron-amir serve --register FILE``) through the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import httpx
 
@@ -190,8 +191,13 @@ class DiscoveryWatcher:
     (the fleet client's fan-out list). Runs in a daemon thread; ``check()`` does one poll synchronously."""
 
     def __init__(self, path: str | Path, router: Optional[VllmRouter] = None,
-                 on_change: Optional[Callable[[list[str]], None]] = None, interval_s: float = 1.0):
+                 on_change: Optional[Callable[[list[str]], None]] = None, interval_s: float = 1.0,
+                 prepare: Optional[Callable[[list[str]], list[str]]] = None, lock: Optional[Any] = None):
+        """``prepare(added) -> ready``: called with newly listed servers before any traffic can reach them (the
+        fleet engine loads the current weights there); servers it does not return are retried at the next poll.
+        ``lock``: held while a change is prepared and applied (the fleet engine's weight-update lock)."""
         self.path, self.router, self.on_change, self.interval_s = Path(path), router, on_change, interval_s
+        self.prepare, self.lock = prepare, lock
         self._last: Optional[list[str]] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -205,12 +211,21 @@ class DiscoveryWatcher:
             return False
         if urls == self._last:
             return False
-        if self.router is not None:
-            added, removed = self.router.sync_workers(urls)
-            log.info("discovery: added %s removed %s", added, removed)
-        if self.on_change is not None:
-            self.on_change(list(urls))
-        self._last = urls
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            added = [u for u in urls if u not in (self._last or [])]
+            if self.prepare is not None and added:
+                ready = set(self.prepare(added))
+                if ready != set(added):
+                    log.warning("discovery: not adding %s yet (not ready)", [u for u in added if u not in ready])
+                urls = [u for u in urls if u not in added or u in ready]
+            if urls == self._last:
+                return False
+            if self.router is not None:
+                added, removed = self.router.sync_workers(urls)
+                log.info("discovery: added %s removed %s", added, removed)
+            if self.on_change is not None:
+                self.on_change(list(urls))
+            self._last = urls
         return True
 
     def start(self) -> "DiscoveryWatcher":
