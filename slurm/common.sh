@@ -207,10 +207,12 @@ amir_stop_fleet() {
 #                               with --gpus-per-task)
 #   MEGATRON_AMIR_WEIGHT_SYNC_DIR  embedded: the only directory weight updates may be loaded from
 #   MEGATRON_AMIR_TOKEN         bearer token for weight updates (both servers and trainer read it)
+#   MEGATRON_AMIR_LOGPROBS_MODE the servers' --logprobs-mode (default processed_logprobs, the trainer's
+#                               rollout.logprobs_mode default; stock vLLM would otherwise report raw_logprobs)
 #   MEGATRON_AMIR_SERVE_ARGS    extra server arguments, word-split
 #   MEGATRON_AMIR_FLEET_CMD     the whole server command instead (word-split; must contain {port})
 amir_fleet_cmd() {
-  local src=$1 extra=()
+  local src=$1 extra=() mode=${MEGATRON_AMIR_LOGPROBS_MODE:-processed_logprobs}
   if [ -n "${MEGATRON_AMIR_SERVE_ARGS:-}" ]; then read -r -a extra <<< "$MEGATRON_AMIR_SERVE_ARGS"; fi
   if [ -n "${MEGATRON_AMIR_FLEET_CMD:-}" ]; then
     read -r -a AMIR_FLEET_CMD <<< "$MEGATRON_AMIR_FLEET_CMD"
@@ -219,12 +221,12 @@ amir_fleet_cmd() {
   case "${MEGATRON_AMIR_FLEET_ENGINE:-vllm}" in
     vllm)
       AMIR_FLEET_CMD=(vllm serve "$src" --host 0.0.0.0 --port "{port}"
-        --tensor-parallel-size "${MEGATRON_AMIR_VLLM_TP:-1}" "${extra[@]}") ;;
+        --tensor-parallel-size "${MEGATRON_AMIR_VLLM_TP:-1}" --logprobs-mode "$mode" "${extra[@]}") ;;
     embedded)
       local what=--snapshot
       if [ -f "$src/config.json" ]; then what=--model; fi
       AMIR_FLEET_CMD=("$AMIR_PY" -m megatron_amir.rollout.server "$what" "$src" --host 0.0.0.0 --port "{port}"
-        --threads "${OMP_NUM_THREADS:-1}")
+        --threads "${OMP_NUM_THREADS:-1}" --logprobs-mode "$mode")
       if [ -n "${MEGATRON_AMIR_WEIGHT_SYNC_DIR:-}" ]; then
         AMIR_FLEET_CMD+=(--weights-root "$MEGATRON_AMIR_WEIGHT_SYNC_DIR")
       fi

@@ -156,7 +156,8 @@ def test_eval_remote_engine_pushes_the_model_to_the_fleet(model_dir, bench, tmp_
         assert rc == 2 and "--weights-dir" in capsys.readouterr().err
         monkeypatch.setenv("MEGATRON_AMIR_TOKEN", token)
         assert _eval(model_dir, bench, tmp_path / "remote", "--engine", "remote", "--servers", url,
-                     "--weights-dir", str(weights), *greedy) == 0, capsys.readouterr().err
+                     "--weights-dir", str(weights), "--logprobs-mode", "processed_logprobs", *greedy) == 0, \
+            capsys.readouterr().err
         assert _eval(model_dir, bench, tmp_path / "local", *greedy) == 0
     finally:
         server.terminate()
@@ -166,3 +167,5 @@ def test_eval_remote_engine_pushes_the_model_to_the_fleet(model_dir, bench, tmp_
     assert [r.correct for r in remote] == [r.correct for r in local]
     extra = json.loads((tmp_path / "remote" / "summary.json").read_text())["extra"]
     assert extra["engine"] == "remote" and extra["servers"] == [url]
+    # the server runs --logprobs-mode raw_logprobs: that is what its log-probs are, whatever eval asked for
+    assert extra["logprobs_mode"] == "raw_logprobs"

@@ -59,14 +59,16 @@ def test_greedy_equals_transformers_generate():
 
 
 def _filter_ref(row, k, p):
-    """Loop reference: keep the k largest, then the shortest most-likely prefix with mass >= p."""
+    """Loop reference: keep every token at least as likely as the k-th largest (ties kept), then the shortest
+    most-likely prefix with mass >= p (p = 1: all of them)."""
     V = len(row)
     order = sorted(range(V), key=lambda j: -row[j])
-    kept = order[:k]
+    kth = row[order[k - 1]]
+    kept = [j for j in order if row[j] >= kth]
     z = sum(math.exp(row[j]) for j in kept)
     out, mass = set(), 0.0
     for j in kept:
-        if mass >= p:
+        if mass >= p and p < 1:
             break
         out.add(j)
         mass += math.exp(row[j]) / z
@@ -83,6 +85,18 @@ def test_filter_logits_against_loop_reference():
         kept = set(torch.isfinite(f[b]).nonzero().squeeze(1).tolist())
         assert kept == _filter_ref(logits[b].tolist(), int(top_k[b]), float(top_p[b])), b
         assert torch.equal(f[b][list(kept)], logits[b][list(kept)])
+
+
+def test_filter_logits_keeps_ties_and_top_p_one():
+    """Ties with the k-th logit stay (vLLM / HF semantics); a top_p = 1 row drops nothing even when its float32
+    cumulative mass reaches 1.0 before the tail (another row of the batch forces the filtering path)."""
+    ties = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0]])
+    kept = torch.isfinite(filter_logits(ties, torch.tensor([2]), torch.tensor([1.0]))).tolist()
+    assert kept == [[True, True, True, False, False]]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 512, generator=g) * 8  # peaked: the tail's float32 mass underflows the cumulative sum
+    f = filter_logits(logits, torch.tensor([512, 5]), torch.tensor([1.0, 0.9]))
+    assert bool(torch.isfinite(f[0]).all()) and int(torch.isfinite(f[1]).sum()) <= 5
 
 
 def test_processed_logprobs_include_top_k_renormalization():

@@ -72,7 +72,7 @@ def test_file_weight_update_version_and_rejections(served):
     r = c.post("/update_weights", json={"update_info": {"path": str(snap), "version": 11}}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert c.post("/finish_weight_update", headers=AUTH).status_code == 200
-    assert c.get("/weight_info").json() == {"weight_version": "11"}
+    assert c.get("/weight_info").json() == {"weight_version": "11", "logprobs_mode": "processed_logprobs"}
     out = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0,
                                           "return_token_ids": True}).json()
     ids = torch.tensor([[5, 6, 7]])
@@ -91,7 +91,7 @@ def test_file_weight_update_version_and_rejections(served):
     r = c.post("/update_weights", json={"update_info": {"names": ["x"], "dtype_names": ["float32"], "shapes": [[1]]}},
                headers=AUTH)
     assert r.status_code == 400 and "init_weight_transfer_engine" in r.json()["error"]["message"]
-    assert c.get("/weight_info").json() == {"weight_version": "11"}
+    assert c.get("/weight_info").json() == {"weight_version": "11", "logprobs_mode": "processed_logprobs"}
     assert c.post("/update_weight_version", json={"new_version": "12"}, headers=AUTH).json() == \
         {"success": True, "new_version": "12"}
     assert c.post("/update_weight_version", json={"weight_version": "1"}, headers=AUTH).status_code == 400

@@ -397,6 +397,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (loading.EvalSetupError, ValueError, FileNotFoundError) as exc:
         print(f"megatron-amir eval: {exc}", file=sys.stderr)
         return 2
+    if setup.meta.get("logprobs_mode", args.logprobs_mode) != args.logprobs_mode:
+        log.warning("--logprobs-mode %s does not apply to --engine remote: the servers report %s (recorded)",
+                    args.logprobs_mode, setup.meta["logprobs_mode"])
     try:
         summary = evaluate(
             setup.engine, setup.tokenizer, setup.problems, setup.reward_fn, args.samples, setup.sampling_params,

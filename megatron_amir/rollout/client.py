@@ -326,11 +326,13 @@ class FleetClient:
         self.weight_version = int(version)
         return {u: "ok" for u in servers}
 
-    async def weight_versions(self) -> dict[str, Optional[str]]:
+    async def weight_versions(self, key: str = "weight_version") -> dict[str, Optional[str]]:
+        """``key`` of every server's ``/weight_info`` (None where a server lacks it: stock ``vllm serve`` has no
+        ``logprobs_mode`` there)."""
         async def one(url: str) -> Optional[str]:
             try:
                 r = await self.http().get(f"{url}/weight_info", timeout=10)
-                return r.json().get("weight_version") if r.status_code == 200 else None
+                return r.json().get(key) if r.status_code == 200 else None
             except httpx.HTTPError:
                 return None
 

@@ -39,20 +39,21 @@ from megatron_amir.rollout.hf_model import CausalLM
 def filter_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-k then top-p filtering of temperature-scaled logits [B, V]; filtered entries become -inf.
 
-    top_k[b] in 1..V (V = off): keep the k largest. top_p[b] in (0, 1]: after top-k, keep the smallest
-    prefix of tokens sorted by probability whose mass reaches top_p, i.e. drop token j when the mass of
-    the tokens strictly before it is already >= top_p (the most likely token is always kept).
+    top_k[b] in 1..V (V = off): keep the tokens whose logit is at least the k-th largest (ties with the k-th
+    are kept, as vLLM and HF do). top_p[b] in (0, 1]: after top-k, keep the smallest prefix of tokens sorted by
+    probability whose mass reaches top_p, i.e. drop token j when the mass of the tokens strictly before it is
+    already >= top_p (the most likely token is always kept); top_p = 1 drops nothing (a float32 cumulative sum
+    can reach 1.0 before the tail).
     """
     V = scaled.shape[-1]
     if bool((top_k >= V).all()) and bool((top_p >= 1).all()):
         return scaled
     sorted_vals, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(V, device=scaled.device)
-    drop = rank[None, :] >= top_k[:, None]
-    sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
+    kth = sorted_vals.gather(1, (top_k.clamp(min=1, max=V) - 1)[:, None])
+    sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
     probs = sorted_vals.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop = mass_before >= top_p[:, None]
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop[:, 0] = False
     sorted_vals = sorted_vals.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, order, sorted_vals)

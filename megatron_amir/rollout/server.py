@@ -321,7 +321,8 @@ def create_app(
 
     @app.get("/weight_info")
     async def weight_info():
-        return {"weight_version": str(engine.version)}
+        # logprobs_mode: which distribution the reported log-probs are under (clients record it with results)
+        return {"weight_version": str(engine.version), "logprobs_mode": engine.logprobs_mode}
 
     @app.get("/is_paused")
     async def is_paused():
