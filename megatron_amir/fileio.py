@@ -7,12 +7,30 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # reading it does not change it (os.umask would, process-wide)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def publish_mode(path: str | os.PathLike, *, directory: bool) -> None:
+    """Give a file or directory made by ``tempfile`` (private: 0600 / 0700) the mode a plain ``open`` /
+    ``mkdir`` would give it, so jobs of other users or groups on a shared cluster can read what we publish."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to a temp file beside ``path`` (fsynced), then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        publish_mode(tmp, directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if fsync:

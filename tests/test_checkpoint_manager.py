@@ -81,3 +81,36 @@ def test_meta_roundtrip(tmp_path):
     mgr = CheckpointManager(tmp_path)
     ck = mgr.save(5, _writer(b"z"), {"step": 5, "lambda": 0.02, "cursor": {"epoch": 1, "pos": 3}})
     assert json.loads((ck / "meta.json").read_text())["cursor"] == {"epoch": 1, "pos": 3}
+
+
+def test_resume_from_an_older_step_abandons_the_newer_ones(tmp_path):
+    """After checkpoint.resume=<step 20> in a directory holding steps 30 and 40, saving step 25 keeps step 25
+    (it is the newest now) and removes 30 and 40, which would otherwise win the next automatic resume."""
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30, 40):
+        mgr.save(step, _writer(bytes([step]) * 10), {"step": step})
+    mgr.save(25, _writer(b"x" * 10), {"step": 25})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000025"]
+    assert mgr.latest_good().name == "step_00000025"
+    mgr.save(25, _writer(b"y" * 10), {"step": 25})  # re-saving a step replaces it
+    assert (mgr.latest_good() / "model" / "weights.bin").read_bytes() == b"y" * 10
+    assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_published_files_are_readable_by_others(tmp_path):
+    """Checkpoints and atomically written files get the umask's mode, not tempfile's private 0600 / 0700."""
+    from megatron_amir.fileio import atomic_write_text, publish_mode
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+        assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
+        d = tmp_path / "d"
+        d.mkdir(mode=0o700)
+        publish_mode(d, directory=True)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+        mgr = CheckpointManager(tmp_path / "ck", keep_last=1)
+        mgr.save(1, _writer(b"z"), {"step": 1})
+        assert stat.S_IMODE((tmp_path / "ck" / "latest").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from megatron_amir.fileio import atomic_write_bytes
+from megatron_amir.fileio import atomic_write_bytes, publish_mode
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer", "demo_tokenizer",
            "DEMO_SPECIAL_TOKENS"]
@@ -222,6 +222,7 @@ def demo_tokenizer(cache_dir: str | os.PathLike, texts: Sequence[str], vocab_siz
     tok = SentencePieceTokenizer(proto, {"cache_key": key, "requested_vocab_size": vocab_size,
                                          "model_type": model_type, "num_texts": len(corpus)})
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".spm-{key}."))
+    publish_mode(tmp, directory=True)
     try:
         tok.save(tmp)
         try:
@@ -269,6 +270,7 @@ class HFTokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=d, prefix=".tokenizer."))
+        publish_mode(tmp, directory=True)
         try:
             self.hf.save_pretrained(str(tmp))
             for f in tmp.iterdir():  # each file lands atomically

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from megatron_amir.fileio import publish_mode
+
 
 def _pyplot():
     import matplotlib
@@ -35,6 +37,7 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    publish_mode(tmp, directory=False)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")

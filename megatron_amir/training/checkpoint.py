@@ -13,7 +13,8 @@ Layout under ``checkpoint.dir``::
                               --init-from checkpoint holds them; every meta.json records where the reference lives
 
 A save goes to ``.tmp-step_XXXXXXXX`` first, is fsynced, then renamed; ``latest`` is replaced only after the
-rename. A crash at any point leaves the previous checkpoint as ``latest``. On load the manifest is verified and
+rename. Saving step N removes any step after N: those belong to a run that was resumed from an older
+checkpoint (left in place they would win the next automatic resume). A crash at any point leaves the previous checkpoint as ``latest``. On load the manifest is verified and
 a corrupt or partial checkpoint is skipped (with a warning) in favour of the newest older good one.
 """
 
@@ -127,19 +128,28 @@ class CheckpointManager:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # re-saving the same step (e.g. after a resume): move the old copy aside first,
+                old = self.root / f".old-{final.name}-{os.getpid()}"  # so a crash never leaves the step missing
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             fsync_path(self.root)
             atomic_write_text(self.root / LATEST, final.name + "\n")
             fsync_path(self.root)
-            self._prune()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune(step)
         self.barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, current: int) -> None:
+        """Delete steps after ``current`` (a run resumed from an older checkpoint abandons them: left in place,
+        they would outrank the new ones), then all but the newest ``keep_last`` (``current`` is the newest)."""
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
+        newer = [p for p in steps if p.name > step_dir_name(current)]
+        steps = [p for p in steps if p.name <= step_dir_name(current)]
+        for old in newer + steps[: max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load

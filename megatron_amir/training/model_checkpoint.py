@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_amir.fileio import publish_mode
+
 FORMAT = "megatron-amir/policy-v1"
 
 
@@ -70,6 +72,7 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
+            publish_mode(tmp, directory=True)
     tmp = _broadcast_str(tmp)
     if tmp.startswith("error:"):
         raise FileExistsError(tmp[len("error:"):])
