@@ -114,6 +114,8 @@ def hf_config_from_model_config(
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+        if rope.get("rope_type", rope.get("type")) == "llama3":  # the values Megatron uses when not given
+            rope = {**_MCORE_LLAMA3_FIXED, "factor": 8.0, **rope}
     keys = dict(
         vocab_size=vocab_size or cfg.vocab_size,
         hidden_size=cfg.hidden_size,

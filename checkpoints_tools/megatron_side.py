@@ -182,8 +182,10 @@ def read_meta(ckpt_dir: Path) -> dict:
         model = (data.get("config") or {}).get("model")
         if model is None:
             raise ValueError(f"{trainer_meta} has no config.model section; cannot tell the architecture")
-        return {"model": model, "original_vocab_size": data.get("original_vocab_size", model["vocab_size"]),
-                "hf_config": data.get("hf_config"), "source": {"trainer_checkpoint": str(ckpt_dir)}}
+        # the tokenizer's vocabulary (padding rows beyond it are dropped on export): recorded by the trainer
+        vocab = data.get("original_vocab_size") or model.get("real_vocab_size") or model["vocab_size"]
+        return {"model": model, "original_vocab_size": int(vocab), "hf_config": data.get("hf_config"),
+                "source": {"trainer_checkpoint": str(ckpt_dir)}}
     raise FileNotFoundError(f"{ckpt_dir} holds neither {META_NAME} (converted model) nor meta.json (trainer step)")
 
 

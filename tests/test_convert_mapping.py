@@ -322,3 +322,18 @@ def test_torch_dist_writer_reads_back_with_dcp(tmp_path, monkeypatch, kernel_cop
     with pytest.raises(MappingError, match="no bytes for 'x'"):
         writer.close()
     assert not (tmp_path / "bad" / ".metadata").exists()  # the caller removes the directory
+
+
+def test_short_llama3_rope_scaling_exports_megatron_values():
+    """A config giving only {rope_type: llama3, factor} (the model builder fills in Megatron's fixed 1/4/8192)
+    exports those values, so transformers builds the same rotary embedding instead of rejecting the config."""
+    import transformers
+
+    cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=32, ffn_hidden_size=64, num_layers=1,
+                      num_attention_heads=2, num_kv_heads=1, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 16.0})
+    hf = hf_config_from_model_config(cfg)
+    assert hf["rope_parameters"] == {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                     "rope_theta": 500000.0}
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))  # accepted and built
