@@ -46,7 +46,9 @@ class ModelConfig(_Section):
     qkv_bias: Optional[bool] = None  # default: True for qwen2, False otherwise
     qk_norm: Optional[bool] = None  # default: True for qwen3, False otherwise
     init_method_std: float = Field(0.02, gt=0)
-    # where weights come from: none = random init, or an HF directory / a megatron-amir checkpoint
+    # where the starting weights come from (ignored when resuming): hf_path = a Hugging Face model directory,
+    # converted once into <checkpoint.dir>/init; load = a megatron-amir checkpoint (as --init-from, which wins);
+    # neither = random init. The section must describe that model (checked field by field at start).
     hf_path: Optional[str] = None
     load: Optional[str] = None
     tokenizer: Optional[str] = None  # HF tokenizer dir; None = the tokenizer of the data section

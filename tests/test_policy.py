@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -173,6 +175,9 @@ def test_frozen_copy_loads_a_saved_policy(policy, tmp_path):
     tokens, mask, rewards, gids = batch()
     saved = policy.compute_logprobs(tokens)
     policy.save(tmp_path / "start", save_optimizer=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "start").stat().st_mode & 0o777 == 0o777 & ~umask  # not tempfile's private 0700
     policy.train_step(tokens, prepared_for(policy.cfg, saved, mask, rewards, gids))
     frozen = policy.frozen_copy()
     assert not torch.equal(frozen.compute_logprobs(tokens), saved)
@@ -209,3 +214,36 @@ def test_full_hf_state_dict_through_converter_mapping(policy):
     # SwiGLU fc1 = [gate; up] in Megatron, two HF matrices
     fc1 = full["decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(torch.cat([hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]]), fc1)
+
+
+def test_fp16_overflow_goes_to_the_loss_scaler():
+    """fp16: an overflowing update is skipped by Megatron's dynamic loss scaler, which lowers the scale until
+    updates succeed (our own non-finite check must not pre-empt it, or the scale would stay at 2^32)."""
+    from megatron_amir.training.policy import Policy
+
+    cfg = make_cfg()
+    cfg = Config(**{**cfg.model_dump(), "model": {**cfg.model.model_dump(), "params_dtype": "fp16"}})
+    p = Policy(cfg)
+    tokens, mask, rewards, gids = batch()
+    first_scale, outs = float(p.optimizer.get_loss_scale()), []
+    for _ in range(40):
+        out = p.train_step(tokens, prepared_for(cfg, p.compute_logprobs(tokens), mask, rewards, gids))
+        outs.append(out)
+        if out["update_successful"]:
+            break
+    assert outs[0]["loss_scale_overflow"] == 1.0 and outs[-1]["update_successful"] == 1.0
+    assert outs[-1]["loss_scale"] < first_scale
+
+
+def test_lr_schedule_counts_optimizer_updates():
+    """train.steps / lr_warmup_steps are RL steps; with k updates per RL step the schedule spans k x steps
+    updates, and the logged lr is the rate the update used."""
+    from megatron_amir.training.policy import Policy
+
+    cfg = make_cfg(steps=2, lr_warmup_steps=1, lr_decay_style="linear", lr=1e-3)
+    p = Policy(cfg, updates_per_step=2)
+    tokens, mask, rewards, gids = batch()
+    lrs = [p.train_step(tokens, prepared_for(cfg, p.compute_logprobs(tokens), mask, rewards, gids))["lr"]
+           for _ in range(4)]
+    # warm-up over 2 updates (0, 5e-4), then linear decay over the other 2 (1e-3, 5e-4)
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])

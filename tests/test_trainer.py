@@ -87,6 +87,12 @@ def test_train_metrics_checkpoint_and_exact_resume_after_sigkill(tmp_path):
     a = _export(straight / "ckpt" / "step_00000006", tmp_path / "hf_a")
     b = _export(resumed / "ckpt" / "step_00000006", tmp_path / "hf_b")
     assert a.keys() == b.keys()
+    # the export of a step directory has the tokenizer's vocabulary (no padding rows) and its token ids
+    meta = json.loads((straight / "ckpt" / "step_00000006" / "meta.json").read_text())
+    real = meta["config"]["model"]["real_vocab_size"]
+    hf_cfg = json.loads((tmp_path / "hf_a" / "config.json").read_text())
+    assert real < meta["config"]["model"]["vocab_size"] and a["model.embed_tokens.weight"].shape[0] == real
+    assert hf_cfg["vocab_size"] == real and hf_cfg["eos_token_id"] == meta["hf_config"]["eos_token_id"] is not None
     for k in a:
         assert a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()), k  # bit-identical
 
@@ -215,3 +221,104 @@ def test_resume_keeps_the_starting_weights_as_reference(tmp_path):
                    check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
     meta = json.loads((other / "ckpt" / "step_00000004" / "meta.json").read_text())
     assert meta["reference"]["path"] == str((straight / "ckpt" / "reference").resolve())
+
+
+def test_minibatch_layout_needs_whole_groups_per_rank():
+    from megatron_amir.training.trainer import _check_minibatch_layout
+
+    _check_minibatch_layout(16, 2, 4)  # 8 rows = 2 whole groups per rank
+    _check_minibatch_layout(4, 1, 4)
+    with pytest.raises(ValueError, match=r"global_batch_size=4 must be a multiple of data-parallel size 2 x "
+                                         r"rollout.group_size 4 = 8"):
+        _check_minibatch_layout(4, 2, 4)  # each rank would train half a group per optimizer step
+    with pytest.raises(ValueError, match="global_batch_size=2"):
+        _check_minibatch_layout(2, 4, 1)  # fewer rows than ranks
+
+
+@pytest.mark.slow
+def test_hf_path_is_converted_once_and_used_as_the_starting_weights(tmp_path):
+    """``model.hf_path`` (as the shipped configs use it): the HF model is converted into <checkpoint.dir>/init on
+    first use and the run starts from it (lr 0: the step-1 checkpoint exports back to the same tensors); a
+    model section that does not describe that checkpoint stops the run with the differing fields."""
+    import transformers
+    from safetensors.torch import load_file
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch_mod = __import__("torch")
+    torch_mod.manual_seed(0)
+    hf_dir = tmp_path / "hf_model"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf_dir)
+    want = {}
+    for f in hf_dir.glob("*.safetensors"):
+        want.update(load_file(f))
+    run = tmp_path / "run"
+    subprocess.run(_cmd(run, f"model.hf_path={hf_dir}", "train.steps=1", "train.lr=0"), check=True, env=_env(),
+                   cwd=ROOT, timeout=600, capture_output=True)
+    assert (run / "ckpt" / "init" / "megatron_amir_model.json").is_file()
+    got = _export(run / "ckpt" / "step_00000001", tmp_path / "out")
+    real = got["model.embed_tokens.weight"].shape[0]
+    for k, v in got.items():
+        w = want[k][:real] if k in ("model.embed_tokens.weight", "lm_head.weight") else want[k]
+        assert torch_mod.equal(v, w), k
+    out = subprocess.run(_cmd(tmp_path / "run2", f"model.hf_path={hf_dir}", "model.rope_theta=500000",
+                              "train.steps=1"), env=_env(), cwd=ROOT, timeout=600, capture_output=True, text=True)
+    assert out.returncode != 0 and "rope_theta: config 500000.0, checkpoint 10000.0" in out.stderr
+
+
+def test_skipped_update_leaves_lambda_where_it_was(monkeypatch):
+    """prepare_batch moves λ for the update it prepares; when that update is skipped (non-finite gradient,
+    fp16 overflow) the trainer puts λ and its step count back. Real Trainer.train_step, fake one-rank policy."""
+    import types
+
+    import torch
+
+    from megatron_amir.algorithms import AmirState
+    from megatron_amir.config import Config
+    from megatron_amir.training import trainer as tr_mod
+    from megatron_amir.training.policy import Policy
+    from megatron_amir.training.rollout_batch import RolloutBatch
+
+    P, G, T = 2, 4, 6
+    n = P * G
+    mask = torch.zeros(n, T)
+    for i in range(n):
+        mask[i, 1 : 2 + i % (T - 1)] = 1
+    rewards = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.float64)
+    batch = RolloutBatch(tokens=torch.randint(0, 50, (n, T + 1), generator=torch.Generator().manual_seed(0)),
+                         response_mask=mask, rollout_logp=torch.zeros(n, T), rewards=rewards, correct=rewards > 0.5,
+                         group_ids=torch.arange(n) // G, response_len=mask.sum(-1).long(),
+                         truncated=torch.zeros(n, dtype=torch.bool), weight_version=torch.zeros(n, dtype=torch.long))
+
+    class FakePolicy:
+        info, dp_size, dp_group = types.SimpleNamespace(dp_size=1, dp_rank=0), 1, None
+        data_parallel_rows = Policy.data_parallel_rows
+
+        def __init__(self, ok):
+            self.ok = ok
+
+        def compute_logprobs(self, tokens, temperature=1.0, **kw):
+            return torch.full((tokens.shape[0], tokens.shape[1] - 1), -1.0)
+
+        def train_step(self, tokens, prepared, temperature=1.0):
+            return {"loss": 0.1, "grad_norm": 1.0 if self.ok else float("nan"), "update_successful": float(self.ok)}
+
+        def full_hf_state_dict(self, vocab_size=None):
+            return None
+
+    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=P), rollout=dict(group_size=G),
+                 algorithm=dict(amir=dict(lambda_init=0.01)), train=dict(micro_batch_size=4))
+    monkeypatch.setattr(tr_mod, "broadcast_rollout_batch", lambda b: batch)
+    lams = []
+    for ok in (False, True):
+        t = tr_mod.Trainer.__new__(tr_mod.Trainer)
+        t.cfg, t.rank, t.step, t.weight_version, t._nonfinite_in_a_row = cfg, 0, 0, 0, 0
+        t.policy, t.ref_policy, t.amir_state = FakePolicy(ok), None, AmirState.from_config(cfg.algorithm.amir)
+        t.engine = types.SimpleNamespace(load_weights=lambda *a: None)
+        t.collect_rollouts = lambda: (batch, {})
+        t._hf_weights = lambda: None
+        t.train_step()
+        lams.append((t.amir_state.lam, t.amir_state.step))
+    assert lams[0] == (0.01, 0)  # skipped: as before the step
+    assert lams[1][1] == 1 and lams[1][0] != 0.01  # applied: the adaptive rule moved λ once

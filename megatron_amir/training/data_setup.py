@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from megatron_amir.config import Config
 
@@ -73,8 +73,16 @@ def bind_vocab(cfg: Config, tokenizer) -> None:
                          f"vocabulary ({n})")
 
 
-def rollout_hf_config(cfg: Config) -> dict:
-    """HF config.json of the model the rollout engine runs: the real vocabulary, padding rows dropped."""
+def rollout_hf_config(cfg: Config, tokenizer: Any = None, base: Optional[dict] = None) -> dict:
+    """HF config.json of the model the rollout engine runs (and an export writes): the real vocabulary,
+    padding rows dropped. ``base``: the source model's config.json, whose non-architecture keys are kept;
+    token ids it lacks come from ``tokenizer``."""
     from checkpoints_tools import hf_config_from_model_config
 
-    return hf_config_from_model_config(cfg.model, vocab_size=cfg.model.real_vocab_size)
+    base = dict(base or {})
+    if tokenizer is not None:
+        for key, tid in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                         ("pad_token_id", tokenizer.pad_id)):
+            if base.get(key) is None and tid is not None:
+                base[key] = int(tid)
+    return hf_config_from_model_config(cfg.model, vocab_size=cfg.model.real_vocab_size, base=base)

@@ -72,7 +72,8 @@ def _unwrap(module):
 class Policy:
     """Megatron-Core policy for RL; see the module docstring."""
 
-    def __init__(self, cfg: Config, *, loss_fn: Optional[LossFn] = None, train: bool = True):
+    def __init__(self, cfg: Config, *, loss_fn: Optional[LossFn] = None, train: bool = True,
+                 updates_per_step: int = 1):
         apply_cpu_compat()
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -134,10 +135,13 @@ class Policy:
             )
             self.optimizer = get_megatron_optimizer(opt_cfg, self.model)
             self.config.grad_scale_func = self.optimizer.scale_loss
-            decay_steps = max(t.steps, t.lr_warmup_steps + 1)
+            # train.steps and lr_warmup_steps count RL steps; the schedule advances once per optimizer update
+            # (updates_per_step = ppo_epochs x minibatches per rollout batch), so it is sized in updates
+            warmup = t.lr_warmup_steps * updates_per_step
+            decay_steps = max(t.steps * updates_per_step, warmup + 1)
             self.scheduler = OptimizerParamScheduler(
                 self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-                lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=decay_steps,
+                lr_warmup_steps=warmup, lr_decay_steps=decay_steps,
                 lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
                 wd_incr_steps=decay_steps, wd_incr_style="constant",
             )
@@ -356,7 +360,13 @@ class Policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._forward_backward(tokens, self.cfg.train.micro_batch_size, loss_func_for, forward_only=False)
-        if self._grads_finite():
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this update uses (the schedule moves after it)
+        overflow = False
+        if self.config.fp16:
+            # fp16's dynamic loss scaler must see the overflow itself (it then lowers the scale and skips the update)
+            update_successful, grad_norm, _ = self.optimizer.step()
+            overflow = not update_successful
+        elif self._grads_finite():
             update_successful, grad_norm, _ = self.optimizer.step()
         else:
             # the fp32 and bf16 Megatron optimizers have no inf/nan check (only fp16's loss scaler does): a
@@ -367,7 +377,12 @@ class Policy:
         if update_successful:  # as Megatron's training loop: a skipped update does not advance the LR schedule
             self.scheduler.step(increment=1)
         self.num_steps += 1
-        return self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
+        out = self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
+        out["lr"] = lr
+        if self.config.fp16:
+            out["loss_scale"] = float(self.optimizer.get_loss_scale())
+            out["loss_scale_overflow"] = float(overflow)
+        return out
 
     def _grads_finite(self) -> bool:
         """True when every gradient of every rank is finite (collective: all ranks agree on skipping)."""

@@ -11,6 +11,7 @@ data-parallel rank trains on a contiguous slice of whole groups. Everything the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -82,7 +83,9 @@ class Trainer:
         # policy: Megatron-Core model chunks + DDP + optimizer + LR schedule
         from megatron_amir.training.policy import Policy
 
-        self.policy = Policy(cfg)
+        gbs = cfg.train.global_batch_size or cfg.rollout_batch_size
+        self.policy = Policy(cfg, updates_per_step=cfg.algorithm.ppo_epochs * (cfg.rollout_batch_size // gbs))
+        _check_minibatch_layout(gbs, self.policy.dp_size, cfg.rollout.group_size)
         # reference policy only when needed (KL on, or reference-anchored pairs)
         self.ref_policy = None
         self._needs_ref = cfg.algorithm.kl_coef > 0 or (
@@ -99,10 +102,23 @@ class Trainer:
                                      enabled=self.rank == 0)
         # resume (or initialize from a warm-up checkpoint), then the reference policy: the run's STARTING weights
         self.reference: Optional[dict] = None  # where those weights live; recorded in every checkpoint
+        self._hf_base: Optional[dict] = None  # the source model's HF config.json (token ids, ...), if known
         resumed = self._resume()
+        init_from = init_from or cfg.model.load
+        if not resumed and not init_from and cfg.model.hf_path:
+            init_from = self._convert_on_first_use(cfg.model.hf_path)
         if not resumed and init_from:
+            from checkpoints_tools.megatron_side import read_meta
+
+            init_meta = read_meta(Path(init_from))
+            check_same_architecture(cfg.model, init_meta["model"], init_from)
             log.info("initializing the policy from %s", init_from)
             self.policy.load(Path(init_from) / "model", load_optimizer=False)
+            self._hf_base = init_meta.get("hf_config")
+        # the HF config of these weights: the rollout engine runs it, and checkpoints record it for export
+        from megatron_amir.training.data_setup import rollout_hf_config
+
+        self.hf_config = rollout_hf_config(cfg, self.tokenizer, base=self._hf_base)
         if self._needs_ref:
             self.ref_policy = self._reference_policy(resumed, init_from)
         # rollout engine (colocated embedded engine or the remote fleet) with the current weights
@@ -114,9 +130,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ parts
     def _build_engine(self, weights: dict):
-        from megatron_amir.training.data_setup import rollout_hf_config
-
-        hf_config = rollout_hf_config(self.cfg)
+        hf_config = self.hf_config
         rc = self.cfg.rollout
         if rc.engine == "embedded":
             from megatron_amir.rollout.embedded import EmbeddedEngine
@@ -140,6 +154,35 @@ class Trainer:
     def _hf_weights(self):
         """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
         return self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
+
+    def _convert_on_first_use(self, hf_path: str) -> str:
+        """``model.hf_path``: convert the Hugging Face model once into ``<checkpoint.dir>/init`` (rank 0; reused
+        while it holds a conversion of the same directory) and start from it."""
+        from checkpoints_tools.hf_to_mcore import hf_to_mcore
+        from checkpoints_tools.megatron_side import META_NAME
+        from megatron_amir.training.model_checkpoint import _broadcast_str
+
+        target = Path(self.cfg.checkpoint.dir) / "init"
+        error = ""
+        if self.rank == 0:
+            try:
+                meta_file = target / META_NAME
+                done = meta_file.is_file() and json.loads(meta_file.read_text()).get("source", {}).get(
+                    "hf_dir") == str(Path(hf_path).absolute())
+                if not done:
+                    if target.exists():
+                        shutil.rmtree(target)
+                    log.info("converting model.hf_path %s -> %s (once)", hf_path, target)
+                    par = self.cfg.parallel
+                    hf_to_mcore(hf_path, target, tp=par.tensor_model_parallel_size,
+                                pp=par.pipeline_model_parallel_size, dtype=self.cfg.model.params_dtype)
+            except Exception as exc:  # noqa: BLE001 - every rank must stop with the same message
+                error = f"model.hf_path={hf_path}: {type(exc).__name__}: {exc}"
+        error = _broadcast_str(error) if self.world_size > 1 else error
+        if error:
+            raise ValueError(error)
+        self.policy.barrier()
+        return str(target)
 
     def _reference_policy(self, resumed: bool, init_from: Optional[str]):
         """The frozen reference policy π_ref = the weights this run started from, also after a resume.
@@ -237,6 +280,7 @@ class Trainer:
                 fresh = None
                 if epoch > 0 or start > 0:
                     fresh = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)[idx]
+                lam_before = self.amir_state.state_dict()  # prepare_batch moves λ for the update it prepares
                 prepared = prepare_batch(
                     rewards=batch.rewards[idx], group_ids=batch.group_ids[idx], response_mask=batch.response_mask[idx],
                     old_logp=old_logp[idx], cfg=cfg.algorithm, amir_state=self.amir_state,
@@ -246,6 +290,8 @@ class Trainer:
                     pair_metrics=True,  # GRPO runs measure the pair statistics too (lambda stays 0 there)
                 )
                 out = self.policy.train_step(batch.tokens[idx], prepared, temperature=cfg.rollout.temperature)
+                if not out.get("update_successful", 1.0):  # a skipped update (non-finite, fp16 overflow) never
+                    self.amir_state.load_state_dict(lam_before)  # happened: λ and its step count stay
                 self._check_finite(out)
                 updates.append({**{f"amir/{k}" if not k.startswith(("adv", "kl", "amir", "pg")) else k: v
                                    for k, v in prepared.metrics.items()}, **out})
@@ -347,8 +393,11 @@ class Trainer:
         ec = self.cfg.eval
         problems = self.test_problems[: ec.max_problems] if ec.max_problems else self.test_problems
         out_dir = Path(self.cfg.logging.dir) / "eval"
+        # the rollout engine's log-prob mode is what the results' margins are computed from: record it
         kw = dict(max_new_tokens=ec.max_new_tokens or self.cfg.rollout.max_new_tokens, seed=self.cfg.train.seed,
-                  batch_size=64, progress=self.cfg.logging.progress)
+                  batch_size=64, progress=self.cfg.logging.progress,
+                  meta={"logprobs_mode": self.cfg.rollout.logprobs_mode, "engine": self.cfg.rollout.engine,
+                        "step": self.step})
         summary = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=ec.samples,
                            temperature=ec.temperature, out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", **kw)
         metrics = {f"{tag}/{k}": v for k, v in summary.metrics().items()}
@@ -369,6 +418,10 @@ class Trainer:
             "world_size": self.world_size,
             "config": self.cfg.model_dump(mode="json"),
             "reference": self.reference,
+            # for mcore-to-hf on a step directory: the tokenizer's vocabulary (padding rows are dropped) and
+            # the HF config with its token ids
+            "original_vocab_size": int(self.cfg.model.real_vocab_size or self.cfg.model.vocab_size),
+            "hf_config": self.hf_config,
         }
 
         def write(d: Path) -> None:
@@ -395,6 +448,7 @@ class Trainer:
         self.amir_state.load_state_dict(meta["amir_state"])
         self.sampler.load_state_dict(meta["sampler"])
         self.reference = meta.get("reference")
+        self._hf_base = meta.get("hf_config")
         rng = ckpt / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file() and meta.get("world_size") == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=True))
@@ -420,6 +474,10 @@ class Trainer:
     def _check_finite(self, out: dict[str, float]) -> None:
         if all(math.isfinite(float(out.get(k, 0.0))) for k in ("loss", "grad_norm")):
             self._nonfinite_in_a_row = 0
+            return
+        if out.get("loss_scale_overflow") and math.isfinite(float(out.get("loss", 0.0))):
+            # fp16: the loss scaler found an overflow, skipped this update and lowered the scale (routine early on)
+            log.info("fp16 loss-scale overflow: update skipped, loss scale now %g", out.get("loss_scale", float("nan")))
             return
         self._nonfinite_in_a_row += 1
         log.error("non-finite loss or gradient at step %d (update skipped by the optimizer); %d in a row",
@@ -550,6 +608,34 @@ def _init_from_problem(path: Path) -> Optional[str]:
     return None
 
 
+_ARCH_FIELDS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                "num_kv_heads", "kv_channels", "rope_theta", "rope_scaling", "norm_eps", "tie_word_embeddings",
+                "use_qkv_bias", "use_qk_norm")
+
+
+def check_same_architecture(cfg_model: Any, ckpt_model: dict, source: str) -> None:
+    """The configured model must be the checkpoint's: a different rope_theta, eps, head size or tying loads
+    without a shape error and silently changes every logit."""
+    from megatron_amir.config import ModelConfig
+
+    ckpt = ModelConfig(**{k: v for k, v in ckpt_model.items() if k in ModelConfig.model_fields})
+    diff = [f"{k}: config {getattr(cfg_model, k)!r}, checkpoint {getattr(ckpt, k)!r}" for k in _ARCH_FIELDS
+            if (getattr(cfg_model, k) or None) != (getattr(ckpt, k) or None)]
+    if diff:
+        raise ValueError(f"the model section does not describe the checkpoint {source}: " + "; ".join(diff)
+                         + " (copy these values from the checkpoint's megatron_amir_model.json / meta.json)")
+
+
+def _check_minibatch_layout(global_batch: int, dp: int, group_size: int) -> None:
+    """Each rank trains ``global_batch / dp`` rows per optimizer step; they must be whole groups, or the
+    advantages, zero-variance flags and pairs of a split group would be computed on its halves."""
+    if global_batch % (dp * group_size):
+        raise ValueError(
+            f"train.global_batch_size={global_batch} must be a multiple of data-parallel size {dp} x "
+            f"rollout.group_size {group_size} = {dp * group_size}: each rank's share of an optimizer step must be "
+            "whole groups (advantages and AMIR pairs are computed per group)")
+
+
 def main(argv: list[str]) -> int:
     """``megatron-amir train CONFIG [key=value ...] [--init-from CKPT]``."""
     import argparse
@@ -564,10 +650,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-at-end", action="store_true", help="evaluate the final weights (tag 'final')")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)  # bad configs fail here, before any work
-    if a.init_from:  # and so does a wrong --init-from (not after minutes of model building)
-        problem = _init_from_problem(Path(a.init_from))
+    init_from = a.init_from or cfg.model.load
+    if init_from:  # and so does a wrong --init-from / model.load (not after minutes of model building)
+        problem = _init_from_problem(Path(init_from))
         if problem:
-            print(f"megatron-amir train: --init-from {a.init_from}: {problem}", file=sys.stderr)
+            print(f"megatron-amir train: {'--init-from' if a.init_from else 'model.load'} {init_from}: {problem}",
+                  file=sys.stderr)
             return 2
     trainer = Trainer(cfg, init_from=a.init_from)
     evals = MetricsLogger(cfg.logging.dir, name="eval.jsonl", tensorboard=False, enabled=trainer.rank == 0)
