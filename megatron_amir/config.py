@@ -167,8 +167,15 @@ class RolloutConfig(_Section):
     fp8_rollout: bool = False
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    async_off_policy: bool = False
-    max_staleness: int = Field(1, ge=0)
+    async_off_policy: bool = False  # reserved: must stay false (the trainer samples with its current weights)
+    max_staleness: int = Field(0, ge=0, description="a sample older than this many weight versions stops the step")
+
+    @model_validator(mode="after")
+    def _synchronous(self) -> "RolloutConfig":
+        if self.async_off_policy:
+            raise ValueError("async_off_policy=true is not implemented: the trainer is synchronous (every step "
+                             "samples with the current weights; TIS corrects engine/trainer numerics, tis_cap)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- data / reward

@@ -60,6 +60,7 @@ BAD = [
     (["rollout.engine=remote"], "rollout.servers: rollout.engine=remote needs"),
     (["train.lr=.inf"], "train.lr: Input should be a finite number"),
     (["algorithm.amir.beta=.nan"], "algorithm.amir.beta: Input should be a finite number"),
+    (["rollout.async_off_policy=true"], "async_off_policy=true is not implemented"),
 ]
 
 

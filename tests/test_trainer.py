@@ -322,3 +322,35 @@ def test_skipped_update_leaves_lambda_where_it_was(monkeypatch):
         lams.append((t.amir_state.lam, t.amir_state.step))
     assert lams[0] == (0.01, 0)  # skipped: as before the step
     assert lams[1][1] == 1 and lams[1][0] != 0.01  # applied: the adaptive rule moved λ once
+
+
+def test_samples_from_old_weights_stop_the_step():
+    """The trainer is synchronous: a sample from an older weight version than rollout.max_staleness allows means a
+    server missed an update; collect_rollouts stops with the versions instead of training on another policy."""
+    import types
+
+    from megatron_amir.config import Config
+    from megatron_amir.rewards.base import RewardResult
+    from megatron_amir.rollout.engine import GroupResult, Sample
+    from megatron_amir.training import trainer as tr_mod
+
+    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=2), rollout=dict(group_size=2),
+                 train=dict(micro_batch_size=2))
+    versions = [[3, 3], [3, 2]]
+
+    def generate(prompts, params, n):
+        return [GroupResult(p, [Sample([5, 6], [-0.1, -0.2], "stop", v) for v in vs]) for p, vs in zip(prompts, versions)]
+
+    t = tr_mod.Trainer.__new__(tr_mod.Trainer)
+    t.cfg, t.step, t.weight_version = cfg, 0, 3
+    t.engine = types.SimpleNamespace(generate=generate)
+    t.tokenizer = types.SimpleNamespace(eos_id=1, pad_id=0, encode=lambda s: [7, 8], decode=lambda ids: "x")
+    t.sampler = types.SimpleNamespace(next_batch=lambda k: [types.SimpleNamespace(id=f"p{i}", prompt="q", answer="1")
+                                                            for i in range(k)])
+    t.reward_fn = lambda texts, answers: RewardResult(rewards=[1.0, 0.0] * (len(texts) // 2),
+                                                      correct=[True, False] * (len(texts) // 2))
+    with pytest.raises(RuntimeError, match=r"1 of 4 samples come from weight version 2 while the trainer is at 3"):
+        t.collect_rollouts()
+    versions[1][1] = 3
+    batch, _ = t.collect_rollouts()
+    assert batch.weight_version.tolist() == [3, 3, 3, 3]

@@ -360,6 +360,12 @@ class Trainer:
                 correct.append(c)
                 trunc.append(s.finish_reason == "length")
                 versions.append(s.weight_version)
+        stale = [v for v in versions if v < self.weight_version - cfg.rollout.max_staleness]
+        if stale:  # a server that missed a weight update: its samples are from another policy
+            raise RuntimeError(
+                f"{len(stale)} of {len(versions)} samples come from weight version {min(stale)} while the trainer is "
+                f"at {self.weight_version} (rollout.max_staleness={cfg.rollout.max_staleness}): a rollout server "
+                "serves old weights (check the fleet's weight-update log)")
         batch = build_rollout_batch(prompts_, responses, logps, gids, rewards, correct, trunc, versions,
                                     pad_id=self.tokenizer.pad_id)
         return batch, _rollout_metrics(batch, G, rounds, timeouts)
