@@ -95,6 +95,8 @@ def test_rope_options():
     assert float(inv1[0]) == pytest.approx(float(inv0[0]))  # high frequencies unchanged by llama3 scaling
     assert _rope_args(ModelConfig(**SMALL, rope_scaling={"type": "linear", "factor": 2.0}))[
         "seq_len_interpolation_factor"] == 2.0
+    with pytest.raises(ValueError, match="has no rope_type"):  # a factor alone would be silently ignored
+        _rope_args(ModelConfig(**SMALL, rope_scaling={"factor": 8.0}))
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' unsupported"):
         _rope_args(ModelConfig(**SMALL, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="model.rope_scaling.high_freq_factor"):

@@ -93,8 +93,11 @@ def _rope_args(m: ModelConfig) -> dict:
         args.update(rope_scaling=True, rope_scaling_factor=float(rs.get("factor", 8.0)))
     elif kind == "linear":
         args.update(seq_len_interpolation_factor=float(rs["factor"]))
-    elif kind in (None, "default"):
+    elif kind == "default" or (kind is None and not set(rs) - {"rope_theta"}):
         pass
+    elif kind is None:
+        raise ValueError(f"model.rope_scaling {rs} has no rope_type: say llama3, linear or default "
+                         "(without it the factors would be silently ignored)")
     else:
         raise ValueError(f"model.rope_scaling type {kind!r} unsupported (llama3, linear, default)")
     return args
