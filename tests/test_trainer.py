@@ -267,61 +267,90 @@ def test_hf_path_is_converted_once_and_used_as_the_starting_weights(tmp_path):
     assert out.returncode != 0 and "rope_theta: config 500000.0, checkpoint 10000.0" in out.stderr
 
 
-def test_skipped_update_leaves_lambda_where_it_was(monkeypatch):
-    """prepare_batch moves λ for the update it prepares; when that update is skipped (non-finite gradient,
-    fp16 overflow) the trainer puts λ and its step count back. Real Trainer.train_step, fake one-rank policy."""
-    import types
-
+def _tiny_rollout_batch(P=2, G=4, T=6):
     import torch
 
-    from megatron_amir.algorithms import AmirState
-    from megatron_amir.config import Config
-    from megatron_amir.training import trainer as tr_mod
-    from megatron_amir.training.policy import Policy
     from megatron_amir.training.rollout_batch import RolloutBatch
 
-    P, G, T = 2, 4, 6
     n = P * G
     mask = torch.zeros(n, T)
     for i in range(n):
         mask[i, 1 : 2 + i % (T - 1)] = 1
-    rewards = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.float64)
-    batch = RolloutBatch(tokens=torch.randint(0, 50, (n, T + 1), generator=torch.Generator().manual_seed(0)),
-                         response_mask=mask, rollout_logp=torch.zeros(n, T), rewards=rewards, correct=rewards > 0.5,
-                         group_ids=torch.arange(n) // G, response_len=mask.sum(-1).long(),
-                         truncated=torch.zeros(n, dtype=torch.bool), weight_version=torch.zeros(n, dtype=torch.long))
+    rewards = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.float64)[:n]
+    return RolloutBatch(tokens=torch.randint(0, 50, (n, T + 1), generator=torch.Generator().manual_seed(0)),
+                        response_mask=mask, rollout_logp=torch.zeros(n, T), rewards=rewards, correct=rewards > 0.5,
+                        group_ids=torch.arange(n) // G, response_len=mask.sum(-1).long(),
+                        truncated=torch.zeros(n, dtype=torch.bool), weight_version=torch.zeros(n, dtype=torch.long))
 
-    class FakePolicy:
-        info, dp_size, dp_group = types.SimpleNamespace(dp_size=1, dp_rank=0), 1, None
-        data_parallel_rows = Policy.data_parallel_rows
 
-        def __init__(self, ok):
-            self.ok = ok
+class _FakePolicy:
+    """One DP rank's policy for driving the real Trainer.train_step: log-probs -1, updates that succeed or not."""
 
-        def compute_logprobs(self, tokens, temperature=1.0, **kw):
-            return torch.full((tokens.shape[0], tokens.shape[1] - 1), -1.0)
+    def __init__(self, ok=True):
+        import types
 
-        def train_step(self, tokens, prepared, temperature=1.0):
-            return {"loss": 0.1, "grad_norm": 1.0 if self.ok else float("nan"), "update_successful": float(self.ok)}
+        from megatron_amir.training.policy import Policy
 
-        def full_hf_state_dict(self, vocab_size=None):
-            return None
+        self.ok, self.forwards, self.updates = ok, 0, 0
+        self.info, self.dp_size, self.dp_group = types.SimpleNamespace(dp_size=1, dp_rank=0), 1, None
+        self.data_parallel_rows = Policy.data_parallel_rows.__get__(self)
 
-    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=P), rollout=dict(group_size=G),
-                 algorithm=dict(amir=dict(lambda_init=0.01)), train=dict(micro_batch_size=4))
+    def compute_logprobs(self, tokens, temperature=1.0, **kw):
+        import torch
+
+        self.forwards += 1
+        return torch.full((tokens.shape[0], tokens.shape[1] - 1), -1.0)
+
+    def train_step(self, tokens, prepared, temperature=1.0):
+        self.updates += 1
+        return {"loss": 0.1, "grad_norm": 1.0 if self.ok else float("nan"), "update_successful": float(self.ok)}
+
+    def full_hf_state_dict(self, vocab_size=None):
+        return None
+
+
+def _train_step_with(monkeypatch, cfg, policy):
+    """Trainer.train_step on a fixed rollout batch with ``policy``; returns the trainer."""
+    import types
+
+    from megatron_amir.algorithms import AmirState
+    from megatron_amir.training import trainer as tr_mod
+
+    batch = _tiny_rollout_batch(cfg.data.prompts_per_step, cfg.rollout.group_size)
     monkeypatch.setattr(tr_mod, "broadcast_rollout_batch", lambda b: batch)
-    lams = []
-    for ok in (False, True):
-        t = tr_mod.Trainer.__new__(tr_mod.Trainer)
-        t.cfg, t.rank, t.step, t.weight_version, t._nonfinite_in_a_row = cfg, 0, 0, 0, 0
-        t.policy, t.ref_policy, t.amir_state = FakePolicy(ok), None, AmirState.from_config(cfg.algorithm.amir)
-        t.engine = types.SimpleNamespace(load_weights=lambda *a: None)
-        t.collect_rollouts = lambda: (batch, {})
-        t._hf_weights = lambda: None
-        t.train_step()
-        lams.append((t.amir_state.lam, t.amir_state.step))
-    assert lams[0] == (0.01, 0)  # skipped: as before the step
-    assert lams[1][1] == 1 and lams[1][0] != 0.01  # applied: the adaptive rule moved λ once
+    t = tr_mod.Trainer.__new__(tr_mod.Trainer)
+    t.cfg, t.rank, t.step, t.weight_version, t._nonfinite_in_a_row = cfg, 0, 0, 0, 0
+    t.policy, t.ref_policy, t.amir_state = policy, None, AmirState.from_config(cfg.algorithm.amir)
+    t.engine = types.SimpleNamespace(load_weights=lambda *a: None)
+    t.collect_rollouts = lambda: (batch, {})
+    t._hf_weights = lambda: None
+    t.train_step()
+    return t
+
+
+def test_skipped_update_leaves_lambda_where_it_was(monkeypatch):
+    """prepare_batch moves λ for the update it prepares; when that update is skipped (non-finite gradient,
+    fp16 overflow) the trainer puts λ and its step count back. Real Trainer.train_step, fake one-rank policy."""
+    from megatron_amir.config import Config
+
+    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=2), rollout=dict(group_size=4),
+                 algorithm=dict(amir=dict(lambda_init=0.01)), train=dict(micro_batch_size=4))
+    skipped = _train_step_with(monkeypatch, cfg, _FakePolicy(ok=False)).amir_state
+    applied = _train_step_with(monkeypatch, cfg, _FakePolicy(ok=True)).amir_state
+    assert (skipped.lam, skipped.step) == (0.01, 0)  # skipped: as before the step
+    assert applied.step == 1 and applied.lam != 0.01  # applied: the adaptive rule moved λ once
+
+
+@pytest.mark.parametrize("amir", [True, False])
+def test_later_minibatches_refresh_logprobs_only_for_amir(monkeypatch, amir):
+    """2 minibatches: AMIR's implicit rewards need a fresh forward before the second update; plain GRPO does not
+    (it would only feed the pair diagnostics), so it runs the one forward for old_logp."""
+    from megatron_amir.config import Config
+
+    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=2), rollout=dict(group_size=4),
+                 algorithm=dict(amir=dict(enabled=amir)), train=dict(micro_batch_size=4, global_batch_size=4))
+    policy = _train_step_with(monkeypatch, cfg, _FakePolicy()).policy
+    assert policy.updates == 2 and policy.forwards == (2 if amir else 1)
 
 
 def test_samples_from_old_weights_stop_the_step():

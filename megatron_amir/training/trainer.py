@@ -276,9 +276,10 @@ class Trainer:
                 idx = rows[start : start + gbs]
                 # implicit rewards s_i are exact from old_logp only on the first update of a rollout batch;
                 # later minibatches / epochs get a fresh no-grad forward of the current policy
-                # (collective over DP, so every rank recomputes the whole batch and takes its rows)
+                # (collective over DP, so every rank recomputes the whole batch and takes its rows). Without
+                # AMIR they would only feed the pair diagnostics: those then use old_logp, saving the forward.
                 fresh = None
-                if epoch > 0 or start > 0:
+                if (epoch > 0 or start > 0) and cfg.algorithm.amir.enabled:
                     fresh = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)[idx]
                 lam_before = self.amir_state.state_dict()  # prepare_batch moves λ for the update it prepares
                 prepared = prepare_batch(
