@@ -231,7 +231,7 @@ class TrainConfig(_Section):
     deterministic: bool = True
     dynamic_sampling: bool = False
     max_sampling_rounds: int = Field(3, ge=1)
-    max_consecutive_nonfinite: int = Field(3, ge=1)
+    max_consecutive_nonfinite: int = Field(3, ge=1, description="optimizer updates in a row (several per step with minibatches)")
     logprob_chunk_size: Optional[int] = Field(None, ge=1, description="sequence chunk for vocab-parallel log-probs")
 
 

@@ -491,7 +491,7 @@ class Trainer:
                   self.step + 1, self._nonfinite_in_a_row)
         if self._nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
             raise NonFiniteError(
-                f"{self._nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient norm "
+                f"{self._nonfinite_in_a_row} consecutive optimizer updates with a non-finite loss or gradient norm "
                 f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite}); last: {out}"
             )
 

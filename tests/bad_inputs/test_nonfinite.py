@@ -44,7 +44,7 @@ def test_check_finite_counts_resets_and_raises(caplog):
     assert t._nonfinite_in_a_row == 0
     t._check_finite({"loss": float("-inf"), "grad_norm": 1.0})
     t._check_finite({"loss": 1.0, "grad_norm": float("nan")})
-    with pytest.raises(NonFiniteError, match=r"3 consecutive steps .* \(train\.max_consecutive_nonfinite=3\)"):
+    with pytest.raises(NonFiniteError, match=r"3 consecutive optimizer updates .* \(train\.max_consecutive_nonfinite=3\)"):
         t._check_finite({"loss": float("nan"), "grad_norm": float("nan")})
 
 
