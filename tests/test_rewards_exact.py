@@ -16,6 +16,7 @@ from megatron_amir.rewards.extract import (extract_answer, extract_boxed, extrac
     (r"\boxed 5 apples", "5"),
     (r"\boxed{unclosed {", None),
     ("", None),
+    (r"So x = \boxed{7}. (I put the final answer within \boxed{}.)", "7"),  # an empty box is not an answer
 ])
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
@@ -25,6 +26,7 @@ def test_extract_hash_answer_is_and_priority():
     assert extract_hash("a\n#### 72\n") == "72"
     assert extract_hash("#### 1\n#### 2") == "2"
     assert extract_hash("####   ") is None
+    assert extract_hash("#### 7\n#### ") == "7"  # a stray empty marker does not hide the answer
     assert extract_answer_is("So the answer is 3.5. Done") == "3.5"
     assert extract_answer_is("The final answer is: $\\frac{1}{2}$.") == "$\\frac{1}{2}$"
     assert extract_answer_is("The answer is 12") == "12"
@@ -36,6 +38,7 @@ def test_extract_hash_answer_is_and_priority():
 def test_normalize():
     assert normalize_answer(" +007 ") == "7"
     assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("1,000.50") == "1000.5" and normalize_answer("2,5") != "25"
     assert normalize_answer("-0") == "0"
     assert normalize_answer("$12$.") == "12"
     assert normalize_answer("2.50") == "2.5"

@@ -249,3 +249,39 @@ def test_workers_do_not_reimport_the_main_script(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "['ok', 'ok', 'ok', 'ok']" in out.stdout
     assert marker.read_text().count("imported") == 1
+
+
+def test_cut_answer_is_never_correct():
+    """An answer longer than max_answer_chars is cut to its tail for the record, never scored: the tail of
+    '1000…005' or '-000…005' would otherwise equal '5'."""
+    from megatron_amir.rewards.math_reward import MathReward
+
+    fn = MathReward(max_answer_chars=50, num_workers=1)
+    try:
+        res = fn(["\\boxed{1" + "0" * 60 + "5}", "\\boxed{-" + "0" * 60 + "5}", "\\boxed{5}"], ["5", "5", "5"])
+        assert res.correct == [False, False, True]
+    finally:
+        fn.close()
+
+
+def test_transient_worker_failure_is_not_cached():
+    """A worker crash or wall-clock kill may be transient: the next batch verifies the pair again."""
+    from megatron_amir.rewards.math_reward import MathReward
+    from megatron_amir.rewards.pool import CallResult
+
+    class FlakyPool:
+        calls = 0
+
+        def map(self, fn, args):
+            FlakyPool.calls += 1
+            return [CallResult("error", None, "worker died") if FlakyPool.calls == 1 else CallResult("ok", True)
+                    for _ in args]
+
+        def close(self):
+            pass
+
+    fn = MathReward()
+    fn._pool = FlakyPool()
+    got = [fn(["\\boxed{2\\sqrt{2}}"], ["\\sqrt{8}"]) for _ in range(3)]
+    assert [r.correct for r in got] == [[False], [True], [True]] and got[0].errors == 1
+    assert FlakyPool.calls == 2  # the ok result is cached

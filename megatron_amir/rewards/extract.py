@@ -57,7 +57,7 @@ def extract_boxed(text: str) -> Optional[str]:
     for m in _BOX_RE.finditer(text):
         pairs = _brace_pairs(text) if pairs is None else pairs
         close = pairs.get(m.end() - 1)
-        if close is not None:
+        if close is not None and text[m.end():close].strip():
             last = text[m.end():close]
     if last is None:
         m = None
@@ -72,7 +72,8 @@ def extract_hash(text: str) -> Optional[str]:
     """The answer after the last GSM8K ``####`` marker (to the end of the line)."""
     last = None
     for m in _HASH_RE.finditer(text):
-        last = m.group(1)
+        if m.group(1).strip():
+            last = m.group(1)
     if last is None:
         return None
     last = last.strip()
@@ -123,7 +124,7 @@ def normalize_answer(ans: str) -> str:
         s = s[2:-2].strip()
     # spaces are kept (``"132 7"`` must not become ``1327``); only LaTeX thin spaces go
     compact = s.replace("{,}", "").replace("\\,", "").replace("\\!", "")
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", compact):
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?", compact):
         compact = compact.replace(",", "")
     if _INT_RE.fullmatch(compact):
         # textual canonical form: int() of > 4300 digits raises (CPython's int_max_str_digits)

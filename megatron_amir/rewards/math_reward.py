@@ -105,9 +105,12 @@ class MathReward(RewardFn):
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (resp, gold) in enumerate(zip(responses, answers)):
             ans = extract_answer(truncate(resp, self.max_answer_chars * 8))
-            if ans is not None:
+            too_long = ans is not None and len(ans) > self.max_answer_chars
+            if too_long:
                 ans = truncate(ans, self.max_answer_chars)
             extracted.append(ans)
+            if too_long:  # a cut answer is not the answer the model gave: never correct
+                continue
             if not ans:
                 continue
             gold = truncate(gold, self.max_answer_chars)
@@ -132,7 +135,8 @@ class MathReward(RewardFn):
             results = self.pool.map(_WORKER_FN, [(g, a, self.float_rounding) for g, a in missing])
             for k, r in zip(missing, results):
                 statuses[k] = (r.status, bool(r.value) if r.status == "ok" else False)
-                self._cache[k] = statuses[k]
+                if r.status == "ok":  # a crash or wall-clock kill may be transient: do not pin it
+                    self._cache[k] = statuses[k]
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         for k in keys:
