@@ -354,7 +354,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for sp in (show, ex):
         sp.add_argument("--min-world-size", type=int, default=1, help="ranks the job cannot do without")
     ex.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    tasks = sub.add_parser("tasks", help="print the number of tasks of a Slurm tasks-per-node list ('8(x2),4' -> 20)")
+    tasks.add_argument("spec")
     a = p.parse_args(argv)
+    if a.cmd == "tasks":
+        try:
+            print(sum(parse_tasks_per_node(a.spec)))
+        except (DistEnvError, ValueError) as exc:
+            print(f"launch.dist_env: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         d = detect(min_world_size=a.min_world_size)
     except DistEnvError as exc:

@@ -403,7 +403,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return config_from_dict(data, source + (f" with overrides {overrides}" if overrides else ""))
 
 
+def config_record(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data for files and logs (run dirs, checkpoints, ``config show``), with the
+    rollout bearer token left out: a secret must not land in shared files (runs read $MEGATRON_AMIR_TOKEN)."""
+    data = cfg.model_dump(mode="json")
+    if data.get("rollout", {}).get("token") is not None:
+        data["rollout"]["token"] = None
+    return data
+
+
 def dump_config(cfg: Config) -> str:
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_record(cfg), sort_keys=False)

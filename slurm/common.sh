@@ -49,12 +49,16 @@ amir_init() {
   export AMIR_ROOT AMIR_PY AMIR_JOB_DIR AMIR_RESTART
   {
     echo "# $name job $AMIR_JOB_ID restart $AMIR_RESTART on $(hostname) at $(date -u +%FT%TZ)"
-    env | grep -E '^(SLURM_|MEGATRON_AMIR_|MASTER_|CUDA_VISIBLE_DEVICES=)' | grep -v '^MEGATRON_AMIR_TOKEN=' | sort
+    env | grep -E '^(SLURM_|MEGATRON_AMIR_|MASTER_|CUDA_VISIBLE_DEVICES=)' | grep -v '^MEGATRON_AMIR_TOKEN=' \
+      | { if [ -n "${MEGATRON_AMIR_TOKEN:-}" ]; then grep -vF -- "$MEGATRON_AMIR_TOKEN"; else cat; fi; } | sort
   } > "$AMIR_JOB_DIR/job.env.tmp" && mv "$AMIR_JOB_DIR/job.env.tmp" "$AMIR_JOB_DIR/job.env"
   amir_log "$name: job $AMIR_JOB_ID restart $AMIR_RESTART, nodes ${SLURM_JOB_NODELIST:-?}, logs in $AMIR_JOB_DIR"
   # Until a step runs, a preemption signal is only remembered (bash would otherwise die on SIGUSR1).
+  # AMIR_GOT_USR1 stays set once the warning came: only then is a checkpoint-and-exit-75 requeued (a plain
+  # scancel sends SIGTERM, after which the trainer also checkpoints and exits 75, but must not come back).
   AMIR_SIGNALLED=""
-  trap 'AMIR_SIGNALLED=USR1; amir_log "got SIGUSR1 before the trainer started"' USR1
+  AMIR_GOT_USR1=""
+  trap 'AMIR_SIGNALLED=USR1; AMIR_GOT_USR1=1; amir_log "got SIGUSR1 before the trainer started"' USR1
   trap 'AMIR_SIGNALLED=TERM; amir_log "got SIGTERM before the trainer started"' TERM
 }
 
@@ -76,6 +80,9 @@ amir_check_config() {
 amir_log() {
   local line
   line="[amir $(date -u +%T)] $*"
+  # a bearer token given as an override (rollout.token=...) or in the environment never reaches a log
+  line=$(printf '%s' "$line" | sed -E 's/(rollout\.token=)[^ ]*/\1<redacted>/g')
+  if [ -n "${MEGATRON_AMIR_TOKEN:-}" ]; then line=${line//"$MEGATRON_AMIR_TOKEN"/<redacted>}; fi
   echo "$line"
   if [ -n "${AMIR_JOB_DIR:-}" ]; then echo "$line" >> "$AMIR_JOB_DIR/batch.log"; fi
 }
@@ -116,11 +123,14 @@ amir_wait_forwarding() {
   AMIR_CHILD=$1
   shift
   local sig
-  trap 'AMIR_SIGNALLED=USR1; amir_log "got SIGUSR1"' USR1
+  trap 'AMIR_SIGNALLED=USR1; AMIR_GOT_USR1=1; amir_log "got SIGUSR1"' USR1
   trap 'AMIR_SIGNALLED=TERM; amir_log "got SIGTERM: Slurm signals every task itself; waiting for the step"' TERM
   for sig in "$@"; do
     # shellcheck disable=SC2064  # expand $sig now: one trap per signal
     trap "amir__forward $sig" "$sig"
+    if [ "$sig" = USR1 ] && [ -n "${AMIR_GOT_USR1:-}" ]; then
+      amir__forward USR1  # the warning came before the step started (config check, fleet start): pass it on
+    fi
   done
   while kill -0 "$AMIR_CHILD" 2>/dev/null; do
     wait "$AMIR_CHILD" || true
@@ -128,12 +138,13 @@ amir_wait_forwarding() {
   # the child is gone; bash remembers its status for one more wait
   AMIR_RC=0
   wait "$AMIR_CHILD" || AMIR_RC=$?
-  trap 'AMIR_SIGNALLED=USR1' USR1
+  trap 'AMIR_SIGNALLED=USR1; AMIR_GOT_USR1=1' USR1
   trap 'AMIR_SIGNALLED=TERM' TERM
 }
 
 amir__forward() {
   AMIR_SIGNALLED=$1
+  if [ "$1" = USR1 ]; then AMIR_GOT_USR1=1; fi
   amir_log "got SIG$1: forwarding it to step pid $AMIR_CHILD"
   kill -s "$1" "$AMIR_CHILD" 2>/dev/null || true
 }
@@ -141,7 +152,7 @@ amir__forward() {
 # amir_finish RC -- end the batch script: requeue on REQUEUE_EXIT_CODE, else exit with RC.
 amir_finish() {
   local rc=$1 max=${MEGATRON_AMIR_MAX_REQUEUES:-20}
-  if [ "$rc" -eq 138 ] && [ "$AMIR_SIGNALLED" = USR1 ]; then
+  if [ "$rc" -eq 138 ] && [ -n "${AMIR_GOT_USR1:-}" ]; then
     # 138 = 128 + SIGUSR1: the warning arrived before the trainer installed its handler (start-up);
     # nothing was lost since the last checkpoint, so this is a requeue too.
     amir_log "the trainer died of SIGUSR1 during start-up: treating it as a preemption"
@@ -149,6 +160,12 @@ amir_finish() {
   fi
   if [ "$rc" -ne "$REQUEUE_EXIT_CODE" ]; then
     amir_log "finished with exit code $rc"
+    exit "$rc"
+  fi
+  if [ -z "${AMIR_GOT_USR1:-}" ]; then
+    # checkpointed on SIGTERM/SIGINT without the USR1 warning: scancel (or a limit hit with no --signal):
+    # requeueing would bring a cancelled job back. Resubmitting resumes from the checkpoint.
+    amir_log "trainer checkpointed and exited $rc after SIG${AMIR_SIGNALLED:-?} without a SIGUSR1 warning (scancel?): not requeued"
     exit "$rc"
   fi
   if [ "$AMIR_RESTART" -ge "$max" ]; then

@@ -149,3 +149,18 @@ def test_fp8_on_cpu_fails_clearly():
     with pytest.raises(FP8UnavailableError, match="transformer_impl=transformer_engine"):
         choose_transformer_impl(ModelConfig(transformer_impl="transformer_engine"))
     assert choose_transformer_impl(ModelConfig()) == "local"
+
+
+def test_fp8_with_the_local_layers_is_refused(monkeypatch):
+    """Megatron's local layers ignore TE's fp8_autocast: model.fp8 with transformer_impl=local would train in bf16
+    while the config says FP8. Simulated GPU + TE (the check runs before any CUDA call)."""
+    from megatron_amir.config import ModelConfig
+    from megatron_amir.model import builder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(builder, "te_available", lambda: True)
+    monkeypatch.setattr(builder, "check_fp8_support", lambda *a: None)
+    with pytest.raises(builder.FP8UnavailableError, match="needs model.transformer_impl=transformer_engine"):
+        builder.choose_transformer_impl(ModelConfig(fp8="hybrid", transformer_impl="local"))
+    assert builder.choose_transformer_impl(ModelConfig(fp8="hybrid")) == "transformer_engine"

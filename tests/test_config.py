@@ -93,3 +93,11 @@ def test_cli_exit_code_and_message_on_bad_config():
     )
     assert proc.returncode == 2
     assert "train.lrr: unknown key" in proc.stderr
+
+
+def test_config_record_leaves_the_token_out():
+    from megatron_amir.config import config_record, dump_config
+
+    cfg = load_config(DEMO, ["rollout.token=s3cr3t-token"])
+    assert cfg.rollout.token == "s3cr3t-token"  # the running config keeps it
+    assert config_record(cfg)["rollout"]["token"] is None and "s3cr3t" not in dump_config(cfg)

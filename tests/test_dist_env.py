@@ -234,3 +234,10 @@ def test_auto_backend_is_nccl_on_gpu_and_binds_local_rank():
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["nccl", "0", "1.0"]
+
+
+def test_tasks_subcommand(capsys):
+    from launch.dist_env import main
+
+    assert main(["tasks", "8(x2),4"]) == 0 and capsys.readouterr().out.strip() == "20"
+    assert main(["tasks", "nonsense"]) == 2

@@ -155,3 +155,14 @@ def test_valid_vocab_masks_padding_rows():
     (logp.sum() + ent.sum()).backward()
     assert torch.isfinite(logits.grad).all()
     assert logits.grad[..., 9:].abs().max() == 0
+
+
+def test_entropy_gradient_is_finite_on_padding_rows():
+    """Padding rows (valid_vocab) hold logit -1e30 inside; a large entropy gradient (an entropy bonus under an
+    fp16 loss scale of 2^32) must not turn (x - E[x])·g into -inf·0 = NaN there: their gradient is 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, generator=g).requires_grad_(True)
+    targets = torch.randint(0, 10, (2, 3), generator=g)
+    lp, ent = vocab_parallel_logprobs(logits, targets, with_entropy=True, valid_vocab=10)
+    (lp.sum() + 2.0**32 * ent.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and bool((logits.grad[..., 10:] == 0).all())

@@ -247,3 +247,26 @@ def test_lr_schedule_counts_optimizer_updates():
            for _ in range(4)]
     # warm-up over 2 updates (0, 5e-4), then linear decay over the other 2 (1e-3, 5e-4)
     assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+def test_bf16_load_without_optimizer_state_refreshes_the_fp32_main_weights():
+    """bf16/fp16 Megatron optimizers keep fp32 main copies of the weights; loading model weights only (--init-from,
+    model.hf_path) must refresh them, or the first step writes the random init back (plus one update)."""
+    from megatron_amir.training.policy import Policy
+
+    def bf16(seed):
+        cfg = make_cfg(seed=seed, lr=1e-9)
+        return Config(**{**cfg.model_dump(), "model": {**cfg.model.model_dump(), "params_dtype": "bf16"}})
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        saved = Policy(bf16(7))
+        want = saved.full_state_dict()
+        saved.save(f"{d}/ck", save_optimizer=False)
+        p = Policy(bf16(99))
+        p.load(f"{d}/ck", load_optimizer=False)
+        tokens, mask, rewards, gids = batch()
+        p.train_step(tokens, prepared_for(p.cfg, p.compute_logprobs(tokens), mask, rewards, gids))
+        got = p.full_state_dict()
+    assert max(float((got[k].float() - want[k].float()).abs().max()) for k in want) < 1e-2

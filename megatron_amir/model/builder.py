@@ -73,8 +73,14 @@ def choose_transformer_impl(model_cfg: ModelConfig) -> str:
             )
         return "transformer_engine"
     if model_cfg.transformer_impl == "local":
+        if model_cfg.fp8:  # the local layers ignore TE's fp8_autocast: the run would train in bf16 silently
+            raise FP8UnavailableError("model.fp8 needs model.transformer_impl=transformer_engine (or auto), not local")
         return "local"
     return "transformer_engine" if have_te else "local"
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def _rope_args(m: ModelConfig) -> dict:
@@ -156,7 +162,8 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # Megatron's fused scale-mask-softmax (local spec) imports apex's scaled_masked_softmax_cuda: only when present
+        masked_softmax_fusion=on_gpu and _has_module("scaled_masked_softmax_cuda"),
         bias_dropout_fusion=on_gpu,
         attention_softmax_in_fp32=True,
         # the RL loss is a SUM over micro-batches and DP ranks (see training/policy.py)

@@ -121,6 +121,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                 x.sub_(mean_x[s:e].unsqueeze(-1)).mul_(g_ent[s:e].to(cdt).unsqueeze(-1)).add_(gl)
                 x.mul_(p).neg_()
                 gx = x
+                if ctx.pad_from < gx.shape[-1]:  # (x - E[x]) ~ -1e30 there: a large g_H overflows to -inf·0 = NaN
+                    gx[:, ctx.pad_from:] = 0.0
             else:  # one buffer: p computed in place, then scaled
                 p = x.sub_(log_z[s:e].unsqueeze(-1)).exp_()
                 gx = p.mul_(gl).neg_()

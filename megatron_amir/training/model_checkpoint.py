@@ -115,6 +115,8 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
         policy.optimizer.load_state_dict(loaded["optimizer"])
         policy.scheduler.load_state_dict(common["scheduler"])
         policy.num_steps = int(common.get("num_steps", 0))
+    elif getattr(policy, "optimizer", None) is not None:
+        policy.optimizer.reload_model_params()  # fp32 main params of bf16/fp16 models <- loaded weights
     _barrier()
 
 

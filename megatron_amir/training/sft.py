@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_amir.config import Config
+from megatron_amir.config import Config, config_record
 from megatron_amir.training.checkpoint import CheckpointManager
 from megatron_amir.training.metrics import MetricsLogger
 from megatron_amir.training.rollout_batch import build_rollout_batch
@@ -148,7 +148,7 @@ class WarmupRunner:
     def save(self, step: int, extra: dict[str, Any]) -> Path:
         mgr = CheckpointManager(self.cfg.checkpoint.dir, keep_last=1, rank=self.rank, barrier=self.policy.barrier)
         return mgr.save(step, lambda d: self.policy.save(d / "model", save_optimizer=False),
-                        {"step": step, "kind": "sft-warmup", **extra, "config": self.cfg.model_dump(mode="json")})
+                        {"step": step, "kind": "sft-warmup", **extra, "config": config_record(self.cfg)})
 
 
 def main(argv: list[str]) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_amir.config import Config, dump_config
+from megatron_amir.config import Config, config_record, dump_config
 from megatron_amir.training.checkpoint import REFERENCE_DIR, CheckpointManager
 from megatron_amir.training.metrics import MetricsLogger, summary_line
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
@@ -423,7 +423,7 @@ class Trainer:
             "amir_state": self.amir_state.state_dict(),
             "sampler": self.sampler.state_dict(),
             "world_size": self.world_size,
-            "config": self.cfg.model_dump(mode="json"),
+            "config": config_record(self.cfg),
             "reference": self.reference,
             # for mcore-to-hf on a step directory: the tokenizer's vocabulary (padding rows are dropped) and
             # the HF config with its token ids
