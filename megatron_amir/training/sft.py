@@ -11,8 +11,10 @@ micro-batch losses sum to L under any micro-batching, pipeline or data paralleli
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +63,21 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
     last: dict[str, float] = {}
     from tqdm.auto import tqdm
 
+    dp, dp_rank = t.policy.dp_size, t.policy.info.dp_rank
+    if batch_size % dp:
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the data-parallel size {dp}")
+    share = slice(dp_rank * batch_size // dp, (dp_rank + 1) * batch_size // dp)
     pbar = tqdm(total=steps, desc="warm-up", unit="step", disable=t.rank != 0 or not t.cfg.logging.progress)
     t0 = time.perf_counter()
+    step = 0
     for step in range(1, steps + 1):
+        # every rank draws the same batch and trains its share; the weights use the batch's token count, so
+        # the losses summed over DP ranks are the token-mean NLL of the whole batch
         probs = [t.train_problems[rng.randrange(len(t.train_problems))] for _ in range(batch_size)]
         tokens, mask = tokenize_examples(t.tokenizer, [p.prompt for p in probs], [p.solution for p in probs])
         ntok = mask.sum()
-        batch = SFTBatch(mask, mask / ntok)
-        out = t.policy.train_step(tokens, batch)
+        batch = SFTBatch(mask[share], mask[share] / ntok)
+        out = t.policy.train_step(tokens[share], batch)
         last = {"sft/loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"],
                 "time/elapsed_s": time.perf_counter() - t0}
         pbar.update(1)
@@ -79,9 +88,11 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
             log.info("warm-up step %d: loss %.4f, %s", step, out["loss"],
                      ", ".join(f"{k}={v:.3f}" for k, v in acc.items()))
             t.metrics.log(step, last)
-            if target_accuracy is not None and acc["eval/sampled_accuracy"] >= target_accuracy:
-                log.info("reached sampled accuracy %.3f >= %.3f: stopping the warm-up",
-                         acc["eval/sampled_accuracy"], target_accuracy)
+            # rank 0 evaluates; every rank must stop together (the next step is collective)
+            reached = target_accuracy is not None and acc.get("eval/sampled_accuracy", -1.0) >= target_accuracy
+            if _agree(reached, t.rank):
+                log.info("reached sampled accuracy %s >= %.3f: stopping the warm-up",
+                         acc.get("eval/sampled_accuracy", "(rank 0)"), target_accuracy)
                 break
         else:
             t.metrics.log(step, last)
@@ -90,17 +101,29 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
     return last
 
 
+def _agree(flag: bool, rank: int) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    box = [flag if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 class WarmupRunner:
     """The parts the warm-up needs: tokenizer + problems, policy with the SFT loss, an engine for evaluation."""
 
     def __init__(self, cfg: Config):
-        from megatron_amir.training.data_setup import bind_vocab, build_data
+        from megatron_amir.training.data_setup import bind_vocab, build_data, rollout_hf_config
         from megatron_amir.training.parallel import initialize_distributed
         from megatron_amir.training.policy import Policy
         from megatron_amir.training.trainer import _setup_logging
 
         self.cfg = cfg
-        self.rank = initialize_distributed(cfg).rank
+        info = initialize_distributed(cfg)
+        self.rank, self.world_size = info.rank, info.world_size
         _setup_logging(cfg, self.rank)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer, sampler, self.test_problems = build_data(cfg)
@@ -112,16 +135,26 @@ class WarmupRunner:
         self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
         self.metrics = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, enabled=self.rank == 0)
         self._engine = None
+        self.hf_config = rollout_hf_config(cfg, self.tokenizer)  # replaced by the starting checkpoint's, if any
+
+    def start_from(self, init_from: Optional[str]) -> None:
+        """Starting weights as the RL trainer takes them: --init-from, model.load or model.hf_path (checked)."""
+        from megatron_amir.training.data_setup import rollout_hf_config
+        from megatron_amir.training.trainer import load_starting_weights, starting_checkpoint
+
+        path = starting_checkpoint(self.cfg, self.rank, self.world_size, self.policy.barrier, init_from)
+        if path:
+            base = load_starting_weights(self.policy, self.cfg, path)
+            self.hf_config = rollout_hf_config(self.cfg, self.tokenizer, base=base)
 
     def engine(self):
         from megatron_amir.rollout.embedded import EmbeddedEngine
-        from megatron_amir.training.data_setup import rollout_hf_config
 
         weights = self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
         if self.rank != 0:
             return None
         if self._engine is None:
-            self._engine = EmbeddedEngine(rollout_hf_config(self.cfg), weights)
+            self._engine = EmbeddedEngine(self.hf_config, weights)
         else:
             self._engine.load_weights(weights, self._engine.version + 1)
         return self._engine
@@ -146,9 +179,18 @@ class WarmupRunner:
         return out
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
-        mgr = CheckpointManager(self.cfg.checkpoint.dir, keep_last=1, rank=self.rank, barrier=self.policy.barrier)
+        root = Path(self.cfg.checkpoint.dir)
+        rl = [p.name for p in sorted(root.glob("step_*")) if (p / "meta.json").is_file()
+              and json.loads((p / "meta.json").read_text()).get("kind") != "sft-warmup"]
+        if rl:  # keep-last-1 would delete them, and RL's auto-resume would then pick this warm-up up
+            raise ValueError(f"checkpoint.dir {root} holds RL checkpoints ({', '.join(rl)}): give the warm-up a "
+                             "checkpoint.dir of its own")
+        mgr = CheckpointManager(root, keep_last=1, rank=self.rank, barrier=self.policy.barrier)
         return mgr.save(step, lambda d: self.policy.save(d / "model", save_optimizer=False),
-                        {"step": step, "kind": "sft-warmup", **extra, "config": config_record(self.cfg)})
+                        {"step": step, "kind": "sft-warmup", **extra, "config": config_record(self.cfg),
+                         # for mcore-to-hf and for an RL run started from it (as the trainer records them)
+                         "original_vocab_size": int(self.cfg.model.real_vocab_size or self.cfg.model.vocab_size),
+                         "hf_config": self.hf_config})
 
 
 def main(argv: list[str]) -> int:
@@ -170,9 +212,12 @@ def main(argv: list[str]) -> int:
                    help="start from this checkpoint (a trainer/warm-up step dir or a converted HF model dir)")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    if a.steps < 1:
+        print("megatron-amir sft: --steps must be >= 1", file=sys.stderr)
+        return 2
+    cfg.train.steps = a.steps  # the LR schedule spans the warm-up's steps, not the RL config's train.steps
     runner = WarmupRunner(cfg)
-    if a.init_from:
-        runner.policy.load(Path(a.init_from) / "model", load_optimizer=False)
+    runner.start_from(a.init_from)
     last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems)
     path = runner.save(int(last["sft/steps"]), {"final": last})
     if runner.rank == 0:

@@ -104,17 +104,10 @@ class Trainer:
         self.reference: Optional[dict] = None  # where those weights live; recorded in every checkpoint
         self._hf_base: Optional[dict] = None  # the source model's HF config.json (token ids, ...), if known
         resumed = self._resume()
-        init_from = init_from or cfg.model.load
-        if not resumed and not init_from and cfg.model.hf_path:
-            init_from = self._convert_on_first_use(cfg.model.hf_path)
-        if not resumed and init_from:
-            from checkpoints_tools.megatron_side import read_meta
-
-            init_meta = read_meta(Path(init_from))
-            check_same_architecture(cfg.model, init_meta["model"], init_from)
-            log.info("initializing the policy from %s", init_from)
-            self.policy.load(Path(init_from) / "model", load_optimizer=False)
-            self._hf_base = init_meta.get("hf_config")
+        if not resumed:
+            init_from = starting_checkpoint(cfg, self.rank, self.world_size, self.policy.barrier, init_from)
+            if init_from:
+                self._hf_base = load_starting_weights(self.policy, cfg, init_from)
         # the HF config of these weights: the rollout engine runs it, and checkpoints record it for export
         from megatron_amir.training.data_setup import rollout_hf_config
 
@@ -154,35 +147,6 @@ class Trainer:
     def _hf_weights(self):
         """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
         return self.policy.full_hf_state_dict(vocab_size=self.cfg.model.real_vocab_size)
-
-    def _convert_on_first_use(self, hf_path: str) -> str:
-        """``model.hf_path``: convert the Hugging Face model once into ``<checkpoint.dir>/init`` (rank 0; reused
-        while it holds a conversion of the same directory) and start from it."""
-        from checkpoints_tools.hf_to_mcore import hf_to_mcore
-        from checkpoints_tools.megatron_side import META_NAME
-        from megatron_amir.training.model_checkpoint import _broadcast_str
-
-        target = Path(self.cfg.checkpoint.dir) / "init"
-        error = ""
-        if self.rank == 0:
-            try:
-                meta_file = target / META_NAME
-                done = meta_file.is_file() and json.loads(meta_file.read_text()).get("source", {}).get(
-                    "hf_dir") == str(Path(hf_path).absolute())
-                if not done:
-                    if target.exists():
-                        shutil.rmtree(target)
-                    log.info("converting model.hf_path %s -> %s (once)", hf_path, target)
-                    par = self.cfg.parallel
-                    hf_to_mcore(hf_path, target, tp=par.tensor_model_parallel_size,
-                                pp=par.pipeline_model_parallel_size, dtype=self.cfg.model.params_dtype)
-            except Exception as exc:  # noqa: BLE001 - every rank must stop with the same message
-                error = f"model.hf_path={hf_path}: {type(exc).__name__}: {exc}"
-        error = _broadcast_str(error) if self.world_size > 1 else error
-        if error:
-            raise ValueError(error)
-        self.policy.barrier()
-        return str(target)
 
     def _reference_policy(self, resumed: bool, init_from: Optional[str]):
         """The frozen reference policy π_ref = the weights this run started from, also after a resume.
@@ -448,6 +412,9 @@ class Trainer:
         if ckpt is None:
             return False
         meta = CheckpointManager.read_meta(ckpt)
+        if meta.get("kind") == "sft-warmup":
+            raise ValueError(f"{ckpt} is a warm-up (sft) checkpoint, not an RL one: start RL from it with "
+                             f"--init-from {ckpt} and a checkpoint.dir of its own")
         self._resumed_from = ckpt
         self.policy.load(ckpt / "model", load_optimizer=True)
         self.step = int(meta["step"])
@@ -613,6 +580,53 @@ def _init_from_problem(path: Path) -> Optional[str]:
             if (path / "config.json").is_file() else ""
         return f"{model}/metadata.json not found: not a Megatron checkpoint directory{hint}"
     return None
+
+
+def starting_checkpoint(cfg: Config, rank: int, world_size: int, barrier: Any,
+                        init_from: Optional[str] = None) -> Optional[str]:
+    """The checkpoint a fresh run starts from: ``--init-from``, else ``model.load``, else ``model.hf_path``
+    converted once into ``<checkpoint.dir>/init`` (rank 0; reused while it holds a conversion of the same
+    directory); None = random init. Collective when it converts."""
+    init_from = init_from or cfg.model.load
+    if init_from or not cfg.model.hf_path:
+        return init_from
+    from checkpoints_tools.hf_to_mcore import hf_to_mcore
+    from checkpoints_tools.megatron_side import META_NAME
+    from megatron_amir.training.model_checkpoint import _broadcast_str
+
+    hf_path, target = cfg.model.hf_path, Path(cfg.checkpoint.dir) / "init"
+    error = ""
+    if rank == 0:
+        try:
+            meta_file = target / META_NAME
+            done = meta_file.is_file() and json.loads(meta_file.read_text()).get("source", {}).get(
+                "hf_dir") == str(Path(hf_path).absolute())
+            if not done:
+                if target.exists():
+                    shutil.rmtree(target)
+                log.info("converting model.hf_path %s -> %s (once)", hf_path, target)
+                par = cfg.parallel
+                hf_to_mcore(hf_path, target, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
+                            dtype=cfg.model.params_dtype)
+        except Exception as exc:  # noqa: BLE001 - every rank must stop with the same message
+            error = f"model.hf_path={hf_path}: {type(exc).__name__}: {exc}"
+    error = _broadcast_str(error) if world_size > 1 else error
+    if error:
+        raise ValueError(error)
+    barrier()
+    return str(target)
+
+
+def load_starting_weights(policy: Any, cfg: Config, path: str) -> Optional[dict]:
+    """Check that ``cfg.model`` describes checkpoint ``path``, load its weights into ``policy`` (not its optimizer
+    state) and return the source model's HF config, if the checkpoint records one."""
+    from checkpoints_tools.megatron_side import read_meta
+
+    meta = read_meta(Path(path))
+    check_same_architecture(cfg.model, meta["model"], path)
+    log.info("initializing the policy from %s", path)
+    policy.load(Path(path) / "model", load_optimizer=False)
+    return meta.get("hf_config")
 
 
 _ARCH_FIELDS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
