@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_amir.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_tiny.yaml"
 
@@ -75,6 +77,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = {k: v[q] for k, v in PLAN.items()}
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # finished phases are reused on a re-run: only if they were made with these settings
+    settings = {"quick": bool(q), "seed": a.seed, "plan": plan}
+    recorded = out / "demo_settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        print(f"launch/demo.sh: {out} holds a demo run with other settings ({recorded.read_text().strip()}); "
+              "use another --out or delete it", file=sys.stderr)
+        return 2
+    atomic_write_text(recorded, json.dumps(settings, sort_keys=True) + "\n")
     t0 = time.time()
     print(f"megatron-amir demo ({'quick' if q else 'full'}) -> {out}", flush=True)
     common = [f"train.seed={a.seed}", f"eval.max_problems={plan['eval_problems']}",

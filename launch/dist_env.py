@@ -41,7 +41,7 @@ from typing import Literal, Mapping, MutableMapping, Optional, Sequence
 BACKEND_ENV = "MEGATRON_AMIR_BACKEND"
 LAUNCHER_ENV = "MEGATRON_AMIR_LAUNCHER"  # set by export(): who described this process originally
 BACKENDS = ("auto", "gloo", "nccl")
-PORT_BASE, PORT_SPAN = 20000, 20000  # derived MASTER_PORT in [20000, 40000): below the usual ephemeral range
+PORT_BASE, PORT_SPAN = 20000, 12000  # derived MASTER_PORT in [20000, 32000): below Linux's ephemeral range (32768+)
 
 Launcher = Literal["torchrun", "slurm", "single"]
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -332,7 +332,7 @@ def init_process_group(parallel_cfg=None, timeout_s: float = 600.0):
     backend = resolve_backend(getattr(parallel_cfg, "backend", "auto"))
     if not dist.is_initialized():
         if backend == "nccl":
-            torch.cuda.set_device(d.local_rank)
+            torch.cuda.set_device(d.local_rank % torch.cuda.device_count())  # --gpus-per-task: one visible
         timeout = datetime.timedelta(seconds=timeout_s)
         if d.world_size == 1:
             # an in-memory store: a lone process needs no TCP port (a picked free port can be taken by another

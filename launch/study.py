@@ -83,12 +83,21 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=str(ROOT / "docs" / "results.md"))
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
-    warm = _latest_step_dir(Path(a.warmup))
+    warm_root = Path(a.warmup).resolve()
+    warm = _latest_step_dir(warm_root)
     if warm is None:
-        print(f"no warm-up checkpoint under {a.warmup}: running the demo's warm-up first", flush=True)
-        subprocess.run([sys.executable, "-m", "launch.demo", "--out", str(Path(a.warmup).parent.parent)], check=True,
+        # the demo writes its warm-up to <out>/warmup/checkpoints: only such a path can be made by running it
+        if warm_root.parts[-2:] != ("warmup", "checkpoints"):
+            print(f"launch.study: no warm-up checkpoint under {warm_root} (give --warmup <demo out>/warmup/checkpoints, "
+                  "or a directory holding a warm-up checkpoint)", file=sys.stderr)
+            return 2
+        print(f"no warm-up checkpoint under {warm_root}: running the demo first", flush=True)
+        subprocess.run([sys.executable, "-m", "launch.demo", "--out", str(warm_root.parent.parent)], check=True,
                        cwd=ROOT)
-        warm = _latest_step_dir(Path(a.warmup))
+        warm = _latest_step_dir(warm_root)
+        if warm is None:
+            print(f"launch.study: the demo left no warm-up checkpoint under {warm_root}", file=sys.stderr)
+            return 1
     t0 = time.time()
     dirs: dict[str, list[str]] = {}
     for label, extra in ALGORITHMS.items():

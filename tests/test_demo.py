@@ -39,3 +39,14 @@ def test_quick_demo_end_to_end(tmp_path):
         assert summary[label]["final"]["pass@1"] == final
         assert f"| {label} | " in report and f"{final:.3f}" in report
     assert (out / "compare" / "report.md").is_file()
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    """Finished phases are reused on a re-run of the same --out: a different mode or seed must not reuse them."""
+    import json
+
+    from launch.demo import main
+
+    (tmp_path / "demo_settings.json").write_text(json.dumps({"quick": True, "seed": 1234, "plan": {}}))
+    assert main(["--out", str(tmp_path), "--seed", "7"]) == 2
+    assert "holds a demo run with other settings" in capsys.readouterr().err
