@@ -138,7 +138,7 @@ class Trainer:
         else:  # vllm, colocated
             from megatron_amir.rollout.vllm_engine import VLLMEngine
 
-            engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=weights)
+            engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=weights, version=self.weight_version)
         return engine
 
     def _sync_dir(self) -> str:
