@@ -5,4 +5,4 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m launch.demo "$@"
+exec "${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python" -m launch.demo "$@"

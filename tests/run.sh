@@ -6,9 +6,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh --with-slurm
 marker="not gpu"
-if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then marker=""; fi
+py=${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python
+if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then marker=""; fi
 set +e
-.venv/bin/python -m pytest -ra -q ${marker:+-m "$marker"} "$@"
+"$py" -m pytest -ra -q ${marker:+-m "$marker"} "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
