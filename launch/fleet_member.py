@@ -126,20 +126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--health-path", default="/health")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the first 200")
     p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--start-attempts", type=int, default=3,
+                   help="with a free port chosen here: start again on another port when the server exits before it "
+                        "is healthy (the port can be taken between our probe and the server's bind)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- SERVER COMMAND (use {port}, {host})")
     a = p.parse_args(argv)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not cmd:
         p.error("a server command is needed after --")
-    port = a.port or _free_port()
     addr = advertise_address(a.host)
-    cmd = [c.replace("{port}", str(port)).replace("{host}", addr) for c in cmd]
-    url = f"http://{addr}:{port}"
-    tag = f"[fleet_member {url}]"
-
-    # own session: signals srun/slurmstepd send to our process group reach only this wrapper, which first
-    # unregisters and then stops the server (clients never get a listed server that is shutting down)
-    proc = subprocess.Popen(cmd, start_new_session=True)
     stopping: dict[str, Optional[int]] = {"sig": None}
 
     def on_signal(signum, _frame):  # only a flag: the loop below does the work
@@ -149,10 +144,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption warnings are for the trainer, not the fleet
 
-    registered = False
+    attempts = 1 if a.port else max(1, a.start_attempts)
+    registered, proc = False, None
     try:
-        healthy = wait_healthy(f"http://127.0.0.1:{port}{a.health_path}", proc, a.ready_timeout,
-                               cancelled=lambda: stopping["sig"] is not None)
+        for attempt in range(1, attempts + 1):
+            port = a.port or _free_port()
+            url = f"http://{addr}:{port}"
+            tag = f"[fleet_member {url}]"
+            # own session: signals srun/slurmstepd send to our process group reach only this wrapper, which first
+            # unregisters and then stops the server (clients never get a listed server that is shutting down)
+            proc = subprocess.Popen([c.replace("{port}", str(port)).replace("{host}", addr) for c in cmd],
+                                    start_new_session=True)
+            healthy = wait_healthy(f"http://127.0.0.1:{port}{a.health_path}", proc, a.ready_timeout,
+                                   cancelled=lambda: stopping["sig"] is not None)
+            if healthy or proc.poll() is None or stopping["sig"] is not None or attempt == attempts:
+                break
+            print(f"{tag} server exited with {proc.returncode} before it was healthy; starting it again on another "
+                  f"port ({attempt}/{attempts})", file=sys.stderr, flush=True)
         if not healthy:
             died = proc.poll()  # None: still running (timed out or asked to stop)
             if died is None and stopping["sig"] is None:
@@ -179,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if registered:
             unregister(a.discovery_file, url)
             print(f"{tag} removed from {a.discovery_file}", flush=True)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             _stop(proc, a.stop_timeout)
 
 

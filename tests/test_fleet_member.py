@@ -100,3 +100,18 @@ def test_server_that_never_gets_healthy_times_out(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "not healthy" in out
     assert read_discovery_file(disc) == []
+
+
+def test_server_that_loses_its_port_is_started_again_on_another(tmp_path):
+    """The port is probed here and bound by the server later (minutes for vLLM): if another process took it and
+    the server exits before it is healthy, the wrapper starts it again on a fresh port."""
+    disc, marker = tmp_path / "servers.txt", tmp_path / "first-attempt-done"
+    script = (f"import os, sys, runpy\nm = {str(marker)!r}\n"
+              "if not os.path.exists(m):\n    open(m, 'w').close(); sys.exit(98)  # EADDRINUSE-like failure\n"
+              f"sys.argv = [{str(SERVER)!r}, sys.argv[1]]\nrunpy.run_path({str(SERVER)!r}, run_name='__main__')\n")
+    (tmp_path / "flaky.py").write_text(script)
+    proc = _member(disc, sys.executable, str(tmp_path / "flaky.py"), "{port}")
+    url = _wait_listed(disc, proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "starting it again on another port (1/3)" in out and url.startswith("http://")
