@@ -124,6 +124,10 @@ class AmirConfig(_Section):
             raise ValueError(f"lambda_min={self.lambda_min} > lambda_max={self.lambda_max}")
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low={self.ratio_low} > ratio_high={self.ratio_high}")
+        if self.enabled and self.adaptive_lambda and not self.lambda_min <= self.lambda_init <= self.lambda_max:
+            # the rule only multiplies λ and clamps it when it moves: outside the band it can stay there (or at 0)
+            raise ValueError(f"lambda_init={self.lambda_init} must lie in [lambda_min={self.lambda_min}, "
+                             f"lambda_max={self.lambda_max}] when adaptive_lambda=true")
         return self
 
 
@@ -374,9 +378,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     Override values are parsed as YAML scalars by OmegaConf (``train.lr=1e-5`` is a float,
     ``rollout.servers=[http://a:1]`` a list).
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     import yaml
 
     source = str(path) if path else "<defaults>"
@@ -392,15 +393,31 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"cannot parse config file {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level (got {type(raw).__name__})")
+    data = apply_overrides(raw, overrides)
+    return config_from_dict(data, source + (f" with overrides {overrides}" if overrides else ""))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Optional[list[str]]) -> dict[str, Any]:
+    """``key.path=value`` overrides on plain config data. A value REPLACES what is there (a dict given for
+    ``model.rope_scaling`` is not merged into the file's). Bad syntax raises ConfigError naming the override."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf = OmegaConf.create(raw)
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key.path=value")
+        key = ov.split("=", 1)[0].strip()
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([ov]), key)
+            OmegaConf.update(conf, key, value, merge=False, force_add=True)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"cannot apply override {ov!r}: {exc}") from None
     try:
-        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides or [])))
-        data = OmegaConf.to_container(merged, resolve=True)
+        return OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot apply overrides {overrides}: {exc}") from None
-    return config_from_dict(data, source + (f" with overrides {overrides}" if overrides else ""))
 
 
 def config_record(cfg: Config) -> dict[str, Any]:

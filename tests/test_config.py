@@ -61,6 +61,9 @@ BAD = [
     (["train.lr=.inf"], "train.lr: Input should be a finite number"),
     (["algorithm.amir.beta=.nan"], "algorithm.amir.beta: Input should be a finite number"),
     (["rollout.async_off_policy=true"], "async_off_policy=true is not implemented"),
+    (["rollout.servers=[http://[::1]:8000]"], "cannot apply override 'rollout.servers=[http://[::1]:8000]'"),
+    (["algorithm.amir.adaptive_lambda=true", "algorithm.amir.lambda_init=0.5"],
+     "lambda_init=0.5 must lie in [lambda_min=0.005, lambda_max=0.05]"),
 ]
 
 
@@ -101,3 +104,11 @@ def test_config_record_leaves_the_token_out():
     cfg = load_config(DEMO, ["rollout.token=s3cr3t-token"])
     assert cfg.rollout.token == "s3cr3t-token"  # the running config keeps it
     assert config_record(cfg)["rollout"]["token"] is None and "s3cr3t" not in dump_config(cfg)
+
+
+def test_dict_override_replaces_the_file_value(tmp_path):
+    """model.rope_scaling={...} replaces the file's dict (a merge kept rope_type: llama3 next to type: linear)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  rope_scaling: {rope_type: llama3, factor: 8.0}\n")
+    cfg = load_config(f, ["model.rope_scaling={type: linear, factor: 4.0}"])
+    assert cfg.model.rope_scaling == {"type": "linear", "factor": 4.0}

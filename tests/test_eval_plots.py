@@ -83,3 +83,8 @@ def test_eval_plots(tmp_path):
     p2 = plots.plot_margin_distribution({"a": [0.01, 0.02, -0.01], "b": []}, tmp_path / "m.png")
     p3 = plots.plot_coverage([("both", 3.0), ("neither", 1.5)], tmp_path / "c.png")
     assert all(_is_png(p) for p in (p1, p2, p3))
+
+
+def test_margin_histogram_of_values_equal_up_to_rounding(tmp_path):
+    """np.histogram_bin_edges(bins=30) refuses a range of 1e-17; the plot falls back to fewer bins."""
+    assert _is_png(plots.plot_margin_distribution({"a": [0.19999999999999998, 0.2, 0.2]}, tmp_path / "m.png"))

@@ -96,3 +96,13 @@ def test_study_with_base_run(tmp_path):
     assert sum(cells.values()) == pytest.approx(4)
     with pytest.raises(ValueError, match="clashes"):
         study.build_study({"base": groups["GRPO"]}, "base", str(base))
+
+
+def test_repeated_run_label_adds_seeds(tmp_path, capsys):
+    """--run GRPO=a --run GRPO=b is the same group as --run GRPO=a,b (the first one used to be dropped)."""
+    groups = _make(tmp_path)
+    args = [a for lab, ds in groups.items() for d in ds for a in ("--run", f"{lab}={d}")]
+    rc = study.main(args + ["--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.md"), "--n-boot", "50"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "o" / "study.json").read_text())
+    assert {k: len(v["seeds"]) for k, v in data["algorithms"].items()} == {k: len(v) for k, v in groups.items()}

@@ -168,6 +168,8 @@ def compare_runs(run_a: Run, run_b: Run, run_base: Optional[Run] = None, *, k: O
                            "num_common_problems": len(ids),
                            "dropped": {r.label: len(r.results) - len(ids) for r in runs},
                            "samples_min": n_min, "k": k, "ks": ks,
+                           # every run has exactly k samples of every shared problem: the coverage cells are counts
+                           "coverage_counts": all(r.results[i].n == k for r in runs for i in ids),
                            "settings": {r.label: eval_settings(r.path) for r in runs},
                            "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha}}
 
@@ -271,7 +273,7 @@ def render_report(data: dict[str, Any], plots: dict[str, str]) -> str:
 
     L += ["", f"## Coverage at pass@{k} (paper Table 2)", "",
           "Expected number of problems in each solve pattern"
-          + (" (plain counts: k equals the sample count)." if k == data["samples_min"] else
+          + (" (plain counts: k equals every run's sample count)." if data.get("coverage_counts") else
              f" (k={k} < n: each cell sums, over problems, the probability of that pattern)."), "",
           "| " + " | ".join(labels) + " | problems |", "|---" * (len(labels) + 1) + "|"]
     for row in data["coverage"]:

@@ -67,7 +67,7 @@ def find_trainer_checkpoint(path: Path) -> Optional[Path]:
 
 def config_from_checkpoint(step_dir: Path, overrides: Optional[list[str]] = None):
     """The resolved config the trainer stored in ``meta.json`` (plus ``a.b=c`` overrides)."""
-    from megatron_amir.config import ConfigError, config_from_dict
+    from megatron_amir.config import ConfigError, apply_overrides, config_from_dict
 
     try:
         meta = json.loads((step_dir / "meta.json").read_text())
@@ -75,14 +75,8 @@ def config_from_checkpoint(step_dir: Path, overrides: Optional[list[str]] = None
         raise EvalSetupError(f"cannot read {step_dir / 'meta.json'}: {exc}") from None
     if "config" not in meta:
         raise EvalSetupError(f"{step_dir / 'meta.json'} holds no 'config'; pass --config")
-    data = meta["config"]
-    if overrides:
-        from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(overrides)),
-                                      resolve=True)
     try:
-        return config_from_dict(data, str(step_dir / "meta.json"))
+        return config_from_dict(apply_overrides(meta["config"], overrides), str(step_dir / "meta.json"))
     except ConfigError as exc:
         raise EvalSetupError(str(exc)) from None
 

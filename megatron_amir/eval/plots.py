@@ -223,7 +223,14 @@ def plot_margin_distribution(margins: Mapping[str, Sequence[float]], path: str |
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     allv = np.concatenate([np.asarray(v, dtype=np.float64) for v in margins.values() if len(v)]) \
         if any(len(v) for v in margins.values()) else np.zeros(0)
-    bins = np.histogram_bin_edges(allv, bins=30) if len(allv) > 1 else 10
+    # 30 bins need a range: margins equal up to rounding (np.ptp ~ 1e-17) would make numpy refuse
+    spread = float(np.ptp(allv)) if len(allv) > 1 else 0.0
+    if spread > 1e-9 * max(1.0, float(np.abs(allv).max())):
+        bins = np.histogram_bin_edges(allv, bins=30)
+    else:  # a narrow explicit range around the common value (an integer count would hit the same refusal)
+        mid = float(allv.mean()) if len(allv) else 0.0
+        half = max(1e-6, 1e-3 * abs(mid))
+        bins = np.linspace(mid - half, mid + half, 11)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, vals) in enumerate(margins.items()):
         vals = np.asarray(vals, dtype=np.float64)

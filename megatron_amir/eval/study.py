@@ -227,7 +227,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        groups = dict(_parse_run_arg(s) for s in args.run)
+        groups: dict[str, list] = {}
+        for label, paths in (_parse_run_arg(s) for s in args.run):  # a repeated LABEL= adds its seeds
+            groups.setdefault(label, []).extend(paths)
         data = build_study(groups, args.reference or next(iter(groups)), args.base, k=args.k, n_boot=args.n_boot,
                            seed=args.seed)
     except (ResultsError, ValueError) as exc:
