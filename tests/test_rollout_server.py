@@ -181,3 +181,36 @@ def test_client_does_not_retry_bad_requests_and_gives_up():
     assert attempts == {"g-0": 1, "g-1": 3}
     with pytest.raises(ValueError, match="unique"):
         asyncio.run(client.generate([[1], [2]], SamplingParams(), request_ids=["x", "x"]))
+
+
+def test_snapshot_symlinks_oversized_requests_and_tiny_temperatures(served, tmp_path):
+    """A snapshot file that is a symlink (it could point outside --weights-root) is refused; a rejected snapshot
+    leaves weights and version untouched; prompts x n above --max-request-rows, a top_k beyond int32 get a 400;
+    a temperature below 1e-5 is greedy (it gave NaN log-probs and a 500)."""
+    import os
+
+    c, eng, hf, cfg, root = served
+    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    version = eng.version
+    outside = tmp_path / "outside"
+    snap = write_snapshot(tiny_hf_model("qwen2", seed=5)[0].state_dict(), outside, version=90, hf_config=cfg)
+    linked = root / "v00000090"
+    linked.mkdir()
+    for f in snap.iterdir():
+        os.symlink(f, linked / f.name)
+    r = c.post("/update_weights", json={"update_info": {"path": str(linked), "version": 90}}, headers=AUTH)
+    assert r.status_code == 400 and "symbolic link" in r.text
+    bad = dict(tiny_hf_model("qwen2", seed=6)[0].state_dict())
+    last = sorted(bad)[-1]
+    bad[last] = bad[last][..., :1].contiguous()  # the last tensor has the wrong shape
+    snap_bad = write_snapshot(bad, root, version=91, hf_config=cfg)
+    r = c.post("/update_weights", json={"update_info": {"path": str(snap_bad), "version": 91}}, headers=AUTH)
+    assert r.status_code == 400 and eng.version == version
+    assert all(torch.equal(v, before[k]) for k, v in eng.model.state_dict().items())  # nothing half-loaded
+    assert c.post("/v1/completions", json={"prompt": [[1, 2]] * 20, "n": 1000, "max_tokens": 2}).status_code == 400
+    assert c.post("/v1/completions", json={"prompt": [1, 2], "top_k": 2**64, "max_tokens": 2}).status_code == 400
+    r = c.post("/v1/completions", json={"prompt": [1, 2], "temperature": 1e-40, "max_tokens": 3, "logprobs": 0,
+                                        "return_token_ids": True})
+    greedy = c.post("/v1/completions", json={"prompt": [1, 2], "temperature": 0, "max_tokens": 3,
+                                             "return_token_ids": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == greedy.json()["choices"][0]["token_ids"]

@@ -350,7 +350,8 @@ class CausalLM(nn.Module):
         """
         params = dict(self.named_parameters(remove_duplicate=False))
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        loaded = []
+        todo = []
+        # check everything first, then copy: a rejected update must leave the weights (and their version) whole
         for name, t in items:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -358,15 +359,17 @@ class CausalLM(nn.Module):
                 continue
             if name not in params:
                 raise KeyError(f"unexpected weight {name!r} for a {self.args.family} model")
-            p = params[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-            loaded.append(name)
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
+            todo.append((name, t))
+        loaded = [name for name, _ in todo]
         if strict:
             missing = self.expected_names() - set(loaded)
             if missing:
                 raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+        for name, t in todo:
+            p = params[name]
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
         self.refresh_fused()
         return loaded
 

@@ -62,7 +62,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)  # a bigger one overflowed the batch's tensor: 500 for everyone
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM; a bigger one crashed the batch
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: Optional[int] = None
@@ -193,10 +193,12 @@ def create_app(
     model_name: str = "megatron-amir",
     weights_root: Optional[str] = None,
     max_batch_rows: int = 512,
+    max_request_rows: int = 8192,
 ) -> FastAPI:
     """Build the FastAPI app around ``engine``. ``token``: bearer token for state-changing routes (None:
     those routes answer 403, the server cannot be changed). ``weights_root``: if set, weight updates may
-    only load snapshots under this directory."""
+    only load snapshots under this directory. ``max_request_rows``: most sequences (prompts x n) one
+    completion request may ask for."""
     stats = _Stats()
     state: dict[str, Any] = {"batcher": None, "updating": False, "broadcaster": None}
     app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
@@ -224,7 +226,7 @@ def create_app(
         return _error(exc.status, exc.message, exc.param, exc.type)
 
     def require_token(request: Request) -> None:
-        if token is None:
+        if not token:  # None or "": an empty token would accept an empty bearer
             raise ApiError(403, "this server was started without a token; state-changing routes are disabled",
                            type_="PermissionDenied")
         auth = request.headers.get("authorization", "")
@@ -264,12 +266,17 @@ def create_app(
                            "NotFoundError")
         if any(t < 0 or t >= engine.vocab_size for t in req.stop_token_ids):
             raise ApiError(400, f"stop_token_ids must be in [0, {engine.vocab_size})", "stop_token_ids")
+        if len(prompts) * req.n > max_request_rows:  # one request must not occupy the server for days
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} sequences exceed this "
+                                f"server's limit of {max_request_rows} per request (--max-request-rows)", "n")
         limit = engine.model.args.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + req.max_tokens > limit:
             raise ApiError(400, f"prompt length {longest} + max_tokens {req.max_tokens} exceeds the model's "
                                 f"max_position_embeddings={limit}", "max_tokens")
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        # temperatures below vLLM's _SAMPLING_EPS are greedy (dividing by 1e-40 gave NaN log-probs)
+        params = SamplingParams(temperature=req.temperature if req.temperature >= 1e-5 else 0.0, top_p=req.top_p,
+                                top_k=max(req.top_k, 0),
                                 max_new_tokens=req.max_tokens, stop_token_ids=tuple(req.stop_token_ids), seed=req.seed)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         stats.requests += 1
@@ -548,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--logprobs-mode", default="processed_logprobs", choices=["processed_logprobs", "raw_logprobs"])
     p.add_argument("--max-batch-rows", type=int, default=512)
+    p.add_argument("--max-request-rows", type=int, default=8192, help="most sequences (prompts x n) per request")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--log-level", default="warning")
@@ -591,7 +599,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     token = args.api_key or os.environ.get(TOKEN_ENV) or None
     if token is None:
         log.warning("no token: weight updates, pause and resume are disabled (403)")
-    app = create_app(engine, token, args.served_model_name, args.weights_root, args.max_batch_rows)
+    app = create_app(engine, token, args.served_model_name, args.weights_root, args.max_batch_rows,
+                     args.max_request_rows)
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

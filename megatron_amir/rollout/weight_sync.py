@@ -244,11 +244,19 @@ def latest_snapshot(root: Union[str, Path]) -> Optional[Path]:
     return p if p.is_dir() else None
 
 
+def _no_link(fp: Path) -> None:
+    """Snapshot files are plain files written by write_snapshot: a symlink could point outside the directory a
+    server was allowed to read (its --weights-root check covers the directory, not what its entries point to)."""
+    if fp.is_symlink():
+        raise WeightSyncError(f"{fp}: is a symbolic link; snapshot files must be regular files")
+
+
 def read_manifest(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise WeightSyncError(f"{mf}: manifest not found (not a weight snapshot, or still being written)")
+    _no_link(mf)
     try:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as exc:
@@ -284,6 +292,7 @@ def read_snapshot(path: Union[str, Path], verify: bool = True, expected_version:
         fp = path / fname
         if not fp.is_file():
             raise WeightSyncError(f"{fp}: listed in the manifest but missing")
+        _no_link(fp)
         size = fp.stat().st_size
         if size != info.get("bytes"):
             raise WeightSyncError(f"{fp}: size {size} != manifest {info.get('bytes')}")
