@@ -201,7 +201,7 @@ def _remote_engine(hf_config: dict, tensors: dict, cfg, remote: dict[str, Any], 
     meta.update({"servers": list(rc.servers), "discovery_file": rc.discovery_file, "weights_dir": str(sync_dir)})
     # the servers report log-probs in their own --logprobs-mode: record what they say (the results' margins are
     # computed from them); servers that do not say (stock vllm serve) leave the requested mode, marked unverified
-    modes = {m for m in eng._call(eng.client.weight_versions("logprobs_mode")).values() if m}
+    modes = {m for m in eng.logprobs_modes().values() if m}
     if len(modes) == 1:
         meta["logprobs_mode"] = modes.pop()
     elif modes:

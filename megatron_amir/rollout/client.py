@@ -433,6 +433,10 @@ class FleetEngine:
                             url, version, status)
         return [u for u in added if report[u] == "ok"]
 
+    def logprobs_modes(self) -> dict[str, Optional[str]]:
+        """url -> the ``--logprobs-mode`` each server reports (None where it does not say, e.g. stock vllm serve)."""
+        return self._call(self.client.weight_versions("logprobs_mode"))
+
     def close(self) -> None:
         if self.watcher:
             self.watcher.stop()

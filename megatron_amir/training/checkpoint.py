@@ -36,6 +36,7 @@ HASH_LIMIT = 256 * 1024 * 1024  # hashing 100s of GB would dominate save time; s
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 REFERENCE_DIR = "reference"  # relative to the checkpoint root; never pruned
+WARMUP_KIND = "sft-warmup"  # meta.json "kind" of a supervised warm-up checkpoint (RL checkpoints have none)
 
 
 class CheckpointError(RuntimeError):

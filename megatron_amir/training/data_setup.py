@@ -86,3 +86,9 @@ def rollout_hf_config(cfg: Config, tokenizer: Any = None, base: Optional[dict] =
             if base.get(key) is None and tid is not None:
                 base[key] = int(tid)
     return hf_config_from_model_config(cfg.model, vocab_size=cfg.model.real_vocab_size, base=base)
+
+
+def export_record(cfg: Config, hf_config: dict) -> dict:
+    """What a checkpoint's meta.json needs for ``mcore-to-hf`` and for a run started from it: the tokenizer's
+    vocabulary (rows beyond it are padding, dropped on export) and the HF config with the token ids."""
+    return {"original_vocab_size": int(cfg.model.real_vocab_size or cfg.model.vocab_size), "hf_config": hf_config}

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,12 +39,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _broadcast_str(s: Optional[str]) -> str:
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return s
-    obj = [s]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _model_sharded_state_dict(policy) -> dict:
@@ -73,7 +74,7 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent)
             publish_mode(tmp, directory=True)
-    tmp = _broadcast_str(tmp)
+    tmp = broadcast_from_rank0(tmp)
     if tmp.startswith("error:"):
         raise FileExistsError(tmp[len("error:"):])
     model_sd = _model_sharded_state_dict(policy)

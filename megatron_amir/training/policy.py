@@ -361,12 +361,8 @@ class Policy:
         self.optimizer.zero_grad()
         self._forward_backward(tokens, self.cfg.train.micro_batch_size, loss_func_for, forward_only=False)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this update uses (the schedule moves after it)
-        overflow = False
-        if self.config.fp16:
-            # fp16's dynamic loss scaler must see the overflow itself (it then lowers the scale and skips the update)
-            update_successful, grad_norm, _ = self.optimizer.step()
-            overflow = not update_successful
-        elif self._grads_finite():
+        # fp16's dynamic loss scaler must see an overflow itself (it then lowers the scale and skips the update)
+        if self.config.fp16 or self._grads_finite():
             update_successful, grad_norm, _ = self.optimizer.step()
         else:
             # the fp32 and bf16 Megatron optimizers have no inf/nan check (only fp16's loss scaler does): a
@@ -377,11 +373,10 @@ class Policy:
         if update_successful:  # as Megatron's training loop: a skipped update does not advance the LR schedule
             self.scheduler.step(increment=1)
         self.num_steps += 1
-        out = self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm)
-        out["lr"] = lr
+        out = self._reduce_metrics(sums, counts["mb"], update_successful, grad_norm, lr)
         if self.config.fp16:
             out["loss_scale"] = float(self.optimizer.get_loss_scale())
-            out["loss_scale_overflow"] = float(overflow)
+            out["loss_scale_overflow"] = float(not update_successful)
         return out
 
     def _grads_finite(self) -> bool:
@@ -399,7 +394,7 @@ class Policy:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
-    def _reduce_metrics(self, sums, n_mb, update_successful, grad_norm) -> dict[str, float]:
+    def _reduce_metrics(self, sums, n_mb, update_successful, grad_norm, lr: float) -> dict[str, float]:
         keys = ["loss", "entropy_sum", "tokens"] + sorted(k for k in sums if k.startswith(("sum/", "wsum/")))
         vec = None
         if self.info.is_last_stage:
@@ -430,7 +425,7 @@ class Policy:
             "entropy": vals["entropy_sum"] / max(1.0, vals["tokens"]),
             "response_tokens": vals["tokens"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": lr,
             "update_successful": float(bool(update_successful)),
             "num_microbatches": total_mb,
         }

@@ -11,7 +11,6 @@ micro-batch losses sum to L under any micro-batching, pipeline or data paralleli
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -23,8 +22,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_amir.config import Config, config_record
-from megatron_amir.training.checkpoint import CheckpointManager
+from megatron_amir.training.checkpoint import WARMUP_KIND, CheckpointManager
 from megatron_amir.training.metrics import MetricsLogger
+from megatron_amir.training.model_checkpoint import broadcast_from_rank0
+from megatron_amir.training.data_setup import export_record
 from megatron_amir.training.rollout_batch import build_rollout_batch
 
 log = logging.getLogger("megatron_amir.sft")
@@ -90,7 +91,7 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
             t.metrics.log(step, last)
             # rank 0 evaluates; every rank must stop together (the next step is collective)
             reached = target_accuracy is not None and acc.get("eval/sampled_accuracy", -1.0) >= target_accuracy
-            if _agree(reached, t.rank):
+            if broadcast_from_rank0(reached):
                 log.info("reached sampled accuracy %s >= %.3f: stopping the warm-up",
                          acc.get("eval/sampled_accuracy", "(rank 0)"), target_accuracy)
                 break
@@ -99,17 +100,6 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
     pbar.close()
     last["sft/steps"] = step
     return last
-
-
-def _agree(flag: bool, rank: int) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    box = [flag if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
 
 
 class WarmupRunner:
@@ -122,8 +112,7 @@ class WarmupRunner:
         from megatron_amir.training.trainer import _setup_logging
 
         self.cfg = cfg
-        info = initialize_distributed(cfg)
-        self.rank, self.world_size = info.rank, info.world_size
+        self.rank = initialize_distributed(cfg).rank
         _setup_logging(cfg, self.rank)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer, sampler, self.test_problems = build_data(cfg)
@@ -142,7 +131,7 @@ class WarmupRunner:
         from megatron_amir.training.data_setup import rollout_hf_config
         from megatron_amir.training.trainer import load_starting_weights, starting_checkpoint
 
-        path = starting_checkpoint(self.cfg, self.rank, self.world_size, self.policy.barrier, init_from)
+        path = starting_checkpoint(self.cfg, self.rank, self.policy.barrier, init_from)
         if path:
             base = load_starting_weights(self.policy, self.cfg, path)
             self.hf_config = rollout_hf_config(self.cfg, self.tokenizer, base=base)
@@ -181,16 +170,14 @@ class WarmupRunner:
     def save(self, step: int, extra: dict[str, Any]) -> Path:
         root = Path(self.cfg.checkpoint.dir)
         rl = [p.name for p in sorted(root.glob("step_*")) if (p / "meta.json").is_file()
-              and json.loads((p / "meta.json").read_text()).get("kind") != "sft-warmup"]
+              and CheckpointManager.read_meta(p).get("kind") != WARMUP_KIND]
         if rl:  # keep-last-1 would delete them, and RL's auto-resume would then pick this warm-up up
             raise ValueError(f"checkpoint.dir {root} holds RL checkpoints ({', '.join(rl)}): give the warm-up a "
                              "checkpoint.dir of its own")
         mgr = CheckpointManager(root, keep_last=1, rank=self.rank, barrier=self.policy.barrier)
         return mgr.save(step, lambda d: self.policy.save(d / "model", save_optimizer=False),
-                        {"step": step, "kind": "sft-warmup", **extra, "config": config_record(self.cfg),
-                         # for mcore-to-hf and for an RL run started from it (as the trainer records them)
-                         "original_vocab_size": int(self.cfg.model.real_vocab_size or self.cfg.model.vocab_size),
-                         "hf_config": self.hf_config})
+                        {"step": step, "kind": WARMUP_KIND, **extra, "config": config_record(self.cfg),
+                         **export_record(self.cfg, self.hf_config)})
 
 
 def main(argv: list[str]) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_amir.config import Config, config_record, dump_config
-from megatron_amir.training.checkpoint import REFERENCE_DIR, CheckpointManager
+from megatron_amir.training.checkpoint import REFERENCE_DIR, WARMUP_KIND, CheckpointManager
 from megatron_amir.training.metrics import MetricsLogger, summary_line
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
 
@@ -105,7 +105,7 @@ class Trainer:
         self._hf_base: Optional[dict] = None  # the source model's HF config.json (token ids, ...), if known
         resumed = self._resume()
         if not resumed:
-            init_from = starting_checkpoint(cfg, self.rank, self.world_size, self.policy.barrier, init_from)
+            init_from = starting_checkpoint(cfg, self.rank, self.policy.barrier, init_from)
             if init_from:
                 self._hf_base = load_starting_weights(self.policy, cfg, init_from)
         # the HF config of these weights: the rollout engine runs it, and checkpoints record it for export
@@ -171,7 +171,6 @@ class Trainer:
                 self.policy.save(saved, save_optimizer=False)  # collective; tmp dir + rename inside
                 self.reference = {"source": "initial" if not resumed else f"step {self.step}", "path": REFERENCE_DIR}
             return self.policy.frozen_copy()
-        frozen = self.policy.frozen_copy()
         # a relative path is relative to the root the resumed checkpoint was saved in (which may be another run's)
         saved_root = self._resumed_from.parent
         path = Path(self.reference["path"])
@@ -181,6 +180,7 @@ class Trainer:
         if not path.is_dir():
             raise FileNotFoundError(f"reference policy weights not found at {path} (recorded in the checkpoint as "
                                     f"{self.reference}); restore them, or start a fresh run (checkpoint.resume=none)")
+        frozen = self.policy.frozen_copy()
         frozen.load(path)
         log.info("reference policy loaded from %s", path)
         return frozen
@@ -381,6 +381,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def save(self) -> Path:
+        from megatron_amir.training.data_setup import export_record
+
         meta = {
             "step": self.step,
             "weight_version": self.weight_version,
@@ -389,10 +391,7 @@ class Trainer:
             "world_size": self.world_size,
             "config": config_record(self.cfg),
             "reference": self.reference,
-            # for mcore-to-hf on a step directory: the tokenizer's vocabulary (padding rows are dropped) and
-            # the HF config with its token ids
-            "original_vocab_size": int(self.cfg.model.real_vocab_size or self.cfg.model.vocab_size),
-            "hf_config": self.hf_config,
+            **export_record(self.cfg, self.hf_config),
         }
 
         def write(d: Path) -> None:
@@ -412,7 +411,7 @@ class Trainer:
         if ckpt is None:
             return False
         meta = CheckpointManager.read_meta(ckpt)
-        if meta.get("kind") == "sft-warmup":
+        if meta.get("kind") == WARMUP_KIND:
             raise ValueError(f"{ckpt} is a warm-up (sft) checkpoint, not an RL one: start RL from it with "
                              f"--init-from {ckpt} and a checkpoint.dir of its own")
         self._resumed_from = ckpt
@@ -582,8 +581,7 @@ def _init_from_problem(path: Path) -> Optional[str]:
     return None
 
 
-def starting_checkpoint(cfg: Config, rank: int, world_size: int, barrier: Any,
-                        init_from: Optional[str] = None) -> Optional[str]:
+def starting_checkpoint(cfg: Config, rank: int, barrier: Any, init_from: Optional[str] = None) -> Optional[str]:
     """The checkpoint a fresh run starts from: ``--init-from``, else ``model.load``, else ``model.hf_path``
     converted once into ``<checkpoint.dir>/init`` (rank 0; reused while it holds a conversion of the same
     directory); None = random init. Collective when it converts."""
@@ -592,7 +590,7 @@ def starting_checkpoint(cfg: Config, rank: int, world_size: int, barrier: Any,
         return init_from
     from checkpoints_tools.hf_to_mcore import hf_to_mcore
     from checkpoints_tools.megatron_side import META_NAME
-    from megatron_amir.training.model_checkpoint import _broadcast_str
+    from megatron_amir.training.model_checkpoint import broadcast_from_rank0
 
     hf_path, target = cfg.model.hf_path, Path(cfg.checkpoint.dir) / "init"
     error = ""
@@ -610,7 +608,7 @@ def starting_checkpoint(cfg: Config, rank: int, world_size: int, barrier: Any,
                             dtype=cfg.model.params_dtype)
         except Exception as exc:  # noqa: BLE001 - every rank must stop with the same message
             error = f"model.hf_path={hf_path}: {type(exc).__name__}: {exc}"
-    error = _broadcast_str(error) if world_size > 1 else error
+    error = broadcast_from_rank0(error)
     if error:
         raise ValueError(error)
     barrier()
