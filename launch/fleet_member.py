@@ -24,7 +24,6 @@ address in launch/dist_env.py, so it works where node names are not DNS names), 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import socket
@@ -33,54 +32,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 # --------------------------------------------------------------------------------------------- the file
-def read_discovery_file(path: str | os.PathLike) -> list[str]:
-    """Server URLs listed in ``path`` (missing file = no servers)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _rewrite(path: Path, urls: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(u + "\n" for u in urls), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def register(path: str | os.PathLike, url: str) -> None:
-    """Add ``url`` to the discovery file (idempotent)."""
-    p = Path(path)
-    with _locked(p):
-        urls = read_discovery_file(p)
-        if url not in urls:
-            _rewrite(p, urls + [url])
-
-
-def unregister(path: str | os.PathLike, url: str) -> None:
-    """Remove ``url`` from the discovery file (no error if it is not there)."""
-    p = Path(path)
-    with _locked(p):
-        urls = read_discovery_file(p)
-        if url in urls:
-            _rewrite(p, [u for u in urls if u != url])
+# one implementation for every writer (this wrapper and ``rollout.server --register``) and for the trainer's reader
+from megatron_amir.rollout.router import read_discovery_file  # noqa: E402,F401 - re-exported
+from megatron_amir.rollout.router import register_url as register  # noqa: E402
+from megatron_amir.rollout.router import unregister_url as unregister  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- the member

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,8 +47,12 @@ def router_binary() -> str:
     return found
 
 
-def read_discovery_file(path: str | Path) -> list[str]:
-    """URLs listed in a discovery file: one per line, '#' comments and blanks ignored, order kept, deduped."""
+def read_discovery_file(path: str | Path, bad: Optional[list[str]] = None) -> list[str]:
+    """URLs listed in a discovery file: one per line, '#' comments and blanks ignored, order kept, deduped.
+
+    A line that is not an http(s) URL raises ValueError naming the file and line, unless ``bad`` is given:
+    then it is appended there as ``"file:line: text"`` and skipped (the watcher's mode: one garbled line, e.g.
+    a half-written append from a crashed member, must not hide every other member)."""
     p = Path(path)
     if not p.exists():
         return []
@@ -56,12 +61,67 @@ def read_discovery_file(path: str | Path) -> list[str]:
         url = line.split("#", 1)[0].strip()
         if not url:
             continue
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{path}:{i}: {url!r} is not an http(s) URL")
+        if not _is_http_url(url):
+            msg = f"{path}:{i}: {url!r} is not an http(s) URL"
+            if bad is None:
+                raise ValueError(msg)
+            bad.append(msg)
+            continue
         url = url.rstrip("/")
         if url not in out:
             out.append(url)
     return out
+
+
+@contextlib.contextmanager
+def _discovery_lock(path: Path):
+    """Exclusive ``flock`` on ``<file>.lock``: every writer of a discovery file takes it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _edit_discovery_file(path: str | os.PathLike, edit: Callable[[list[str]], list[str]]) -> None:
+    """Read, edit and atomically replace (temp + rename) the file under the writers' lock, so readers never see
+    a torn file and concurrent writers never lose each other's lines. Garbled lines are dropped on the way."""
+    p = Path(path)
+    with _discovery_lock(p):
+        urls = read_discovery_file(p, bad=[])
+        new = edit(urls)
+        if new != urls or not p.exists():
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(u + "\n" for u in new), encoding="utf-8")
+            os.replace(tmp, p)
+
+
+def register_url(path: str | os.PathLike, url: str) -> None:
+    """Add ``url`` to the discovery file (idempotent)."""
+    url = url.rstrip("/")
+    _edit_discovery_file(path, lambda urls: urls if url in urls else urls + [url])
+
+
+def unregister_url(path: str | os.PathLike, url: str) -> None:
+    """Remove ``url`` from the discovery file (no error if it is not there)."""
+    url = url.rstrip("/")
+    _edit_discovery_file(path, lambda urls: [u for u in urls if u != url])
+
+
+def _is_http_url(url: str) -> bool:
+    """http(s)://host[:port][/path] in printable ASCII with a valid port (a torn or garbled line fails)."""
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 class VllmRouter:
@@ -192,40 +252,66 @@ class DiscoveryWatcher:
 
     def __init__(self, path: str | Path, router: Optional[VllmRouter] = None,
                  on_change: Optional[Callable[[list[str]], None]] = None, interval_s: float = 1.0,
-                 prepare: Optional[Callable[[list[str]], list[str]]] = None, lock: Optional[Any] = None):
+                 prepare: Optional[Callable[[list[str]], list[str]]] = None, lock: Optional[Any] = None,
+                 max_backoff_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         """``prepare(added) -> ready``: called with newly listed servers before any traffic can reach them (the
-        fleet engine loads the current weights there); servers it does not return are retried at the next poll.
-        ``lock``: held while a change is prepared and applied (the fleet engine's weight-update lock)."""
+        fleet engine loads the current weights there); a server it does not return is retried after
+        ``interval_s``, then after twice as long each time, up to ``max_backoff_s``.
+        ``lock``: held while a change is prepared and applied (the fleet engine's weight-update lock).
+        Lines of the file that are not URLs are skipped with one warning each."""
         self.path, self.router, self.on_change, self.interval_s = Path(path), router, on_change, interval_s
         self.prepare, self.lock = prepare, lock
+        self.clock = clock
+        self.max_backoff_s = max_backoff_s
         self._last: Optional[list[str]] = None
+        self._bad_seen: set[str] = set()
+        # url -> (next attempt time, current delay): a listed server that ``prepare`` turned away is retried
+        # with exponential back-off, so a dead entry does not take the weight-update lock at every poll
+        self._backoff: dict[str, tuple[float, float]] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def check(self) -> bool:
         """Re-read the file; returns True when the worker list changed (and was applied)."""
+        bad: list[str] = []
         try:
-            urls = read_discovery_file(self.path)
-        except (OSError, ValueError) as exc:
+            urls = read_discovery_file(self.path, bad=bad)
+        except OSError as exc:
             log.warning("discovery file %s: %s (keeping %s)", self.path, exc, self._last)
             return False
-        if urls == self._last:
+        for msg in bad:
+            if msg not in self._bad_seen:
+                log.warning("discovery: skipping %s", msg)
+        self._bad_seen = set(bad)
+        now = self.clock()
+        self._backoff = {u: b for u, b in self._backoff.items() if u in urls}  # delisted: forget
+        waiting = {u for u, (due, _) in self._backoff.items() if due > now}
+        want = [u for u in urls if u not in waiting or u in (self._last or [])]
+        if want == self._last:
             return False
         with self.lock if self.lock is not None else contextlib.nullcontext():
-            added = [u for u in urls if u not in (self._last or [])]
+            added = [u for u in want if u not in (self._last or [])]
             if self.prepare is not None and added:
                 ready = set(self.prepare(added))
+                for u in added:
+                    if u in ready:
+                        self._backoff.pop(u, None)
+                    else:
+                        delay = min(self.max_backoff_s, 2 * self._backoff[u][1]) if u in self._backoff else self.interval_s
+                        self._backoff[u] = (now + delay, delay)
                 if ready != set(added):
-                    log.warning("discovery: not adding %s yet (not ready)", [u for u in added if u not in ready])
-                urls = [u for u in urls if u not in added or u in ready]
-            if urls == self._last:
+                    log.warning("discovery: not adding %s yet (not ready; next tries in %s s)",
+                                [u for u in added if u not in ready],
+                                [round(self._backoff[u][1], 1) for u in added if u not in ready])
+                want = [u for u in want if u not in added or u in ready]
+            if want == self._last:
                 return False
             if self.router is not None:
-                added, removed = self.router.sync_workers(urls)
+                added, removed = self.router.sync_workers(want)
                 log.info("discovery: added %s removed %s", added, removed)
             if self.on_change is not None:
-                self.on_change(list(urls))
-            self._last = urls
+                self.on_change(list(want))
+            self._last = want
         return True
 
     def start(self) -> "DiscoveryWatcher":

@@ -562,20 +562,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def register_url(discovery_file: str, url: str) -> None:
-    """Append ``url`` to a discovery file (one address per line) under an exclusive lock."""
-    import fcntl
-
-    Path(discovery_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(discovery_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.write(url + "\n")
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     import torch
     import uvicorn
@@ -620,6 +606,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
                 atomic_write_text(Path(args.port_file), url + "\n")
             if args.register:
+                from megatron_amir.rollout.router import register_url
+
                 register_url(args.register, url)
             log.warning("serving %s on %s", args.served_model_name, url)
         await task
