@@ -101,3 +101,41 @@ def test_resumed_trainer_writes_an_older_version(tmp_path, keep_last):
     assert [v for v, _ in list_snapshots(tmp_path)] == [3]
     write_snapshot({"w": torch.full((3,), 4.0)}, tmp_path, 4, keep_last=keep_last)
     assert [v for v, _ in list_snapshots(tmp_path)] == [3, 4]
+
+
+def test_broadcast_rendezvous_listens_only_on_the_given_address():
+    """The gloo weight-broadcast store listens on the master address only (TCPStore alone binds every
+    interface, exposing an unauthenticated store to the network); the broadcast itself still works."""
+    import threading
+
+    from megatron_amir.rollout.router import free_port
+    from megatron_amir.rollout.weight_sync import TensorBroadcaster
+
+    port = free_port("127.0.0.1")
+    got, errors = {}, []
+
+    def worker():
+        try:
+            comm = TensorBroadcaster.gloo("127.0.0.1", port, 1, 2, timeout_s=30)
+            t = torch.zeros(3)
+            comm.broadcast(t)
+            got["t"] = t
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    master = TensorBroadcaster.gloo("127.0.0.1", port, 0, 2, timeout_s=30)
+    master.broadcast(torch.tensor([1.0, 2.0, 3.0]))
+    th.join(30)
+    assert not errors and torch.equal(got["t"], torch.tensor([1.0, 2.0, 3.0]))
+    with open("/proc/net/tcp") as f:  # local_address is hex IP:port; 0100007F = 127.0.0.1, state 0A = LISTEN
+        listening = [ln.split()[1] for ln in f.read().splitlines()[1:] if ln.split()[3] == "0A"]
+    assert f"0100007F:{port:04X}" in listening
+    assert f"00000000:{port:04X}" not in listening
+    try:
+        with open("/proc/net/tcp6") as f:
+            listening6 = [ln.split()[1] for ln in f.read().splitlines()[1:] if ln.split()[3] == "0A"]
+    except FileNotFoundError:
+        listening6 = []
+    assert f"00000000000000000000000000000000:{port:04X}" not in listening6

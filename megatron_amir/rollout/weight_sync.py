@@ -330,18 +330,23 @@ class TensorBroadcaster:
     that order, each broadcast from rank 0.
     """
 
-    def __init__(self, pg, rank: int, world_size: int, store):
+    def __init__(self, pg, rank: int, world_size: int, store, listen_socket=None):
         self.pg, self.rank, self.world_size, self._store = pg, rank, world_size, store
+        self._listen_socket = listen_socket  # kept open for the store's lifetime
 
     @classmethod
     def gloo(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float = 120.0) -> "TensorBroadcaster":
+        """Rank 0 hosts the rendezvous store, listening on ``host`` only (TCPStore alone listens on every
+        interface); the other ranks connect to ``host:port``."""
         import datetime
 
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
-        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store)
+        sock = _listen_socket(host, port) if rank == 0 else None
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
+                              **({"master_listen_fd": sock.fileno()} if sock is not None else {}))
+        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store, sock)
 
     def broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -349,6 +354,22 @@ class TensorBroadcaster:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         self.pg.broadcast([t], opts).wait()
+
+
+def _listen_socket(host: str, port: int):
+    """A listening TCP socket bound to ``host:port`` (the address the workers are told), for the store."""
+    import socket
+
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise WeightSyncError(f"cannot listen on {host}:{port} for the weight broadcast rendezvous: {exc}") from exc
+    return sock
 
 
 def update_info(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
