@@ -154,6 +154,54 @@ def test_bootstrap_rejects_bad_input():
         compare.paired_bootstrap([1.0, 2.0], [1.0])
 
 
+def test_weighted_statistics_equal_the_expanded_sample():
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(size=9), 2)  # rounding makes ties
+    w = rng.integers(0, 4, size=(50, 9)).astype(np.float64)
+    w[:, 0] += 1  # every resample non-empty
+    for row, med, mean in zip(w, compare.weighted_median(x, w), compare.weighted_mean(x, w)):
+        expanded = np.repeat(x, row.astype(int))
+        assert med == np.median(expanded)
+        assert mean == pytest.approx(expanded.mean())
+
+
+def test_cluster_bootstrap_with_one_value_per_cluster_is_the_plain_bootstrap():
+    x = np.random.default_rng(4).normal(size=60)
+    ids = [f"p{i}" for i in range(60)]
+    for plain, wstat in ((None, compare.weighted_mean), (compare._median_rows, compare.weighted_median)):
+        a = compare.bootstrap_ci(x, plain, n_boot=500, seed=9)
+        c = compare.cluster_bootstrap_ci(x, ids, wstat, n_boot=500, seed=9)
+        assert (c.estimate, c.lo, c.hi) == pytest.approx((a.estimate, a.lo, a.hi), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("wstat", [compare.weighted_mean, compare.weighted_median])
+def test_cluster_bootstrap_does_not_count_correlated_seeds_as_independent(wstat):
+    """S seeds with identical values per problem carry the information of one seed: the pooled CI must be the
+    single-seed CI, not ~1/sqrt(S) as wide (what resampling (seed, problem) pairs independently gives)."""
+    P, S = 80, 4
+    x = np.random.default_rng(5).normal(size=P)
+    ids = [f"p{i}" for i in range(P)]
+    one = compare.cluster_bootstrap_ci(x, ids, wstat, n_boot=1000, seed=2)
+    # pooled seed-major, like the study: seed 0's problems, then seed 1's, ...
+    pooled = compare.cluster_bootstrap_ci(np.tile(x, S), ids * S, wstat, n_boot=1000, seed=2)
+    assert (pooled.estimate, pooled.lo, pooled.hi) == pytest.approx((one.estimate, one.lo, one.hi))
+    plain = None if wstat is compare.weighted_mean else compare._median_rows
+    naive = compare.bootstrap_ci(np.tile(x, S), plain, n_boot=1000, seed=2)  # the old unit: (seed, problem) pairs
+    assert (naive.hi - naive.lo) < 0.7 * (one.hi - one.lo)  # ~1/sqrt(4) = 0.5: the per-pair resampling is too narrow
+    again = compare.cluster_bootstrap_ci(np.tile(x, S), ids * S, wstat, n_boot=1000, seed=2)
+    assert (again.lo, again.hi) == (pooled.lo, pooled.hi)
+    assert (compare.cluster_bootstrap_ci(np.tile(x, S), ids * S, wstat, n_boot=1000, seed=3).lo) != pooled.lo
+
+
+def test_cluster_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        compare.cluster_bootstrap_ci([], [])
+    with pytest.raises(ValueError, match="cluster labels"):
+        compare.cluster_bootstrap_ci([1.0, 2.0], ["a"])
+    with pytest.raises(ValueError, match="alpha"):
+        compare.cluster_bootstrap_ci([1.0, 2.0], ["a", "b"], alpha=1.0)
+
+
 def _is_png(p: Path) -> bool:
     return p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

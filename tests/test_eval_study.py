@@ -106,3 +106,24 @@ def test_repeated_run_label_adds_seeds(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     data = json.loads((tmp_path / "o" / "study.json").read_text())
     assert {k: len(v["seeds"]) for k, v in data["algorithms"].items()} == {k: len(v) for k, v in groups.items()}
+
+
+def test_pooled_margin_ci_resamples_problems_not_seed_problem_pairs(tmp_path):
+    """Seeds that agree exactly on every problem add no information: the pooled-margin CI over S such seeds must
+    equal the one-seed CI (cluster bootstrap over problems), not be ~1/sqrt(S) as wide."""
+    P, S = 60, 4
+    margins = np.random.default_rng(7).normal(0.05, 0.1, size=P)
+    d = tmp_path / "run"
+    write_results(d / "results.jsonl", [ProblemResult(id=f"p{i}", texts=["t"] * 2, correct=[True, False],
+                                                      lengths=[10, 10], mean_logprobs=[float(m) - 0.5, -0.5])
+                                        for i, m in enumerate(margins)])
+    one = study.build_study({"A": [str(d)]}, "A", n_boot=1000, seed=3)["algorithms"]["A"]
+    many = study.build_study({"A": [str(d)] * S}, "A", n_boot=1000, seed=3)["algorithms"]["A"]
+    assert one["margin_pooled_median"] == pytest.approx(np.median(margins))
+    assert many["margin_pooled_median"] == pytest.approx(one["margin_pooled_median"])
+    ci1, ciS = one["margin_pooled_median_ci"], many["margin_pooled_median_ci"]
+    assert ciS["hi"] - ciS["lo"] > 0
+    assert (ciS["lo"], ciS["hi"]) == pytest.approx((ci1["lo"], ci1["hi"]))
+    # deterministic given the seed
+    again = study.build_study({"A": [str(d)] * S}, "A", n_boot=1000, seed=3)["algorithms"]["A"]
+    assert again["margin_pooled_median_ci"] == ciS

@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -59,26 +59,86 @@ class Interval:
         return {"estimate": self.estimate, "lo": self.lo, "hi": self.hi}
 
 
+def _resample_indices(n: int, n_boot: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """The bootstrap draws: [b, n] indices into range(n), with replacement, chunk rows at a time (memory stays at
+    chunk * n). Every bootstrap here uses these draws, so equal (n, n_boot, seed) give equal resamples."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        yield rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+
+
+def _percentile_interval(estimate: float, stats: list[np.ndarray], alpha: float) -> Interval:
+    lo, hi = np.quantile(np.concatenate(stats), [alpha / 2, 1 - alpha / 2])
+    return Interval(float(estimate), float(lo), float(hi))
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must be in (0, 1)")
+
+
 def bootstrap_ci(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], np.ndarray] | None = None,
                  *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05, chunk: int = 256) -> Interval:
     """Percentile bootstrap CI of ``statistic`` (default: mean) over ``values`` resampled with replacement.
 
-    statistic maps a [B, P] array of resampled rows to [B] statistics. Deterministic given ``seed``."""
+    Each value is one independent unit (one problem). statistic maps a [B, P] array of resampled rows to [B]
+    statistics. Deterministic given ``seed``. For several correlated values per unit (one per seed of a problem)
+    use cluster_bootstrap_ci."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or len(x) == 0:
         raise ValueError(f"bootstrap_ci needs a non-empty 1-D sample, got shape {x.shape}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha={alpha} must be in (0, 1)")
+    _check_alpha(alpha)
     stat = statistic or (lambda a: a.mean(axis=1))
-    rng = np.random.default_rng(seed)
+    stats = [stat(x[idx]) for idx in _resample_indices(len(x), n_boot, seed, chunk)]
+    return _percentile_interval(stat(x[None, :])[0], stats, alpha)
+
+
+def weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mean of the values x [R] repeated w [B, R] times each, per row of w: [B]."""
+    return (w @ x) / w.sum(axis=1)
+
+
+def weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """np.median of the values x [R] repeated w [B, R] (non-negative integer) times each, per row of w: [B]."""
+    order = np.argsort(x, kind="stable")
+    xs, cw = x[order], np.cumsum(w[:, order], axis=1)
+    total = cw[:, -1]
+    # 0-based positions (N-1)//2 and N//2 of the expanded sorted sample: the first column whose cumulative
+    # weight exceeds the position
+    lo = np.argmax(cw > ((total - 1) // 2)[:, None], axis=1)
+    hi = np.argmax(cw > (total // 2)[:, None], axis=1)
+    return (xs[lo] + xs[hi]) / 2
+
+
+def cluster_bootstrap_ci(values: Sequence[float] | np.ndarray, clusters: Sequence[Any] | np.ndarray,
+                         statistic: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, *,
+                         n_boot: int = 2000, seed: int = 0, alpha: float = 0.05, chunk: int = 256) -> Interval:
+    """Percentile cluster-bootstrap CI of a statistic of pooled ``values`` (default: their mean).
+
+    ``clusters[i]`` is the unit value i belongs to (a problem id); the values of one cluster are correlated (the
+    same problem under several seeds), so a resample draws *clusters* with replacement and takes all values of
+    every drawn cluster (a cluster drawn twice counts twice), then recomputes the statistic on the pooled rows.
+    Resampling the values one by one would treat correlated values as independent and give too narrow an interval.
+    statistic maps (values [R], integer weights [B, R] = how often each value is in each resample) to [B]:
+    weighted_mean or weighted_median. Clusters are numbered by first appearance and drawn with the same draws as
+    bootstrap_ci, so with one value per cluster the result is bootstrap_ci's. Deterministic given ``seed``."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"cluster_bootstrap_ci needs a non-empty 1-D sample, got shape {x.shape}")
+    if len(clusters) != len(x):
+        raise ValueError(f"cluster_bootstrap_ci: {len(clusters)} cluster labels for {len(x)} values")
+    _check_alpha(alpha)
+    first: dict[Any, int] = {}
+    codes = np.array([first.setdefault(c, len(first)) for c in clusters], dtype=np.int64)
+    n_clusters = len(first)
+    stat = statistic or weighted_mean
     stats = []
-    for start in range(0, n_boot, chunk):  # chunks keep memory at chunk * P indices
-        b = min(chunk, n_boot - start)
-        idx = rng.integers(0, len(x), size=(b, len(x)))
-        stats.append(stat(x[idx]))
-    s = np.concatenate(stats)
-    lo, hi = np.quantile(s, [alpha / 2, 1 - alpha / 2])
-    return Interval(float(stat(x[None, :])[0]), float(lo), float(hi))
+    for idx in _resample_indices(n_clusters, n_boot, seed, chunk):
+        b = len(idx)
+        counts = np.bincount((idx + n_clusters * np.arange(b)[:, None]).ravel(),
+                             minlength=b * n_clusters).reshape(b, n_clusters)
+        stats.append(stat(x, counts[:, codes].astype(np.float64)))
+    return _percentile_interval(stat(x, np.ones((1, len(x))))[0], stats, alpha)
 
 
 def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, n_boot: int = 2000,

@@ -11,7 +11,10 @@ For every algorithm: pass@k / maj@k / lengths / log-prob margin per seed and the
 over seeds. Every other algorithm is compared with the reference one on the problems all runs share:
 per problem, pass@k is averaged over seeds, then a paired bootstrap over problems gives the CI of
 the difference; coverage uses the seed-averaged solve probabilities (expected counts for a randomly
-chosen seed and k samples). The report ends with the path of every file it read.
+chosen seed and k samples). The log-prob margins of all seeds are pooled; the CI of their median is a
+cluster bootstrap over problems (a drawn problem brings the margins of all its seeds, which are
+correlated, so they are never resampled as independent values). The report ends with the path of every
+file it read.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from megatron_amir.eval.compare import Run, bootstrap_ci, coverage_table, load_run, paired_bootstrap, run_margins
+from megatron_amir.eval.compare import (
+    Run,
+    cluster_bootstrap_ci,
+    coverage_table,
+    load_run,
+    paired_bootstrap,
+    run_margins,
+    weighted_median,
+)
 from megatron_amir.eval.passk import default_ks, maj_at_k, pass_at_k
 from megatron_amir.eval.results import ResultsError, atomic_write_text, eval_settings, settings_mismatch
 
@@ -79,8 +90,13 @@ def build_study(groups: dict[str, list[str]], reference: str, base: Optional[str
     avg: dict[str, dict[int, np.ndarray]] = {}
     for lab, rs in list(runs.items()) + ([("base", [base_run])] if base_run else []):
         seeds = []
+        pooled: list[float] = []
+        pooled_ids: list[str] = []  # the problem of each pooled margin: the bootstrap's cluster
         for r in rs:
-            margins = list(run_margins(r, ids).values())
+            by_id = run_margins(r, ids)
+            margins = list(by_id.values())
+            pooled += margins
+            pooled_ids += list(by_id)
             seeds.append({
                 "run": r.label, "file": str(r.path),
                 "pass_at_k": {kk: float(per_problem(r, kk).mean()) for kk in ks},
@@ -91,12 +107,13 @@ def build_study(groups: dict[str, list[str]], reference: str, base: Optional[str
                 "margin_problems": len(margins), "_margins": margins,
             })
         avg[lab] = {kk: np.mean([per_problem(r, kk) for r in rs], axis=0) for kk in ks}
-        pooled = [m for s in seeds for m in s["_margins"]]
+        # the seeds' margins of one problem are correlated: the CI resamples problems, each with all its seeds' margins
         out["algorithms"][lab] = {
             "seeds": seeds,
             "margin_pooled_median": float(np.median(pooled)) if pooled else None,
-            "margin_pooled_median_ci": bootstrap_ci(pooled, lambda a: np.median(a, axis=1), n_boot=n_boot, seed=seed,
-                                                    alpha=alpha).to_json() if len(pooled) > 1 else None,
+            "margin_pooled_median_ci": cluster_bootstrap_ci(pooled, pooled_ids, weighted_median, n_boot=n_boot,
+                                                            seed=seed, alpha=alpha).to_json()
+            if len(set(pooled_ids)) > 1 else None,
         }
     comps = {}
     for lab in runs:
@@ -130,8 +147,10 @@ def render_study(data: dict[str, Any], plots: dict[str, str], title: str) -> str
     L = [f"# {title}", "",
          f"{data['num_problems']} held-out problems shared by every run, at least {data['samples_min']} samples each; "
          f"pass@k is the unbiased estimator; ± is the standard deviation over seeds; CIs are "
-         f"{100 * (1 - data['bootstrap']['alpha']):.0f}% paired bootstrap over problems "
-         f"({data['bootstrap']['n_boot']} resamples, seed {data['bootstrap']['seed']}) of seed-averaged per-problem values.",
+         f"{100 * (1 - data['bootstrap']['alpha']):.0f}% bootstrap over problems "
+         f"({data['bootstrap']['n_boot']} resamples, seed {data['bootstrap']['seed']}): paired, of seed-averaged "
+         f"per-problem values, for differences; a cluster bootstrap (all seeds of a drawn problem together) for "
+         f"the pooled margin median.",
          "", "## Accuracy", "",
          "| algorithm | seeds | " + " | ".join(f"pass@{x}" for x in ks) + " | " + " | ".join(f"maj@{x}" for x in ks)
          + " | len. correct | len. incorrect |", "|---" * (4 + 2 * len(ks)) + "|"]
@@ -160,7 +179,9 @@ def render_study(data: dict[str, Any], plots: dict[str, str], title: str) -> str
                  + f" | {row['expected_problems']:.1f} |")
     L += ["", "## Separation of correct and incorrect chains", "",
           "Per problem with both correct and incorrect samples: mean length-normalized log-prob of correct minus "
-          "incorrect samples (nats/token). The paper reports medians 0.016 (AMIR-GRPO) vs 0.006 (GRPO).", "",
+          "incorrect samples (nats/token). The paper reports medians 0.016 (AMIR-GRPO) vs 0.006 (GRPO). "
+          "The pooled median is over every seed's margins; its CI is a cluster bootstrap over problems: a resample "
+          "draws problems and takes the margins of all seeds of each drawn problem together.", "",
           "| algorithm | median per seed | pooled median [CI] | problems per seed |", "|---|---|---|---|"]
     for lab, a in data["algorithms"].items():
         s = a["seeds"]
