@@ -214,3 +214,47 @@ def test_snapshot_symlinks_oversized_requests_and_tiny_temperatures(served, tmp_
     greedy = c.post("/v1/completions", json={"prompt": [1, 2], "temperature": 0, "max_tokens": 3,
                                              "return_token_ids": True})
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == greedy.json()["choices"][0]["token_ids"]
+
+
+def test_retry_of_an_in_flight_request_joins_it(served):
+    """A client retry (same x-request-id and body) of a request still queued or running waits for that
+    generation instead of queueing a second one; the same id with another body is a different request."""
+    c, eng = served[0], served[1]
+    calls = []
+    orig = eng.generate
+
+    def counting(prompts, *a, **k):
+        calls.append(len(prompts))
+        return orig(prompts, *a, **k)
+
+    eng.generate = counting
+    try:
+        body = {"prompt": [1, 2, 3], "n": 2, "max_tokens": 3, "temperature": 0.8, "seed": 5, "return_token_ids": True}
+        other = dict(body, seed=6)
+        assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).status_code == 200
+        got = {}
+
+        def send(name, b):
+            got[name] = c.post("/v1/completions", json=b, headers={"x-request-id": "grp-7"})
+
+        threads = [threading.Thread(target=send, args=(k, b)) for k, b in (("a", body), ("b", body), ("c", other))]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # a, then its retry b, then c
+        metrics = c.get("/metrics").text
+        assert "megatron_amir_queue_requests 2" in metrics  # a (joined by b) and c
+        assert "megatron_amir_deduplicated_requests_total 1" in metrics
+        c.post("/resume", headers=AUTH)
+        for t in threads:
+            t.join(30)
+        assert all(got[k].status_code == 200 for k in "abc")
+        assert got["a"].json()["choices"] == got["b"].json()["choices"]
+        assert got["c"].json()["choices"] != got["a"].json()["choices"]
+        assert sum(calls) == 2  # one generation for a+b, one for c
+        # finished requests are not cached: the same id again is a new generation
+        assert c.post("/v1/completions", json=body, headers={"x-request-id": "grp-7"}).json()["choices"] == \
+            got["a"].json()["choices"]
+        assert sum(calls) == 3
+    finally:
+        eng.generate = orig
+        c.post("/resume", headers=AUTH)

@@ -18,14 +18,19 @@ Routes
   route a stock ``vllm serve`` with our worker extension offers, so the client has one code path.
 
 Requests are batched: whatever arrives while a batch runs is decoded together in the next one (grouped by
-n). Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+n). A request whose ``x-request-id`` and body equal one still queued or running (a client retry after a
+timeout) waits for that generation and gets its answer instead of starting a second one
+(``megatron_amir_deduplicated_requests_total``); a finished request is not cached, so a later retry
+generates again (same seed, same samples under the same weights). Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
 import os
 import socket
@@ -103,6 +108,7 @@ class _Stats:
     batch_rows: int = 0
     errors: dict = field(default_factory=lambda: defaultdict(int))
     weight_updates: int = 0
+    deduplicated: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -127,11 +133,11 @@ class Batcher:
         if self._task:
             self._task.cancel()
 
-    async def submit(self, p: _Pending) -> list[GroupResult]:
+    def enqueue(self, p: _Pending) -> None:
+        """Queue ``p``; its result (or error) arrives on ``p.future``."""
         p.rows = len(p.prompts) * p.n
         self.queue.append(p)
         self.wakeup.set()
-        return await p.future
 
     def abort_queued(self, reason: str) -> int:
         n = len(self.queue)
@@ -201,6 +207,10 @@ def create_app(
     completion request may ask for."""
     stats = _Stats()
     state: dict[str, Any] = {"batcher": None, "updating": False, "broadcaster": None}
+    # (x-request-id, body digest) -> the queued / running generation's future: a client retry of a request
+    # that is still in flight (it timed out on the client's side) waits for that generation instead of
+    # queueing a second one, so timeouts under load do not multiply the work
+    inflight: dict[tuple[str, str], asyncio.Future] = {}
     app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     root = Path(weights_root).resolve() if weights_root else None
 
@@ -278,10 +288,20 @@ def create_app(
         params = SamplingParams(temperature=req.temperature if req.temperature >= 1e-5 else 0.0, top_p=req.top_p,
                                 top_k=max(req.top_k, 0),
                                 max_new_tokens=req.max_tokens, stop_token_ids=tuple(req.stop_token_ids), seed=req.seed)
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        given_id = request.headers.get("x-request-id")
+        rid = given_id or uuid.uuid4().hex
         stats.requests += 1
-        fut = asyncio.get_running_loop().create_future()
-        groups = await batcher().submit(_Pending(prompts, params, req.n, rid, fut))
+        key = (given_id, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()) if given_id else None
+        fut = inflight.get(key) if key else None
+        if fut is not None:
+            stats.deduplicated += 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            if key:
+                inflight[key] = fut
+                fut.add_done_callback(lambda f, k=key: inflight.pop(k) if inflight.get(k) is f else None)
+            batcher().enqueue(_Pending(prompts, params, req.n, rid, fut))
+        groups = await asyncio.shield(fut)  # one waiter going away must not cancel the others' generation
         choices, ntok = [], 0
         versions = set()
         for pi, g in enumerate(groups):
@@ -351,6 +371,8 @@ def create_app(
             "# TYPE megatron_amir_batch_rows_total counter", f"megatron_amir_batch_rows_total {stats.batch_rows}",
             "# TYPE megatron_amir_queue_requests gauge", f"megatron_amir_queue_requests {len(b.queue)}",
             "# TYPE megatron_amir_weight_version gauge", f"megatron_amir_weight_version {engine.version}",
+            "# TYPE megatron_amir_deduplicated_requests_total counter",
+            f"megatron_amir_deduplicated_requests_total {stats.deduplicated}",
             "# TYPE megatron_amir_weight_updates_total counter",
             f"megatron_amir_weight_updates_total {stats.weight_updates}",
             "# TYPE megatron_amir_paused gauge", f"megatron_amir_paused {int(not b.unpaused.is_set())}",
