@@ -258,3 +258,36 @@ def test_retry_of_an_in_flight_request_joins_it(served):
     finally:
         eng.generate = orig
         c.post("/resume", headers=AUTH)
+
+
+def test_failed_broadcast_update_drops_the_group():
+    """After a broadcast update fails on a member, the group is not reused: the next update forms a new one."""
+    from megatron_amir.rollout import weight_sync
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/update_weights":
+            return httpx.Response(400, json={"error": {"message": "bad update_info"}})
+        return httpx.Response(200, json={})
+
+    class FakeComm:
+        def broadcast(self, t):
+            pass
+
+    c = _client(httpx.MockTransport(handler))
+    c._bcast, c._bcast_servers = FakeComm(), list(c.servers)
+    formed = []
+    orig = weight_sync.TensorBroadcaster.gloo
+    weight_sync.TensorBroadcaster.gloo = classmethod(lambda cls, *a, **k: formed.append(a) or FakeComm())
+    try:
+        with pytest.raises(FleetError, match="bad update_info"):
+            asyncio.run(c.update_weights_broadcast({"w": torch.ones(2)}, 3, master_port=29999))
+        assert c._bcast is None and "/resume" in seen and not formed
+        seen.clear()
+        with pytest.raises(FleetError):
+            asyncio.run(c.update_weights_broadcast({"w": torch.ones(2)}, 4, master_port=29999))
+        assert len(formed) == 1 and seen.count("/init_weight_transfer_engine") == 2  # re-formed, both re-joined
+    finally:
+        weight_sync.TensorBroadcaster.gloo = orig

@@ -321,6 +321,11 @@ class FleetClient:
             await asyncio.gather(*(self._post(u, "/update_weights", {"update_info": info}) for u in servers),
                                  asyncio.to_thread(send_tensors, self._bcast, items))
             await asyncio.gather(*(self._post(u, "/finish_weight_update", {}) for u in servers))
+        except BaseException:
+            # a failed broadcast leaves the members at different points of the tensor sequence: the group
+            # cannot be reused, so the next update forms a new one (every server re-joins on a new port)
+            self._bcast = self._bcast_servers = None
+            raise
         finally:
             await asyncio.gather(*(self._post(u, "/resume", {}) for u in servers), return_exceptions=True)
         self.weight_version = int(version)
