@@ -1,17 +1,20 @@
 """Typed configuration: one pydantic model per section, loaded from YAML with ``a.b=c`` overrides.
 
-Loading (``load_config``) uses OmegaConf for YAML + dotlist merging and pydantic for validation, so every
-error names the key path (``algorithm.clip_eps_low``) and, for unknown keys, suggests the closest known one.
-Cross-field rules (TP divides heads, PP divides layers, micro-batch divides global batch, ...) run at load,
-before any work starts.
+Loading (``load_config``) parses the file and every override value with one YAML loader (``_YamlLoader``),
+merges with OmegaConf and validates with pydantic, so every error names the key path
+(``algorithm.clip_eps_low``) and, for unknown keys, suggests the closest known one. Cross-field rules (TP divides
+heads, PP divides layers, micro-batch divides global batch, min <= max pairs, ...) run at load, before any work
+starts, and name the full dotted path of the field they blame (``data.synthetic.min_digits``).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -74,18 +77,16 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
         if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise _cross("model.num_kv_heads", f"num_attention_heads={self.num_attention_heads} must be a multiple "
+                                               f"of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}; set model.head_dim"
-            )
+            raise _cross("model.hidden_size", f"hidden_size={self.hidden_size} is not divisible by "
+                                              f"num_attention_heads={self.num_attention_heads}; set model.head_dim")
         if self.real_vocab_size is not None and self.real_vocab_size > self.vocab_size:
-            raise ValueError(f"real_vocab_size={self.real_vocab_size} > vocab_size={self.vocab_size}")
+            raise _cross("model.real_vocab_size",
+                         f"real_vocab_size={self.real_vocab_size} > vocab_size={self.vocab_size}")
         if self.fp8_param and not self.fp8:
-            raise ValueError("fp8_param=true needs model.fp8 set (e4m3 or hybrid)")
+            raise _cross("model.fp8_param", "fp8_param=true needs model.fp8 set (e4m3 or hybrid)")
         return self
 
 
@@ -121,13 +122,14 @@ class AmirConfig(_Section):
     @model_validator(mode="after")
     def _bounds(self) -> "AmirConfig":
         if self.lambda_min > self.lambda_max:
-            raise ValueError(f"lambda_min={self.lambda_min} > lambda_max={self.lambda_max}")
+            raise _cross("algorithm.amir.lambda_min", f"lambda_min={self.lambda_min} > lambda_max={self.lambda_max}")
         if self.ratio_low > self.ratio_high:
-            raise ValueError(f"ratio_low={self.ratio_low} > ratio_high={self.ratio_high}")
+            raise _cross("algorithm.amir.ratio_low", f"ratio_low={self.ratio_low} > ratio_high={self.ratio_high}")
         if self.enabled and self.adaptive_lambda and not self.lambda_min <= self.lambda_init <= self.lambda_max:
             # the rule only multiplies λ and clamps it when it moves: outside the band it can stay there (or at 0)
-            raise ValueError(f"lambda_init={self.lambda_init} must lie in [lambda_min={self.lambda_min}, "
-                             f"lambda_max={self.lambda_max}] when adaptive_lambda=true")
+            raise _cross("algorithm.amir.lambda_init",
+                         f"lambda_init={self.lambda_init} must lie in [lambda_min={self.lambda_min}, "
+                         f"lambda_max={self.lambda_max}] when adaptive_lambda=true")
         return self
 
 
@@ -177,19 +179,29 @@ class RolloutConfig(_Section):
     @model_validator(mode="after")
     def _synchronous(self) -> "RolloutConfig":
         if self.async_off_policy:
-            raise ValueError("async_off_policy=true is not implemented: the trainer is synchronous (every step "
-                             "samples with the current weights; TIS corrects engine/trainer numerics, tis_cap)")
+            raise _cross("rollout.async_off_policy",
+                         "async_off_policy=true is not implemented: the trainer is synchronous (every step "
+                         "samples with the current weights; TIS corrects engine/trainer numerics, tis_cap)")
         return self
 
 
 # --------------------------------------------------------------------------------------------- data / reward
 class SyntheticTaskConfig(_Section):
-    kinds: list[Literal["add", "sub", "mul", "linear", "word"]] = Field(default_factory=lambda: ["add", "mul"])
+    kinds: list[Literal["add", "sub", "mul", "linear", "word"]] = Field(
+        default_factory=lambda: ["add", "mul"], min_length=1)
     min_digits: int = Field(2, ge=1)
     max_digits: int = Field(3, ge=1)
     num_train: int = Field(4000, ge=1)
     num_test: int = Field(300, ge=1)
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _digits(self) -> "SyntheticTaskConfig":
+        # synthetic.make_splits would raise on this only at data setup, on every rank
+        if self.min_digits > self.max_digits:
+            raise _cross("data.synthetic.min_digits",
+                         f"min_digits={self.min_digits} > max_digits={self.max_digits}")
+        return self
 
 
 class DataConfig(_Section):
@@ -237,6 +249,16 @@ class TrainConfig(_Section):
     max_sampling_rounds: int = Field(3, ge=1)
     max_consecutive_nonfinite: int = Field(3, ge=1, description="optimizer updates in a row (several per step with minibatches)")
     logprob_chunk_size: Optional[int] = Field(None, ge=1, description="sequence chunk for vocab-parallel log-probs")
+
+    @model_validator(mode="after")
+    def _lr(self) -> "TrainConfig":
+        # Megatron-Core's OptimizerParamScheduler asserts max_lr >= min_lr (whatever the decay style) when the
+        # trainer builds it. lr_warmup_steps >= steps is allowed: the schedule stretches its decay past the warm-up
+        # (Policy), and the warm-up runner reuses the RL config with its own step count.
+        if self.min_lr > self.lr:
+            raise _cross("train.min_lr", f"min_lr={self.min_lr} > lr={self.lr}: the LR schedule decays from lr "
+                                         "down to min_lr")
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -294,6 +316,12 @@ class Config(_Section):
         if m.num_layers % pp:
             raise _cross("parallel.pipeline_model_parallel_size",
                          f"PP={pp} must divide model.num_layers={m.num_layers}")
+        if p.sequence_parallel and tp < 2:
+            # Megatron-Core's ModelParallelConfig raises at model build otherwise (after data setup and process
+            # groups). Checked here, not in ParallelConfig, so a bare ParallelConfig stays constructible.
+            raise _cross("parallel.sequence_parallel",
+                         f"sequence_parallel=true needs tensor_model_parallel_size > 1 (got {tp}): "
+                         "it splits the sequence over the TP ranks")
         gbs = t.global_batch_size or self.rollout_batch_size
         if gbs % t.micro_batch_size:
             raise _cross("train.micro_batch_size",
@@ -372,19 +400,67 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """The one YAML loader for config files and override values, so ``lr: 1e-5`` in a file and ``train.lr=1e-5``
+    on the command line give the same value. Its rules are those OmegaConf's dotlist parser applied to overrides
+    before (YAML 1.1 safe loading, plus): ``1e-5``/``1.0e5`` are floats (plain YAML 1.1 reads them as strings, which
+    only a float-typed field turned back into numbers: a free-form field such as ``model.rope_scaling`` kept the
+    string), dates stay strings (a ``datetime.date`` cannot go into OmegaConf), and a key given twice in one mapping
+    is an error (in a file, a second ``train:`` section silently replaced the first)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node):
+        # before the merge keys (<<) are expanded, which may legitimately repeat keys given explicitly
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen: set[tuple[str, str]] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if (key_node.tag, key_node.value) in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key_node.value!r}",
+                                                            key_node.start_mark)
+                seen.add((key_node.tag, key_node.value))
+        super().flatten_mapping(node)
+
+
+_YamlLoader.add_implicit_resolver(  # OmegaConf's float pattern (its override parser's)
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:
+     [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+    |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text (a config file, or one override value) as plain data, by the rules of ``_YamlLoader``."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load ``path`` (YAML; None = defaults), apply ``a.b=c`` overrides, validate.
 
-    Override values are parsed as YAML scalars by OmegaConf (``train.lr=1e-5`` is a float,
-    ``rollout.servers=[http://a:1]`` a list).
+    The file and the override values are parsed by the same loader (``parse_yaml``): ``train.lr=1e-5`` is the
+    float it is in a file, ``rollout.servers=[http://a:1]`` a list.
     """
-    import yaml
-
     source = str(path) if path else "<defaults>"
     raw: Any = {}
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = parse_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, binary junk
@@ -399,18 +475,22 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def apply_overrides(raw: dict[str, Any], overrides: Optional[list[str]]) -> dict[str, Any]:
     """``key.path=value`` overrides on plain config data. A value REPLACES what is there (a dict given for
-    ``model.rope_scaling`` is not merged into the file's). Bad syntax raises ConfigError naming the override."""
-    import yaml
+    ``model.rope_scaling`` is not merged into the file's). Values are parsed by ``parse_yaml``, as config files
+    are. Bad syntax raises ConfigError naming the override."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    conf = OmegaConf.create(raw)
+    try:
+        conf = OmegaConf.create(raw)
+    except OmegaConfBaseException as exc:  # a value OmegaConf cannot hold (e.g. a !!set)
+        raise ConfigError(f"config data OmegaConf cannot hold: {exc}") from None
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key.path=value")
-        key = ov.split("=", 1)[0].strip()
+        key, text = ov.split("=", 1)
+        key = key.strip()
         try:
-            value = OmegaConf.select(OmegaConf.from_dotlist([ov]), key)
+            value = parse_yaml(text)
             OmegaConf.update(conf, key, value, merge=False, force_add=True)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"cannot apply override {ov!r}: {exc}") from None
@@ -430,6 +510,4 @@ def config_record(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config) -> str:
-    import yaml
-
     return yaml.safe_dump(config_record(cfg), sort_keys=False)

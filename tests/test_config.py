@@ -52,18 +52,31 @@ BAD = [
     (["train.micro_batch_size=48"], "train.micro_batch_size: micro_batch_size=48 must divide global batch size 128"),
     (["train.global_batch_size=12", "train.micro_batch_size=4"], "train.global_batch_size: global_batch_size=12 must divide"),
     (["train.global_batch_size=4", "train.micro_batch_size=4"], "must be a multiple of rollout.group_size=8"),
-    (["model.num_kv_heads=3"], "model: Value error, num_attention_heads=4 must be a multiple of num_kv_heads=3"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads: num_attention_heads=4 must be a multiple of num_kv_heads=3"),
     (["algorithm.loss_agg_mode=seq-mean-token-sum-norm"], "algorithm.loss_agg_max_len"),
     (["data.source=jsonl"], "data.train_path: data.source=jsonl needs data.train_path"),
     (["model.fp8=e5m2"], "model.fp8"),
-    (["algorithm.amir.lambda_min=0.1"], "lambda_min=0.1 > lambda_max=0.05"),
+    (["algorithm.amir.lambda_min=0.1"], "algorithm.amir.lambda_min: lambda_min=0.1 > lambda_max=0.05"),
     (["rollout.engine=remote"], "rollout.servers: rollout.engine=remote needs"),
     (["train.lr=.inf"], "train.lr: Input should be a finite number"),
     (["algorithm.amir.beta=.nan"], "algorithm.amir.beta: Input should be a finite number"),
     (["rollout.async_off_policy=true"], "async_off_policy=true is not implemented"),
     (["rollout.servers=[http://[::1]:8000]"], "cannot apply override 'rollout.servers=[http://[::1]:8000]'"),
     (["algorithm.amir.adaptive_lambda=true", "algorithm.amir.lambda_init=0.5"],
-     "lambda_init=0.5 must lie in [lambda_min=0.005, lambda_max=0.05]"),
+     "algorithm.amir.lambda_init: lambda_init=0.5 must lie in [lambda_min=0.005, lambda_max=0.05]"),
+    # cross-field and range rules that otherwise fail late (data setup, scheduler, model build) or misbehave;
+    # section-level rules name the full dotted path too
+    (["data.synthetic.min_digits=4", "data.synthetic.max_digits=3"],
+     "data.synthetic.min_digits: min_digits=4 > max_digits=3"),
+    (["data.synthetic.kinds=[]"], "data.synthetic.kinds: List should have at least 1 item"),
+    (["train.lr=1e-5", "train.min_lr=1e-4"], "train.min_lr: min_lr=0.0001 > lr=1e-05"),
+    (["train.lr=0", "train.min_lr=1e-7", "train.lr_decay_style=constant"], "train.min_lr: min_lr=1e-07 > lr=0.0"),
+    (["parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel: sequence_parallel=true needs tensor_model_parallel_size > 1 (got 1)"),
+    (["model.real_vocab_size=300"], "model.real_vocab_size: real_vocab_size=300 > vocab_size=256"),
+    (["model.fp8_param=true"], "model.fp8_param: fp8_param=true needs model.fp8"),
+    (["model.hidden_size=130"], "model.hidden_size: hidden_size=130 is not divisible by num_attention_heads=4"),
+    (["algorithm.amir.ratio_low=0.9"], "algorithm.amir.ratio_low: ratio_low=0.9 > ratio_high=0.7"),
 ]
 
 
@@ -72,6 +85,64 @@ def test_bad_config_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as exc:
         load_config(DEMO, overrides)
     assert expected in str(exc.value), str(exc.value)
+
+
+GOOD_EDGES = [
+    # legitimate settings next to the new rules: they must keep loading
+    ["data.synthetic.min_digits=3", "data.synthetic.max_digits=3"],  # one digit count
+    ["train.lr=1e-5", "train.min_lr=1e-5", "train.lr_decay_style=cosine"],  # min_lr == lr: a flat schedule
+    ["train.lr_warmup_steps=500"],  # longer than train.steps=40: Policy stretches the decay past the warm-up
+    ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+]
+
+
+@pytest.mark.parametrize("overrides", GOOD_EDGES, ids=[g[0] for g in GOOD_EDGES])
+def test_legitimate_edges_still_load(overrides):
+    load_config(DEMO, overrides)
+
+
+# (key, YAML text of the value): a config file and a key=value override must give the same config
+SAME_VALUE = [
+    ("train.lr", "1e-5"),  # YAML 1.1 reads a string here; OmegaConf's override parser a float
+    ("train.lr", "5.0e-6"),
+    ("train.lr", "1.0e-5"),
+    ("train.steps", "1_000"),
+    ("model.rope_scaling", "{rope_type: llama3, factor: 8e0, original_max_position_embeddings: 8192}"),
+    ("checkpoint.resume", "2024-01-01"),  # a date object before, which OmegaConf could not hold (a traceback)
+    ("rollout.servers", "[http://127.0.0.1:8000]"),
+    ("algorithm.amir.enabled", "no"),
+    ("name", "'1e5'"),
+]
+
+
+@pytest.mark.parametrize("key,text", SAME_VALUE, ids=[f"{k}={v}" for k, v in SAME_VALUE])
+def test_file_and_override_parse_values_alike(tmp_path, key, text):
+    *parents, leaf = key.split(".")
+    body = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents)) + f"{'  ' * len(parents)}{leaf}: {text}\n"
+    f = tmp_path / "c.yaml"
+    f.write_text(body)
+    from_file = load_config(f)
+    from_override = load_config(None, [f"{key}={text}"])
+    assert from_file == from_override
+    if key == "model.rope_scaling":
+        assert from_file.model.rope_scaling["factor"] == 8.0  # the float, not the string '8e0'
+    if key == "checkpoint.resume":
+        assert from_file.checkpoint.resume == "2024-01-01"
+
+
+def test_duplicate_key_in_a_file_is_an_error(tmp_path):
+    """A second ``train:`` section silently replaced the first (train.lr lost); override values already refused
+    duplicate keys."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  lr: 1.0e-5\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="(?s)cannot parse config file .*dup.yaml.*duplicate key 'train'"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(None, ["model.rope_scaling={a: 1, a: 2}"])
+    # a YAML merge key (<<) may still be overridden by an explicit key
+    g = tmp_path / "merge.yaml"
+    g.write_text("model:\n  rope_scaling: {<<: {rope_type: llama3, factor: 8.0}, factor: 4.0}\n")
+    assert load_config(g).model.rope_scaling == {"rope_type": "llama3", "factor": 4.0}
 
 
 def test_bad_files(tmp_path):
