@@ -607,6 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     token = args.api_key or os.environ.get(TOKEN_ENV) or None
     if token is None:
         log.warning("no token: weight updates, pause and resume are disabled (403)")
+    elif not args.weights_root:
+        log.warning("no --weights-root: a token holder may load a weight snapshot from any directory this "
+                    "process can read; pass --weights-root <weight_sync_dir> to confine updates to it")
     app = create_app(engine, token, args.served_model_name, args.weights_root, args.max_batch_rows,
                      args.max_request_rows)
 
