@@ -68,3 +68,138 @@ def test_warmup_and_rl_checkpoints_do_not_mix(tmp_path):
     t.cfg = load_config(CONFIG, [f"checkpoint.resume={warm}"])
     with pytest.raises(ValueError, match="is a warm-up \\(sft\\) checkpoint, not an RL one: start RL from it with"):
         t._resume()
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _warmup_like(run: Path, losses, crash_at=None):
+    """What run_sft needs of a WarmupRunner: a one-rank policy whose updates return ``losses`` in order (raising
+    at update number ``crash_at``, a killed attempt), tiny problems, and the real metrics logger on ``run``."""
+    from megatron_amir.config import Config
+    from megatron_amir.training.metrics import MetricsLogger
+
+    losses, calls = iter(losses), []
+
+    def train_step(tokens, batch):
+        calls.append(1)
+        if crash_at is not None and len(calls) == crash_at:
+            raise _Crash()
+        return {"loss": next(losses), "grad_norm": 1.0, "lr": 1e-3}
+
+    cfg = Config(model=dict(vocab_size=64), logging=dict(progress=False, dir=str(run)))
+    return types.SimpleNamespace(
+        cfg=cfg, rank=0, metrics=MetricsLogger(run, tensorboard=False),
+        policy=types.SimpleNamespace(dp_size=1, info=types.SimpleNamespace(dp_rank=0), train_step=train_step),
+        train_problems=[types.SimpleNamespace(prompt="1+1=", solution="2")],
+        tokenizer=types.SimpleNamespace(encode=lambda s: [5] * len(s), eos_id=1, pad_id=0))
+
+
+def _steps(run: Path, warmup: bool) -> list[tuple[int, float]]:
+    """(step, loss) of the warm-up's rows (they carry sft/loss) or the RL rows in ``run``'s metrics.jsonl."""
+    from megatron_amir.training.metrics import read_metrics
+
+    return [(r["step"], r.get("sft/loss", r.get("loss"))) for r in read_metrics(run / "metrics.jsonl")
+            if ("sft/loss" in r) == warmup]
+
+
+def test_restarted_warmup_logs_each_step_once_and_keeps_rl_rows(tmp_path):
+    """The warm-up shares logging.dir (metrics.jsonl) with RL by default. A warm-up started again (after a crash,
+    or continuing its checkpoint at step k) drops its own rows past its start before logging, so every warm-up
+    step appears once, from the attempt that finished; the RL rows stay as they were. Before: every start only
+    appended, so a restarted warm-up logged steps 1, 2, 3, 1, 2, ... An RL resume likewise keeps the warm-up's
+    rows (before: it dropped every row past its step, warm-up rows included)."""
+    from megatron_amir.training.metrics import MetricsLogger
+    from megatron_amir.training.sft import run_sft
+
+    run = tmp_path / "run"
+    rl = MetricsLogger(run, tensorboard=False)
+    for s in (1, 2, 3, 4):
+        rl.log(s, {"loss": 10.0 + s, "reward/mean": 0.5})
+    rl_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # a first attempt killed during its 4th step, then the warm-up started again from scratch
+    with pytest.raises(_Crash):
+        run_sft(_warmup_like(run, [0.1, 0.2, 0.3], crash_at=4), steps=5, batch_size=2)
+    assert [s for s, _ in _steps(run, True)] == [1, 2, 3]
+    last = run_sft(_warmup_like(run, [1.1, 1.2, 1.3, 1.4, 1.5]), steps=5, batch_size=2)
+    assert last["sft/steps"] == 5
+    assert _steps(run, True) == [(1, 1.1), (2, 1.2), (3, 1.3), (4, 1.4), (5, 1.5)]
+    # continuing the warm-up checkpoint of step 5: a killed attempt (logged step 6), then one that finishes
+    with pytest.raises(_Crash):
+        run_sft(_warmup_like(run, [2.6], crash_at=2), steps=3, batch_size=2, start=5)
+    last = run_sft(_warmup_like(run, [3.6, 3.7, 3.8]), steps=3, batch_size=2, start=5)
+    assert last["sft/steps"] == 8
+    assert _steps(run, True) == [(1, 1.1), (2, 1.2), (3, 1.3), (4, 1.4), (5, 1.5), (6, 3.6), (7, 3.7),
+                                        (8, 3.8)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "sft/loss" not in r] == rl_rows  # RL rows untouched, in order
+    # the RL trainer's resume at step 2 drops its own rows 3, 4 and none of the warm-up's
+    from megatron_amir.training.metrics import RL_KIND, row_kind
+
+    assert {row_kind(r) for r in rows} == {RL_KIND, "sft-warmup"}
+    MetricsLogger(run, tensorboard=False).truncate_after(2, kind=RL_KIND)
+    assert [s for s, _ in _steps(run, False)] == [1, 2]
+    assert [s for s, _ in _steps(run, True)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]  # no temp file left behind
+
+
+def test_metrics_truncation_is_atomic_and_drops_a_torn_line(tmp_path, monkeypatch):
+    """The rewrite goes to a temp file that replaces metrics.jsonl: a crash while writing leaves the old file
+    whole. A last line torn by a kill mid-append is dropped instead of stopping the resume."""
+    from megatron_amir.training import metrics as metrics_mod
+
+    m = metrics_mod.MetricsLogger(tmp_path, tensorboard=False)
+    for s in (1, 2, 3):
+        m.log(s, {"loss": float(s)})
+    with open(m.path, "a") as f:
+        f.write('{"step": 4, "lo')
+    before = m.path.read_text()
+
+    def crash(path, text, fsync=True):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(metrics_mod, "atomic_write_text", crash)
+    with pytest.raises(OSError):
+        m.truncate_after(2)
+    assert m.path.read_text() == before
+    monkeypatch.undo()
+    m.truncate_after(2)
+    assert [r["step"] for r in metrics_mod.read_metrics(m.path)] == [1, 2]
+
+
+def test_warmup_continues_the_step_count_of_a_warmup_checkpoint(tmp_path, monkeypatch):
+    """--init-from / model.load naming a warm-up checkpoint at step k: the warm-up resumes at step k (its rows
+    past k are re-logged); any other starting point (an RL checkpoint, a converted model, none) starts at 0."""
+    from megatron_amir.config import load_config
+    from megatron_amir.training import data_setup, trainer
+    from megatron_amir.training.sft import WarmupRunner
+
+    monkeypatch.setattr(trainer, "starting_checkpoint", lambda cfg, rank, barrier, init_from: init_from)
+    monkeypatch.setattr(trainer, "load_starting_weights", lambda policy, cfg, path: None)
+    monkeypatch.setattr(data_setup, "rollout_hf_config", lambda cfg, tok, base=None: {})
+    warm, rl, conv = _ckpt(tmp_path / "w", 250, "sft-warmup"), _ckpt(tmp_path / "r", 40, None), tmp_path / "conv"
+    conv.mkdir()
+    for path, want in ((warm, 250), (rl, 0), (conv, 0), (None, 0)):
+        r = types.SimpleNamespace(cfg=load_config(CONFIG, []), rank=0, policy=types.SimpleNamespace(barrier=None),
+                                  tokenizer=None, start_step=0)
+        WarmupRunner.start_from(r, None if path is None else str(path))
+        assert r.start_step == want, path
+
+
+@pytest.mark.slow
+def test_warmup_cli_restart_and_continuation_log_each_step_once(tmp_path):
+    """`megatron-amir sft` into a logging.dir that also holds RL rows: run again from scratch, then continued from
+    its checkpoint (--init-from step 2: steps 3, 4, saved as step_00000004). Each warm-up step is logged once;
+    the RL rows are kept. Before: 2 + 2 + 2 warm-up rows, steps 1, 2, 1, 2, 1, 2, and a step_00000002 again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rl = '{"step": 1, "loss": 0.5, "reward/mean": 0.25}\n{"step": 2, "loss": 0.4, "reward/mean": 0.5}\n'
+    (run / "metrics.jsonl").write_text(rl)
+    for extra in ([], [], ["--init-from", str(run / "ckpt" / "step_00000002")]):
+        out = _sft(run, 1, "--steps", "2", *extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert [s for s, _ in _steps(run, True)] == [1, 2, 3, 4]
+    assert "".join(line + "\n" for line in (run / "metrics.jsonl").read_text().splitlines()
+                   if "sft/loss" not in line) == rl
+    assert [p.name for p in (run / "ckpt").glob("step_*")] == ["step_00000004"]

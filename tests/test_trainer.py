@@ -383,3 +383,74 @@ def test_samples_from_old_weights_stop_the_step():
     versions[1][1] = 3
     batch, _ = t.collect_rollouts()
     assert batch.weight_version.tolist() == [3, 3, 3, 3]
+
+
+def _checkpointable_trainer(cfg, root: Path, nonfinite: int = 0):
+    """A Trainer with fake policy/sampler parts and the real save/_resume and CheckpointManager under ``root``."""
+    import types
+
+    from megatron_amir.algorithms import AmirState
+    from megatron_amir.training import trainer as tr_mod
+    from megatron_amir.training.checkpoint import CheckpointManager
+    from megatron_amir.training.metrics import MetricsLogger
+
+    def save_model(d, save_optimizer=True):
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(b"w")
+
+    t = tr_mod.Trainer.__new__(tr_mod.Trainer)
+    t.cfg, t.rank, t.world_size, t.step, t.weight_version = cfg, 0, 1, 0, 0
+    t._nonfinite_in_a_row = nonfinite  # __init__ starts at 0, before _resume
+    t.reference, t.hf_config, t._hf_base = None, {}, None
+    t.policy = types.SimpleNamespace(save=save_model, load=lambda d, load_optimizer=True: None, barrier=lambda: None)
+    t.sampler = types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "pos": 3}, load_state_dict=lambda s: None)
+    t.amir_state = AmirState.from_config(cfg.algorithm.amir)
+    t.checkpointer = CheckpointManager(root, keep_last=2)
+    t.metrics = MetricsLogger(root.parent / "logs", tensorboard=False)
+    return t
+
+
+def test_nonfinite_count_survives_a_resume(tmp_path):
+    """The count of consecutive non-finite updates is trainer state: a run stopped (preempted) after 2 of them and
+    resumed still stops at train.max_consecutive_nonfinite=3 with the next one (before: the resume forgot the
+    count, so a run that keeps diverging could be requeued forever). Real save/_resume, fake model."""
+    from megatron_amir.config import Config
+    from megatron_amir.training.trainer import NonFiniteError
+
+    cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=2), rollout=dict(group_size=4),
+                 train=dict(micro_batch_size=4, max_consecutive_nonfinite=3),
+                 checkpoint=dict(dir=str(tmp_path / "ckpt")))
+    before = _checkpointable_trainer(cfg, tmp_path / "ckpt")
+    nan = {"loss": float("nan"), "grad_norm": 1.0}
+    before._check_finite(nan)
+    before._check_finite(nan)
+    before.step = 5
+    ckpt = before.save()
+    assert json.loads((ckpt / "meta.json").read_text())["nonfinite_in_a_row"] == 2
+    after = _checkpointable_trainer(cfg, tmp_path / "ckpt")
+    assert after._resume() and after.step == 5
+    assert after._nonfinite_in_a_row == 2
+    with pytest.raises(NonFiniteError, match="3 consecutive optimizer updates"):
+        after._check_finite(nan)
+    # a finite update resets the count, and the reset is what the next checkpoint records
+    after._check_finite({"loss": 0.5, "grad_norm": 1.0})
+    after.step = 6
+    assert json.loads((after.save() / "meta.json").read_text())["nonfinite_in_a_row"] == 0
+
+
+def test_checkpoint_without_nonfinite_count_resumes_at_zero(tmp_path):
+    """Checkpoints written before the count was saved have no ``nonfinite_in_a_row``: they resume with 0."""
+    from megatron_amir.config import Config
+    from megatron_amir.training.checkpoint import MANIFEST, build_manifest
+
+    cfg = Config(model=dict(vocab_size=64), checkpoint=dict(dir=str(tmp_path / "ckpt")))
+    old = _checkpointable_trainer(cfg, tmp_path / "ckpt", nonfinite=2)
+    old.step = 4
+    ckpt = old.save()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta.pop("nonfinite_in_a_row", None)  # the old format, with a manifest that matches it
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / MANIFEST).write_text(json.dumps(build_manifest(ckpt)))
+    resumed = _checkpointable_trainer(cfg, tmp_path / "ckpt", nonfinite=7)  # stale value must not survive
+    assert resumed._resume() and resumed.step == 4 and resumed.checkpointer.latest_good() == ckpt
+    assert resumed._nonfinite_in_a_row == 0

@@ -5,7 +5,7 @@ Layout under ``checkpoint.dir``::
     step_00000020/            one complete checkpoint
         model/ ...            written by the policy (Megatron dist checkpoint, optimizer, scheduler)
         trainer_state.pt      RNG states of every rank, loaded with torch.load(weights_only=True)
-        meta.json             step, weight version, lambda state, data cursor, resolved config, ...
+        meta.json             step, weight version, lambda state, data cursor, non-finite count, resolved config, ...
         MANIFEST.json         size (and sha256 for files <= HASH_LIMIT) of every file above
     latest                    text file naming the newest complete step directory, replaced last
     reference/                the run's starting weights (a model-only policy checkpoint), saved once at a fresh

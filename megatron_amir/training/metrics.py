@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_amir.fileio import atomic_write_text
+from megatron_amir.training.checkpoint import WARMUP_KIND
+
 log = logging.getLogger(__name__)
 
 
@@ -17,6 +20,15 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no nan/inf
     return v
+
+
+RL_KIND = "rl"
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    """Which run wrote a metrics row: the supervised warm-up (its rows carry ``sft/...`` keys, e.g. ``sft/loss``)
+    or the RL trainer. Both write ``<logging.dir>/metrics.jsonl``, the same file when they share a logging.dir."""
+    return WARMUP_KIND if any(k.startswith("sft/") for k in row) else RL_KIND
 
 
 class MetricsLogger:
@@ -39,13 +51,28 @@ class MetricsLogger:
             except Exception as exc:  # tensorboard is optional at run time
                 log.warning("TensorBoard disabled: %s", exc)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, kind: Optional[str] = None) -> None:
+        """Drop the rows past ``step`` (of ``kind`` only, see ``row_kind``; None: of any kind): a run resumed at
+        ``step`` (or restarted at 0) re-logs them. Rows of another kind (the warm-up's and the RL run's, when
+        they share a logging.dir) are kept as they are. A line that is not JSON (torn by a kill mid-append) is
+        dropped. The file is replaced atomically: a crash leaves the old file or the new one, never neither."""
         if not (self._jsonl and self.path.exists()):
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        keep, torn = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                past = int(row["step"]) > step
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if not past or (kind is not None and row_kind(row) != kind):
+                keep.append(line)
+        if torn:
+            log.warning("%s: dropped %d line(s) that are not metrics rows (torn by a kill mid-write?)", self.path, torn)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -57,8 +57,12 @@ def tokenize_examples(tokenizer, prompts: Sequence[str], solutions: Sequence[str
 
 
 def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, target_accuracy: Optional[float] = None,
-            eval_problems: int = 100) -> dict[str, float]:
-    """Train ``steps`` supervised steps (stopping early once sampled accuracy reaches ``target_accuracy``)."""
+            eval_problems: int = 100, start: int = 0) -> dict[str, float]:
+    """Train ``steps`` supervised steps, numbered ``start + 1 ...`` (``start``: the step of the warm-up checkpoint
+    this one continues, else 0), stopping early once sampled accuracy reaches ``target_accuracy``.
+
+    Warm-up rows already in the metrics file past ``start`` (an earlier, interrupted or repeated attempt) are
+    dropped first, so no step is logged twice; rows of an RL run sharing the file are kept."""
     t = trainer_like
     rng = random.Random(t.cfg.train.seed)
     last: dict[str, float] = {}
@@ -69,9 +73,10 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the data-parallel size {dp}")
     share = slice(dp_rank * batch_size // dp, (dp_rank + 1) * batch_size // dp)
     pbar = tqdm(total=steps, desc="warm-up", unit="step", disable=t.rank != 0 or not t.cfg.logging.progress)
+    t.metrics.truncate_after(start, kind=WARMUP_KIND)
     t0 = time.perf_counter()
-    step = 0
-    for step in range(1, steps + 1):
+    step, end = start, start + steps
+    for step in range(start + 1, end + 1):
         # every rank draws the same batch and trains its share; the weights use the batch's token count, so
         # the losses summed over DP ranks are the token-mean NLL of the whole batch
         probs = [t.train_problems[rng.randrange(len(t.train_problems))] for _ in range(batch_size)]
@@ -83,7 +88,7 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
                 "time/elapsed_s": time.perf_counter() - t0}
         pbar.update(1)
         pbar.set_postfix(loss=f"{out['loss']:.3f}")
-        if eval_every and (step % eval_every == 0 or step == steps):
+        if eval_every and (step % eval_every == 0 or step == end):
             acc = t.quick_accuracy(eval_problems)
             last.update(acc)
             log.info("warm-up step %d: loss %.4f, %s", step, out["loss"],
@@ -123,11 +128,13 @@ class WarmupRunner:
 
         self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
         self.metrics = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, enabled=self.rank == 0)
+        self.start_step = 0  # the step of the warm-up checkpoint this warm-up continues (start_from), else 0
         self._engine = None
         self.hf_config = rollout_hf_config(cfg, self.tokenizer)  # replaced by the starting checkpoint's, if any
 
     def start_from(self, init_from: Optional[str]) -> None:
-        """Starting weights as the RL trainer takes them: --init-from, model.load or model.hf_path (checked)."""
+        """Starting weights as the RL trainer takes them: --init-from, model.load or model.hf_path (checked). From a
+        warm-up checkpoint at step k, this warm-up continues its step count: steps k+1, k+2, ..."""
         from megatron_amir.training.data_setup import rollout_hf_config
         from megatron_amir.training.trainer import load_starting_weights, starting_checkpoint
 
@@ -135,6 +142,10 @@ class WarmupRunner:
         if path:
             base = load_starting_weights(self.policy, self.cfg, path)
             self.hf_config = rollout_hf_config(self.cfg, self.tokenizer, base=base)
+            if (Path(path) / "meta.json").is_file():  # a step directory (a converted model directory has none)
+                meta = CheckpointManager.read_meta(Path(path))
+                if meta.get("kind") == WARMUP_KIND:
+                    self.start_step = int(meta["step"])
 
     def engine(self):
         from megatron_amir.rollout.embedded import EmbeddedEngine
@@ -196,7 +207,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--target-accuracy", type=float, default=None,
                    help="stop once sampled accuracy on held-out problems reaches this")
     p.add_argument("--init-from", default=None,
-                   help="start from this checkpoint (a trainer/warm-up step dir or a converted HF model dir)")
+                   help="start from this checkpoint (a trainer/warm-up step dir or a converted HF model dir); from "
+                        "a warm-up checkpoint at step k the step count continues: k+1 ... k+STEPS")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
     if a.steps < 1:
@@ -205,7 +217,8 @@ def main(argv: list[str]) -> int:
     cfg.train.steps = a.steps  # the LR schedule spans the warm-up's steps, not the RL config's train.steps
     runner = WarmupRunner(cfg)
     runner.start_from(a.init_from)
-    last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems)
+    last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems,
+                   start=runner.start_step)
     path = runner.save(int(last["sft/steps"]), {"final": last})
     if runner.rank == 0:
         log.info("warm-up checkpoint: %s (%s)", path, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))

@@ -6,7 +6,8 @@
 
 Rollouts, rewards and the engine live on global rank 0; the rollout batch is broadcast as tensors and each
 data-parallel rank trains on a contiguous slice of whole groups. Everything the loop keeps between steps
-(model, optimizer, scheduler, RNG of every rank, data cursor, lambda, step, weight version) is in the checkpoint.
+(model, optimizer, scheduler, RNG of every rank, data cursor, lambda, step, weight version, the count of
+consecutive non-finite updates) is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from megatron_amir.config import Config, config_record, dump_config
 from megatron_amir.training.checkpoint import REFERENCE_DIR, WARMUP_KIND, CheckpointManager
-from megatron_amir.training.metrics import MetricsLogger, summary_line
+from megatron_amir.training.metrics import RL_KIND, MetricsLogger, summary_line
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
 
 log = logging.getLogger("megatron_amir.trainer")
@@ -388,6 +389,9 @@ class Trainer:
             "weight_version": self.weight_version,
             "amir_state": self.amir_state.state_dict(),
             "sampler": self.sampler.state_dict(),
+            # a resumed run keeps counting towards train.max_consecutive_nonfinite (a run that keeps diverging
+            # must not get a fresh allowance at every preemption)
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
             "world_size": self.world_size,
             "config": config_record(self.cfg),
             "reference": self.reference,
@@ -420,6 +424,7 @@ class Trainer:
         self.weight_version = int(meta["weight_version"])
         self.amir_state.load_state_dict(meta["amir_state"])
         self.sampler.load_state_dict(meta["sampler"])
+        self._nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))  # absent in older checkpoints
         self.reference = meta.get("reference")
         self._hf_base = meta.get("hf_config")
         rng = ckpt / f"rng_rank{self.rank:05d}.pt"
@@ -427,7 +432,7 @@ class Trainer:
             _set_rng_state(torch.load(rng, weights_only=True))
         else:
             log.warning("no RNG state for rank %d in %s (world size changed?): continuing with fresh RNG", self.rank, ckpt)
-        self.metrics.truncate_after(self.step)
+        self.metrics.truncate_after(self.step, kind=RL_KIND)  # a warm-up's rows in the same file stay
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
