@@ -1,5 +1,8 @@
 """Extraction and the fast exact reward (the synthetic task's reward)."""
 
+import re
+import time
+
 import pytest
 
 from megatron_amir.rewards import ExactReward, RewardResult, get_reward_fn
@@ -102,3 +105,90 @@ def test_metrics_and_register():
         REGISTRY.pop("always_one")
     with pytest.raises(ValueError, match="plain word"):
         register_reward("a.b", ExactReward)
+
+
+# --- normalization gaps found in review: escaped dollar, Unicode minus, scientific notation, "answer is" ---
+
+def test_normalize_escaped_dollar():
+    assert normalize_answer(r"\$18") == "18"
+    assert normalize_answer(r"\$ 18") == "18"
+    assert normalize_answer(r"$\$18$") == "18"
+    assert normalize_answer(r"\$1,000.50") == "1000.5"
+    assert normalize_answer(r"\$18") != normalize_answer("19")
+    fn = get_reward_fn("exact")
+    res = fn([r"\boxed{\$18}", r"#### \$ 18", r"\boxed{\$18}"], ["18", "18", "19"])
+    assert res.correct == [True, True, False]
+
+
+def test_normalize_unicode_minus():
+    for minus in "\u2212\u2012\u2013\u2014\u2015\ufe63\uff0d":
+        assert normalize_answer(minus + "5") == "-5", hex(ord(minus))
+        assert normalize_answer(minus + "0.50") == "-0.5"
+    assert normalize_answer("\u22125") != normalize_answer("5")
+    assert normalize_answer("\u22120") == "0"
+    from megatron_amir.rewards.extract import fold_dashes
+
+    assert fold_dashes("(\u20131, 2)") == "(-1, 2)" and fold_dashes("x = \u20135") == "x = -5"
+    assert fold_dashes("3\u22125") == "3-5"  # the minus sign is a minus everywhere
+    # a dash between two word characters is a range or a hyphen, not a minus (math-verify: 3-5 = -2)
+    assert fold_dashes("3\u20135") == "3\u20135" and fold_dashes("well\u2014known") == "well\u2014known"
+    fn = get_reward_fn("exact")
+    res = fn(["#### \u22125", "#### \uff0d5", "#### \u20135", "#### \u22125", "#### 3\u20135"],
+             ["-5", "-5", "-5", "5", "-2"])
+    assert res.correct == [True, True, True, False, False]
+
+
+def test_normalize_scientific_notation():
+    assert normalize_answer("1e-07") == normalize_answer("0.0000001") == "0.0000001"
+    assert normalize_answer("1E5") == normalize_answer("100000") == "100000"
+    assert normalize_answer("2.5e3") == "2500" and normalize_answer("2.5E+3") == "2500"
+    assert normalize_answer("-.5e2") == "-50" and normalize_answer("-0e5") == "0"
+    assert normalize_answer("$1.50e-2$") == "0.015"
+    assert normalize_answer("\u22121e-07") == "-0.0000001"
+    assert normalize_answer("1e-07") != normalize_answer("1e-06")
+    # out of range: never expanded (no million-digit string), equal only to the same string
+    t0 = time.monotonic()
+    for huge in ("1e999999", "1E999999", "1e-999999", "1e" + "9" * 100_000, "1" * 5000 + "e5"):
+        out = normalize_answer(huge)
+        assert len(out) <= len(huge) and "e" in out
+    assert time.monotonic() - t0 < 1.0
+    assert normalize_answer("1e999999") != normalize_answer("1" + "0" * 999_999)
+    fn = get_reward_fn("exact")
+    res = fn([r"\boxed{1e-07}", "#### 1E5", r"\boxed{2.5e3}", r"\boxed{1e-07}", r"\boxed{1e999999}"],
+             ["0.0000001", "100000", "2500", "1e-06", "5"])
+    assert res.correct == [True, True, True, False, False]
+
+
+def test_plain_integer_normalization_unchanged():
+    """The demo's reward: plain ASCII integers (and the strings around them) normalize exactly as before."""
+    import random
+
+    def old(s):  # the integer branch of normalize_answer before the review fixes
+        s = s.strip().rstrip(".").strip().strip("$").strip().rstrip(".").strip()
+        if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?", s):
+            s = s.replace(",", "")
+        neg, digits = s.startswith("-"), s.lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if neg and digits != "0" else digits
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        s = rng.choice(["", "-", "+"]) + "0" * rng.randrange(3) + str(rng.randrange(10 ** rng.randrange(1, 12)))
+        s = rng.choice(["", " ", "$"]) + s + rng.choice(["", ".", " ", "$"])
+        assert normalize_answer(s) == old(s), s
+
+
+def test_answer_is_takes_the_last_statement():
+    """Deliberately the last match (a restated/corrected answer wins), like \\boxed and ####, Qwen's math
+    evaluation (split on "The answer is", last part) and lm-eval's flexible extraction."""
+    assert extract_answer_is("The answer is 3. Wait, I made an error. The answer is 4.") == "4"
+    assert extract_answer("First guess: the answer is 10.\nRechecking... The final answer is 12.") == "12"
+
+
+def test_normalize_linear_on_long_digit_strings():
+    """No regex backtracking blow-up: a failed numeric fullmatch on a long digit string used to be quadratic
+    (``\\d+\\.?\\d*``), and a scientific-notation check must not add one."""
+    t0 = time.monotonic()
+    for s in ("9" * 200_000 + "x", "9" * 200_000 + "e", "9" * 100_000 + ".5x", "1" + "0" * 999_999,
+              "9" * 100_000 + "e" + "9" * 100_000 + "x", "\u2013" * 100_000 + "5"):
+        normalize_answer(s)
+    assert time.monotonic() - t0 < 2.0

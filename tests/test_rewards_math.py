@@ -285,3 +285,92 @@ def test_transient_worker_failure_is_not_cached():
     got = [fn(["\\boxed{2\\sqrt{2}}"], ["\\sqrt{8}"]) for _ in range(3)]
     assert [r.correct for r in got] == [[False], [True], [True]] and got[0].errors == 1
     assert FlakyPool.calls == 2  # the ok result is cached
+
+
+# gaps found in review: LaTeX-escaped dollar, Unicode minus/dashes, scientific notation (gold, response, correct?)
+REVIEW_CASES = [
+    ("18", r"\boxed{\$18}", True),
+    ("18", r"The answer is \$ 18.", True),
+    (r"\$18.90", r"\boxed{\$18.9}", True),
+    ("19", r"\boxed{\$18}", False),
+    ("-5", "#### \u22125", True),
+    ("-5", "#### \u20135", True),
+    ("-5", "#### \uff0d5", True),
+    ("-5", "#### \ufe635", True),
+    ("\u22125", "#### -5", True),
+    (r"-\frac{\sqrt{3}}{2}", "\\boxed{\uff0d\\frac{\\sqrt{3}}{2}}", True),
+    (r"-\sqrt{2}", "\\boxed{\u2013\\sqrt{8}/2}", True),  # goes to math-verify with the dash folded
+    ("5", "#### \u22125", False),
+    ("-2", "#### 3\u20135", False),  # an en dash between numbers is a range, not 3 - 5
+    ("0.0000001", r"\boxed{1e-07}", True),
+    ("1e-07", r"\boxed{0.0000001}", True),
+    ("100000", r"\boxed{1E5}", True),
+    ("2500", r"\boxed{2.5e3}", True),
+    ("2500", r"\boxed{2.5E+03}", True),
+    ("-0.0000001", "#### \u22121e-7", True),
+    (r"\frac{1}{2}", r"\boxed{5e-1}", True),
+    ("6.02e23", r"\boxed{602000000000000000000000}", True),
+    (r"10^{-7}", r"\boxed{1e-07}", True),  # math-verify, the answer written as 1\times10^{-7}
+    (r"10^{-7}", r"\boxed{2e-07}", False),
+    ("1e-06", r"\boxed{1e-07}", False),
+    ("1e-07", r"\boxed{2e-07}", False),  # no rounding to 6 decimals for scientific notation
+    ("0.0000002", r"\boxed{1e-07}", False),
+    ("2500", r"\boxed{2.5e4}", False),
+    ("5", r"\boxed{1e999999}", False),
+    (r"\infty", r"\boxed{1e999999}", False),
+    ("1" + "0" * 999, r"\boxed{1e999}", True),  # within range: exact
+    ("1e999999", r"\boxed{1e999999}", True),  # out of range: only the same string
+    ("1e999999", r"\boxed{1e999998}", False),
+    ("1", r"\boxed{1e" + "0" * 1500 + "}", False),  # over-long exponent, never evaluated
+]
+
+
+def _review_check(fn):
+    res = fn([c[1] for c in REVIEW_CASES], [c[0] for c in REVIEW_CASES])
+    wrong = [(c[0][:30], c[1][:30], ex) for c, ok, ex in zip(REVIEW_CASES, res.correct, res.extracted) if ok != c[2]]
+    assert not wrong, wrong
+    assert res.timeouts == 0 and res.errors == 0
+    return res
+
+
+def test_review_cases(math_fn):
+    calls = math_fn.stats["pool_calls"]
+    _review_check(math_fn)
+    # only the non-number pairs (-\sqrt{2}, 10^{-7} twice, the range 3–5) reached the pool; the scientific
+    # numbers, in range or not, were decided in the parent
+    assert math_fn.stats["pool_calls"] - calls == 4
+    assert math_fn.stats["scientific"] >= 16
+
+
+def test_review_cases_without_fast_path_agree():
+    fn = get_reward_fn("math", timeout_s=TIMEOUT, num_workers=2, fast_path=False)
+    try:
+        _review_check(fn)
+        assert fn.stats["fast_path"] == 0
+    finally:
+        fn.close()
+
+
+def test_escaped_dollar_and_unicode_minus_decided_in_parent():
+    fn = get_reward_fn("math", timeout_s=TIMEOUT, num_workers=1)
+    try:
+        res = fn([r"\boxed{\$18}", r"\boxed{\$ 18}", r"\boxed{\$18}", "#### \u22125", "#### \u20135", "#### \u22125"],
+                 ["18", "18", "19", "-5", "-5", "5"])
+        assert res.correct == [True, True, False, True, True, False]
+        assert fn.stats["pool_calls"] == 0 and fn._pool is None  # no math-verify needed
+    finally:
+        fn.close()
+
+
+def test_huge_exponent_bounded_and_never_correct():
+    fn = get_reward_fn("math", timeout_s=TIMEOUT, num_workers=1)
+    try:
+        huge = [r"\boxed{1e999999}", r"\boxed{-1E999999999}", r"\boxed{1e-999999}", "#### 9e" + "9" * 1900,
+                r"\boxed{" + "9" * 1500 + "e5}"]
+        t0 = time.monotonic()
+        res = fn(huge, ["5", "-1", "0", "1", "1"])
+        assert time.monotonic() - t0 < 1.0
+        assert res.correct == [False] * len(huge)
+        assert fn.stats["pool_calls"] == 0 and fn.stats["scientific"] == len(huge)
+    finally:
+        fn.close()

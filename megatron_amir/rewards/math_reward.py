@@ -1,8 +1,14 @@
 """``math`` reward: answer extraction + math-verify equivalence in a sandboxed worker pool.
 
 Per response: truncate (keep the tail, drop NUL bytes) -> extract the final answer (``\\boxed{}``,
-``####``, "The answer is") -> cut the answer to ``max_answer_chars`` -> decide:
+``####``, "The answer is") -> cut the answer to ``max_answer_chars`` -> Unicode minus signs/dashes to
+ASCII ``-`` (gold and answer) -> decide:
 
+0. scientific notation (``1e-07``, ``2.5E3``), always in the parent (math-verify reads ``1e-07`` as
+   ``1*e - 7``): a number whose exponent or mantissa is out of range (``1e999999``) equals only the same
+   string, never anything else; otherwise, against another simple number, equal as exact fractions is
+   correct and unequal is final (no rounding: ``1e-07`` != ``2e-07``); against anything else it goes to
+   math-verify written as ``m\\times10^{e}``.
 1. fast path in the parent, no parsing: normalized strings equal -> correct; both simple numbers
    (integers, decimals, ``\\frac{a}{b}``, ``a/b``) -> equal as exact fractions is correct; unequal is
    final only without decimals (with a decimal, math-verify's rounding decides in the pool). This
@@ -21,7 +27,7 @@ from fractions import Fraction
 from typing import Optional
 
 from .base import RewardFn, RewardResult, check_lengths, combine_format
-from .extract import extract_answer, normalize_answer, truncate
+from .extract import extract_answer, fold_dashes, normalize_answer, scientific, truncate
 
 __all__ = ["MathReward"]
 
@@ -53,6 +59,41 @@ def _number(s: str) -> Optional[tuple[Fraction, bool]]:
     return None
 
 
+def _value(s: str) -> Optional[Fraction]:
+    """Exact value of a simple number (``_number`` forms or scientific notation within range), else None."""
+    sci = scientific(s)
+    if sci is not None:
+        mantissa, exp = sci
+        # both bounded by scientific(): <= SCI_MAX_MANTISSA characters, |exp| <= SCI_MAX_EXP
+        return None if exp is None else Fraction(mantissa) * Fraction(10) ** exp
+    num = _number(normalize_answer(s))
+    return None if num is None else num[0]
+
+
+def _scientific_verdict(gold: str, ans: str) -> Optional[bool]:
+    """Verdict when either side is in scientific notation and no parsing is needed; None otherwise."""
+    sg, sa = scientific(gold), scientific(ans)
+    if sg is None and sa is None:
+        return None
+    g, a = normalize_answer(gold), normalize_answer(ans)
+    if g and g == a:
+        return True
+    if (sg is not None and sg[1] is None) or (sa is not None and sa[1] is None):
+        return False  # out of range: never evaluated, equal only to the same string
+    vg, va = _value(gold), _value(ans)
+    if vg is not None and va is not None:
+        return vg == va
+    return None
+
+
+def _pool_form(s: str) -> str:
+    """The answer as math-verify should see it: scientific notation as ``m\\times10^{e}``."""
+    sci = scientific(s)
+    if sci is None or sci[1] is None:
+        return s
+    return f"{sci[0].lstrip('+')}\\times10^{{{sci[1]}}}"
+
+
 class MathReward(RewardFn):
     name = "math"
 
@@ -70,7 +111,7 @@ class MathReward(RewardFn):
         self._cache: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
         self._cache_size = int(cache_size)
         self._pool = None
-        self.stats = {"fast_path": 0, "cache_hits": 0, "pool_calls": 0}
+        self.stats = {"fast_path": 0, "scientific": 0, "cache_hits": 0, "pool_calls": 0}
 
     @property
     def pool(self):
@@ -113,14 +154,20 @@ class MathReward(RewardFn):
                 continue
             if not ans:
                 continue
-            gold = truncate(gold, self.max_answer_chars)
+            gold = fold_dashes(truncate(gold, self.max_answer_chars))
+            ans = fold_dashes(ans)  # the record above keeps the answer as written
+            sci = _scientific_verdict(gold, ans)
+            if sci is not None:
+                correct[i] = sci
+                self.stats["scientific"] += 1
+                continue
             if self.fast_path:
                 fast = self._fast(gold, ans)
                 if fast is not None:
                     correct[i] = fast
                     self.stats["fast_path"] += 1
                     continue
-            todo.setdefault((gold, ans), []).append(i)
+            todo.setdefault((_pool_form(gold), _pool_form(ans)), []).append(i)
         timeouts = errors = 0
         keys = list(todo)
         statuses: dict[tuple[str, str], tuple[str, bool]] = {}
