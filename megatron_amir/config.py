@@ -148,6 +148,8 @@ class AlgorithmConfig(_Section):
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False
+    reference_offload: bool = Field(False, description="keep the reference policy (KL, reference-anchored pairs) in "
+                                    "host memory; it is copied to the device only for its log-prob pass")
     tis_cap: Optional[float] = Field(None, gt=0, description="truncated importance sampling cap (rollout vs trainer)")
     ppo_epochs: int = Field(1, ge=1)
     amir: AmirConfig = Field(default_factory=AmirConfig)

@@ -186,6 +186,26 @@ def test_frozen_copy_loads_a_saved_policy(policy, tmp_path):
     assert not torch.equal(policy.compute_logprobs(tokens), saved)  # the policy itself is untouched
 
 
+def test_offloaded_reference_matches_and_lives_on_the_host(policy, tmp_path):
+    """algorithm.reference_offload: the frozen copy keeps its weights in host memory between passes, gives the
+    same log-probs as a resident one, and still loads a checkpoint (onto the host copies)."""
+    tokens, mask, rewards, gids = batch()
+    resident, off = policy.frozen_copy(), policy.frozen_copy(offload=True)
+    hosts = [h for _, h in off._host]
+    assert hosts and all(h.device.type == "cpu" for h in hosts)
+    assert all(t.data_ptr() == h.data_ptr() for t, h in off._host)  # the module points at the host copies
+    assert torch.equal(off.compute_logprobs(tokens), resident.compute_logprobs(tokens))
+    assert all(t.data_ptr() == h.data_ptr() for t, h in off._host)  # and again after a pass
+    policy.save(tmp_path / "ref", save_optimizer=False)
+    saved = policy.compute_logprobs(tokens)
+    policy.train_step(tokens, prepared_for(policy.cfg, saved, mask, rewards, gids))
+    off2 = policy.frozen_copy(offload=True)
+    assert not torch.equal(off2.compute_logprobs(tokens), saved)
+    off2.load(tmp_path / "ref")
+    assert torch.equal(off2.compute_logprobs(tokens), saved)
+    assert all(t.data_ptr() == h.data_ptr() and h.device.type == "cpu" for t, h in off2._host)
+
+
 def test_full_state_dict_names_match_module(policy):
     full = policy.full_state_dict()
     own = {k: v for k, v in policy.modules()[0].state_dict().items() if not k.endswith("_extra_state")}

@@ -210,6 +210,11 @@ def test_resume_keeps_the_starting_weights_as_reference(tmp_path):
     assert len(want) == len(got) == 3
     assert want[1]["kl"] > 0 and want[2]["kl"] > 0  # the policy has moved away from the reference
     assert got == want
+    # algorithm.reference_offload: the reference kept in host memory between passes gives the same run
+    run_off = tmp_path / "offload"
+    subprocess.run(_cmd(run_off, *kl, "train.steps=3", "algorithm.reference_offload=true"), check=True, env=env,
+                   cwd=ROOT, timeout=600, capture_output=True)
+    assert _rows(run_off) == want
     # without the recorded reference a resume stops with the path, not with a silently different objective
     shutil.rmtree(split / "ckpt" / "reference")
     out = subprocess.run(_cmd(split, *kl, "train.steps=4"), env=env, cwd=ROOT, timeout=600, capture_output=True,

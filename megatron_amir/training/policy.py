@@ -23,6 +23,7 @@ tests/test_policy*.py check that gradients equal those of the summed loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -472,9 +473,10 @@ class Policy:
 
         load_checkpoint(self, Path(path), load_optimizer=load_optimizer and self.optimizer is not None)
 
-    def frozen_copy(self) -> "FrozenPolicy":
-        """A no-grad copy of the current weights (the reference policy), same parallel layout."""
-        return FrozenPolicy(self)
+    def frozen_copy(self, offload: bool = False) -> "FrozenPolicy":
+        """A no-grad copy of the current weights (the reference policy), same parallel layout; ``offload``: its
+        weights stay in host memory between log-prob passes (``FrozenPolicy``)."""
+        return FrozenPolicy(self, offload=offload)
 
 
 class FrozenPolicy:
@@ -483,9 +485,14 @@ class FrozenPolicy:
     Built as a fresh GPTModel with ``perform_initialization=False`` (no RNG draws, so the training
     streams are untouched) and loaded from the current weights; deepcopy is not an option because the
     modules hold process groups.
+
+    ``offload=True`` keeps its weights in host memory (pinned when CUDA is present) and copies them to the
+    device only for the duration of ``compute_logprobs``: the reference then costs no device memory during
+    the train step, where the policy's weights, gradients and optimizer state peak (verl's ref
+    ``param_offload``), at the price of one host-to-device copy of this rank's shard per step.
     """
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, offload: bool = False):
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.module import Float16Module
 
@@ -509,12 +516,53 @@ class FrozenPolicy:
         self._p.model = [module]
         self._p.optimizer = None
         self._p.scheduler = None
+        self.offload = offload
+        self._host: list[tuple[torch.Tensor, torch.Tensor]] = []  # (module tensor, its host copy)
+        if offload:
+            self._to_host()
+
+    def _tensors(self) -> list[torch.Tensor]:
+        m = self._p.model[0]
+        return list(m.parameters()) + [b for b in m.buffers() if b is not None]
+
+    def _to_host(self) -> None:
+        """Copy the weights to (pinned) host memory and point the module at the copies; the device memory is
+        released when the device tensors are dropped here."""
+        pin = torch.cuda.is_available()
+        self._host = []
+        for t in self._tensors():
+            h = t.detach().to("cpu", copy=True)
+            self._host.append((t, h.pin_memory() if pin else h))
+        for t, h in self._host:
+            t.data = h
+
+    def _to_device(self) -> None:
+        for t, h in self._host:
+            t.data = h.to(self._p.device, non_blocking=True)
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        if not self.offload:
+            yield
+            return
+        self._to_device()
+        try:
+            yield
+        finally:
+            for t, h in self._host:
+                t.data = h
 
     def compute_logprobs(self, tokens, micro_batch_size=None, temperature: float = 1.0, lengths=None):
-        return self._p.compute_logprobs(tokens, micro_batch_size, temperature, lengths)
+        with self._on_device():
+            return self._p.compute_logprobs(tokens, micro_batch_size, temperature, lengths)
 
     def load(self, path) -> None:
         """Replace the weights with a policy checkpoint's (any saved TP/PP; its optimizer state is ignored)."""
         from megatron_amir.training.model_checkpoint import load_checkpoint
 
+        if self.offload:  # load on the device, as the checkpoint loader expects, then offload the new weights
+            self._to_device()
+            self._host = []
         load_checkpoint(self._p, Path(path), load_optimizer=False)
+        if self.offload:
+            self._to_host()

@@ -171,7 +171,7 @@ class Trainer:
                 self.policy.barrier()
                 self.policy.save(saved, save_optimizer=False)  # collective; tmp dir + rename inside
                 self.reference = {"source": "initial" if not resumed else f"step {self.step}", "path": REFERENCE_DIR}
-            return self.policy.frozen_copy()
+            return self.policy.frozen_copy(offload=self.cfg.algorithm.reference_offload)
         # a relative path is relative to the root the resumed checkpoint was saved in (which may be another run's)
         saved_root = self._resumed_from.parent
         path = Path(self.reference["path"])
@@ -181,7 +181,7 @@ class Trainer:
         if not path.is_dir():
             raise FileNotFoundError(f"reference policy weights not found at {path} (recorded in the checkpoint as "
                                     f"{self.reference}); restore them, or start a fresh run (checkpoint.resume=none)")
-        frozen = self.policy.frozen_copy()
+        frozen = self.policy.frozen_copy(offload=self.cfg.algorithm.reference_offload)
         frozen.load(path)
         log.info("reference policy loaded from %s", path)
         return frozen
