@@ -418,29 +418,27 @@ class _YamlLoader(yaml.SafeLoader):
         # before the merge keys (<<) are expanded, which may legitimately repeat keys given explicitly
         if id(node) not in self._checked:
             self._checked.add(id(node))
-            seen: set[tuple[str, str]] = set()
+            seen: set[Any] = set()
             for key_node, _ in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                if (key_node.tag, key_node.value) in seen:
+                key = self.construct_object(key_node)  # the value: `1` and `01`, `true` and `yes` are one key
+                if key in seen:
                     raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                             f"found duplicate key {key_node.value!r}",
                                                             key_node.start_mark)
-                seen.add((key_node.tag, key_node.value))
+                seen.add(key)
         super().flatten_mapping(node)
 
 
-_YamlLoader.add_implicit_resolver(  # OmegaConf's float pattern (its override parser's)
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:
+_FLOAT_RE = re.compile(r"""^(?:
      [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
     |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
     |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+    |\.(?:nan|NaN|NAN))$""", re.X)  # OmegaConf's float pattern (its override parser's)
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()
@@ -511,5 +509,13 @@ def config_record(cfg: Config) -> dict[str, Any]:
     return data
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes every string ``_YamlLoader`` would read as a float (``'1e5'``, a short git hash ``'4520e81'``), so
+    a dumped config loads back unchanged."""
+
+
+_YamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_record(cfg), sort_keys=False)
+    return yaml.dump(config_record(cfg), Dumper=_YamlDumper, sort_keys=False)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_amir.config import ConfigError, load_config
 
@@ -183,3 +184,23 @@ def test_dict_override_replaces_the_file_value(tmp_path):
     f.write_text("model:\n  rope_scaling: {rope_type: llama3, factor: 8.0}\n")
     cfg = load_config(f, ["model.rope_scaling={type: linear, factor: 4.0}"])
     assert cfg.model.rope_scaling == {"type": "linear", "factor": 4.0}
+
+
+def test_dumped_config_reloads_strings_that_look_like_floats(tmp_path):
+    """dump_config quotes strings the loader would read as floats (a run directory named like a git short hash)."""
+    from megatron_amir.config import config_from_dict, dump_config, parse_yaml
+
+    cfg = load_config(DEMO, ["logging.dir='runs/x'", "checkpoint.dir='4520e81'", "model.tokenizer='1e5'"])
+    assert cfg.checkpoint.dir == "4520e81" and cfg.model.tokenizer == "1e5"
+    text = dump_config(cfg)
+    assert "'4520e81'" in text and "'1e5'" in text
+    back = config_from_dict(parse_yaml(text))
+    assert back.checkpoint.dir == "4520e81" and back.model.tokenizer == "1e5"
+
+
+def test_duplicate_keys_are_compared_by_value():
+    from megatron_amir.config import parse_yaml
+
+    for text in ("1: a\n01: b\n", "true: a\nyes: b\n", "a: 1\n'a': 2\n"):
+        with pytest.raises(yaml.YAMLError, match="duplicate key"):
+            parse_yaml(text)

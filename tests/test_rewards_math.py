@@ -374,3 +374,12 @@ def test_huge_exponent_bounded_and_never_correct():
         assert fn.stats["pool_calls"] == 0 and fn.stats["scientific"] == len(huge)
     finally:
         fn.close()
+
+
+def test_euler_e_against_a_symbolic_gold_is_not_scientific_notation(math_fn):
+    """``2e-1`` is 2·10⁻¹ only against a numeric gold; against a symbolic one it may be 2e − 1 (Euler's e), and
+    math-verify decides on the strings as written (as before scientific notation was read)."""
+    pairs = [("2e-1", "2e - 1"), ("2e-1", "-1+2e"), ("3e+1", "3e + 1"), ("2e+2", "2(e+1)"), ("4e-4", "4(e-1)"),
+             ("2e-1", "0.2"), ("1e-07", "0.0000001"), ("2e-1", "2e - 2")]
+    out = math_fn([f"\\boxed{{{a}}}" for a, _ in pairs], [g for _, g in pairs])
+    assert list(out.correct) == [True, True, True, True, True, True, True, False]

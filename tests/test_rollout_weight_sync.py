@@ -129,6 +129,8 @@ def test_broadcast_rendezvous_listens_only_on_the_given_address():
     master.broadcast(torch.tensor([1.0, 2.0, 3.0]))
     th.join(30)
     assert not errors and torch.equal(got["t"], torch.tensor([1.0, 2.0, 3.0]))
+    # the store owns the listening descriptor: no Python socket object left to close it a second time
+    assert not any(type(v).__name__ == "socket" for v in vars(master).values())
     with open("/proc/net/tcp") as f:  # local_address is hex IP:port; 0100007F = 127.0.0.1, state 0A = LISTEN
         listening = [ln.split()[1] for ln in f.read().splitlines()[1:] if ln.split()[3] == "0A"]
     assert f"0100007F:{port:04X}" in listening

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_tiny.yaml"
@@ -203,3 +204,28 @@ def test_warmup_cli_restart_and_continuation_log_each_step_once(tmp_path):
     assert "".join(line + "\n" for line in (run / "metrics.jsonl").read_text().splitlines()
                    if "sft/loss" not in line) == rl
     assert [p.name for p in (run / "ckpt").glob("step_*")] == ["step_00000004"]
+
+
+def test_continued_warmup_draws_the_batches_an_uninterrupted_one_would(tmp_path, monkeypatch):
+    """Steps k+1 ... of a warm-up continued from its step-k checkpoint train on the batches an uninterrupted warm-up
+    draws at those steps (before: the data RNG started again, repeating the batches of steps 1 ...)."""
+    from megatron_amir.training import sft
+
+    drawn: list[list[str]] = []
+
+    def record(tokenizer, prompts, solutions):
+        drawn.append(list(prompts))
+        return torch.ones(len(prompts), 4, dtype=torch.long), torch.ones(len(prompts), 3)
+
+    monkeypatch.setattr(sft, "tokenize_examples", record)
+
+    def runner(run):
+        t = _warmup_like(run, [0.5] * 6)
+        t.train_problems = [types.SimpleNamespace(prompt=f"p{i}", solution="1") for i in range(50)]
+        return t
+
+    sft.run_sft(runner(tmp_path / "a"), steps=6, batch_size=3)
+    straight, drawn[:] = list(drawn), []
+    sft.run_sft(runner(tmp_path / "b"), steps=2, batch_size=3)
+    sft.run_sft(runner(tmp_path / "b"), steps=4, batch_size=3, start=2)
+    assert drawn == straight and straight[2] != straight[0]

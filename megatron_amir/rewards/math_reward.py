@@ -70,10 +70,22 @@ def _value(s: str) -> Optional[Fraction]:
     return None if num is None else num[0]
 
 
+# the constant e in a gold answer: a lone ``e``, not part of a word or a LaTeX command (``\\sec``, ``\\left``)
+_EULER_RE = re.compile(r"(?<![A-Za-z\\])e(?![A-Za-z])")
+
+
+def _sci_reading(gold: str) -> bool:
+    """Whether an answer like ``2e-1`` is read as 2·10⁻¹ against ``gold``: yes unless the gold writes Euler's e
+    (``2e - 1``, ``2(e+1)``) and is not itself in scientific notation; then math-verify decides on the strings as
+    written (where ``2e-1`` is 2e − 1)."""
+    return scientific(gold) is not None or _EULER_RE.search(gold) is None
+
+
 def _scientific_verdict(gold: str, ans: str) -> Optional[bool]:
-    """Verdict when either side is in scientific notation and no parsing is needed; None otherwise."""
+    """Verdict when either side is in scientific notation (read as such against ``gold``, ``_sci_reading``) and
+    no parsing is needed; None otherwise."""
     sg, sa = scientific(gold), scientific(ans)
-    if sg is None and sa is None:
+    if (sg is None and sa is None) or not _sci_reading(gold):
         return None
     g, a = normalize_answer(gold), normalize_answer(ans)
     if g and g == a:
@@ -92,6 +104,14 @@ def _pool_form(s: str) -> str:
     if sci is None or sci[1] is None:
         return s
     return f"{sci[0].lstrip('+')}\\times10^{{{sci[1]}}}"
+
+
+def _pool_pair(gold: str, ans: str) -> tuple[str, str]:
+    """(gold, answer) for math-verify: scientific notation rewritten as ``m\\times10^{e}`` unless the gold writes
+    Euler's e."""
+    if not _sci_reading(gold):
+        return gold, ans
+    return _pool_form(gold), _pool_form(ans)
 
 
 class MathReward(RewardFn):
@@ -167,7 +187,7 @@ class MathReward(RewardFn):
                     correct[i] = fast
                     self.stats["fast_path"] += 1
                     continue
-            todo.setdefault((_pool_form(gold), _pool_form(ans)), []).append(i)
+            todo.setdefault(_pool_pair(gold, ans), []).append(i)
         timeouts = errors = 0
         keys = list(todo)
         statuses: dict[tuple[str, str], tuple[str, bool]] = {}

@@ -330,9 +330,8 @@ class TensorBroadcaster:
     that order, each broadcast from rank 0.
     """
 
-    def __init__(self, pg, rank: int, world_size: int, store, listen_socket=None):
+    def __init__(self, pg, rank: int, world_size: int, store):
         self.pg, self.rank, self.world_size, self._store = pg, rank, world_size, store
-        self._listen_socket = listen_socket  # kept open for the store's lifetime
 
     @classmethod
     def gloo(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float = 120.0) -> "TensorBroadcaster":
@@ -343,10 +342,17 @@ class TensorBroadcaster:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
-        sock = _listen_socket(host, port) if rank == 0 else None
-        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
-                              **({"master_listen_fd": sock.fileno()} if sock is not None else {}))
-        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store, sock)
+        if rank == 0:
+            sock = _listen_socket(host, port)
+            try:
+                store = dist.TCPStore(host, port, world_size, True, timeout=timeout, master_listen_fd=sock.fileno())
+            except BaseException:
+                sock.close()
+                raise
+            sock.detach()  # the store owns the descriptor now and closes it (closing it here too could hit a reuse)
+        else:
+            store = dist.TCPStore(host, port, world_size, False, timeout=timeout)
+        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store)
 
     def broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist

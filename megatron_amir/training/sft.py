@@ -65,6 +65,8 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
     dropped first, so no step is logged twice; rows of an RL run sharing the file are kept."""
     t = trainer_like
     rng = random.Random(t.cfg.train.seed)
+    for _ in range(start * batch_size):  # a continued warm-up draws the batches an uninterrupted one would next
+        rng.randrange(len(t.train_problems))
     last: dict[str, float] = {}
     from tqdm.auto import tqdm
 
