@@ -9,10 +9,7 @@ replicas of a stage agree).
 
 from __future__ import annotations
 
-import datetime
-import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,29 +38,6 @@ class ParallelInfo:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> None:
-    """Start torch.distributed from the torchrun environment, or as a single process (world 1)."""
-    if dist.is_initialized():
-        return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.backend=nccl needs CUDA; use gloo or auto on CPU")
-    if "RANK" not in os.environ:  # plain `python`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())  # --gpus-per-task
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def seed_everything(seed: int) -> None:
