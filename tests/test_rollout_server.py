@@ -251,10 +251,14 @@ def test_retry_of_an_in_flight_request_joins_it(served):
         assert got["a"].json()["choices"] == got["b"].json()["choices"]
         assert got["c"].json()["choices"] != got["a"].json()["choices"]
         assert sum(calls) == 2  # one generation for a+b, one for c
-        # finished requests are not cached: the same id again is a new generation
+        # a retry of a finished request (its answer lost on the way back) gets the same answer, no generation
         assert c.post("/v1/completions", json=body, headers={"x-request-id": "grp-7"}).json()["choices"] == \
             got["a"].json()["choices"]
-        assert sum(calls) == 3
+        assert sum(calls) == 2
+        # ... until the weights change: then it samples the new weights
+        assert c.post("/update_weight_version", json={"new_version": "11"}, headers=AUTH).status_code == 200
+        again = c.post("/v1/completions", json=body, headers={"x-request-id": "grp-7"}).json()
+        assert sum(calls) == 3 and again["weight_version"] == 11
     finally:
         eng.generate = orig
         c.post("/resume", headers=AUTH)

@@ -19,9 +19,10 @@ Routes
 
 Requests are batched: whatever arrives while a batch runs is decoded together in the next one (grouped by
 n). A request whose ``x-request-id`` and body equal one still queued or running (a client retry after a
-timeout) waits for that generation and gets its answer instead of starting a second one
-(``megatron_amir_deduplicated_requests_total``); a finished request is not cached, so a later retry
-generates again (same seed, same samples under the same weights). Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+timeout) waits for that generation and gets its answer instead of starting a second one; one that equals a
+request finished in the last ``RECENT_TTL_S`` seconds (its answer lost on the way back) gets the same answer
+without generating (``megatron_amir_deduplicated_requests_total`` counts both). Finished answers are kept for
+at most ``RECENT_MAX`` requests / ``RECENT_MAX_ROWS`` sequences and dropped whenever the weights change. Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import socket
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -87,6 +88,10 @@ def _error(status: int, message: str, param: Optional[str] = None, type_: str = 
     return JSONResponse(status_code=status,
                         content={"error": {"message": message, "type": type_, "param": param, "code": status}})
 
+
+RECENT_MAX = 256  # finished keyed answers kept for retries (entries)
+RECENT_TTL_S = 300.0  # ... and for how long
+RECENT_MAX_ROWS = 65536  # ... and sequences in all
 
 # ------------------------------------------------------------------------------------------- batching
 @dataclass
@@ -211,6 +216,23 @@ def create_app(
     # that is still in flight (it timed out on the client's side) waits for that generation instead of
     # queueing a second one, so timeouts under load do not multiply the work
     inflight: dict[tuple[str, str], asyncio.Future] = {}
+    # the answers of recently finished keyed requests, for a retry whose first answer was lost on the way back
+    # (connection reset, router failover): the same samples without a second generation. Bounded in entries and
+    # age, and emptied whenever the weights change (a retry then samples the new weights).
+    recent: "OrderedDict[tuple[str, str], tuple[float, list[GroupResult]]]" = OrderedDict()
+
+    def _finished(key: tuple[str, str], fut: asyncio.Future) -> None:
+        if inflight.get(key) is fut:
+            inflight.pop(key)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        groups = fut.result()
+        if any(smp.weight_version != engine.version for g in groups for smp in g.samples):
+            return  # the weights changed while it ran: a retry samples the new ones
+        recent[key] = (time.monotonic(), groups)
+        recent.move_to_end(key)
+        while len(recent) > RECENT_MAX or sum(len(g.samples) for _, gs in recent.values() for g in gs) > RECENT_MAX_ROWS:
+            recent.popitem(last=False)
     app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     root = Path(weights_root).resolve() if weights_root else None
 
@@ -293,15 +315,23 @@ def create_app(
         stats.requests += 1
         key = (given_id, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()) if given_id else None
         fut = inflight.get(key) if key else None
-        if fut is not None:
+        done = recent.get(key) if key else None
+        if done is not None and time.monotonic() - done[0] > RECENT_TTL_S:
+            recent.pop(key, None)
+            done = None
+        if done is not None:
             stats.deduplicated += 1
+            groups = done[1]
         else:
-            fut = asyncio.get_running_loop().create_future()
-            if key:
-                inflight[key] = fut
-                fut.add_done_callback(lambda f, k=key: inflight.pop(k) if inflight.get(k) is f else None)
-            batcher().enqueue(_Pending(prompts, params, req.n, rid, fut))
-        groups = await asyncio.shield(fut)  # one waiter going away must not cancel the others' generation
+            if fut is not None:
+                stats.deduplicated += 1
+            else:
+                fut = asyncio.get_running_loop().create_future()
+                if key:
+                    inflight[key] = fut
+                    fut.add_done_callback(lambda f, k=key: _finished(k, f))
+                batcher().enqueue(_Pending(prompts, params, req.n, rid, fut))
+            groups = await asyncio.shield(fut)  # one waiter going away must not cancel the others' generation
         choices, ntok = [], 0
         versions = set()
         for pi, g in enumerate(groups):
@@ -460,6 +490,7 @@ def create_app(
             s = await loop.run_in_executor(None, lambda: read_snapshot(snap, expected_version=version))
             # load_weights takes the engine lock: a running batch finishes with the old weights first
             await loop.run_in_executor(None, lambda: engine.load_weights(s.tensors, s.version))
+            recent.clear()
         except (WeightSyncError, KeyError, ValueError) as exc:
             raise ApiError(400, f"weight update failed: {exc}", param) from None
         stats.weight_updates += 1
@@ -491,6 +522,7 @@ def create_app(
                 tensors = await loop.run_in_executor(None, lambda: receive_tensors(comm, info))
                 new_version = engine.version if version is None else version
                 await loop.run_in_executor(None, lambda: engine.load_weights(tensors, new_version))
+                recent.clear()
             except (KeyError, ValueError) as exc:
                 raise ApiError(400, f"weight update failed: {exc}", "update_info") from None
             stats.weight_updates += 1
@@ -537,6 +569,7 @@ def create_app(
         if iv is None:
             raise ApiError(400, "new_version must be an integer (or its string)", "body.new_version")
         engine.set_version(iv)  # version label only, as in vLLM: weights unchanged
+        recent.clear()  # cached answers carry the old label
         return {"success": True, "new_version": str(iv)}
 
     app.state.engine = engine
