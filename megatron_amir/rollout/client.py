@@ -434,7 +434,7 @@ class FleetEngine:
         report = self._call(self.client.push_snapshot(path, version, added))
         for url, status in report.items():
             if status != "ok":
-                log.warning("new server %s did not load weight version %d (%s); retrying at the next poll",
+                log.warning("new server %s did not load weight version %d (%s); it will be tried again later",
                             url, version, status)
         return [u for u in added if report[u] == "ok"]
 

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from megatron_amir.fileio import atomic_write_text
+
 log = logging.getLogger("megatron_amir.rollout.router")
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "random", "consistent_hash")
 
@@ -95,9 +97,7 @@ def _edit_discovery_file(path: str | os.PathLike, edit: Callable[[list[str]], li
         urls = read_discovery_file(p, bad=[])
         new = edit(urls)
         if new != urls or not p.exists():
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-            tmp.write_text("".join(u + "\n" for u in new), encoding="utf-8")
-            os.replace(tmp, p)
+            atomic_write_text(p, "".join(u + "\n" for u in new))
 
 
 def register_url(path: str | os.PathLike, url: str) -> None:
@@ -286,7 +286,7 @@ class DiscoveryWatcher:
         now = self.clock()
         self._backoff = {u: b for u, b in self._backoff.items() if u in urls}  # delisted: forget
         waiting = {u for u, (due, _) in self._backoff.items() if due > now}
-        want = [u for u in urls if u not in waiting or u in (self._last or [])]
+        want = [u for u in urls if u not in waiting]  # a server in back-off was never accepted (not in _last)
         if want == self._last:
             return False
         with self.lock if self.lock is not None else contextlib.nullcontext():

@@ -219,7 +219,7 @@ def create_app(
     # the answers of recently finished keyed requests, for a retry whose first answer was lost on the way back
     # (connection reset, router failover): the same samples without a second generation. Bounded in entries and
     # age, and emptied whenever the weights change (a retry then samples the new weights).
-    recent: "OrderedDict[tuple[str, str], tuple[float, list[GroupResult]]]" = OrderedDict()
+    recent: "OrderedDict[tuple[str, str], tuple[float, list[GroupResult], int]]" = OrderedDict()  # (time, answer, rows)
 
     def _finished(key: tuple[str, str], fut: asyncio.Future) -> None:
         if inflight.get(key) is fut:
@@ -229,9 +229,9 @@ def create_app(
         groups = fut.result()
         if any(smp.weight_version != engine.version for g in groups for smp in g.samples):
             return  # the weights changed while it ran: a retry samples the new ones
-        recent[key] = (time.monotonic(), groups)
+        recent[key] = (time.monotonic(), groups, sum(len(g.samples) for g in groups))
         recent.move_to_end(key)
-        while len(recent) > RECENT_MAX or sum(len(g.samples) for _, gs in recent.values() for g in gs) > RECENT_MAX_ROWS:
+        while len(recent) > RECENT_MAX or sum(rows for _, _, rows in recent.values()) > RECENT_MAX_ROWS:
             recent.popitem(last=False)
     app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     root = Path(weights_root).resolve() if weights_root else None

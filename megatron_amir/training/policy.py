@@ -533,6 +533,10 @@ class FrozenPolicy:
         for t in self._tensors():
             h = t.detach().to("cpu", copy=True)
             self._host.append((t, h.pin_memory() if pin else h))
+        self._release()
+
+    def _release(self) -> None:
+        """Point the module at the host copies (dropping the device tensors)."""
         for t, h in self._host:
             t.data = h
 
@@ -549,8 +553,7 @@ class FrozenPolicy:
         try:
             yield
         finally:
-            for t, h in self._host:
-                t.data = h
+            self._release()
 
     def compute_logprobs(self, tokens, micro_batch_size=None, temperature: float = 1.0, lengths=None):
         with self._on_device():
