@@ -1,10 +1,16 @@
-"""Atomic file writes: readers see the old content or the new, never a torn file."""
+"""Atomic file writes: readers see the old content or the new, never a torn file; the shared cache root."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of the project's caches (tokenizers, built host kernels): ``$MEGATRON_AMIR_CACHE``, default
+    ``~/.cache/megatron_amir``."""
+    return Path(os.environ.get("MEGATRON_AMIR_CACHE", Path.home() / ".cache" / "megatron_amir"))
 
 
 def _umask() -> int:

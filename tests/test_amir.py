@@ -6,8 +6,12 @@ References are float64 Python loops written here (pairs by enumeration as in the
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
+import shutil
+import threading
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ from megatron_amir.algorithms import (
     prepare_batch,
     seq_logprob,
 )
+from megatron_amir.algorithms import native
 from megatron_amir.config import AlgorithmConfig, AmirConfig
 
 from algo_helpers import random_split
@@ -205,11 +210,28 @@ def test_coefficient_form_gradient_equals_direct_pair_loss(amir, seed):
         assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
 
 
+@pytest.fixture(params=["native", "torch"])
+def pair_impl(request, monkeypatch):
+    """Runs a test with the C pair kernel (native.py) and with its torch twin (MEGATRON_AMIR_NATIVE=0)."""
+    native.reset()
+    if request.param == "torch":
+        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "0")
+        assert native.pair_kernel() is None
+    else:
+        monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
+        if shutil.which(os.environ.get("CC", "cc")) is None:
+            pytest.skip("no C compiler: the native pair kernel cannot be built here")
+        assert native.pair_kernel() is not None
+    yield request.param
+    native.reset()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "shuffled", "unequal"])
 @pytest.mark.parametrize("mode,cap,margin", [("all", None, 0.0), ("all", None, 0.3), ("top", None, 0.1), ("all", 2, 0.1)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, seed):
-    """The grid sums (contiguous view, gathered grid with padding) and the capped host path against loops."""
+def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, seed, pair_impl):
+    """C kernel and torch grid (contiguous view, gathered grid with padding), and the capped host path,
+    against loops; with lengths also the per-token coefficient c_i / |y_i|."""
     rewards, gids, mask, old = make_batch(seed, n_groups=5, G=6, reward_kind="multi")
     mask[4] = False  # an invalid row inside a group
     if layout == "unequal":  # drop rows so groups have 6, 4, 6, 5, 6 rows
@@ -222,7 +244,9 @@ def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, s
     lbar = torch.tensor([ref_lbar(old, mask, i, "mean") if mask[i].any() else 0.0 for i in range(len(rewards))],
                         dtype=torch.float64)
     gidx = torch.unique(gids, return_inverse=True)[1]
-    st = pair_statistics(rewards, gidx, mask.any(-1), beta * lbar, margin=margin, mode=mode, max_pairs_per_group=cap)
+    lengths = mask.sum(-1).double()
+    st = pair_statistics(rewards, gidx, mask.any(-1), lbar, beta=beta, margin=margin, mode=mode,
+                         max_pairs_per_group=cap, lengths=lengths)
     pairs = ref_pairs(rewards, gids, mask, margin, mode, cap)
     assert pairs
     d = [beta * float(lbar[w] - lbar[l]) for w, l in pairs]
@@ -233,6 +257,116 @@ def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, s
     x = lbar.clone().requires_grad_(True)
     (pair_loss_sum(beta * x, torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs]))).backward()
     assert torch.allclose(beta * st.coef_sum, x.grad, atol=1e-12, rtol=0)  # c_i = β·coef_sum_i / P
+    assert st.coef_sum.dtype == torch.float64 and st.sums.dtype == torch.float64
+    assert torch.allclose(beta * st.coef_norm, x.grad / lengths.clamp(min=1), atol=1e-12, rtol=0)
+
+
+def test_pair_statistics_float32_inputs_and_no_pairs(pair_impl):
+    """float32 implicit rewards: sums stay float64, per-row outputs come back float32 and match the float64
+    loop to float32 precision; all-equal rewards give zeros; an empty batch gives zeros."""
+    rewards, gids, mask, old = make_batch(3, n_groups=4, G=5, reward_kind="multi")
+    gidx = torch.unique(gids, return_inverse=True)[1]
+    lbar = seq_logprob(old, mask).float()
+    st = pair_statistics(rewards, gidx, mask.any(-1), lbar, beta=0.5, lengths=mask.sum(-1).float())
+    assert st.sums.dtype == torch.float64 and st.coef_sum.dtype == torch.float32 and st.coef_norm.dtype == torch.float32
+    pairs = ref_pairs(rewards, gids, mask, 0.0, "all", None)
+    x = lbar.double().clone().requires_grad_(True)
+    pair_loss_sum(0.5 * x, torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs])).backward()
+    assert torch.allclose(0.5 * st.coef_sum.double(), x.grad, atol=1e-6, rtol=0)
+    assert st.sums[0].item() == len(pairs)
+    flat = pair_statistics(torch.ones(len(rewards), dtype=torch.float64), gidx, mask.any(-1), lbar)
+    assert flat.sums.tolist() == [0.0, 0.0, 0.0, 0.0] and not flat.coef_sum.any()
+    empty = pair_statistics(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+                            torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64), num_groups=0)
+    assert empty.sums.tolist() == [0.0, 0.0, 0.0, 0.0] and empty.coef_sum.numel() == 0
+
+
+def test_prepare_batch_same_with_native_kernel_and_torch_twin(monkeypatch):
+    """prepare_batch gives the same coefficients, token coefficients and metrics with either implementation."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    rewards, gids, mask, old = make_batch(5, n_groups=5, G=6, reward_kind="multi")
+    out = {}
+    for impl in ("native", "torch"):
+        native.reset()
+        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "1" if impl == "native" else "0")
+        for norm in ("mean", "sum"):
+            cfg = cfg_of({"beta": 0.3, "logprob_norm": norm})
+            out[impl, norm] = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
+                                            amir_state=AmirState.from_config(cfg.amir))
+    native.reset()
+    for norm in ("mean", "sum"):
+        a, b = out["native", norm], out["torch", norm]
+        assert a.pair_token_coef is not None and torch.count_nonzero(a.seq_coef) > 0
+        assert torch.allclose(a.seq_coef, b.seq_coef, atol=1e-15, rtol=0)
+        assert torch.allclose(a.pair_token_coef, b.pair_token_coef, atol=1e-15, rtol=0)
+        assert a.metrics.keys() == b.metrics.keys()
+        for k in a.metrics:
+            assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-12, abs=1e-12, nan_ok=True), k
+
+
+def test_native_kernel_rejects_a_bad_group_index():
+    if native.pair_kernel() is None:
+        pytest.skip("no native kernel here")
+    r = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"group index out of range \[0, 2\)"):
+        pair_statistics(r, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool), torch.zeros(3), num_groups=2)
+
+
+def test_native_build_is_cached_atomic_and_keyed_by_source(tmp_path):
+    """Concurrent builds into one cache leave one whole library and no temp files; an edited source gets a
+    new library; the library loads and computes."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "pair_kernel.c"
+    src.write_bytes(native._SOURCES["pair"].read_bytes())
+    out = tmp_path / "cache"
+    paths, errors = [], []
+
+    def worker():
+        try:
+            paths.append(native.build(src, out))
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    assert sorted(p.name for p in out.iterdir()) == [paths[0].name]
+    mtime = paths[0].stat().st_mtime_ns
+    assert native.build(src, out) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    src.write_text(src.read_text() + "\n/* edited */\n")
+    assert native.build(src, out) != paths[0]
+    import ctypes
+
+    fn = native._bind_pair(ctypes.CDLL(str(paths[0])))
+    sums = torch.empty(4, dtype=torch.float64)
+    rows = torch.empty(2, dtype=torch.float64)
+    r, g, v, s = (torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0, 0]),
+                  torch.ones(2, dtype=torch.bool), torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert fn(2, 1, g.data_ptr(), r.data_ptr(), v.data_ptr(), s.data_ptr(), 0, 1.0, None, 0, 0.0, 0,
+              sums.data_ptr(), rows.data_ptr(), 0) == 0
+    assert sums.tolist() == pytest.approx([1.0, math.log(2.0), 0.0, 0.0]) and rows.tolist() == [-0.5, 0.5]
+
+
+def test_without_a_compiler_the_torch_twin_is_used_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MEGATRON_AMIR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
+    native.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="megatron_amir.algorithms.native"):
+            assert native.pair_kernel() is None and native.pair_kernel() is None
+            r = torch.tensor([1.0, 0.0], dtype=torch.float64)
+            st = pair_statistics(r, torch.tensor([0, 0]), torch.ones(2, dtype=torch.bool), torch.zeros(2))
+        assert st.sums.tolist() == pytest.approx([1.0, math.log(2.0), 0.0, 0.0])
+        warnings = [rec for rec in caplog.records if "native pair kernel unavailable" in rec.getMessage()]
+        assert len(warnings) == 1 and "no-such-cc" in warnings[0].getMessage()
+    finally:
+        native.reset()
 
 
 def test_pair_coefficients_are_autograd_of_pair_loss():
@@ -422,3 +556,19 @@ def test_length_bias_of_aggregation_modes_and_pair_term():
     assert float(pb2.seq_coef[long_]) == pytest.approx(0.0525, abs=1e-4)
     assert float(pb2.seq_coef[short]) == pytest.approx(0.0500, abs=1e-4)
     assert pb2.seq_coef[long_] > pb2.seq_coef[short] > 0
+
+
+@pytest.mark.gpu
+def test_prepare_batch_on_cuda_matches_cpu():
+    """CUDA inputs: the pair statistics run on the host (a copy of a few hundred numbers) and every
+    prepared tensor comes back on the device, equal to the CPU result."""
+    rewards, gids, mask, old = make_batch(7, n_groups=4, G=6, reward_kind="multi")
+    cfg = cfg_of({"beta": 0.3})
+    cpu = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
+                        amir_state=AmirState.from_config(cfg.amir))
+    dev = prepare_batch(rewards=rewards.cuda(), group_ids=gids.cuda(), response_mask=mask.cuda(), old_logp=old.cuda(),
+                        cfg=cfg, amir_state=AmirState.from_config(cfg.amir))
+    assert dev.pair_token_coef.is_cuda and dev.seq_coef.is_cuda
+    assert torch.allclose(dev.seq_coef.cpu(), cpu.seq_coef, atol=1e-12, rtol=0)
+    assert torch.allclose(dev.pair_token_coef.cpu(), cpu.pair_token_coef, atol=1e-12, rtol=0)
+    assert dev.metrics["pair_loss"] == pytest.approx(cpu.metrics["pair_loss"], abs=1e-12)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 
 def seq_logprob(logp: torch.Tensor, response_mask: torch.Tensor, norm: str = "mean") -> torch.Tensor:
     """ℓ̄_i = Σ_t m_t logp_t / max(1, Σ_t m_t) (``mean``) or Σ_t m_t logp_t (``sum``). Shape [N]."""
@@ -193,11 +195,22 @@ class PairStats:
     """One rank's pair sums for implicit rewards s (float64 tensors on the rewards' device).
 
     ``sums`` = [P, Σ −log σ(d), #(d > 0), Σ d] over this rank's pairs (d = s_w − s_l), and ``coef_sum[N]`` =
-    Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that c_i = β·coef_sum_i / P_global.
+    Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that c_i = β·coef_sum_i / P_global. ``coef_norm[N]`` =
+    coef_sum_i / max(1, |y_i|) when lengths were given (the per-token coefficient of the ``mean`` norm).
+    Both live in ``rows`` (one [k, N] tensor, so a caller scales them in one op), accumulated in float64 and
+    stored in the dtype of ``s`` (float32 or float64).
     """
 
     sums: torch.Tensor
-    coef_sum: torch.Tensor
+    rows: torch.Tensor  # [1, N] = coef_sum, or [2, N] = (coef_sum, coef_norm)
+
+    @property
+    def coef_sum(self) -> torch.Tensor:
+        return self.rows[0]
+
+    @property
+    def coef_norm(self) -> Optional[torch.Tensor]:
+        return self.rows[1] if self.rows.shape[0] > 1 else None
 
 
 def pair_statistics(
@@ -206,32 +219,79 @@ def pair_statistics(
     valid: torch.Tensor,
     s: torch.Tensor,
     *,
+    beta: float = 1.0,
     num_groups: Optional[int] = None,
     margin: float = 0.0,
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
+    lengths: Optional[torch.Tensor] = None,
 ) -> PairStats:
     """Pairs of rewards ``r[N]`` inside groups ``gidx[N]`` (dense 0..B-1) and their terms under implicit rewards
-    ``s[N]`` (β included). Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` +
-    ``coefficients_from_terms``.
+    ``β·s[N]``. Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` + ``coefficients_from_terms``;
+    with ``lengths[N]`` also ``coef_norm`` = coef_sum / max(1, length).
 
-    Without a cap no pair list is built: rows go on a [B, G_max] grid (a view when groups are contiguous and
-    equal-sized, the trainer's layout) and every sum is a masked reduction over [B, G, G]: about fifteen
-    tensor ops of the kinds the GRPO loss already runs, no host round trip. With a cap the pairs are ranked
-    on the host (``pairs_numpy``).
+    Without a cap this is one call of the C kernel ``pair_kernel.c`` (``native.py``; on the host, so CUDA
+    inputs are copied over, a few hundred numbers) or, when that cannot be built, the torch grid
+    ``_pair_statistics_torch``. With a cap the pairs are ranked on the host first (``pairs_numpy``).
     """
     if mode not in ("all", "top"):
         raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
+    if max_pairs_per_group is None:
+        kernel = native.pair_kernel()
+        if kernel is not None:
+            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths)
     n, dev = r.shape[0], r.device
-    r, s = r.to(torch.float64), s.to(torch.float64)
+    s_dtype = s.dtype if s.dtype in _FLOATS else torch.float64
+    r, s = r.to(torch.float64), s.to(torch.float64) * beta
     if n == 0:
-        return PairStats(torch.zeros(4, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.float64, device=dev))
-    if max_pairs_per_group is not None:
+        sums, coef = torch.zeros(4, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.float64, device=dev)
+    elif max_pairs_per_group is not None:
         w, l = pairs_numpy(r.cpu().numpy(), gidx.cpu().numpy(), valid.cpu().numpy(), margin=margin, mode=mode,
                            max_pairs_per_group=max_pairs_per_group)
         loss_sum, correct, margin_sum, sig = pair_terms_numpy(s.cpu().numpy(), w, l, 1.0)
         sums = torch.tensor([float(w.size), loss_sum, correct, margin_sum], dtype=torch.float64, device=dev)
-        return PairStats(sums, torch.from_numpy(coefficients_from_terms(sig, w, l, n, 1.0)).to(dev))
+        coef = torch.from_numpy(coefficients_from_terms(sig, w, l, n, 1.0)).to(dev)
+    else:
+        sums, coef = _pair_statistics_torch(r, gidx, valid, s, num_groups, margin, mode)
+    rows = [coef] if lengths is None else [coef, coef / lengths.to(device=dev, dtype=torch.float64).clamp(min=1)]
+    return PairStats(sums, torch.stack(rows).to(s_dtype))
+
+
+def _host(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """``t`` as C-contiguous host memory of one of ``dtypes`` (the first when converting); no copy when it is."""
+    if not t.is_cpu or t.dtype not in dtypes or not t.is_contiguous():
+        t = t.detach().to(device="cpu", dtype=t.dtype if t.dtype in dtypes else dtypes[0]).contiguous()
+    return t
+
+
+_FLOATS = (torch.float64, torch.float32)
+
+
+def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths) -> PairStats:
+    dev, n = r.device, r.shape[0]
+    r, gidx, valid = _host(r, (torch.float64,)), _host(gidx, (torch.int64,)), _host(valid, (torch.bool,))
+    s = _host(s, _FLOATS)
+    b = int(num_groups) if num_groups is not None else (int(gidx.max()) + 1 if n else 0)
+    if lengths is not None:
+        lengths = _host(lengths, _FLOATS)
+    sums = torch.empty(4, dtype=torch.float64)
+    rows = torch.empty(1 if lengths is None else 2, n, dtype=s.dtype)  # c_i (and c_i / |y_i|) in s's dtype
+    rc = kernel(n, b, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), s.dtype == torch.float32,
+                float(beta), None if lengths is None else lengths.data_ptr(),
+                lengths is not None and lengths.dtype == torch.float32, float(margin), mode == "top",
+                sums.data_ptr(), rows.data_ptr(), s.dtype == torch.float32)
+    if rc != 0:
+        raise ValueError(f"pair_statistics: group index out of range [0, {b})" if rc == -1
+                         else f"pair_statistics: native kernel failed (code {rc})")
+    if not dev.type == "cpu":
+        sums, rows = sums.to(dev), rows.to(dev)
+    return PairStats(sums, rows)
+
+
+def _pair_statistics_torch(r, gidx, valid, s, num_groups, margin, mode) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of the C kernel (float64 ``r``, ``s`` with β applied): every pair sum as a masked
+    reduction over [B, G_max, G_max] grids, a view when groups are contiguous and equal-sized."""
+    n, dev = r.shape[0], r.device
     b = int(num_groups) if num_groups is not None else int(gidx.max()) + 1
     slot = None
     if n % b == 0 and torch.equal(gidx, _contiguous_groups(n, b, gidx.device)):
@@ -257,10 +317,10 @@ def pair_statistics(
     g = log_sig.mT.exp() * c  # σ(−d[b,w,l]) = σ(d[b,l,w]) on every pair (w, l)
     coef = (g - g.mT).sum(1)  # Σ_w g[b,w,i] − Σ_l g[b,i,l]: losers +, winners −
     if slot is None:
-        return PairStats(sums, coef.view(n))
+        return sums, coef.view(n)
     flat = torch.zeros(n, dtype=torch.float64, device=dev)
     flat[slot[ok]] = coef[ok]
-    return PairStats(sums, flat)
+    return sums, flat
 
 
 @functools.lru_cache(maxsize=4)

@@ -168,13 +168,15 @@ def prepare_batch(
         do_pairs = acfg.enabled or pair_metrics
         lbar_mean = seq_logprob(pol, mask, "mean")
         if do_pairs:
-            # pair sums over [B, G, G] grids (no pair list, no host round trip); they enter all-reduce 2
+            # pair sums and per-row coefficients in one host call (torch grid without a C compiler);
+            # the sums enter all-reduce 2
             s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
             if acfg.reference_anchored and ref is not None:
                 s = s - seq_logprob(ref, mask, acfg.logprob_norm)
             pairs = pair_statistics(
-                r_raw, gidx, valid, s.double() * acfg.beta, num_groups=num_groups,
+                r_raw, gidx, valid, s, beta=acfg.beta, num_groups=num_groups,
                 margin=acfg.margin, mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
+                lengths=lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None,
             )
         vf = valid.double()
         # ---- all-reduce 1: everything that only needs rewards and masks
@@ -262,9 +264,11 @@ def prepare_batch(
                 lam = float(amir_state.lam)
                 metrics["lambda"] = lam
                 if g_pairs > 0 and lam != 0.0:
-                    seq_coef = (pairs.coef_sum * (lam * acfg.beta / g_pairs)).to(dt)
-                    per_tok = seq_coef / lengths.clamp(min=1) if acfg.logprob_norm == "mean" else seq_coef
-                    pair_token_coef = per_tok.unsqueeze(-1) * mask
+                    scaled = pairs.rows * (lam * acfg.beta / g_pairs)  # [λβc_i/P] (+ [λβc_i/(P·|y_i|)] for ``mean``)
+                    if scaled.dtype != dt:
+                        scaled = scaled.to(dt)
+                    seq_coef = scaled[0]
+                    pair_token_coef = mask * scaled[-1, :, None]  # per token: seq_coef_i/|y_i| (mean), seq_coef_i (sum)
 
     return PreparedBatch(
         advantages=adv, token_weights=w, seq_coef=seq_coef, old_logp=old, response_mask=mask,

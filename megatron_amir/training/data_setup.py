@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any, Optional
 
 from megatron_amir.config import Config
+from megatron_amir.fileio import cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEGATRON_AMIR_CACHE", Path.home() / ".cache" / "megatron_amir"))
 
 
 def build_tokenizer(cfg: Config, corpus: list[str] | None = None):

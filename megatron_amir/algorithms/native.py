@@ -1,0 +1,116 @@
+"""Host kernels in plain C, compiled on first use with the system C compiler and called through ctypes.
+
+Why: the AMIR pair statistics are a few hundred per-sequence numbers per rank. As torch ops they are about
+twenty tiny calls (twenty kernel launches on a GPU); in a training step, where the caches are cold, each
+costs several microseconds, and together they were most of the pair term's overhead on top of GRPO
+(docs/benchmarks.md, loss_overhead). One C call does the same work in a few microseconds.
+
+The build needs nothing beyond ``cc`` (``$CC`` if set): no Python or torch headers, no ninja; it takes
+about 0.2 s once. The library goes to ``$MEGATRON_AMIR_CACHE/kernels`` (default
+``~/.cache/megatron_amir/kernels``) under a name that hashes the source, the compiler and its flags, so an
+edited source is rebuilt and concurrent ranks are safe (each builds to its own temp file, then renames).
+No ``-march=native``: a cache in a shared home directory must load on every node type.
+
+If anything fails (no compiler, read-only cache, ``MEGATRON_AMIR_NATIVE=0``) ``pair_kernel()`` returns
+None once with a single warning and callers use their torch implementation, which gives the same results
+(tests compare both with a float64 loop).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron_amir import fileio
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
+_SOURCES = {"pair": Path(__file__).with_name("pair_kernel.c")}
+_lock = threading.Lock()
+_loaded: dict[str, Optional[Callable[..., int]]] = {}
+
+
+def enabled() -> bool:
+    """False when ``MEGATRON_AMIR_NATIVE`` is 0/false/no/off."""
+    return os.environ.get("MEGATRON_AMIR_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    return fileio.cache_dir() / "kernels"
+
+
+def build(src: Path, out_dir: Optional[Path] = None) -> Path:
+    """Compile ``src`` into a shared library in the cache (reused when present); returns its path."""
+    cc = os.environ.get("CC", "cc")
+    code = src.read_bytes()
+    tag = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(_FLAGS).encode(), platform.machine().encode()]))
+    out_dir = cache_dir() if out_dir is None else out_dir
+    lib = out_dir / f"{src.stem}-{tag.hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{lib.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {src} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        fileio.publish_mode(tmp, directory=False)  # mkstemp's 0600 -> readable by the other users of a shared cache
+        os.replace(tmp, lib)  # atomic: a concurrent rank sees either no library or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _bind_pair(lib: ctypes.CDLL) -> Callable[..., int]:
+    fn = lib.amir_pair_stats
+    p, i64, f64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    fn.argtypes = [i64, i64, p, p, p, p, cint, f64, p, cint, f64, cint, p, p, cint]
+    fn.restype = cint
+    return fn
+
+
+def pair_kernel() -> Optional[Callable[..., int]]:
+    """The ``amir_pair_stats`` C function (signature in pair_kernel.c), or None when it cannot be had."""
+    try:
+        return _loaded["pair"]
+    except KeyError:
+        pass
+    with _lock:
+        if "pair" not in _loaded:
+            _loaded["pair"] = _load("pair", _bind_pair)
+    return _loaded["pair"]
+
+
+def _load(name: str, bind: Callable[[ctypes.CDLL], Callable[..., int]]) -> Optional[Callable[..., int]]:
+    if not enabled():
+        return None
+    src = _SOURCES[name]
+    try:
+        lib = build(src)
+        try:
+            handle = ctypes.CDLL(str(lib))
+        except OSError:
+            lib.unlink(missing_ok=True)  # a damaged cache entry: build it again once
+            handle = ctypes.CDLL(str(build(src)))
+        return bind(handle)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch implementation
+        log.warning("native %s kernel unavailable (%s); using the torch implementation "
+                    "(set MEGATRON_AMIR_NATIVE=0 to silence)", name, exc)
+        return None
+
+
+def reset() -> None:
+    """Forget loaded kernels (tests; a changed MEGATRON_AMIR_NATIVE / cache dir takes effect next call)."""
+    with _lock:
+        _loaded.clear()
