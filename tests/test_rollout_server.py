@@ -122,6 +122,45 @@ def test_pause_holds_generation_until_resume(served):
     assert c.post("/pause", params={"mode": "bogus"}, headers=AUTH).status_code == 400
 
 
+def test_pause_abort_answers_every_queued_request_with_503_and_counts_http_requests(served):
+    """mode=abort: queued generations end with a 503 for each waiting HTTP request, a client retry joined to
+    one included; aborted_requests counts those requests; after resume the server generates again."""
+    with TestClient(create_app(served[1], "s3cret")) as c:  # its own server: the counters start at zero
+        _pause_abort(c)
+
+
+def _pause_abort(c):
+    assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).status_code == 200
+    got: dict[str, httpx.Response] = {}
+    a = {"prompt": [1, 2], "max_tokens": 2}
+
+    def request(name, body, rid):
+        got[name] = c.post("/v1/completions", json=body, headers={"x-request-id": rid})
+
+    threads = [threading.Thread(target=request, args=("a", a, "req-a")),
+               threading.Thread(target=request, args=("b", {"prompt": [3], "max_tokens": 2}, "req-b"))]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while "megatron_amir_queue_requests 2" not in c.get("/metrics").text:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    retry = threading.Thread(target=request, args=("a2", a, "req-a"))  # the client's retry of a, same id and body
+    retry.start()
+    while "megatron_amir_deduplicated_requests_total 1" not in c.get("/metrics").text:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    r = c.post("/pause", params={"mode": "abort"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["aborted_requests"] == 3
+    for t in (*threads, retry):
+        t.join(30)
+    for name in ("a", "b", "a2"):
+        assert got[name].status_code == 503 and "mode=abort" in got[name].json()["error"]["message"]
+    assert "megatron_amir_queue_requests 0" in c.get("/metrics").text
+    c.post("/resume", headers=AUTH)
+    assert c.post("/v1/completions", json=a, headers={"x-request-id": "req-a"}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------- client
 def _fake_fleet(behaviour):
     """A MockTransport answering /v1/completions; behaviour(rid, attempt) -> 'ok' | status | 'drop' | 'short'."""

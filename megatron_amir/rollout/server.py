@@ -102,6 +102,7 @@ class _Pending:
     request_id: str
     future: asyncio.Future
     rows: int = 0
+    waiters: int = 1  # HTTP requests answered by this generation (a client retry joins the original)
 
 
 @dataclass
@@ -145,10 +146,13 @@ class Batcher:
         self.wakeup.set()
 
     def abort_queued(self, reason: str) -> int:
-        n = len(self.queue)
+        """Answer every queued generation with a 503; returns how many HTTP requests that answers (joined
+        retries included, generations already answered not counted)."""
+        n = 0
         for p in self.queue:
             if not p.future.done():
                 p.future.set_exception(ApiError(503, reason, type_="ServiceUnavailableError"))
+                n += p.waiters
         self.queue.clear()
         return n
 
@@ -215,14 +219,14 @@ def create_app(
     # (x-request-id, body digest) -> the queued / running generation's future: a client retry of a request
     # that is still in flight (it timed out on the client's side) waits for that generation instead of
     # queueing a second one, so timeouts under load do not multiply the work
-    inflight: dict[tuple[str, str], asyncio.Future] = {}
+    inflight: dict[tuple[str, str], _Pending] = {}
     # the answers of recently finished keyed requests, for a retry whose first answer was lost on the way back
     # (connection reset, router failover): the same samples without a second generation. Bounded in entries and
     # age, and emptied whenever the weights change (a retry then samples the new weights).
     recent: "OrderedDict[tuple[str, str], tuple[float, list[GroupResult], int]]" = OrderedDict()  # (time, answer, rows)
 
     def _finished(key: tuple[str, str], fut: asyncio.Future) -> None:
-        if inflight.get(key) is fut:
+        if key in inflight and inflight[key].future is fut:
             inflight.pop(key)
         if fut.cancelled() or fut.exception() is not None:
             return
@@ -314,7 +318,7 @@ def create_app(
         rid = given_id or uuid.uuid4().hex
         stats.requests += 1
         key = (given_id, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()) if given_id else None
-        fut = inflight.get(key) if key else None
+        pending = inflight.get(key) if key else None
         done = recent.get(key) if key else None
         if done is not None and time.monotonic() - done[0] > RECENT_TTL_S:
             recent.pop(key, None)
@@ -323,15 +327,16 @@ def create_app(
             stats.deduplicated += 1
             groups = done[1]
         else:
-            if fut is not None:
+            if pending is not None:
                 stats.deduplicated += 1
+                pending.waiters += 1
             else:
-                fut = asyncio.get_running_loop().create_future()
+                pending = _Pending(prompts, params, req.n, rid, asyncio.get_running_loop().create_future())
                 if key:
-                    inflight[key] = fut
-                    fut.add_done_callback(lambda f, k=key: _finished(k, f))
-                batcher().enqueue(_Pending(prompts, params, req.n, rid, fut))
-            groups = await asyncio.shield(fut)  # one waiter going away must not cancel the others' generation
+                    inflight[key] = pending
+                    pending.future.add_done_callback(lambda f, k=key: _finished(k, f))
+                batcher().enqueue(pending)
+            groups = await asyncio.shield(pending.future)  # one waiter going away must not cancel the others' generation
         choices, ntok = [], 0
         versions = set()
         for pi, g in enumerate(groups):

@@ -33,29 +33,41 @@ def row_kind(row: dict[str, Any]) -> str:
 
 class MetricsLogger:
     """Appends ``{"step": s, ...}`` lines to ``metrics.jsonl``; on resume, drops lines past the resumed step
-    so a resumed run's file equals an uninterrupted run's."""
+    so a resumed run's file equals an uninterrupted run's. TensorBoard events go to
+    ``<log_dir>/tensorboard/<kind>`` (one TensorBoard run per kind: the RL trainer's ``rl``, the warm-up's
+    ``warmup``), and a resume purges that run's points past the resumed step the same way."""
 
     def __init__(self, log_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True,
-                 name: str = "metrics.jsonl"):
+                 name: str = "metrics.jsonl", kind: str = RL_KIND):
         self.enabled = enabled
         self.path = Path(log_dir) / name
+        self.tb_dir = Path(log_dir) / "tensorboard" / kind
         self._jsonl = jsonl and enabled
         self._tb = None
         if enabled:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
         if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._tb = self._open_tb()
 
-                self._tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
-            except Exception as exc:  # tensorboard is optional at run time
-                log.warning("TensorBoard disabled: %s", exc)
+    def _open_tb(self, purge_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+        except Exception as exc:  # tensorboard is optional at run time
+            log.warning("TensorBoard disabled: %s", exc)
+            return None
 
     def truncate_after(self, step: int, kind: Optional[str] = None) -> None:
         """Drop the rows past ``step`` (of ``kind`` only, see ``row_kind``; None: of any kind): a run resumed at
         ``step`` (or restarted at 0) re-logs them. Rows of another kind (the warm-up's and the RL run's, when
         they share a logging.dir) are kept as they are. A line that is not JSON (torn by a kill mid-append) is
-        dropped. The file is replaced atomically: a crash leaves the old file or the new one, never neither."""
+        dropped. The file is replaced atomically: a crash leaves the old file or the new one, never neither.
+        TensorBoard: this logger's run drops its points past ``step`` too (``purge_step``), so a resumed run
+        does not draw the re-done steps twice."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._open_tb(purge_step=step + 1)
         if not (self._jsonl and self.path.exists()):
             return
         keep, torn = [], 0

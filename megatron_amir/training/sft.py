@@ -129,7 +129,8 @@ class WarmupRunner:
         from megatron_amir.rewards import get_reward_fn
 
         self.reward_fn = get_reward_fn(cfg.reward.name, cfg.reward)
-        self.metrics = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(cfg.logging.dir, tensorboard=cfg.logging.tensorboard, enabled=self.rank == 0,
+                                     kind=WARMUP_KIND)
         self.start_step = 0  # the step of the warm-up checkpoint this warm-up continues (start_from), else 0
         self._engine = None
         self.hf_config = rollout_hf_config(cfg, self.tokenizer)  # replaced by the starting checkpoint's, if any
