@@ -352,6 +352,24 @@ def test_native_build_is_cached_atomic_and_keyed_by_source(tmp_path):
     assert sums.tolist() == pytest.approx([1.0, math.log(2.0), 0.0, 0.0]) and rows.tolist() == [-0.5, 0.5]
 
 
+def test_native_build_never_loads_a_library_others_can_write(tmp_path, caplog):
+    """A cached library that is group/world-writable (a shared cache someone else could have written) is not
+    loaded: a private copy is built instead, with a warning."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    src = native._SOURCES["pair"]
+    out = tmp_path / "cache"
+    lib = native.build(src, out)
+    assert (lib.stat().st_mode & 0o777) == 0o644
+    lib.write_bytes(b"planted")  # stands for a library another user put there
+    lib.chmod(0o666)
+    with caplog.at_level(logging.WARNING, logger="megatron_amir.algorithms.native"):
+        private = native.build(src, out)
+    assert private != lib and private.name == lib.name and private.read_bytes()[:4] == b"\x7fELF"
+    assert any("building a private copy" in r.getMessage() for r in caplog.records)
+    shutil.rmtree(private.parent)
+
+
 def test_without_a_compiler_the_torch_twin_is_used_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("MEGATRON_AMIR_CACHE", str(tmp_path / "cache"))

@@ -192,7 +192,7 @@ def coefficients_from_terms(g: np.ndarray, w: np.ndarray, l: np.ndarray, n: int,
 
 @dataclass
 class PairStats:
-    """One rank's pair sums for implicit rewards s (float64 tensors on the rewards' device).
+    """One rank's pair sums for implicit rewards s (tensors on the rewards' device).
 
     ``sums`` = [P, Σ −log σ(d), #(d > 0), Σ d] over this rank's pairs (d = s_w − s_l), and ``coef_sum[N]`` =
     Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that c_i = β·coef_sum_i / P_global. ``coef_norm[N]`` =
@@ -211,6 +211,9 @@ class PairStats:
     @property
     def coef_norm(self) -> Optional[torch.Tensor]:
         return self.rows[1] if self.rows.shape[0] > 1 else None
+
+
+_FLOATS = (torch.float64, torch.float32)
 
 
 def pair_statistics(
@@ -262,9 +265,6 @@ def _host(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     if not t.is_cpu or t.dtype not in dtypes or not t.is_contiguous():
         t = t.detach().to(device="cpu", dtype=t.dtype if t.dtype in dtypes else dtypes[0]).contiguous()
     return t
-
-
-_FLOATS = (torch.float64, torch.float32)
 
 
 def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths) -> PairStats:

@@ -9,7 +9,8 @@ The build needs nothing beyond ``cc`` (``$CC`` if set): no Python or torch heade
 about 0.2 s once. The library goes to ``$MEGATRON_AMIR_CACHE/kernels`` (default
 ``~/.cache/megatron_amir/kernels``) under a name that hashes the source, the compiler and its flags, so an
 edited source is rebuilt and concurrent ranks are safe (each builds to its own temp file, then renames).
-No ``-march=native``: a cache in a shared home directory must load on every node type.
+No ``-march=native``: a cache in a shared home directory must load on every node type. A cached library is
+loaded only when this user (or root) owns it and nobody else can write it; otherwise a private copy is built.
 
 If anything fails (no compiler, read-only cache, ``MEGATRON_AMIR_NATIVE=0``) ``pair_kernel()`` returns
 None once with a single warning and callers use their torch implementation, which gives the same results
@@ -29,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_amir import fileio
+from megatron_amir import fileio  # the cache root
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ def build(src: Path, out_dir: Optional[Path] = None) -> Path:
     out_dir = cache_dir() if out_dir is None else out_dir
     lib = out_dir / f"{src.stem}-{tag.hexdigest()[:16]}.so"
     if lib.is_file():
-        return lib
+        if _trusted(lib):
+            return lib
+        # a shared cache: never load code another user could have written; build a private copy instead
+        log.warning("%s is not ours or is writable by others: building a private copy", lib)
+        out_dir = Path(tempfile.mkdtemp(prefix="megatron_amir_kernels."))
+        lib = out_dir / lib.name
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{lib.name}.", suffix=".tmp")
     os.close(fd)
@@ -64,12 +70,18 @@ def build(src: Path, out_dir: Optional[Path] = None) -> Path:
         proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed on {src} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        fileio.publish_mode(tmp, directory=False)  # mkstemp's 0600 -> readable by the other users of a shared cache
+        os.chmod(tmp, 0o644)  # readable by the other users of a shared cache, writable by us only (see _trusted)
         os.replace(tmp, lib)  # atomic: a concurrent rank sees either no library or a whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def _trusted(lib: Path) -> bool:
+    """A cached library may be loaded if this user (or root) owns it and nobody else can write it."""
+    st = lib.stat()
+    return st.st_uid in (os.getuid(), 0) and not st.st_mode & 0o022
 
 
 def _bind_pair(lib: ctypes.CDLL) -> Callable[..., int]:
