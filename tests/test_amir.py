@@ -368,6 +368,15 @@ def test_native_build_never_loads_a_library_others_can_write(tmp_path, caplog):
     assert private != lib and private.name == lib.name and private.read_bytes()[:4] == b"\x7fELF"
     assert any("building a private copy" in r.getMessage() for r in caplog.records)
     shutil.rmtree(private.parent)
+    # a whole library, but in a directory others can write to (they could swap it): not loaded either
+    lib.unlink()
+    assert native.build(src, out) == lib
+    out.chmod(0o777)
+    private = native.build(src, out)
+    assert private != lib
+    shutil.rmtree(private.parent)
+    out.chmod(0o1777)  # sticky, like /tmp: others cannot replace our file
+    assert native.build(src, out) == lib
 
 
 def test_without_a_compiler_the_torch_twin_is_used_with_one_warning(tmp_path, monkeypatch, caplog):

@@ -10,7 +10,8 @@ about 0.2 s once. The library goes to ``$MEGATRON_AMIR_CACHE/kernels`` (default
 ``~/.cache/megatron_amir/kernels``) under a name that hashes the source, the compiler and its flags, so an
 edited source is rebuilt and concurrent ranks are safe (each builds to its own temp file, then renames).
 No ``-march=native``: a cache in a shared home directory must load on every node type. A cached library is
-loaded only when this user (or root) owns it and nobody else can write it; otherwise a private copy is built.
+loaded only when this user (or root) owns it and its directory and nobody else can write or swap it (the
+directory is not writable by others, or sticky); otherwise a private copy is built.
 
 If anything fails (no compiler, read-only cache, ``MEGATRON_AMIR_NATIVE=0``) ``pair_kernel()`` returns
 None once with a single warning and callers use their torch implementation, which gives the same results
@@ -24,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import threading
@@ -79,9 +81,12 @@ def build(src: Path, out_dir: Optional[Path] = None) -> Path:
 
 
 def _trusted(lib: Path) -> bool:
-    """A cached library may be loaded if this user (or root) owns it and nobody else can write it."""
-    st = lib.stat()
-    return st.st_uid in (os.getuid(), 0) and not st.st_mode & 0o022
+    """A cached library may be loaded if this user (or root) owns it and its directory, nobody else can write
+    it, and nobody else can swap it: the directory is not writable by others, or sticky (like /tmp)."""
+    st, dst = lib.stat(), lib.parent.stat()
+    ours = (os.getuid(), 0)
+    return (st.st_uid in ours and not st.st_mode & 0o022 and dst.st_uid in ours
+            and (not dst.st_mode & 0o022 or bool(dst.st_mode & stat.S_ISVTX)))
 
 
 def _bind_pair(lib: ctypes.CDLL) -> Callable[..., int]:
