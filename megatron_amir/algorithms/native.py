@@ -13,8 +13,8 @@ No ``-march=native``: a cache in a shared home directory must load on every node
 loaded only when this user (or root) owns it and its directory and nobody else can write or swap it (the
 directory is not writable by others, or sticky); otherwise a private copy is built.
 
-If anything fails (no compiler, read-only cache, ``MEGATRON_AMIR_NATIVE=0``) ``pair_kernel()`` returns
-None once with a single warning and callers use their torch implementation, which gives the same results
+With ``MEGATRON_AMIR_NATIVE=0``, or when the build or load fails (no compiler, read-only cache; one warning),
+``pair_kernel()`` returns None and callers use their torch implementation, which gives the same results
 (tests compare both with a float64 loop).
 """
 
