@@ -210,6 +210,11 @@ def test_coefficient_form_gradient_equals_direct_pair_loss(amir, seed):
         assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
 
 
+def _needs_cc() -> None:
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the native pair kernel cannot be built here")
+
+
 @pytest.fixture(params=["native", "torch"])
 def pair_impl(request, monkeypatch):
     """Runs a test with the C pair kernel (native.py) and with its torch twin (MEGATRON_AMIR_NATIVE=0)."""
@@ -219,8 +224,7 @@ def pair_impl(request, monkeypatch):
         assert native.pair_kernel() is None
     else:
         monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
-        if shutil.which(os.environ.get("CC", "cc")) is None:
-            pytest.skip("no C compiler: the native pair kernel cannot be built here")
+        _needs_cc()
         assert native.pair_kernel() is not None
     yield request.param
     native.reset()
@@ -283,8 +287,7 @@ def test_pair_statistics_float32_inputs_and_no_pairs(pair_impl):
 
 def test_prepare_batch_same_with_native_kernel_and_torch_twin(monkeypatch):
     """prepare_batch gives the same coefficients, token coefficients and metrics with either implementation."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler")
+    _needs_cc()
     rewards, gids, mask, old = make_batch(5, n_groups=5, G=6, reward_kind="multi")
     out = {}
     for impl in ("native", "torch"):
@@ -316,8 +319,7 @@ def test_native_kernel_rejects_a_bad_group_index():
 def test_native_build_is_cached_atomic_and_keyed_by_source(tmp_path):
     """Concurrent builds into one cache leave one whole library and no temp files; an edited source gets a
     new library; the library loads and computes."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler")
+    _needs_cc()
     src = tmp_path / "pair_kernel.c"
     src.write_bytes(native._SOURCES["pair"].read_bytes())
     out = tmp_path / "cache"
@@ -355,8 +357,7 @@ def test_native_build_is_cached_atomic_and_keyed_by_source(tmp_path):
 def test_native_build_never_loads_a_library_others_can_write(tmp_path, caplog):
     """A cached library that is group/world-writable (a shared cache someone else could have written) is not
     loaded: a private copy is built instead, with a warning."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler")
+    _needs_cc()
     src = native._SOURCES["pair"]
     out = tmp_path / "cache"
     lib = native.build(src, out)

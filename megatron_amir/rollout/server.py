@@ -22,7 +22,8 @@ n). A request whose ``x-request-id`` and body equal one still queued or running 
 timeout) waits for that generation and gets its answer instead of starting a second one; one that equals a
 request finished in the last ``RECENT_TTL_S`` seconds (its answer lost on the way back) gets the same answer
 without generating (``megatron_amir_deduplicated_requests_total`` counts both). Finished answers are kept for
-at most ``RECENT_MAX`` requests / ``RECENT_MAX_ROWS`` sequences and dropped whenever the weights change. Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+at most ``RECENT_MAX`` requests / ``RECENT_MAX_ROWS`` sequences and dropped whenever the weights change.
+Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def create_app(
     completion request may ask for."""
     stats = _Stats()
     state: dict[str, Any] = {"batcher": None, "updating": False, "broadcaster": None}
-    # (x-request-id, body digest) -> the queued / running generation's future: a client retry of a request
+    # (x-request-id, body digest) -> the queued / running generation: a client retry of a request
     # that is still in flight (it timed out on the client's side) waits for that generation instead of
     # queueing a second one, so timeouts under load do not multiply the work
     inflight: dict[tuple[str, str], _Pending] = {}

@@ -35,7 +35,7 @@ class MetricsLogger:
     """Appends ``{"step": s, ...}`` lines to ``metrics.jsonl``; on resume, drops lines past the resumed step
     so a resumed run's file equals an uninterrupted run's. TensorBoard events go to
     ``<log_dir>/tensorboard/<kind>`` (one TensorBoard run per kind: the RL trainer's ``rl``, the warm-up's
-    ``warmup``), and a resume purges that run's points past the resumed step the same way."""
+    ``sft-warmup``), and a resume purges that run's points past the resumed step the same way."""
 
     def __init__(self, log_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True,
                  name: str = "metrics.jsonl", kind: str = RL_KIND):

@@ -23,9 +23,9 @@ import torch
 
 from megatron_amir.config import Config, config_record
 from megatron_amir.training.checkpoint import WARMUP_KIND, CheckpointManager
+from megatron_amir.training.data_setup import bind_vocab, build_data, export_record, rollout_hf_config
 from megatron_amir.training.metrics import MetricsLogger
 from megatron_amir.training.model_checkpoint import broadcast_from_rank0
-from megatron_amir.training.data_setup import export_record
 from megatron_amir.training.rollout_batch import build_rollout_batch
 
 log = logging.getLogger("megatron_amir.sft")
@@ -113,7 +113,6 @@ class WarmupRunner:
     """The parts the warm-up needs: tokenizer + problems, policy with the SFT loss, an engine for evaluation."""
 
     def __init__(self, cfg: Config):
-        from megatron_amir.training.data_setup import bind_vocab, build_data, rollout_hf_config
         from megatron_amir.training.parallel import initialize_distributed
         from megatron_amir.training.policy import Policy
         from megatron_amir.training.trainer import _setup_logging
@@ -138,7 +137,6 @@ class WarmupRunner:
     def start_from(self, init_from: Optional[str]) -> None:
         """Starting weights as the RL trainer takes them: --init-from, model.load or model.hf_path (checked). From a
         warm-up checkpoint at step k, this warm-up continues its step count: steps k+1, k+2, ..."""
-        from megatron_amir.training.data_setup import rollout_hf_config
         from megatron_amir.training.trainer import load_starting_weights, starting_checkpoint
 
         path = starting_checkpoint(self.cfg, self.rank, self.policy.barrier, init_from)
