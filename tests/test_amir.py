@@ -215,17 +215,28 @@ def _needs_cc() -> None:
         pytest.skip("no C compiler: the native pair kernel cannot be built here")
 
 
-@pytest.fixture(params=["native", "torch"])
+def _is_extension(fn) -> bool:
+    return isinstance(fn, type(len))  # a builtin (CPython extension) function, not a ctypes one
+
+
+@pytest.fixture(params=["native", "ctypes", "torch"])
 def pair_impl(request, monkeypatch):
-    """Runs a test with the C pair kernel (native.py) and with its torch twin (MEGATRON_AMIR_NATIVE=0)."""
+    """Runs a test with the C pair kernel as a CPython extension (where Python's headers are installed), the
+    same kernel through ctypes (MEGATRON_AMIR_NATIVE=ctypes), and its torch twin (MEGATRON_AMIR_NATIVE=0)."""
     native.reset()
     if request.param == "torch":
         monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "0")
         assert native.pair_kernel() is None
     else:
-        monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
         _needs_cc()
-        assert native.pair_kernel() is not None
+        if request.param == "ctypes":
+            monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "ctypes")
+        else:
+            monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
+            if native.python_include() is None:
+                pytest.skip("no Python headers: the kernel is only built for ctypes here")
+        fn = native.pair_kernel()
+        assert fn is not None and _is_extension(fn) == (request.param == "native")
     yield request.param
     native.reset()
 
@@ -378,6 +389,72 @@ def test_native_build_never_loads_a_library_others_can_write(tmp_path, caplog):
     shutil.rmtree(private.parent)
     out.chmod(0o1777)  # sticky, like /tmp: others cannot replace our file
     assert native.build(src, out) == lib
+
+
+def test_extension_and_ctypes_kernels_agree_and_bad_calls_raise(monkeypatch):
+    _needs_cc()
+    if native.python_include() is None:
+        pytest.skip("no Python headers")
+    fns = {}
+    for mode in ("1", "ctypes"):
+        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", mode)
+        native.reset()
+        fns[mode] = native.pair_kernel()
+    native.reset()
+    assert _is_extension(fns["1"]) and not _is_extension(fns["ctypes"])
+    g = torch.Generator().manual_seed(3)
+    n = 24
+    r = torch.randint(0, 3, (n,), generator=g).double()
+    gidx = torch.arange(n) // 6
+    valid = torch.rand(n, generator=g) > 0.1
+    s = torch.randn(n, generator=g)
+    lengths = torch.randint(0, 9, (n,), generator=g).float()
+    outs = {}
+    for mode, fn in fns.items():
+        sums, rows = torch.empty(4, dtype=torch.float64), torch.empty(2, n)
+        rc = fn(n, 4, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), True, 0.2, lengths.data_ptr(),
+                True, 0.5, False, sums.data_ptr(), rows.data_ptr(), True)
+        assert rc == 0
+        outs[mode] = (sums, rows)
+        bad = torch.tensor([0, 9])  # a group index out of range is refused by both, not read out of bounds
+        assert fn(2, 4, bad.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), True, 0.2, None, True, 0.5,
+                  False, sums.data_ptr(), rows.data_ptr(), True) == -1
+    assert torch.equal(outs["1"][0], outs["ctypes"][0]) and torch.equal(outs["1"][1], outs["ctypes"][1])
+    assert outs["1"][0][0] > 0
+    with pytest.raises(TypeError, match="15 arguments"):
+        fns["1"](1, 2)
+    with pytest.raises(TypeError):
+        fns["1"](n, 4, "not a pointer", 0, 0, 0, True, 0.2, None, True, 0.5, False, 0, 0, True)
+
+
+def test_without_python_headers_the_kernel_goes_through_ctypes(monkeypatch):
+    _needs_cc()
+    monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
+    monkeypatch.setattr(native, "python_include", lambda: None)
+    native.reset()
+    try:
+        fn = native.pair_kernel()
+        assert fn is not None and not _is_extension(fn)
+    finally:
+        native.reset()
+
+
+def test_reused_buffers_never_leak_into_a_prepared_batch(pair_impl):
+    """prepare_batch lets the kernel write into per-thread buffers; what it returns must not alias them."""
+    rewards, gids, mask, old = make_batch(5)
+    cfg = cfg_of(dict(enabled=True, adaptive_lambda=False, lambda_init=0.05, margin=0.1))
+    first = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
+                          amir_state=AmirState.from_config(cfg.amir))
+    keep = (first.seq_coef.clone(), first.pair_token_coef.clone())
+    assert first.pair_token_coef is not None and torch.count_nonzero(keep[0]) > 0
+    r2, _, _, old2 = make_batch(6)
+    prepare_batch(rewards=r2, group_ids=gids, response_mask=mask, old_logp=old2 - 1.0, cfg=cfg,
+                  amir_state=AmirState.from_config(cfg.amir))
+    assert torch.equal(first.seq_coef, keep[0]) and torch.equal(first.pair_token_coef, keep[1])
+    # and the public call without reuse returns fresh tensors every time
+    args = (rewards, torch.arange(len(rewards)) // 6, torch.ones(len(rewards), dtype=torch.bool), old.mean(-1))
+    a, b = pair_statistics(*args, beta=0.2), pair_statistics(*args, beta=0.2)
+    assert a.rows.data_ptr() != b.rows.data_ptr() and torch.equal(a.rows, b.rows)
 
 
 def test_without_a_compiler_the_torch_twin_is_used_with_one_warning(tmp_path, monkeypatch, caplog):

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -203,6 +204,11 @@ class PairStats:
 
     sums: torch.Tensor
     rows: torch.Tensor  # [1, N] = coef_sum, or [2, N] = (coef_sum, coef_norm)
+    _views: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows[0], rows[-1] as an [N, 1] column): the per-sequence and the per-token coefficient rows."""
+        return self._views if self._views is not None else (self.rows[0], self.rows[-1].unsqueeze(1))
 
     @property
     def coef_sum(self) -> torch.Tensor:
@@ -228,6 +234,7 @@ def pair_statistics(
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
     lengths: Optional[torch.Tensor] = None,
+    reuse_buffers: bool = False,
 ) -> PairStats:
     """Pairs of rewards ``r[N]`` inside groups ``gidx[N]`` (dense 0..B-1) and their terms under implicit rewards
     ``β·s[N]``. Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` + ``coefficients_from_terms``;
@@ -236,13 +243,16 @@ def pair_statistics(
     Without a cap this is one call of the C kernel ``pair_kernel.c`` (``native.py``; on the host, so CUDA
     inputs are copied over, a few hundred numbers) or, when that cannot be built, the torch grid
     ``_pair_statistics_torch``. With a cap the pairs are ranked on the host first (``pairs_numpy``).
+    ``reuse_buffers=True`` (``prepare_batch``, which consumes the result at once): the C kernel writes into
+    per-thread host buffers that the next such call overwrites, saving two allocations per step.
     """
     if mode not in ("all", "top"):
         raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
     if max_pairs_per_group is None:
         kernel = native.pair_kernel()
         if kernel is not None:
-            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths)
+            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths,
+                                           reuse_buffers)
     n, dev = r.shape[0], r.device
     s_dtype = s.dtype if s.dtype in _FLOATS else torch.float64
     r, s = r.to(torch.float64), s.to(torch.float64) * beta
@@ -267,15 +277,34 @@ def _host(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     return t
 
 
-def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths) -> PairStats:
+_buffers = threading.local()  # reuse_buffers=True: (n, k, dtype) -> (sums, rows, views of rows), per thread
+
+
+def _outputs(n: int, k: int, dtype: torch.dtype, reuse: bool):
+    if reuse:
+        cache = getattr(_buffers, "by_shape", None)
+        if cache is None:
+            cache = _buffers.by_shape = {}
+        out = cache.get((n, k, dtype))
+        if out is None:
+            if len(cache) > 8:  # varying batch shapes: keep a few, not one per shape ever seen
+                cache.clear()
+            rows = torch.empty(k, n, dtype=dtype)
+            out = cache[(n, k, dtype)] = (torch.empty(4, dtype=torch.float64), rows, (rows[0], rows[-1].unsqueeze(1)))
+        return out
+    return torch.empty(4, dtype=torch.float64), torch.empty(k, n, dtype=dtype), None
+
+
+def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths,
+                            reuse_buffers=False) -> PairStats:
     dev, n = r.device, r.shape[0]
     r, gidx, valid = _host(r, (torch.float64,)), _host(gidx, (torch.int64,)), _host(valid, (torch.bool,))
     s = _host(s, _FLOATS)
     b = int(num_groups) if num_groups is not None else (int(gidx.max()) + 1 if n else 0)
     if lengths is not None:
         lengths = _host(lengths, _FLOATS)
-    sums = torch.empty(4, dtype=torch.float64)
-    rows = torch.empty(1 if lengths is None else 2, n, dtype=s.dtype)  # c_i (and c_i / |y_i|) in s's dtype
+    # c_i (and c_i / |y_i|) in s's dtype
+    sums, rows, views = _outputs(n, 1 if lengths is None else 2, s.dtype, reuse_buffers and dev.type == "cpu")
     rc = kernel(n, b, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), s.dtype == torch.float32,
                 float(beta), None if lengths is None else lengths.data_ptr(),
                 lengths is not None and lengths.dtype == torch.float32, float(margin), mode == "top",
@@ -284,8 +313,8 @@ def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin,
         raise ValueError(f"pair_statistics: group index out of range [0, {b})" if rc == -1
                          else f"pair_statistics: native kernel failed (code {rc})")
     if not dev.type == "cpu":
-        sums, rows = sums.to(dev), rows.to(dev)
-    return PairStats(sums, rows)
+        return PairStats(sums.to(dev), rows.to(dev))
+    return PairStats(sums, rows, views)
 
 
 def _pair_statistics_torch(r, gidx, valid, s, num_groups, margin, mode) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,7 +176,7 @@ def prepare_batch(
             pairs = pair_statistics(
                 r_raw, gidx, valid, s, beta=acfg.beta, num_groups=num_groups,
                 margin=acfg.margin, mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
-                lengths=lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None,
+                lengths=lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None, reuse_buffers=True,
             )
         vf = valid.double()
         # ---- all-reduce 1: everything that only needs rewards and masks
@@ -245,7 +245,7 @@ def prepare_batch(
         if tis is not None:
             metrics["tis_weight_mean"] = g_tis / max(g_tokens, 1.0)
 
-        seq_coef = torch.zeros(n, dtype=dt, device=dev)
+        seq_coef = None
         pair_token_coef = None
         if do_pairs:
             pair_loss = g_pair_sum / g_pairs if g_pairs > 0 else 0.0
@@ -264,11 +264,15 @@ def prepare_batch(
                 lam = float(amir_state.lam)
                 metrics["lambda"] = lam
                 if g_pairs > 0 and lam != 0.0:
-                    scaled = pairs.rows * (lam * acfg.beta / g_pairs)  # [λβc_i/P] (+ [λβc_i/(P·|y_i|)] for ``mean``)
-                    if scaled.dtype != dt:
-                        scaled = scaled.to(dt)
-                    seq_coef = scaled[0]
-                    pair_token_coef = mask * scaled[-1, :, None]  # per token: seq_coef_i/|y_i| (mean), seq_coef_i (sum)
+                    f = lam * acfg.beta / g_pairs
+                    row, col = pairs.views()  # coef_sum [N]; coef_norm (``mean``) or coef_sum (``sum``) as [N, 1]
+                    if row.dtype != dt:
+                        row, col = row.to(dt), col.to(dt)
+                    seq_coef = row * f  # λ·c_i = λβ·coef_sum_i/P
+                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum)
+                    pair_token_coef = mask * (col * f)
+        if seq_coef is None:
+            seq_coef = torch.zeros(n, dtype=dt, device=dev)
 
     return PreparedBatch(
         advantages=adv, token_weights=w, seq_coef=seq_coef, old_logp=old, response_mask=mask,

@@ -15,6 +15,10 @@
  * everything accumulated in double; rows stored as float or double (rows_is_f32).
  * Returns 0, or -1 when a group index is out of range, -2 when memory runs out.
  */
+#ifdef AMIR_PYTHON_EXT
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first, as Python requires (it sets feature macros); see the wrapper at the end */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -91,3 +95,38 @@ int amir_pair_stats(int64_t n, int64_t b, const int64_t *gidx, const double *r, 
   free(coef);
   return 0;
 }
+
+#ifdef AMIR_PYTHON_EXT
+/* The same function as a CPython extension (built when Python's headers are present; native.py falls back
+ * to ctypes otherwise): a METH_FASTCALL call skips ctypes' per-argument conversion and libffi, about 13 us
+ * of the pair term's in-place cost (docs/benchmarks.md). Arguments as for amir_pair_stats, pointers as
+ * ints (tensor.data_ptr()), NULL as None; returns its int. The GIL is kept: the call takes microseconds. */
+static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
+
+static PyObject *py_pair_stats(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+  (void)self;
+  if (na != 15) {
+    PyErr_Format(PyExc_TypeError, "amir_pair_stats takes 15 arguments (%zd given)", na);
+    return NULL;
+  }
+  const int64_t n = PyLong_AsLongLong(a[0]), b = PyLong_AsLongLong(a[1]);
+  void *gidx = as_ptr(a[2]), *r = as_ptr(a[3]), *valid = as_ptr(a[4]), *s = as_ptr(a[5]);
+  const int s_f32 = PyObject_IsTrue(a[6]);
+  const double beta = PyFloat_AsDouble(a[7]);
+  void *len = as_ptr(a[8]);
+  const int len_f32 = PyObject_IsTrue(a[9]);
+  const double margin = PyFloat_AsDouble(a[10]);
+  const int top = PyObject_IsTrue(a[11]);
+  void *sums = as_ptr(a[12]), *rows = as_ptr(a[13]);
+  const int rows_f32 = PyObject_IsTrue(a[14]);
+  if (PyErr_Occurred()) return NULL;
+  return PyLong_FromLong(amir_pair_stats(n, b, gidx, r, valid, s, s_f32, beta, len, len_f32, margin, top,
+                                         sums, rows, rows_f32));
+}
+
+static PyMethodDef methods[] = {
+    {"amir_pair_stats", (PyCFunction)(void (*)(void))py_pair_stats, METH_FASTCALL, "AMIR pair statistics"},
+    {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_amir_pair_ext", NULL, -1, methods, NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__amir_pair_ext(void) { return PyModule_Create(&module); }
+#endif
