@@ -427,6 +427,38 @@ def test_extension_and_ctypes_kernels_agree_and_bad_calls_raise(monkeypatch):
         fns["1"](n, 4, "not a pointer", 0, 0, 0, True, 0.2, None, True, 0.5, False, 0, 0, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,anchored", [("mean", False), ("sum", False), ("mean", True)])
+def test_prepare_batch_direct_kernel_call_equals_pair_statistics(pair_impl, dtype, norm, anchored):
+    """prepare_batch calls the kernel on its own inputs without pair_statistics' conversions; a strided
+    (non-contiguous) rewards tensor must take the converting path and give the same batch."""
+    rewards, gids, mask, old = make_batch(11, reward_kind="graded")
+    old = old.to(dtype)
+    ref = (old - 0.3).to(dtype)
+    cfg = cfg_of(dict(enabled=True, adaptive_lambda=False, margin=0.1, logprob_norm=norm, reference_anchored=anchored))
+    strided = torch.stack([rewards, torch.full_like(rewards, 99.0)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    out = []
+    for r in (rewards, strided):
+        out.append(prepare_batch(rewards=r, group_ids=gids, response_mask=mask, old_logp=old, ref_logp=ref, cfg=cfg,
+                                 amir_state=AmirState.from_config(cfg.amir)))
+    a, b = out
+    assert a.pair_token_coef is not None and a.seq_coef.dtype == dtype
+    assert torch.equal(a.seq_coef, b.seq_coef) and torch.equal(a.pair_token_coef, b.pair_token_coef)
+    assert a.metrics.keys() == b.metrics.keys()
+    assert all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a.metrics.values(), b.metrics.values()))
+    # and the per-row coefficients are pair_statistics' own (float64 loop tests pin those down)
+    lengths = mask.to(dtype).sum(-1)
+    s = seq_logprob(old, mask.to(dtype), norm)
+    if anchored:
+        s = s - seq_logprob(ref, mask.to(dtype), norm)
+    gidx = torch.unique(gids, return_inverse=True)[1]
+    st = pair_statistics(rewards, gidx, lengths > 0, s, beta=cfg.amir.beta, margin=0.1,
+                         lengths=lengths if norm == "mean" else None)
+    lam, P = cfg.amir.lambda_init, a.metrics["pair_count"]
+    assert torch.allclose(a.seq_coef.double(), st.coef_sum.double() * lam * cfg.amir.beta / P, rtol=1e-6, atol=0)
+
+
 def test_without_python_headers_the_kernel_goes_through_ctypes(monkeypatch):
     _needs_cc()
     monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)

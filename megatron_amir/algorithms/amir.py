@@ -234,7 +234,6 @@ def pair_statistics(
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
     lengths: Optional[torch.Tensor] = None,
-    reuse_buffers: bool = False,
 ) -> PairStats:
     """Pairs of rewards ``r[N]`` inside groups ``gidx[N]`` (dense 0..B-1) and their terms under implicit rewards
     ``β·s[N]``. Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` + ``coefficients_from_terms``;
@@ -243,16 +242,13 @@ def pair_statistics(
     Without a cap this is one call of the C kernel ``pair_kernel.c`` (``native.py``; on the host, so CUDA
     inputs are copied over, a few hundred numbers) or, when that cannot be built, the torch grid
     ``_pair_statistics_torch``. With a cap the pairs are ranked on the host first (``pairs_numpy``).
-    ``reuse_buffers=True`` (``prepare_batch``, which consumes the result at once): the C kernel writes into
-    per-thread host buffers that the next such call overwrites, saving two allocations per step.
     """
     if mode not in ("all", "top"):
         raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
     if max_pairs_per_group is None:
         kernel = native.pair_kernel()
         if kernel is not None:
-            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths,
-                                           reuse_buffers)
+            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths)
     n, dev = r.shape[0], r.device
     s_dtype = s.dtype if s.dtype in _FLOATS else torch.float64
     r, s = r.to(torch.float64), s.to(torch.float64) * beta
@@ -277,7 +273,7 @@ def _host(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     return t
 
 
-_buffers = threading.local()  # reuse_buffers=True: (n, k, dtype) -> (sums, rows, views of rows), per thread
+_buffers = threading.local()  # pair_kernel_call(reuse_buffers=True): (n, k, dtype) -> (sums, rows, views), per thread
 
 
 def _outputs(n: int, k: int, dtype: torch.dtype, reuse: bool):
@@ -295,25 +291,35 @@ def _outputs(n: int, k: int, dtype: torch.dtype, reuse: bool):
     return torch.empty(4, dtype=torch.float64), torch.empty(k, n, dtype=dtype), None
 
 
-def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths,
-                            reuse_buffers=False) -> PairStats:
+def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths) -> PairStats:
     dev, n = r.device, r.shape[0]
     r, gidx, valid = _host(r, (torch.float64,)), _host(gidx, (torch.int64,)), _host(valid, (torch.bool,))
     s = _host(s, _FLOATS)
     b = int(num_groups) if num_groups is not None else (int(gidx.max()) + 1 if n else 0)
     if lengths is not None:
         lengths = _host(lengths, _FLOATS)
-    # c_i (and c_i / |y_i|) in s's dtype
-    sums, rows, views = _outputs(n, 1 if lengths is None else 2, s.dtype, reuse_buffers and dev.type == "cpu")
-    rc = kernel(n, b, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), s.dtype == torch.float32,
-                float(beta), None if lengths is None else lengths.data_ptr(),
-                lengths is not None and lengths.dtype == torch.float32, float(margin), mode == "top",
-                sums.data_ptr(), rows.data_ptr(), s.dtype == torch.float32)
+    st = pair_kernel_call(kernel, n, b, gidx, r, valid, s, lengths, float(beta), float(margin), mode == "top", False)
+    return st if dev.type == "cpu" else PairStats(st.sums.to(dev), st.rows.to(dev))
+
+
+def pair_kernel_call(kernel, n: int, b: int, gidx: torch.Tensor, r: torch.Tensor, valid: torch.Tensor,
+                     s: torch.Tensor, lengths: Optional[torch.Tensor], beta: float, margin: float, top: bool,
+                     reuse_buffers: bool) -> PairStats:
+    """The C kernel on inputs that are already host, C-contiguous [n] tensors of the right dtypes: r float64,
+    gidx int64 (in [0, b)), valid bool, s and lengths (or None) float32 or float64. No conversion, no check
+    beyond the kernel's own group-index bound: ``prepare_batch`` builds exactly such inputs and calls this
+    directly, since in a training step ``pair_statistics``' argument handling costs more than the kernel
+    (docs/benchmarks.md). Returns c_i (and c_i / |y_i|) in s's dtype. ``reuse_buffers``: write into per-thread
+    buffers that the next such call overwrites (for a caller that consumes the result at once, as
+    ``prepare_batch`` does), saving two allocations."""
+    sums, rows, views = _outputs(n, 1 if lengths is None else 2, s.dtype, reuse_buffers)
+    s32 = s.dtype is torch.float32
+    rc = kernel(n, b, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), s32, beta,
+                None if lengths is None else lengths.data_ptr(), lengths is not None and lengths.dtype is torch.float32,
+                margin, top, sums.data_ptr(), rows.data_ptr(), s32)
     if rc != 0:
         raise ValueError(f"pair_statistics: group index out of range [0, {b})" if rc == -1
                          else f"pair_statistics: native kernel failed (code {rc})")
-    if not dev.type == "cpu":
-        return PairStats(sums.to(dev), rows.to(dev))
     return PairStats(sums, rows, views)
 
 

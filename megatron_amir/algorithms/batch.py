@@ -25,9 +25,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import native
 from .advantages import ADVANTAGE_ESTIMATORS, group_index, zero_variance_groups
 from .aggregation import token_weights as _token_weights
-from .amir import AmirState, pair_statistics, seq_logprob
+from .amir import AmirState, pair_kernel_call, pair_statistics, seq_logprob
 from .kl import kl_penalty, kl_reward_penalty
 from .policy_loss import policy_loss, tis_weight, weighted_ppo_loss
 
@@ -173,11 +174,19 @@ def prepare_batch(
             s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
             if acfg.reference_anchored and ref is not None:
                 s = s - seq_logprob(ref, mask, acfg.logprob_norm)
-            pairs = pair_statistics(
-                r_raw, gidx, valid, s, beta=acfg.beta, num_groups=num_groups,
-                margin=acfg.margin, mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group,
-                lengths=lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None, reuse_buffers=True,
-            )
+            lens = lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None
+            kernel = (native.pair_kernel() if (dev.type == "cpu" and acfg.max_pairs_per_group is None
+                                               and r_raw.is_contiguous()) else None)
+            if kernel is not None:
+                # every input was built above as the kernel wants it (host, contiguous, float64 r, int64 gidx,
+                # bool valid, s and lengths in dt): skip pair_statistics' conversions, and reuse its buffers
+                pairs = pair_kernel_call(kernel, n, num_groups, gidx, r_raw, valid, s, lens, acfg.beta, acfg.margin,
+                                         acfg.pair_mode == "top", True)
+            else:
+                pairs = pair_statistics(
+                    r_raw, gidx, valid, s, beta=acfg.beta, num_groups=num_groups, margin=acfg.margin,
+                    mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group, lengths=lens,
+                )
         vf = valid.double()
         # ---- all-reduce 1: everything that only needs rewards and masks
         red1 = _allreduce(torch.stack([
