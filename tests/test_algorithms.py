@@ -430,9 +430,11 @@ def test_select_forms_agree():
 
 
 @pytest.mark.parametrize("dual", [None, 2.5])
-def test_fused_ppo_equals_autograd_ppo(dual):
-    """The fused path (analytic gradient, linear term folded in) == autograd through ppo_loss + linear term,
-    including ratios exactly on the clip boundaries and log-ratios beyond the ±20 clamp."""
+@pytest.mark.parametrize("pair", ["none", "same-weights", "own-weights"])
+def test_fused_ppo_equals_autograd_ppo(dual, pair):
+    """The fused path (analytic gradient, pair term folded in) == autograd through ppo_loss + Σ u·κ·logp,
+    including ratios exactly on the clip boundaries and log-ratios beyond the ±20 clamp; the pair term's
+    weights u are the policy weights w (where-branch form) or their own (TIS: addcmul form)."""
     from megatron_amir.algorithms.policy_loss import ppo_loss, weighted_ppo_loss
 
     g = torch.Generator().manual_seed(0)
@@ -443,14 +445,29 @@ def test_fused_ppo_equals_autograd_ppo(dual):
     logp = old + delta
     adv = torch.randn(6, generator=g, dtype=torch.float64)
     w = torch.rand(6, 9, generator=g, dtype=torch.float64)
-    lin = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    w[2] = 0.0  # an empty row
+    kappa = None if pair == "none" else torch.randn(6, 1, generator=g, dtype=torch.float64)
+    u = None if pair != "own-weights" else torch.rand(6, 9, generator=g, dtype=torch.float64)
     a = logp.clone().requires_grad_(True)
     per_tok, _ = ppo_loss(a, old, adv, None, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip_c=dual)
-    ref = (w * per_tok).sum() + (lin * a).sum()
+    ref = (w * per_tok).sum()
+    lin_ref = None
+    if kappa is not None:
+        lin_ref = ((w if u is None else u) * kappa * a).sum()
+        ref = ref + lin_ref
     ref.backward()
     b = logp.clone().requires_grad_(True)
-    val, info = weighted_ppo_loss(b, old, adv, w, lin, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip_c=dual)
+    val, info = weighted_ppo_loss(b, old, adv, w, kappa, pair_weights=u, clip_eps_low=0.2, clip_eps_high=0.2,
+                                  dual_clip_c=dual)
     val.backward()
     assert abs(float(val.detach()) - float(ref.detach())) < 1e-12
     assert torch.allclose(b.grad, a.grad, atol=1e-14, rtol=0)
-    assert float(info["linear_value"]) == pytest.approx(float((lin * logp).sum()), abs=1e-12)
+    if lin_ref is None:
+        assert "linear_value" not in info
+    else:
+        assert float(info["linear_value"]) == pytest.approx(float(lin_ref.detach()), abs=1e-12)
+        assert float(info["pg_value"]) == pytest.approx(float((ref - lin_ref).detach()), abs=1e-12)
+    # without a gradient the value is the same
+    val2, _ = weighted_ppo_loss(logp, old, adv, w, kappa, pair_weights=u, clip_eps_low=0.2, clip_eps_high=0.2,
+                                dual_clip_c=dual)
+    assert float(val2) == pytest.approx(float(val.detach()), abs=1e-13)

@@ -210,6 +210,44 @@ def test_coefficient_form_gradient_equals_direct_pair_loss(amir, seed):
         assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
 
 
+
+@pytest.mark.parametrize("agg,extra", [
+    ("token-mean", {}), ("seq-mean-token-sum", {}), ("seq-mean-token-sum-norm", {"loss_agg_max_len": 9}),
+    ("token-mean", {"tis_cap": 2.0}), ("seq-mean-token-mean", {"tis_cap": 1.5}),
+    ("seq-mean-token-mean", {"policy_loss": "gspo"}), ("token-mean", {"policy_loss": "gspo", "tis_cap": 2.0}),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+def test_pair_term_gradient_is_exact_for_every_aggregation_tis_and_gspo(agg, extra):
+    """The pair term rides on the token weights as a per-row factor κ (w·κ per token): that must give the direct
+    pair loss's gradient for every aggregation mode, with TIS reweighting only the policy loss, and on GSPO."""
+    rewards, gids, mask, old = make_batch(4, reward_kind="multi")
+    g = torch.Generator().manual_seed(9)
+    logp = old + 0.4 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    rollout = old + 0.2 * torch.randn(old.shape, generator=g, dtype=torch.float64) if "tis_cap" in extra else None
+    amir = dict(pair_mode="all", margin=0.1, lambda_init=0.3, adaptive_lambda=False)
+    cfg = cfg_of(amir=amir, loss_agg_mode=agg, **extra)
+    cfg_off = cfg_of(amir={"enabled": False}, loss_agg_mode=agg, **extra)
+    pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
+                       amir_state=AmirState(lam=0.3), rollout_logp=rollout, policy_logp=logp)
+    pb_off = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg_off,
+                           amir_state=AmirState(), rollout_logp=rollout)
+    assert (pb.pg_weights is None) == (rollout is None)
+    pairs = ref_pairs(rewards, gids, mask, 0.1, "all", None)
+    lp = logp.clone().requires_grad_(True)
+    (0.3 * ref_pair_loss(lp, mask, pairs, 0.2, "mean")).backward()
+    # the [N, T] coefficient view agrees with its definition seq_coef_i·m_t/|y_i|
+    m = mask.double()
+    assert torch.allclose(pb.pair_token_coef, pb.seq_coef[:, None] * m / m.sum(-1, keepdim=True).clamp(min=1),
+                          atol=1e-15, rtol=1e-12)
+    for split_seed in range(3):
+        split = random_split(len(rewards), split_seed, max_cuts=4)
+        g_on = grad_of_split(logp, pb, cfg, split)
+        g_off = grad_of_split(logp, pb_off, cfg_off, split)
+        assert torch.allclose(g_on - g_off, lp.grad, atol=1e-10, rtol=0)
+        # the value carries the pair term exactly: Σ_mb pair_term = Σ_i seq_coef_i ℓ̄_i(logp)
+        total = sum(float(micro_batch_loss(logp[torch.tensor(r)], pb.select(torch.tensor(r)), cfg)[1]["pair_term"])
+                    for r in split)
+        assert total == pytest.approx(float((pb.seq_coef * seq_logprob(logp, m, "mean")).sum()), abs=1e-12)
+
 def _needs_cc() -> None:
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler: the native pair kernel cannot be built here")

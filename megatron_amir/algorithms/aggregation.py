@@ -23,12 +23,14 @@ change nothing.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-# name -> fn(mask[N,T] float, lengths[N], num_tokens, num_seqs, max_len) -> weights[N,T]
-AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+# name -> fn(lengths[N], num_tokens, num_seqs, max_len) -> the row factor r (a float, or a tensor[N] when it
+#         depends on the row) with w_{i,t} = m_{i,t} * r_i. Every mode is a mask times a per-row factor; the
+#         AMIR pair term relies on that (its per-token coefficient is a per-row multiple of w, batch.py).
+AGGREGATIONS: dict[str, Callable[..., Union[float, torch.Tensor]]] = {}
 
 
 def register_aggregation(name: str):
@@ -45,29 +47,43 @@ def _safe(x: float) -> float:
 
 
 @register_aggregation("token-mean")
-def _token_mean(mask, lengths, num_tokens, num_seqs, max_len):
-    """w = m / T_tok: every response token of the batch counts the same."""
-    return mask / _safe(num_tokens)
+def _token_mean(lengths, num_tokens, num_seqs, max_len):
+    """r = 1 / T_tok: every response token of the batch counts the same."""
+    return 1.0 / _safe(num_tokens)
 
 
 @register_aggregation("seq-mean-token-mean")
-def _seq_mean_token_mean(mask, lengths, num_tokens, num_seqs, max_len):
-    """w = m / (len_i * S): mean over tokens of a sequence, then mean over sequences."""
-    return mask / (lengths.clamp(min=1).unsqueeze(-1) * _safe(num_seqs))
+def _seq_mean_token_mean(lengths, num_tokens, num_seqs, max_len):
+    """r_i = 1 / (len_i * S): mean over tokens of a sequence, then mean over sequences."""
+    return 1.0 / (lengths.clamp(min=1) * _safe(num_seqs))
 
 
 @register_aggregation("seq-mean-token-sum")
-def _seq_mean_token_sum(mask, lengths, num_tokens, num_seqs, max_len):
-    """w = m / S: sum over tokens of a sequence, mean over sequences."""
-    return mask / _safe(num_seqs)
+def _seq_mean_token_sum(lengths, num_tokens, num_seqs, max_len):
+    """r = 1 / S: sum over tokens of a sequence, mean over sequences."""
+    return 1.0 / _safe(num_seqs)
 
 
 @register_aggregation("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(mask, lengths, num_tokens, num_seqs, max_len):
-    """w = m / (S * max_len): Dr. GRPO's constant normalizer (no dependence on the response length)."""
+def _seq_mean_token_sum_norm(lengths, num_tokens, num_seqs, max_len):
+    """r = 1 / (S * max_len): Dr. GRPO's constant normalizer (no dependence on the response length)."""
     if max_len is None:
         raise ValueError("algorithm.loss_agg_max_len must be set for loss_agg_mode=seq-mean-token-sum-norm")
-    return mask / (_safe(num_seqs) * float(max_len))
+    return 1.0 / (_safe(num_seqs) * float(max_len))
+
+
+def row_scale(
+    mode: str, lengths: torch.Tensor, *, num_tokens: float, num_seqs: float, max_len: Optional[int] = None
+) -> Union[float, torch.Tensor]:
+    """The row factor r of ``mode`` (w = m·r) from the GLOBAL counts: a float, or r[N] in ``lengths``' dtype."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"algorithm.loss_agg_mode: unknown mode {mode!r} (known: {sorted(AGGREGATIONS)})")
+    return AGGREGATIONS[mode](lengths, float(num_tokens), float(num_seqs), max_len)
+
+
+def weights_from_scale(mask: torch.Tensor, r: Union[float, torch.Tensor]) -> torch.Tensor:
+    """w = m · r (r a float or a per-row tensor[N])."""
+    return mask * r if isinstance(r, float) else mask * r.unsqueeze(-1)
 
 
 def token_weights(
@@ -83,11 +99,9 @@ def token_weights(
 
     ``num_tokens`` = total response tokens, ``num_seqs`` = sequences with at least one response token.
     """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"algorithm.loss_agg_mode: unknown mode {mode!r} (known: {sorted(AGGREGATIONS)})")
     mask = response_mask.to(dtype)
-    lengths = mask.sum(-1)
-    return AGGREGATIONS[mode](mask, lengths, float(num_tokens), float(num_seqs), max_len)
+    r = row_scale(mode, mask.sum(-1), num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    return weights_from_scale(mask, r)
 
 
 def aggregate(

@@ -27,14 +27,14 @@ import torch
 
 from . import native
 from .advantages import ADVANTAGE_ESTIMATORS, group_index, zero_variance_groups
-from .aggregation import token_weights as _token_weights
+from .aggregation import row_scale, weights_from_scale
 from .amir import AmirState, pair_kernel_call, pair_statistics, seq_logprob
 from .kl import kl_penalty, kl_reward_penalty
 from .policy_loss import policy_loss, tis_weight, weighted_ppo_loss
 
 _ROW_FIELDS = (
     "advantages", "token_weights", "seq_coef", "old_logp", "response_mask", "ref_logp", "rollout_logp",
-    "pg_weights", "pair_token_coef",
+    "pg_weights", "pair_coef",
 )
 
 
@@ -45,8 +45,10 @@ class PreparedBatch:
 
     advantages[N]; token_weights[N,T] global aggregation weights; seq_coef[N] = λ·c_i (detached);
     old_logp / ref_logp / rollout_logp [N,T]; response_mask[N,T] (float 0/1);
-    pg_weights[N,T] = token_weights · TIS weight (= token_weights without TIS);
-    pair_token_coef[N,T] = seq_coef_i·m_t/|y_i| (``mean``) or seq_coef_i·m_t (``sum``), None when the
+    pg_weights[N,T] = token_weights · TIS weight (None without TIS: the policy loss uses token_weights);
+    pair_coef[N,1] = κ_i, the AMIR pair term per unit of token weight: its per-token coefficient is
+    ``pair_token_coef`` = token_weights·κ = seq_coef_i·m_t/|y_i| (``mean``) or seq_coef_i·m_t (``sum``),
+    exactly a per-row multiple of w because every aggregation is a mask times a row factor; None when the
     step has no pair term (AMIR off, no pairs, or λ = 0) so plain GRPO pays nothing for it;
     metrics: floats for logging (same on every rank).
     """
@@ -59,11 +61,17 @@ class PreparedBatch:
     ref_logp: Optional[torch.Tensor] = None
     rollout_logp: Optional[torch.Tensor] = None
     pg_weights: Optional[torch.Tensor] = None
-    pair_token_coef: Optional[torch.Tensor] = None
+    pair_coef: Optional[torch.Tensor] = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
+
+    @property
+    def pair_token_coef(self) -> Optional[torch.Tensor]:
+        """[N, T] coefficient of logp in the pair term, Σ_i seq_coef_i·ℓ̄_i(logp) = Σ pair_token_coef·logp (formed
+        on demand; the loss uses ``pair_coef``)."""
+        return None if self.pair_coef is None else self.token_weights * self.pair_coef
 
     def select(self, index: Any) -> "PreparedBatch":
         """The rows ``index`` (slice, list, LongTensor or bool mask) as a new PreparedBatch."""
@@ -204,8 +212,8 @@ def prepare_batch(
         adv64 = torch.where(valid & ~zero_var[gidx], adv64, torch.zeros_like(adv64))
         adv = adv64.to(dt)
 
-        w = _token_weights(mask, cfg.loss_agg_mode, num_tokens=g_tokens, num_seqs=g_seqs,
-                           max_len=cfg.loss_agg_max_len, dtype=dt)
+        w_row = row_scale(cfg.loss_agg_mode, lengths, num_tokens=g_tokens, num_seqs=g_seqs, max_len=cfg.loss_agg_max_len)
+        w = weights_from_scale(mask, w_row)
         tis = tis_weight(old, rollout, cfg.tis_cap) if (rollout is not None and cfg.tis_cap is not None) else None
         pg_w = w if tis is None else w * tis
 
@@ -255,7 +263,7 @@ def prepare_batch(
             metrics["tis_weight_mean"] = g_tis / max(g_tokens, 1.0)
 
         seq_coef = None
-        pair_token_coef = None
+        pair_coef = None
         if do_pairs:
             pair_loss = g_pair_sum / g_pairs if g_pairs > 0 else 0.0
             q = float("nan")
@@ -278,14 +286,15 @@ def prepare_batch(
                     if row.dtype != dt:
                         row, col = row.to(dt), col.to(dt)
                     seq_coef = row * f  # λ·c_i = λβ·coef_sum_i/P
-                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum)
-                    pair_token_coef = mask * (col * f)
+                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum) = w_t·κ_i, w = m·r
+                    pair_coef = col * (f / w_row) if isinstance(w_row, float) else col * (f / w_row).unsqueeze(-1)
         if seq_coef is None:
             seq_coef = torch.zeros(n, dtype=dt, device=dev)
 
     return PreparedBatch(
         advantages=adv, token_weights=w, seq_coef=seq_coef, old_logp=old, response_mask=mask,
-        ref_logp=ref, rollout_logp=rollout, pg_weights=pg_w, pair_token_coef=pair_token_coef, metrics=metrics,
+        ref_logp=ref, rollout_logp=rollout, pg_weights=None if tis is None else pg_w, pair_coef=pair_coef,
+        metrics=metrics,
     )
 
 
@@ -318,12 +327,13 @@ def micro_batch_loss(
     stats: dict[str, torch.Tensor] = {}
     if cfg.policy_loss == "ppo":
         # fused path: value and analytic gradient in one pass; the pair term rides along as a linear term
+        # Σ w_t·κ_i·logp_t (its weights are the token weights; TIS reweights only the policy loss)
         loss, info = weighted_ppo_loss(
-            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_token_coef,
+            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_coef, pair_weights=None if mb.pg_weights is None else mb.token_weights,
             clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
         )
         stats["pg_loss"] = info["pg_value"]
-        if mb.pair_token_coef is not None:
+        if mb.pair_coef is not None:
             stats["pair_term"] = info["linear_value"]
     else:
         per_tok, info = policy_loss(
@@ -333,8 +343,8 @@ def micro_batch_loss(
         pg = (pg_w * per_tok).sum()
         loss = pg
         stats["pg_loss"] = pg.detach()
-        if mb.pair_token_coef is not None:
-            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t: linear in logp, exact gradient
+        if mb.pair_coef is not None:
+            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t = Σ w_t κ_i logp_t: linear, exact gradient
             pair = (mb.pair_token_coef * lp).sum()
             loss = loss + pair
             stats["pair_term"] = pair.detach()

@@ -138,21 +138,24 @@ def weighted_ppo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     weights: torch.Tensor,
-    linear: Optional[torch.Tensor] = None,
+    row_coef: Optional[torch.Tensor] = None,
     *,
+    pair_weights: Optional[torch.Tensor] = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     dual_clip_c: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused ``Σ_t w_t ℓ_t(logp) + Σ_t a_t logp_t`` (``ppo`` surrogate ℓ, w = ``weights``, a = ``linear``).
+    """Fused ``Σ_t w_t ℓ_t(logp) + Σ_t u_t κ_i logp_t`` (``ppo`` surrogate ℓ, w = ``weights``, κ = ``row_coef``
+    [n, 1] per row, u = ``pair_weights``, default w).
 
     Same value and gradient as autograd through ``ppo_loss`` — ∂ℓ/∂logp = −A ρ where the unclipped
     branch is active (ties included, as torch.maximum's half+half) and |logp − old| ≤ 20, else 0 —
-    but formed in one pass, so backward is a single multiply. The linear term rides in the gradient's
-    ``addcmul`` and costs one reduction for its value: the AMIR pair term Σ_i seq_coef_i ℓ̄_i(logp) is
-    exactly such a term. Returns (total, info) with detached
+    but formed in one pass, so backward is a single multiply. The linear term is the AMIR pair term
+    Σ_i seq_coef_i ℓ̄_i(logp) (batch.py): with u = w its gradient w·κ rides inside the policy gradient,
+    w·where(live, −Aρ + κ, κ), at no extra pass; its value costs one product and one reduction. With TIS
+    (u ≠ w) the coefficient u·κ is formed and added with ``addcmul``. Returns (total, info) with detached
     ``ratio``, ``clipped_low``, ``clipped_high``, ``dual_clipped`` (dual-clip only), ``pg_value`` and
-    ``linear_value`` (when ``linear`` is given).
+    ``linear_value`` (when ``row_coef`` is given).
     """
     lo, hi = 1.0 - clip_eps_low, 1.0 + clip_eps_high
     with torch.no_grad():
@@ -176,14 +179,21 @@ def weighted_ppo_loss(
             loss = torch.where(dual, pg3, loss)
             live = live & ~dual
             info["dual_clipped"] = (adv < 0) & (ratio > dual_clip_c)
-        live_pg1 = torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))
-        # ∂/∂logp = w·(−Aρ)·live (+ linear): addcmul folds the linear term in without an extra pass
-        grad = weights * live_pg1 if linear is None else torch.addcmul(linear, weights, live_pg1)
+        lin = None
+        if row_coef is None:
+            # ∂/∂logp = w·(−Aρ)·live
+            grad = weights * torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))
+        elif pair_weights is None:
+            # ∂/∂logp = w·((−Aρ)·live + κ): κ is the where's other branch, so the pair term costs one add here
+            grad = weights * torch.where(live, pg1 + row_coef, row_coef)
+            lin = ((lp * row_coef) * weights).sum()
+        else:
+            pair_tok = pair_weights * row_coef
+            grad = torch.addcmul(pair_tok, weights, torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device)))
+            lin = (pair_tok * lp).sum()
         value = (weights * loss).sum()
         info["pg_value"] = value
-        lin = None
-        if linear is not None:
-            lin = (linear * lp).sum()  # not torch.dot: a BLAS call is cold code here and costs more
+        if lin is not None:
             info["linear_value"] = lin
     if not logp.requires_grad:
         return (value if lin is None else value + lin), info
