@@ -1,4 +1,4 @@
-"""Host kernels in plain C, compiled on first use with the system C compiler and called through ctypes.
+"""Host kernels in plain C, compiled on first use with the system C compiler (a CPython extension, or ctypes).
 
 Why: the AMIR pair statistics are a few hundred per-sequence numbers per rank. As torch ops they are about
 twenty tiny calls (twenty kernel launches on a GPU); in a training step, where the caches are cold, each
@@ -8,8 +8,9 @@ costs several microseconds, and together they were most of the pair term's overh
 The build needs nothing beyond ``cc`` (``$CC`` if set): no torch headers, no ninja; it takes about 0.2 s
 once. Where Python's headers are installed the kernel is built as a CPython extension (a METH_FASTCALL
 function: ~13 µs less per call than ctypes' argument conversion and libffi, measured in the training
-step); without them, or with ``MEGATRON_AMIR_NATIVE=ctypes``, as a plain library called through ctypes. The library goes to ``$MEGATRON_AMIR_CACHE/kernels`` (default
-``~/.cache/megatron_amir/kernels``) under a name that hashes the source, the compiler and its flags, so an
+step); without them, or with ``MEGATRON_AMIR_NATIVE=ctypes``, as a plain library called through ctypes.
+The library goes to ``$MEGATRON_AMIR_CACHE/kernels`` (default ``~/.cache/megatron_amir/kernels``) under a
+name that hashes the source, the compiler, its flags (and, for the extension, the Python version), so an
 edited source is rebuilt and concurrent ranks are safe (each builds to its own temp file, then renames).
 No ``-march=native``: a cache in a shared home directory must load on every node type. A cached library is
 loaded only when this user (or root) owns it and its directory and nobody else can write or swap it (the
