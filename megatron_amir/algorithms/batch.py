@@ -69,8 +69,8 @@ class PreparedBatch:
 
     @property
     def pair_token_coef(self) -> Optional[torch.Tensor]:
-        """[N, T] coefficient of logp in the pair term, Σ_i seq_coef_i·ℓ̄_i(logp) = Σ pair_token_coef·logp (formed
-        on demand; the loss uses ``pair_coef``)."""
+        """[N, T] coefficient of logp in the pair term: Σ_i seq_coef_i·ℓ̄_i(logp) = Σ pair_token_coef·logp
+        (formed on demand; the loss uses ``pair_coef``)."""
         return None if self.pair_coef is None else self.token_weights * self.pair_coef
 
     def select(self, index: Any) -> "PreparedBatch":
@@ -212,7 +212,8 @@ def prepare_batch(
         adv64 = torch.where(valid & ~zero_var[gidx], adv64, torch.zeros_like(adv64))
         adv = adv64.to(dt)
 
-        w_row = row_scale(cfg.loss_agg_mode, lengths, num_tokens=g_tokens, num_seqs=g_seqs, max_len=cfg.loss_agg_max_len)
+        w_row = row_scale(cfg.loss_agg_mode, lengths, num_tokens=g_tokens, num_seqs=g_seqs,
+                          max_len=cfg.loss_agg_max_len)  # w = m·r
         w = weights_from_scale(mask, w_row)
         tis = tis_weight(old, rollout, cfg.tis_cap) if (rollout is not None and cfg.tis_cap is not None) else None
         pg_w = w if tis is None else w * tis
@@ -286,7 +287,7 @@ def prepare_batch(
                     if row.dtype != dt:
                         row, col = row.to(dt), col.to(dt)
                     seq_coef = row * f  # λ·c_i = λβ·coef_sum_i/P
-                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum) = w_t·κ_i, w = m·r
+                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum) = w_t·κ_i
                     pair_coef = col * (f / w_row) if isinstance(w_row, float) else col * (f / w_row).unsqueeze(-1)
         if seq_coef is None:
             seq_coef = torch.zeros(n, dtype=dt, device=dev)
@@ -329,7 +330,8 @@ def micro_batch_loss(
         # fused path: value and analytic gradient in one pass; the pair term rides along as a linear term
         # Σ w_t·κ_i·logp_t (its weights are the token weights; TIS reweights only the policy loss)
         loss, info = weighted_ppo_loss(
-            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_coef, pair_weights=None if mb.pg_weights is None else mb.token_weights,
+            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_coef,
+            pair_weights=None if mb.pg_weights is None else mb.token_weights,
             clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
         )
         stats["pg_loss"] = info["pg_value"]
@@ -344,7 +346,8 @@ def micro_batch_loss(
         loss = pg
         stats["pg_loss"] = pg.detach()
         if mb.pair_coef is not None:
-            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t = Σ w_t κ_i logp_t: linear, exact gradient
+            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t = Σ w_t κ_i logp_t: linear in logp,
+            # exact gradient
             pair = (mb.pair_token_coef * lp).sum()
             loss = loss + pair
             stats["pair_term"] = pair.detach()

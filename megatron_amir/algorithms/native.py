@@ -164,7 +164,8 @@ def _load(name: str, bind: Callable[[ctypes.CDLL], Callable[..., int]]) -> Optio
     src = _SOURCES[name]
     if _mode() != "ctypes" and python_include() is not None:
         try:
-            return getattr(_build_and_open(src, lambda p: _import_ext(p, f"_amir_{name}_ext"), True), f"amir_{name}_stats")
+            mod = _build_and_open(src, lambda p: _import_ext(p, f"_amir_{name}_ext"), True)
+            return getattr(mod, f"amir_{name}_stats")
         except Exception as exc:  # noqa: BLE001 - the ctypes build below needs no headers
             log.info("native %s kernel: no CPython extension (%s); using ctypes", name, exc)
     try:

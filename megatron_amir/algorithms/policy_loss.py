@@ -189,7 +189,8 @@ def weighted_ppo_loss(
             lin = ((lp * row_coef) * weights).sum()
         else:
             pair_tok = pair_weights * row_coef
-            grad = torch.addcmul(pair_tok, weights, torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device)))
+            live_pg1 = torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))
+            grad = torch.addcmul(pair_tok, weights, live_pg1)
             lin = (pair_tok * lp).sum()
         value = (weights * loss).sum()
         info["pg_value"] = value
