@@ -1,8 +1,10 @@
 /* AMIR pair statistics for one rank's rows, in one pass over every group's (winner, loser) grid.
  *
- * Built on first use by megatron_amir/algorithms/native.py (plain C99, no Python or torch headers) and
- * called through ctypes from amir.pair_statistics. The torch implementation next to it is the reference
- * and the fallback; tests check both against a float64 loop.
+ * Built on first use by megatron_amir/algorithms/native.py (plain C99, no torch headers): as a CPython
+ * extension where Python's headers are installed (the wrapper at the end, -DAMIR_PYTHON_EXT), else as a
+ * plain library called through ctypes. Called from amir.pair_kernel_call (by pair_statistics and by
+ * prepare_batch). The torch implementation in amir.py is the reference and the fallback; tests check all
+ * three against a float64 loop.
  *
  * Inputs (host memory, C-contiguous): rewards r[n] (double); group index gidx[n] in [0, b); valid[n]
  * (bool bytes); implicit-reward log-probs s[n] (float or double, multiplied by beta); optional lengths

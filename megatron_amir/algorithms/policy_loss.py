@@ -180,18 +180,18 @@ def weighted_ppo_loss(
             live = live & ~dual
             info["dual_clipped"] = (adv < 0) & (ratio > dual_clip_c)
         lin = None
-        if row_coef is None:
-            # ∂/∂logp = w·(−Aρ)·live
-            grad = weights * torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))
-        elif pair_weights is None:
+        if row_coef is not None and pair_weights is None:
             # ∂/∂logp = w·((−Aρ)·live + κ): κ is the where's other branch, so the pair term costs one add here
             grad = weights * torch.where(live, pg1 + row_coef, row_coef)
             lin = ((lp * row_coef) * weights).sum()
         else:
-            pair_tok = pair_weights * row_coef
-            live_pg1 = torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))
-            grad = torch.addcmul(pair_tok, weights, live_pg1)
-            lin = (pair_tok * lp).sum()
+            live_pg1 = torch.where(live, pg1, torch.zeros((), dtype=pg1.dtype, device=pg1.device))  # −Aρ·live
+            if row_coef is None:
+                grad = weights * live_pg1
+            else:  # TIS: the pair term's weights u differ from w, so its coefficient u·κ is formed and added
+                pair_tok = pair_weights * row_coef
+                grad = torch.addcmul(pair_tok, weights, live_pg1)
+                lin = (pair_tok * lp).sum()
         value = (weights * loss).sum()
         info["pg_value"] = value
         if lin is not None:
