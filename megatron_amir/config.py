@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # a field's description is the docstring under it (docs/config.md is generated from them)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -31,36 +33,78 @@ class ModelConfig(_Section):
     """Architecture of the policy (a Megatron-Core GPTModel). Field names follow HF config.json where possible."""
 
     arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
-    vocab_size: int = Field(512, ge=1)  # rows of the embedding (may be padded beyond the tokenizer)
-    real_vocab_size: Optional[int] = Field(
-        None, ge=1, description="ids >= this are padding rows, never sampled (default: the tokenizer's size)"
-    )
+    """Model family: llama, qwen2, qwen3 or mistral. All are built as one Megatron-Core GPTModel (RMSNorm, SwiGLU MLP,
+    RoPE, no linear biases); the family picks the defaults of ``qkv_bias`` (qwen2) and ``qk_norm`` (qwen3) and the
+    Hugging Face class the converters read and write."""
+    vocab_size: int = Field(512, ge=1)
+    """Rows of the embedding and output layer. May exceed the tokenizer's vocabulary (padding, e.g. to a multiple of 128
+    * TP; see ``real_vocab_size``), never be smaller; must be divisible by ``parallel.tensor_model_parallel_size``."""
+    real_vocab_size: Optional[int] = Field(None, ge=1)
+    """Number of real token ids: ids >= this are padding rows, never sampled and given no probability in the trainer's
+    log-probs; also the vocabulary size of exported Hugging Face weights. null = the tokenizer's vocabulary size,
+    filled in at start-up."""
     hidden_size: int = Field(64, ge=1)
+    """Model width (HF ``hidden_size``)."""
     ffn_hidden_size: int = Field(128, ge=1)
+    """Width of the SwiGLU MLP's inner layer (HF ``intermediate_size``)."""
     num_layers: int = Field(2, ge=1)
+    """Transformer layers (HF ``num_hidden_layers``); must be divisible by ``parallel.pipeline_model_parallel_size``."""
     num_attention_heads: int = Field(4, ge=1)
+    """Query heads; must be a multiple of ``num_kv_heads`` and divisible by ``parallel.tensor_model_parallel_size``."""
     num_kv_heads: int = Field(2, ge=1)
-    head_dim: Optional[int] = Field(None, ge=1, description="default hidden_size // num_attention_heads")
+    """Key/value heads of grouped-query attention (HF ``num_key_value_heads``, Megatron ``num_query_groups``); equal to
+    ``num_attention_heads`` = plain multi-head attention. Must be divisible by TP."""
+    head_dim: Optional[int] = Field(None, ge=1)
+    """Dimension of one attention head (Megatron ``kv_channels``). null = hidden_size // num_attention_heads (then
+    hidden_size must be divisible by the head count)."""
     max_position_embeddings: int = Field(2048, ge=1)
+    """Longest sequence, prompt plus completion tokens, the model is built for (Megatron ``max_sequence_length``); the
+    embedded rollout engine and server refuse longer requests."""
     rope_theta: float = Field(10000.0, gt=0)
-    rope_scaling: Optional[dict[str, Any]] = None  # HF-style, e.g. llama3 {"factor": 8, ...}
+    """RoPE base frequency (HF ``rope_theta``, Megatron ``rotary_base``)."""
+    rope_scaling: Optional[dict[str, Any]] = None
+    """Hugging Face style RoPE scaling, e.g. ``{rope_type: llama3, factor: 8}`` or ``{rope_type: linear, factor: 4}``;
+    null = none. Types: llama3 (Megatron-Core fixes low/high frequency factors 1 and 4 and the original length 8192;
+    other values are rejected), linear, default."""
     norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the RMSNorm layers (HF ``rms_norm_eps``)."""
     tie_word_embeddings: bool = False
-    qkv_bias: Optional[bool] = None  # default: True for qwen2, False otherwise
-    qk_norm: Optional[bool] = None  # default: True for qwen3, False otherwise
+    """Share the weights of the input embedding and the output layer."""
+    qkv_bias: Optional[bool] = None
+    """Bias on the query/key/value projections. null = true for arch=qwen2, false otherwise."""
+    qk_norm: Optional[bool] = None
+    """RMSNorm on each head's queries and keys (Megatron ``qk_layernorm``). null = true for arch=qwen3, false
+    otherwise."""
     init_method_std: float = Field(0.02, gt=0)
-    # where the starting weights come from (ignored when resuming): hf_path = a Hugging Face model directory,
-    # converted once into <checkpoint.dir>/init; load = a megatron-amir checkpoint (as --init-from, which wins);
-    # neither = random init. The section must describe that model (checked field by field at start).
+    """Standard deviation of the normal weight initialization (random init only; HF ``initializer_range``)."""
     hf_path: Optional[str] = None
+    """Hugging Face model directory to start from: converted once into ``<checkpoint.dir>/init`` with this run's TP/PP,
+    and reused while that holds a conversion of the same directory. Ignored when resuming or when ``model.load`` /
+    ``--init-from`` is given. This section must describe that model (checked field by field at start). null (with no
+    ``load``) = random initialization."""
     load: Optional[str] = None
-    tokenizer: Optional[str] = None  # HF tokenizer dir; None = the tokenizer of the data section
+    """A megatron-amir checkpoint to start from (model weights only, e.g. the warm-up's); the ``--init-from`` flag wins
+    over it. Ignored when resuming."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory (a Hugging Face tokenizer or one saved by megatron-amir), used when ``data.tokenizer_dir`` is
+    not set. Both null = the sentencepiece demo tokenizer trained on the synthetic corpus."""
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the parameters and the compute: fp32, bf16 or fp16 (bf16/fp16 turn on Megatron's mixed precision, with
+    fp32 master weights in the optimizer)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: transformer_engine (Transformer Engine layers; needs CUDA and TE), local (Megatron-Core's
+    torch layers, the CPU path), auto = transformer_engine when CUDA and TE are both present, local otherwise."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 training through Transformer Engine: e4m3 for all tensors, or hybrid (e4m3 forward, e5m2 gradients); null =
+    no FP8. Needs CUDA, TE and transformer_impl transformer_engine or auto."""
     fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
+    """FP8 scaling recipe (used only with ``fp8``): tensorwise (current per-tensor scaling) and delayed (scales from an
+    amax history) need GPU compute capability >= 8.9, blockwise >= 9.0 (Hopper), mxfp8 >= 10.0 (Blackwell)."""
     fp8_param: bool = False
+    """Store the parameters themselves in FP8 (Megatron ``fp8_param``) to save memory; needs ``fp8``."""
     first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layers in bf16 when training in FP8 (Megatron ``first_last_layers_bf16``),
+    for stability; used only with ``fp8``."""
 
     @property
     def kv_channels(self) -> int:
@@ -91,12 +135,22 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
+    """Megatron-Core model parallelism. The data-parallel size is world_size / (TP * PP), derived at start-up."""
+
     tensor_model_parallel_size: int = Field(1, ge=1)
+    """TP: ranks each layer's weights are split over; must divide ``model.num_attention_heads`` and
+    ``model.num_kv_heads``."""
     pipeline_model_parallel_size: int = Field(1, ge=1)
-    # data-parallel size is world_size / (TP * PP), derived at start-up
+    """PP: pipeline stages the layers are split over; must divide ``model.num_layers``."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: nccl, gloo, or auto = nccl with CUDA, gloo without. The environment variable
+    ``MEGATRON_AMIR_BACKEND`` overrides it."""
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over the data-parallel ranks (Megatron's distributed optimizer). Saving its state needs
+    CUDA: a CPU run with it cannot checkpoint the optimizer."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism: split the norm and dropout activations along the sequence over the TP ranks. Needs
+    tensor_model_parallel_size > 1 and a GPU (not supported on CPU)."""
 
 
 # --------------------------------------------------------------------------------------------- algorithm
@@ -104,20 +158,45 @@ class AmirConfig(_Section):
     """The AMIR pairwise regularizer (DESIGN.md section 1). enabled=false gives plain GRPO."""
 
     enabled: bool = True
+    """Add the AMIR pair loss lambda * L_pair to the GRPO loss; false = plain GRPO (the pair statistics are still
+    measured, with lambda 0, for comparison)."""
     beta: float = Field(0.2, gt=0)
-    margin: float = Field(0.5, ge=0, description="pair (w, l) only when r_w - r_l > margin")
+    """beta of the implicit reward s_i = beta * (lbar_theta(y_i) - lbar_ref(y_i)); the pair loss is the mean over pairs
+    of -log sigmoid(s_w - s_l). The paper's default is 0.2."""
+    margin: float = Field(0.5, ge=0)
+    """A pair (w, l) forms only when r_w - r_l > margin (strict: ties never pair), in reward units. 0.5 with 0/1
+    correctness rewards pairs each correct rollout with each incorrect one."""
     pair_mode: Literal["all", "top"] = "all"
+    """Pairs each group contributes: all = every ordered pair over the margin; top = the best rollout (the first on
+    ties) against each worse one."""
     max_pairs_per_group: Optional[int] = Field(None, ge=1)
-    logprob_norm: Literal["mean", "sum"] = "mean"  # mean = length-normalized (paper)
-    reference_anchored: bool = False  # subtract the reference policy's normalized log-prob
+    """Cap on the pairs of one group, keeping the largest reward gaps (ties broken by row order); null = no cap."""
+    logprob_norm: Literal["mean", "sum"] = "mean"
+    """lbar in the implicit reward: mean = the completion's summed token log-prob divided by its length
+    (length-normalized, the paper's choice); sum = the summed log-prob."""
+    reference_anchored: bool = False
+    """Subtract the reference policy's lbar_ref (a frozen copy of the starting weights, loaded for this) in s_i; false =
+    reference-free (lbar_ref = 0), the paper's default."""
     lambda_init: float = Field(0.01, ge=0)
+    """lambda at the first step (the AMIR-GRPO reference code's 0.01), and the fixed lambda when ``adaptive_lambda`` is
+    false. With the adaptive schedule it must lie in [lambda_min, lambda_max]. lambda is saved in checkpoints."""
     adaptive_lambda: bool = True
+    """The AMIR-GRPO reference code's lambda schedule, once per optimizer update that has pairs: q = lambda * L_pair /
+    max(1e-9, L_GRPO); q < ratio_low: lambda = min(lambda_max, lambda_up * lambda); q > ratio_high: lambda =
+    max(lambda_min, lambda_down * lambda). As in the reference, lambda moves before it is applied to that update's
+    loss. false = lambda stays lambda_init."""
     lambda_min: float = Field(0.005, ge=0)
+    """Lower bound of the adaptive lambda (reference code: 0.005)."""
     lambda_max: float = Field(0.05, ge=0)
+    """Upper bound of the adaptive lambda (reference code: 0.05)."""
     ratio_low: float = Field(0.30, ge=0)
+    """The adaptive lambda grows when q = lambda * L_pair / L_GRPO is below this (reference code: 0.30)."""
     ratio_high: float = Field(0.70, ge=0)
+    """The adaptive lambda shrinks when q is above this (reference code: 0.70)."""
     lambda_up: float = Field(1.25, gt=1)
+    """Factor lambda is multiplied by when q < ratio_low, before clamping to lambda_max (reference code: 1.25)."""
     lambda_down: float = Field(0.8, gt=0, lt=1)
+    """Factor lambda is multiplied by when q > ratio_high, before clamping to lambda_min (reference code: 0.8)."""
 
     @model_validator(mode="after")
     def _bounds(self) -> "AmirConfig":
@@ -134,49 +213,127 @@ class AmirConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
+    """The RL objective: group advantages, the clipped policy loss and its aggregation, the optional KL term, the
+    rollout/trainer importance correction, and the AMIR pair regularizer (``algorithm.amir``)."""
+
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    """Group-relative advantage of rollout i in its group: grpo = (r_i - mean) / (std + adv_eps) (GRPO, DeepSeekMath);
+    drgrpo = r_i - mean, no std division (Dr. GRPO); rloo = r_i minus the mean of the other rollouts (RLOO). Groups
+    whose rewards are all equal get advantage 0."""
     adv_eps: float = Field(1e-6, gt=0)
+    """epsilon added to the standard deviation in the grpo advantage and in ``whiten_rewards``."""
     whiten_rewards: bool = False
+    """Standardize the rewards over the whole global batch (all data-parallel ranks), (r - mean) / (std + adv_eps),
+    before the group advantage estimator."""
     policy_loss: Literal["ppo", "gspo"] = "ppo"
+    """Per-token policy loss: ppo = the PPO/GRPO clipped surrogate on the token ratio rho_t = pi_theta / pi_old; gspo =
+    the same surrogate on one ratio per sequence, exp(mean_t log rho_t) (GSPO; its paper pairs it with
+    seq-mean-token-mean and clip ranges near 3e-4 / 4e-4)."""
     clip_eps_low: float = Field(0.2, gt=0)
+    """epsilon_low: the ratio is clipped below at 1 - epsilon_low (binds for negative advantages)."""
     clip_eps_high: float = Field(0.2, gt=0)
+    """epsilon_high: the ratio is clipped above at 1 + epsilon_high (binds for positive advantages). A value above
+    clip_eps_low (e.g. 0.28) is DAPO's clip-higher."""
     dual_clip_c: Optional[float] = Field(None, gt=1)
+    """Dual-clip constant c > 1: for negative advantages the token loss is capped at -A * c, so a huge ratio cannot blow
+    it up (dual-clip PPO, Ye et al. 2020); null = off."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
-    loss_agg_max_len: Optional[int] = Field(None, ge=1, description="constant of seq-mean-token-sum-norm")
+    """How token losses become the batch loss (weights from global counts, exact for any micro-batch split): token-mean
+    = mean over all response tokens of the global batch (DAPO); seq-mean-token-mean = mean over sequences of each
+    one's token mean (original GRPO, length-biased); seq-mean-token-sum = mean over sequences of token sums;
+    seq-mean-token-sum-norm = token sums divided by sequences * loss_agg_max_len (Dr. GRPO)."""
+    loss_agg_max_len: Optional[int] = Field(None, ge=1)
+    """The constant length, in tokens, that seq-mean-token-sum-norm (Dr. GRPO) divides by; required by that mode, unused
+    by the others (commonly rollout.max_new_tokens)."""
     kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL(pi_theta || pi_ref) penalty, pi_ref = a frozen copy of the starting weights; 0 = no KL term (and
+    no reference model unless ``amir.reference_anchored``)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimate from delta = log pi_theta - log pi_ref (clamped to +-20): k1 = delta (unbiased, can be
+    negative); k2 = delta^2 / 2; k3 = exp(-delta) + delta - 1 (unbiased and non-negative; GRPO's). Schulman's
+    approximations."""
     kl_in_reward: bool = False
-    reference_offload: bool = Field(False, description="keep the reference policy (KL, reference-anchored pairs) in "
-                                    "host memory; it is copied to the device only for its log-prob pass")
-    tis_cap: Optional[float] = Field(None, gt=0, description="truncated importance sampling cap (rollout vs trainer)")
+    """false = the KL is a loss term kl_coef * sum_t w_t k(delta_t) with the policy loss's token weights (GRPO); true =
+    a per-sequence penalty kl_coef * sum_t k(delta_t) subtracted from the reward before advantages (AMIR pairs still
+    rank by the verifier rewards)."""
+    reference_offload: bool = Field(False)
+    """Keep the reference policy (KL, reference-anchored pairs) in host memory; it is copied to the device only for its
+    log-prob pass."""
+    tis_cap: Optional[float] = Field(None, gt=0)
+    """Truncated importance sampling (TIS) cap C: each policy-gradient token weight is multiplied by min(exp(logp_old -
+    logp_rollout), C), the trainer's recomputed log-prob against the rollout engine's, correcting the numeric
+    mismatch between engine and trainer; null = off."""
     ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch (each pass split into global_batch_size minibatches, one optimizer update each).
+    After the first update the implicit rewards of the AMIR pairs come from a fresh no-grad forward of the current
+    policy."""
     amir: AmirConfig = Field(default_factory=AmirConfig)
+    """The AMIR pairwise regularizer."""
 
 
 # --------------------------------------------------------------------------------------------- rollout
 class RolloutConfig(_Section):
+    """Sampling: the engine that generates G completions per prompt, its sampling parameters, the remote fleet and how
+    new weights reach it."""
+
     engine: Literal["embedded", "vllm", "remote"] = "embedded"
-    group_size: int = Field(8, ge=2, description="G, rollouts per prompt")
+    """Who samples: embedded = the in-process torch engine (the CPU default); vllm = vLLM in the trainer's process
+    (GPU); remote = a fleet of HTTP servers speaking vLLM's API (stock ``vllm serve`` or ``megatron-amir serve``),
+    listed in ``servers`` or ``discovery_file``."""
+    group_size: int = Field(8, ge=2)
+    """G, completions sampled per prompt (one GRPO group); the rollout batch is data.prompts_per_step * G sequences."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature. The trainer recomputes its log-probs at the same temperature (log_softmax(logits / T)), so
+    the importance ratio is 1 on-policy."""
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0 = off
+    """Nucleus sampling: sample from the smallest set of tokens whose probability adds up to top_p; 1 = off. With
+    filtering on, the engine samples from a distribution the trainer's log-probs do not filter."""
+    top_k: int = Field(0, ge=0)
+    """Sample from the k most likely tokens; 0 = off (same caveat as top_p)."""
     max_new_tokens: int = Field(128, ge=1)
-    servers: list[str] = Field(default_factory=list)  # http://host:port
+    """Completion length limit in tokens; a completion that reaches it is cut (finish_reason length). Also the
+    evaluation's limit unless eval.max_new_tokens is set."""
+    servers: list[str] = Field(default_factory=list)
+    """Base URLs (``http://host:port``) of the remote fleet's servers (engine=remote)."""
     discovery_file: Optional[str] = None
+    """Text file listing the fleet's members, one base URL per line (written by ``python -m launch.fleet_member``);
+    watched so servers can join and leave (engine=remote)."""
     use_router: bool = True
+    """Put a vllm-router process (the vLLM project's router) in front of the fleet for load balancing, health checks and
+    retries; false = the client sends requests to the servers round-robin itself."""
     router_policy: Literal["round_robin", "power_of_two", "cache_aware", "random"] = "round_robin"
-    token: Optional[str] = None  # bearer token for state-changing routes; default from $MEGATRON_AMIR_TOKEN
+    """vllm-router's routing policy: round_robin, power_of_two, cache_aware (prefix-cache affinity) or random."""
+    token: Optional[str] = None
+    """Bearer token the fleet's state-changing routes (weight updates) require; null = ``$MEGATRON_AMIR_TOKEN``. Never
+    written to run directories or checkpoints."""
     request_timeout_s: float = Field(300.0, gt=0)
+    """Seconds one HTTP request to the fleet may take (also the router's request timeout)."""
     weight_sync: Literal["file", "nccl"] = "file"
+    """Intended transport of new weights to the rollout engines: file (sha256-verified snapshots in weight_sync_dir) or
+    nccl (collective broadcast). Not read by the trainer yet: the remote fleet and the vllm engine are always updated
+    from file snapshots."""
     weight_sync_dir: Optional[str] = None
+    """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
+    ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
+    """Log-probs the engine reports with each token (vLLM's ``--logprobs-mode``): processed_logprobs = under the
+    distribution actually sampled from (after temperature and top-k/top-p); raw_logprobs = log_softmax(logits),
+    before any sampling transformation."""
     fp8_rollout: bool = False
+    """Serve with vLLM's FP8 weight quantization (``--quantization fp8``); vllm engine and vLLM fleets only."""
     vllm_tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel size of each vLLM engine or server."""
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    async_off_policy: bool = False  # reserved: must stay false (the trainer samples with its current weights)
-    max_staleness: int = Field(0, ge=0, description="a sample older than this many weight versions stops the step")
+    """Fraction of GPU memory vLLM may take (``--gpu-memory-utilization``); colocated with the trainer it must leave
+    room for training."""
+    async_off_policy: bool = False
+    """Reserved; must stay false (true is rejected at load): the trainer is synchronous and every step samples with the
+    current weights."""
+    max_staleness: int = Field(0, ge=0)
+    """How many weight versions a sample may lag behind the trainer; an older sample (a server that missed an update)
+    stops the step with an error. 0 = every sample comes from the current weights."""
 
     @model_validator(mode="after")
     def _synchronous(self) -> "RolloutConfig":
@@ -189,13 +346,24 @@ class RolloutConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- data / reward
 class SyntheticTaskConfig(_Section):
+    """The built-in synthetic arithmetic task (``data.source=synthetic``): short prompts whose solutions are written-out
+    steps ending in ``#### <answer>``."""
+
     kinds: list[Literal["add", "sub", "mul", "linear", "word"]] = Field(
         default_factory=lambda: ["add", "mul"], min_length=1)
+    """Problem kinds, interleaved evenly: add, sub, mul (column-wise written steps), linear (solve a*x+b=c), word (short
+    word problems)."""
     min_digits: int = Field(2, ge=1)
+    """Fewest digits of an operand; <= max_digits."""
     max_digits: int = Field(3, ge=1)
+    """Most digits of an operand."""
     num_train: int = Field(4000, ge=1)
+    """Distinct training problems."""
     num_test: int = Field(300, ge=1)
+    """Distinct held-out problems, disjoint from the training ones; drawn first from the seed's stream, so they do not
+    change with num_train."""
     seed: int = 1234
+    """Seed of the problem generator; both splits are deterministic in it."""
 
     @model_validator(mode="after")
     def _digits(self) -> "SyntheticTaskConfig":
@@ -207,50 +375,108 @@ class SyntheticTaskConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Training prompts: where the problems come from, how they become prompt text, how many per step."""
+
     source: Literal["synthetic", "jsonl", "parquet", "benchmark"] = "synthetic"
+    """synthetic = the built-in task (``data.synthetic``); jsonl / parquet = problem records read from train_path (and
+    test_path); benchmark = a named math benchmark read from a local file."""
     train_path: Optional[str] = None
+    """Training problems: a JSONL or Parquet file of records with a prompt (or chat messages) and an answer; required
+    for source=jsonl|parquet, and the benchmark file for source=benchmark."""
     test_path: Optional[str] = None
-    benchmark: Optional[str] = None  # math500 | aime24 | aime25 | amc23 | gsm8k | minerva | olympiadbench
+    """Held-out problems for evaluation, same format; null = none (the synthetic task has its own test split)."""
+    benchmark: Optional[str] = None
+    """Benchmark name for source=benchmark: math500, aime24, aime25, amc23, gsm8k, minerva or olympiadbench (aliases
+    like math-500 are accepted). Read from local files only, never downloaded."""
     synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
+    """The synthetic task (source=synthetic)."""
     prompts_per_step: int = Field(16, ge=1)
-    template: str = "plain"  # plain | chat | a template name from megatron_amir.data.templates
+    """Prompts per RL step, each sampled rollout.group_size times; must be a multiple of the data-parallel size."""
+    template: str = "plain"
+    """How a problem becomes the prompt text (non-synthetic sources): plain, chat (the tokenizer's chat template),
+    boxed, chat-boxed, gsm8k, or any format string containing ``{prompt}``."""
     max_prompt_tokens: int = Field(512, ge=1)
+    """Prompts longer than this many tokens after templating are dropped, with a report (non-synthetic sources)."""
     shuffle_seed: int = 0
+    """Seed of the epoch-wise prompt order (each epoch shuffles anew from it); the sampler's position is saved in
+    checkpoints."""
     on_bad_record: Literal["error", "skip"] = "error"
-    tokenizer_dir: Optional[str] = None  # None: train/cache the sentencepiece demo tokenizer
+    """A malformed record in train_path/test_path: error = stop with an error naming file:line and the field; skip =
+    drop it and count it."""
+    tokenizer_dir: Optional[str] = None
+    """Tokenizer directory; wins over model.tokenizer. Both null = train (and cache) the sentencepiece demo tokenizer on
+    the synthetic corpus."""
 
 
 class RewardConfig(_Section):
-    name: str = "math"  # registry name or dotted path module:function
+    """The verifier that turns a completion and the reference answer into a scalar reward."""
+
+    name: str = "math"
+    """Reward function: a registered name (math = answer extraction + math-verify equivalence in a sandboxed worker
+    pool; exact or synthetic = exact match of the extracted, normalized answer) or a dotted path ``module:function``
+    returning a RewardResult or a list of floats."""
     format_weight: float = Field(0.0, ge=0)
+    """Bonus for a well-formed response (an answer could be extracted): reward = 1[correct] + format_weight * 1[format
+    ok]; 0 = correctness only."""
     timeout_s: float = Field(5.0, gt=0)
+    """CPU seconds one math-verify call may take in its sandbox worker (math reward); a timeout scores 0 and is counted.
+    The wall-clock limit is a multiple of it."""
     num_workers: int = Field(2, ge=1)
+    """Sandbox worker processes that verify answers in parallel (math reward)."""
     memory_limit_mb: int = Field(1024, ge=64)
+    """Address-space limit (RLIMIT_AS) of each sandbox worker, in MiB (math reward)."""
     max_answer_chars: int = Field(2000, ge=16)
+    """Extracted answers are cut to this many characters (responses to 8 times it before extraction), so a pathological
+    output cannot stall the verifier."""
 
 
 # --------------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
+    """The optimizer (Megatron-Core Adam), the LR schedule and the RL step loop."""
+
     steps: int = Field(100, ge=1)
+    """RL steps (generate a rollout batch, update, sync weights); a resumed run continues to this total."""
     lr: float = Field(1e-6, ge=0)
+    """Peak learning rate of Adam."""
     min_lr: float = Field(0.0, ge=0)
+    """Learning rate a linear or cosine decay ends at; <= lr."""
     lr_warmup_steps: int = Field(0, ge=0)
+    """RL steps of linear warm-up from 0 to lr (the schedule counts optimizer updates: this times the updates per
+    step)."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay from lr to min_lr over train.steps after the warm-up (Megatron's OptimizerParamScheduler): constant, linear
+    or cosine."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay of Megatron's Adam (decoupled, AdamW style), constant over the run."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1 (first-moment decay)."""
     adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """Adam beta2 (second-moment decay)."""
     adam_eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
     clip_grad: float = Field(1.0, ge=0)
-    global_batch_size: Optional[int] = Field(
-        None, ge=1, description="sequences per optimizer step (default: the whole rollout batch)"
-    )
+    """Clip the global gradient L2 norm to this value; 0 = no clipping."""
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    """Sequences per optimizer update; null = the whole rollout batch (one update per step). Must divide
+    prompts_per_step * group_size and be a multiple of group_size (whole groups)."""
     micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward pass on one data-parallel rank; must divide the global batch. Gradients accumulate
+    over micro-batches, and the loss does not depend on the split."""
     seed: int = 1234
+    """Seed of torch, Megatron's model-parallel RNG, the rollout sampling (varied per step) and evaluation."""
     deterministic: bool = True
+    """Ask torch for deterministic algorithms (``torch.use_deterministic_algorithms(True, warn_only=True)``)."""
     dynamic_sampling: bool = False
+    """DAPO dynamic sampling: groups whose rewards are all equal (no gradient) are replaced by fresh prompts for up to
+    max_sampling_rounds rounds; the batch is then filled with the remaining groups, so its size stays fixed."""
     max_sampling_rounds: int = Field(3, ge=1)
-    max_consecutive_nonfinite: int = Field(3, ge=1, description="optimizer updates in a row (several per step with minibatches)")
-    logprob_chunk_size: Optional[int] = Field(None, ge=1, description="sequence chunk for vocab-parallel log-probs")
+    """Generation rounds per step with dynamic_sampling, the first included."""
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    """Stop the run after this many optimizer updates in a row with a non-finite loss or gradient (each is skipped);
+    several per step with minibatches."""
+    logprob_chunk_size: Optional[int] = Field(None, ge=1)
+    """Tokens per chunk of the vocab-parallel log-prob and entropy computation, bounding its fp32 temporaries to [chunk,
+    vocab / TP]; null = one chunk."""
 
     @model_validator(mode="after")
     def _lr(self) -> "TrainConfig":
@@ -264,41 +490,81 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    """Where and how often the training state is saved, and where a run resumes from."""
+
     dir: str = "runs/default/checkpoints"
+    """Checkpoint root: one directory per saved step, plus ``init`` (a converted model.hf_path) and ``reference`` (the
+    starting weights of a randomly initialized run)."""
     save_interval: int = Field(50, ge=1)
+    """Save every this many RL steps, and at the last step."""
     keep_last: int = Field(3, ge=1)
-    resume: str = "auto"  # auto | none | a checkpoint directory
+    """Step checkpoints to keep; older ones are deleted."""
+    resume: str = "auto"
+    """auto = resume from the newest good checkpoint in dir, if any; none = always start fresh; otherwise the path of
+    the checkpoint to resume from."""
 
 
 class LoggingConfig(_Section):
+    """Run directory, metrics files and console output (rank 0)."""
+
     dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, eval.jsonl, tensorboard/, eval/ results and, by default, weight
+    snapshots."""
     tensorboard: bool = True
+    """Write TensorBoard event files under ``<dir>/tensorboard`` (skipped with a warning when TensorBoard is not
+    installed)."""
     jsonl: bool = True
+    """Append one JSON line of metrics per step to ``<dir>/metrics.jsonl``."""
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python logging level of the trainer."""
     progress: bool = True
+    """Show progress bars (training, warm-up, evaluation)."""
 
 
 class EvalConfig(_Section):
-    interval: int = Field(0, ge=0)  # 0 = only at the end
+    """Held-out evaluation during training, on the data section's test problems (rank 0)."""
+
+    interval: int = Field(0, ge=0)
+    """Evaluate every this many RL steps; 0 = never during training (``megatron-amir train --eval-at-end`` /
+    ``--eval-at-start`` evaluate the final / starting weights)."""
     samples: int = Field(4, ge=1)
+    """Completions sampled per problem (the k of pass@k and maj@k)."""
     temperature: float = Field(1.0, ge=0)
+    """Temperature of the sampled evaluation (0 = greedy)."""
     greedy: bool = True
+    """Also evaluate greedily (temperature 0, one sample per problem) and report greedy accuracy."""
     max_problems: Optional[int] = Field(None, ge=1)
+    """Evaluate on the first this many held-out problems; null = all."""
     max_new_tokens: Optional[int] = Field(None, ge=1)
+    """Completion length limit of evaluation; null = rollout.max_new_tokens."""
 
 
 class Config(_Section):
+    """A whole run: one sub-section per concern. Load with ``load_config(path, overrides)``."""
+
     name: str = "run"
+    """Run label, written with the resolved config to ``<logging.dir>/config.yaml`` (not used to name files or
+    directories)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """Policy architecture and where its starting weights come from."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel layout."""
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """Advantages, policy loss, KL and the AMIR pair term."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Sampling engine and its parameters."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Training and held-out problems."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    """The verifier."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimizer, schedule, batch sizes, step loop."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Run directory and metrics."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation during training."""
 
     @property
     def rollout_batch_size(self) -> int:
