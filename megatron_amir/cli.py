@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_amir.config import ConfigError, dump_config, load_config
+from megatron_amir.config import ConfigError, dump_config, load_config, reference_arguments, write_reference
 
 # subcommand -> (module with main(argv), one-line help). Only commands that work are listed.
 DELEGATED = {
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", help="key.path=value overrides")
     show.set_defaults(func=_config_show)
+    docs = cfg_sub.add_parser("docs", parents=[reference_arguments()],
+                              help="regenerate docs/config.md, the reference of every config key")
+    docs.set_defaults(func=lambda a: write_reference(a.out, check=a.check))
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     return p

@@ -5,14 +5,21 @@ merges with OmegaConf and validates with pydantic, so every error names the key 
 (``algorithm.clip_eps_low``) and, for unknown keys, suggests the closest known one. Cross-field rules (TP divides
 heads, PP divides layers, micro-batch divides global batch, min <= max pairs, ...) run at load, before any work
 starts, and name the full dotted path of the field they blame (``data.synthetic.min_digits``).
+
+Every field's description is the docstring under it; ``python -m megatron_amir.config`` (or ``megatron-amir config
+docs``) renders them into docs/config.md, and refuses while any field has none.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import re
+import sys
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -155,7 +162,7 @@ class ParallelConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- algorithm
 class AmirConfig(_Section):
-    """The AMIR pairwise regularizer (DESIGN.md section 1). enabled=false gives plain GRPO."""
+    """The AMIR pairwise regularizer (docs/algorithms.md). enabled=false gives plain GRPO."""
 
     enabled: bool = True
     """Add the AMIR pair loss lambda * L_pair to the GRPO loss; false = plain GRPO (the pair statistics are still
@@ -453,7 +460,7 @@ class TrainConfig(_Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     """Adam beta2 (second-moment decay)."""
     adam_eps: float = Field(1e-8, gt=0)
-    """Adam epsilon."""
+    """Adam epsilon, added to the denominator for numerical stability."""
     clip_grad: float = Field(1.0, ge=0)
     """Clip the global gradient L2 norm to this value; 0 = no clipping."""
     global_batch_size: Optional[int] = Field(None, ge=1)
@@ -556,7 +563,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     """Training and held-out problems."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    """The verifier."""
+    """The verifier that scores completions."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimizer, schedule, batch sizes, step loop."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -785,3 +792,138 @@ _YamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+
 
 def dump_config(cfg: Config) -> str:
     return yaml.dump(config_record(cfg), Dumper=_YamlDumper, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- reference
+REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+REGENERATE = "python -m megatron_amir.config"
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _sections(model: type[BaseModel] = Config, path: str = "") -> list[tuple[str, type[BaseModel]]]:
+    """(key path, section model) for ``model`` and every section below it, depth first in field order."""
+    out = [(path, model)]
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            out += _sections(field.annotation, f"{path}.{name}" if path else name)
+    return out
+
+
+def undocumented_fields(model: type[BaseModel] = Config) -> list[str]:
+    """Key paths of the fields, in every section, that have no description."""
+    return [f"{path}.{name}" if path else name
+            for path, section in _sections(model)
+            for name, field in section.model_fields.items()
+            if not (field.description or "").strip()]
+
+
+def _type_text(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        kinds = [_type_text(a) for a in args if a is not type(None)]
+        return " or ".join(kinds) + (" or null" if type(None) in args else "")
+    if origin is list:
+        inner = args[0]
+        return f"list of ({', '.join(map(str, get_args(inner)))})" if get_origin(inner) is Literal else \
+            f"list of {_type_text(inner)}"
+    if origin is dict:
+        return "mapping"
+    if _is_section(ann):
+        return "section"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _field_type(field: Any) -> str:
+    text = _type_text(field.annotation)
+    for meta in field.metadata:  # the validation bounds, as annotated_types objects (Ge(ge=1), MinLen(...))
+        for attr, sign in _BOUNDS.items():
+            if getattr(meta, attr, None) is not None:
+                text += f", {sign} {getattr(meta, attr)}"
+        if getattr(meta, "min_length", None) is not None:
+            text += f", at least {meta.min_length} item(s)"
+    return text
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def config_reference(model: type[BaseModel] = Config) -> str:
+    """docs/config.md: one table per section (key path, type, default, description), in field order. Raises
+    ConfigError naming every field without a description."""
+    missing = undocumented_fields(model)
+    if missing:
+        raise ConfigError(f"config fields without a description (add a docstring under each in "
+                          f"megatron_amir/config.py): {', '.join(missing)}")
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- generated from megatron_amir/config.py; do not edit: run `" + REGENERATE + "` -->",
+        "",
+        "Every key of a run config, generated from the typed sections in "
+        "[megatron_amir/config.py](../megatron_amir/config.py) by `" + REGENERATE + "` (or `megatron-amir config "
+        "docs`); a test fails when this file is out of date. Keys are dotted YAML paths: set them in a config file "
+        "([configs/](../configs/)) or as `key.path=value` overrides (`megatron-amir train CONFIG train.lr=1e-5`). "
+        "`null` is YAML's null (unset). Unknown keys and out-of-range values are rejected at load, naming the key.",
+    ]
+    for path, section in _sections(model):
+        lines += ["", f"## {path or 'top level'}", ""]
+        if section.__doc__ and section.__doc__ is not BaseModel.__doc__:
+            lines += [_cell(section.__doc__), ""]
+        lines += ["| key | type | default | description |", "|---|---|---|---|"]
+        for name, field in section.model_fields.items():
+            key = f"{path}.{name}" if path else name
+            if _is_section(field.annotation):
+                default = f"see [{key}](#{key.replace('.', '')})"
+            else:
+                default = "`" + json.dumps(field.get_default(call_default_factory=True)) + "`"
+            lines.append(f"| `{key}` | {_cell(_field_type(field))} | {default} | {_cell(field.description)} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_arguments() -> argparse.ArgumentParser:
+    """The options of the reference generator (shared by ``python -m megatron_amir.config`` and the CLI)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", default=str(REFERENCE_PATH), help="where to write it (default: docs/config.md)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the file differs from what would be generated")
+    return p
+
+
+def write_reference(out: str | Path, check: bool = False) -> int:
+    """Write the reference to ``out`` atomically, or with ``check`` compare it; returns the exit code."""
+    from megatron_amir.fileio import atomic_write_text
+
+    text, out = config_reference(), Path(out)
+    if check:
+        current = out.read_text(encoding="utf-8") if out.is_file() else None
+        if current != text:
+            print(f"{out} is {'missing' if current is None else 'out of date'}; regenerate it with `{REGENERATE}`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    atomic_write_text(out, text)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=REGENERATE, parents=[reference_arguments()],
+                                description="Generate the config reference (docs/config.md) from the config sections.")
+    args = p.parse_args(argv)
+    try:
+        return write_reference(args.out, check=args.check)
+    except ConfigError as exc:
+        print(f"{REGENERATE}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    from megatron_amir.config import main as _main  # the imported module's classes, not a second __main__ copy
+
+    sys.exit(_main())
