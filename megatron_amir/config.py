@@ -101,7 +101,7 @@ class ParallelConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- algorithm
 class AmirConfig(_Section):
-    """The AMIR pairwise regularizer (DESIGN.md section 1). enabled=false gives plain GRPO."""
+    """The AMIR pairwise regularizer (docs/algorithms.md, "The AMIR pair term"). enabled=false gives plain GRPO."""
 
     enabled: bool = True
     beta: float = Field(0.2, gt=0)
