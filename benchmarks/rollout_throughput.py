@@ -1,6 +1,6 @@
 """Rollout throughput: EmbeddedEngine tokens/s over transformers ``generate`` tokens/s.
 
-Same tiny random Llama for both: by default the test model of the rollout issue (vocab 512, hidden 64,
+Same tiny random Llama for both: by default a small test model (vocab 512, hidden 64,
 FFN 128, 2 layers, 4 heads, 2 KV heads); ``--vocab 256 --hidden 128 --ffn 384 --layers 4 --tied`` is the
 architecture of configs/demo_tiny.yaml. Same batch (16 prompts of 4-12 tokens x 8 samples = 128 rows,
 the demo's rollout batch), same sampling (temperature 1, 64 new tokens, no stop token so both produce

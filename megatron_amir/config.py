@@ -162,7 +162,7 @@ class ParallelConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- algorithm
 class AmirConfig(_Section):
-    """The AMIR pairwise regularizer (docs/algorithms.md). enabled=false gives plain GRPO."""
+    """The AMIR pairwise regularizer (docs/algorithms.md, "The AMIR pair term"). enabled=false gives plain GRPO."""
 
     enabled: bool = True
     """Add the AMIR pair loss lambda * L_pair to the GRPO loss; false = plain GRPO (the pair statistics are still

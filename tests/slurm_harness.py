@@ -1,6 +1,6 @@
 """A real, throw-away Slurm cluster on this machine for the `slurm` tests.
 
-What it does (the recipe checked by hand in ../shared/slurm/, made self-contained):
+What it does (self-contained: nothing outside the test's temporary directory is configured):
 - installs Debian's ``slurmctld slurmd slurm-client munge`` with apt when they are missing and we are root;
 - writes ``slurm.conf`` into a fresh temporary directory (nothing under /etc is touched, clients find it
   through ``SLURM_CONF``), on free TCP ports, with its own munge key and socket (``AuthInfo=socket=...``),

@@ -107,7 +107,7 @@ def test_metrics_and_register():
         register_reward("a.b", ExactReward)
 
 
-# --- normalization gaps found in review: escaped dollar, Unicode minus, scientific notation, "answer is" ---
+# --- normalization cases that once scored wrong: escaped dollar, Unicode minus, scientific notation, "answer is" ---
 
 def test_normalize_escaped_dollar():
     assert normalize_answer(r"\$18") == "18"
@@ -163,7 +163,7 @@ def test_plain_integer_normalization_unchanged():
     """The demo's reward: plain ASCII integers (and the strings around them) normalize exactly as before."""
     import random
 
-    def old(s):  # the integer branch of normalize_answer before the review fixes
+    def old(s):  # the old integer branch of normalize_answer, kept as the reference it must agree with
         s = s.strip().rstrip(".").strip().strip("$").strip().rstrip(".").strip()
         if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?", s):
             s = s.replace(",", "")

@@ -287,7 +287,7 @@ def test_transient_worker_failure_is_not_cached():
     assert FlakyPool.calls == 2  # the ok result is cached
 
 
-# gaps found in review: LaTeX-escaped dollar, Unicode minus/dashes, scientific notation (gold, response, correct?)
+# answers that once scored wrong: escaped dollar, Unicode minus/dashes, scientific notation (gold, response, correct?)
 REVIEW_CASES = [
     ("18", r"\boxed{\$18}", True),
     ("18", r"The answer is \$ 18.", True),

@@ -1,4 +1,4 @@
-"""Acceptance of issue 7 with the real trainer on the local Slurm cluster (tests/slurm_harness.py):
+"""Slurm launch with the real trainer on the local Slurm cluster (tests/slurm_harness.py):
 
 - `sbatch --wait slurm/train.sbatch` with 2 tasks on 2 nodes trains a few steps of the tiny model (gloo) and
   writes a checkpoint; exit code 0; logs in the per-job directory;

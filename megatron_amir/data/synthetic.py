@@ -1,10 +1,11 @@
 """Synthetic verifiable math task with a reasoning scratchpad of varying length.
 
 Why a scratchpad: with 2-3 token answers GRPO's length bias and the separation of correct and incorrect
-reasoning chains cannot show (shared/notes/demo-feasibility.md). Every completion here is a short,
-regular chain of written-out steps followed by a final answer marked ``#### <answer>`` (the GSM8K marker,
-which ``megatron_amir.rewards.extract`` reads). The number of steps depends on the operands (digits,
-carries, borrows, zero digits), so response lengths vary inside one kind, and difficulty levels are mixed.
+reasoning chains cannot show (there is nothing between prompt and answer to be longer or likelier). Every
+completion here is a short, regular chain of written-out steps followed by a final answer marked
+``#### <answer>`` (the GSM8K marker, which ``megatron_amir.rewards.extract`` reads). The number of steps
+depends on the operands (digits, carries, borrows, zero digits), so response lengths vary inside one kind,
+and difficulty levels are mixed.
 
 Formats (prompt -> solution), one per kind:
 

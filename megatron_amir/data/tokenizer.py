@@ -5,8 +5,8 @@
   one per token (arithmetic needs it), no normalization and no dummy prefix, so ``decode(encode(s)) == s``
   for ASCII text and ``encode(prompt) + encode(completion) == encode(prompt + completion)`` for the
   synthetic task (prompts end in ``=``/``?``, completions start with a digit).
-- ``HFTokenizer``: a Hugging Face tokenizer directory (a real model's). transformers-5 traps handled here
-  (see shared/notes/platform-facts.md): when ``tokenizer.json`` exists it is loaded with
+- ``HFTokenizer``: a Hugging Face tokenizer directory (a real model's). transformers-5 traps handled here:
+  when ``tokenizer.json`` exists it is loaded with
   ``PreTrainedTokenizerFast`` so the pre-tokenizer in the file is used as written (``AutoTokenizer`` may
   rebuild a model family's default pre-tokenizer, which changes ids); otherwise ``AutoTokenizer``.
 

@@ -1,8 +1,8 @@
 """CPU support layer for Megatron-Core 0.19.2 (torch CPU build, gloo).
 
 Megatron-Core is a GPU library; upstream it does not run without CUDA. The handful of places that
-break on a CPU-only machine are listed in ``/work/shared/notes/platform-facts.md`` and in
-``docs/megatron_on_cpu.md``. This module fixes exactly those, and nothing else:
+break on a CPU-only machine are listed in ``docs/megatron_on_cpu.md`` (each with the upstream file or function
+it concerns and its workaround). This module fixes exactly those, and nothing else:
 
 * ``install_triton_stub()`` -- only when the ``triton`` package is absent (on CPU or GPU):
   registers a stand-in for ``megatron.core.transformer.moe.ops.paged_stash`` (Triton kernels of the

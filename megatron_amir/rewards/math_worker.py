@@ -2,8 +2,9 @@
 
 Answers arrive already extracted and truncated by the parent. Both are wrapped in ``\\boxed{}`` before
 parsing, because math-verify returns nothing for bare golds like ``\\sqrt{8}`` or ``(1,2)``
-(platform-facts.md). math-verify's own signal-based timeouts are disabled here: the pool's alarm and
-hard kill bound every call instead (and math-verify would log the whole input on its own timeouts).
+(math-verify's parser only looks for answers inside such markers). math-verify's own signal-based
+timeouts are disabled here: the pool's alarm and hard kill bound every call instead (and math-verify would
+log the whole input on its own timeouts).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """HTTP rollout server for the embedded engine, speaking the subset of vLLM's API that RL needs, so
 the fleet client, ``vllm-router`` and weight sync run one code path against it and against stock
-``vllm serve`` (see ../shared/notes/vllm-facts.md).
+``vllm serve`` (the vLLM API facts it mirrors are listed in ``vllm_engine.py``).
 
 Routes
   POST /v1/completions     token-id prompts (list[int] or list[list[int]]), n, max_tokens, temperature,

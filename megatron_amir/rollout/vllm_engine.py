@@ -3,7 +3,7 @@ extension that loads weights in place (file snapshot or NCCL broadcast), the tra
 and the command line of a ``vllm serve`` fleet member. vLLM is imported lazily: this module imports on
 a CPU machine, and everything that needs vLLM raises a clear ImportError there.
 
-Facts used (../shared/notes/vllm-facts.md): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
+Facts of vLLM's API used here (vLLM >= 0.11, the ``gpu`` extra): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
 ``generate(TokensPrompt, SamplingParams, request_id)`` is an async generator of RequestOutput;
 ``SamplingParams(n, temperature, top_p, top_k, seed, stop_token_ids, max_tokens, logprobs=0,
 output_kind=FINAL_ONLY)``; per sample ``c.token_ids`` and ``c.logprobs[i][tok].logprob``;
