@@ -69,7 +69,11 @@ def test_study_cli_writes_report(tmp_path, capsys):
     assert "AMIR - GRPO" in text and "## Coverage at pass@4" in text and "## Files" in text
     assert "](assets/study_pass_at_k.png)" in text and "](assets/study_train_accuracy.png)" in text
     assert (tmp_path / "docs" / "assets" / "study_margin.png").is_file()
-    assert json.loads((tmp_path / "docs" / "assets" / "study.json").read_text())["num_problems"] == 4
+    saved = json.loads((tmp_path / "docs" / "assets" / "study.json").read_text())
+    assert saved["num_problems"] == 4
+    # the runs sit outside the report's folder: still relative paths, never this machine's absolute ones
+    assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(saved)
+    assert all(f.startswith("../") for f in saved["files"].values())
 
 
 def test_study_bad_arguments(tmp_path, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -211,8 +212,11 @@ def write_study(data: dict[str, Any], groups: dict[str, list[str]], out_dir: Pat
     from megatron_amir.eval import plots as P
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rel = lambda p: str(Path(p).resolve().relative_to(report.parent.resolve())) \
-        if Path(p).resolve().is_relative_to(report.parent.resolve()) else str(Path(p).resolve())  # noqa: E731
+    # relative to the report, even for runs outside its folder: a report must not carry this machine's paths
+    rel = lambda p: os.path.relpath(Path(p).resolve(), report.parent.resolve())  # noqa: E731
+    data = {**data, "files": {lab: rel(path) for lab, path in data["files"].items()},
+            "algorithms": {lab: {**a, "seeds": [{**sd, "file": rel(sd["file"])} for sd in a["seeds"]]}
+                           for lab, a in data["algorithms"].items()}}
     pl: dict[str, str] = {}
     curves = {lab: {kk: float(np.mean([s["pass_at_k"][kk] for s in a["seeds"]])) for kk in data["ks"]}
               for lab, a in data["algorithms"].items()}
