@@ -129,6 +129,14 @@ def test_pause_abort_answers_every_queued_request_with_503_and_counts_http_reque
         _pause_abort(c)
 
 
+def _await_metric(c, line, timeout_s=30.0):
+    """Poll /metrics until it has ``line`` (a queue length, a counter value)."""
+    deadline = time.time() + timeout_s
+    while line not in c.get("/metrics").text:
+        assert time.time() < deadline, f"/metrics never showed {line!r}"
+        time.sleep(0.05)
+
+
 def _pause_abort(c):
     assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).status_code == 200
     got: dict[str, httpx.Response] = {}
@@ -141,15 +149,10 @@ def _pause_abort(c):
                threading.Thread(target=request, args=("b", {"prompt": [3], "max_tokens": 2}, "req-b"))]
     for t in threads:
         t.start()
-    deadline = time.time() + 30
-    while "megatron_amir_queue_requests 2" not in c.get("/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    _await_metric(c, "megatron_amir_queue_requests 2")
     retry = threading.Thread(target=request, args=("a2", a, "req-a"))  # the client's retry of a, same id and body
     retry.start()
-    while "megatron_amir_deduplicated_requests_total 1" not in c.get("/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    _await_metric(c, "megatron_amir_deduplicated_requests_total 1")
     r = c.post("/pause", params={"mode": "abort"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["aborted_requests"] == 3
     for t in (*threads, retry):
@@ -301,10 +304,7 @@ def test_retry_of_an_in_flight_request_joins_it(served):
                                                                             ("e", body))]
         for t in threads:
             t.start()
-        deadline = time.time() + 30
-        while "megatron_amir_queue_requests 2" not in c.get("/metrics").text:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        _await_metric(c, "megatron_amir_queue_requests 2")
         c.post("/resume", headers=AUTH)
         for t in threads:
             t.join(30)

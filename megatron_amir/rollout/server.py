@@ -12,8 +12,9 @@ Routes
   POST (bearer token)      /pause?mode=keep|wait|abort, /resume, /init_weight_transfer_engine,
                            /start_weight_update, /update_weights, /finish_weight_update,
                            /update_weight_version, /reset_prefix_cache, /collective_rpc
-  Weight updates use the file backend, or a gloo broadcast group with vLLM's update_info (see below): ``/update_weights {"update_info": {"path": <snapshot dir>,
-  "version": <int>}}`` loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
+  Weight updates use the file backend, or a gloo broadcast group with vLLM's update_info
+  (RolloutServer.update_weights): ``/update_weights {"update_info": {"path": <snapshot dir>, "version": <int>}}``
+  loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
   ``/collective_rpc {"method": "load_snapshot", "args": [path, version]}`` does the same through the
   route a stock ``vllm serve`` with our worker extension offers, so the client has one code path.
 
