@@ -100,3 +100,15 @@ def test_data_config_source_and_limit(tmp_path):
     cfg = DataConfig(source="benchmark", benchmark="gsm8k", test_path=str(p))
     recs = load_benchmark("gsm8k", cfg, limit=3)
     assert [r.answer for r in recs] == ["0", "1", "2"]
+
+
+def test_plain_problem_answer_file_is_not_labelled_a_benchmark(tmp_path):
+    """A file with only problem|question|prompt + answer matches no benchmark: its ids say plain/, not aime24/."""
+    p = _jsonl(tmp_path / "mine.jsonl", [{"id": "q1", "problem": "1+1?", "answer": "2"},
+                                         {"prompt": "2+2?", "answer": 4}])
+    recs = load_benchmark_file(p)
+    assert [r.id for r in recs] == ["plain/q1", "plain/mine/1"] and [r.answer for r in recs] == ["2", "4"]
+    assert all(r.metadata["benchmark"] == "plain" for r in recs)
+    assert load_benchmark_file(p, "aime24")[0].id == "aime24/q1"  # a named format still labels its ids
+    assert load_benchmark_file(p, "plain")[0].id == "plain/q1"
+    assert "plain" not in BENCHMARKS

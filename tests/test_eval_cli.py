@@ -101,6 +101,32 @@ def test_eval_cli_bad_inputs_name_the_culprit(model_dir, bench, tmp_path, capsys
     assert rc == 2 and "neither a Hugging Face directory" in capsys.readouterr().err
 
 
+def test_eval_cli_missing_bench_file_says_file_not_found(model_dir, tmp_path, capsys):
+    missing = tmp_path / "nonexistent.jsonl"
+    for bench in (str(missing), "nonexistent.jsonl"):
+        assert _eval(model_dir, bench, tmp_path / "o") == 2
+        err = capsys.readouterr().err
+        assert f"--bench {bench}: file not found" in err and "unknown benchmark" not in err, err
+    assert _eval(model_dir, "mmlu", tmp_path / "o") == 2  # a name that is no benchmark is still that error
+    assert "unknown benchmark 'mmlu'" in capsys.readouterr().err
+
+
+def test_eval_cli_refuses_to_overwrite_results_unless_told(model_dir, bench, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _eval(model_dir, bench, out, "--seed", "1") == 0, capsys.readouterr().err
+    before = (out / "results.jsonl").read_text()
+    (out / "summary.json").write_text("{}")  # marks the summary so a replacement shows
+    assert _eval(model_dir, bench, out, "--seed", "2") == 2
+    err = capsys.readouterr().err
+    assert "already holds results" in err and "--overwrite" in err and str(out / "results.jsonl") in err
+    assert (out / "results.jsonl").read_text() == before and (out / "summary.json").read_text() == "{}"
+    assert _eval(model_dir, bench, out, "--seed", "2", "--overwrite") == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["extra"]["seed"] == 2
+    single = tmp_path / "one.jsonl"  # a .jsonl --out: its summary beside it counts too
+    single.with_name("one.summary.json").write_text("{}")
+    assert _eval(model_dir, bench, single) == 2 and "one.summary.json" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["embedded", "vllm"])

@@ -108,9 +108,10 @@ def test_sigkill_mid_batch_every_group_exactly_once(fleet):
     assert victim.returncode == -signal.SIGKILL
     assert [g.request_id for g in results] == rids  # every group exactly once, in order
     assert client.stats.groups_done == G and client.stats.duplicates_dropped == 0
-    # Seeded requests reproduce on any server: compare each group with the same weights run locally.
+    # Seeded requests reproduce on any server: compare each group with the same weights run locally (the
+    # servers stop at the model's EOS by default, as vLLM does).
     local = EmbeddedEngine(fleet["cfg"], fleet["hf"].state_dict())
-    ref = local.generate(prompts, params, n=4)
+    ref = local.generate(prompts, [p.replace(stop_token_ids=(fleet["cfg"]["eos_token_id"],)) for p in params], n=4)
     for g, r in zip(results, ref):
         assert g.prompt_token_ids == r.prompt_token_ids
         assert len(g.samples) == 4
@@ -170,7 +171,13 @@ def test_auth_and_malformed_requests(fleet):
     assert r.status_code == 400
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "logprobs": 0,
                                                     "return_token_ids": True})
-    assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 3
+    ch = ok.json()["choices"][0]
+    assert ok.status_code == 200, ok.text
+    # three tokens, unless the model's EOS came first: it ends the sample (vLLM's default)
+    eos = fleet["cfg"]["eos_token_id"]
+    assert ch["token_ids"][:-1].count(eos) == 0
+    assert (len(ch["token_ids"]) == 3 and ch["finish_reason"] == "length") or \
+        (ch["token_ids"][-1] == eos and ch["finish_reason"] == "stop" and ch["stop_reason"] is None), ch
     assert _metric(url, "megatron_amir_requests_total") >= 1
 
 

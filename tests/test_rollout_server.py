@@ -129,6 +129,14 @@ def test_pause_abort_answers_every_queued_request_with_503_and_counts_http_reque
         _pause_abort(c)
 
 
+def _await_metric(c, line, timeout_s=30.0):
+    """Poll /metrics until it has ``line`` (a queue length, a counter value)."""
+    deadline = time.time() + timeout_s
+    while line not in c.get("/metrics").text:
+        assert time.time() < deadline, f"/metrics never showed {line!r}"
+        time.sleep(0.05)
+
+
 def _pause_abort(c):
     assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).status_code == 200
     got: dict[str, httpx.Response] = {}
@@ -141,15 +149,10 @@ def _pause_abort(c):
                threading.Thread(target=request, args=("b", {"prompt": [3], "max_tokens": 2}, "req-b"))]
     for t in threads:
         t.start()
-    deadline = time.time() + 30
-    while "megatron_amir_queue_requests 2" not in c.get("/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    _await_metric(c, "megatron_amir_queue_requests 2")
     retry = threading.Thread(target=request, args=("a2", a, "req-a"))  # the client's retry of a, same id and body
     retry.start()
-    while "megatron_amir_deduplicated_requests_total 1" not in c.get("/metrics").text:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    _await_metric(c, "megatron_amir_deduplicated_requests_total 1")
     r = c.post("/pause", params={"mode": "abort"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["aborted_requests"] == 3
     for t in (*threads, retry):
@@ -257,7 +260,8 @@ def test_snapshot_symlinks_oversized_requests_and_tiny_temperatures(served, tmp_
 
 def test_retry_of_an_in_flight_request_joins_it(served):
     """A client retry (same x-request-id and body) of a request still queued or running waits for that
-    generation instead of queueing a second one; the same id with another body is a different request."""
+    generation instead of queueing a second one; the same id with another body is a different request; a retry
+    of a finished seeded request regenerates the identical answer, alone or batched with others."""
     c, eng = served[0], served[1]
     calls = []
     orig = eng.generate
@@ -290,14 +294,21 @@ def test_retry_of_an_in_flight_request_joins_it(served):
         assert got["a"].json()["choices"] == got["b"].json()["choices"]
         assert got["c"].json()["choices"] != got["a"].json()["choices"]
         assert sum(calls) == 2  # one generation for a+b, one for c
-        # a retry of a finished request (its answer lost on the way back) gets the same answer, no generation
-        assert c.post("/v1/completions", json=body, headers={"x-request-id": "grp-7"}).json()["choices"] == \
-            got["a"].json()["choices"]
-        assert sum(calls) == 2
-        # ... until the weights change: then it samples the new weights
-        assert c.post("/update_weight_version", json={"new_version": "11"}, headers=AUTH).status_code == 200
+        # a retry of a finished request (its answer lost on the way back) is generated again: the same seed gives
+        # the identical answer, so the server keeps no answer cache (it would save only this generation's CPU)
         again = c.post("/v1/completions", json=body, headers={"x-request-id": "grp-7"}).json()
-        assert sum(calls) == 3 and again["weight_version"] == 11
+        assert sum(calls) == 3 and again["choices"] == got["a"].json()["choices"]
+        # ... also when it lands in a batch with other requests
+        assert c.post("/pause", params={"mode": "wait"}, headers=AUTH).status_code == 200
+        threads = [threading.Thread(target=send, args=(k, b)) for k, b in (("d", dict(body, prompt=[9, 8])),
+                                                                            ("e", body))]
+        for t in threads:
+            t.start()
+        _await_metric(c, "megatron_amir_queue_requests 2")
+        c.post("/resume", headers=AUTH)
+        for t in threads:
+            t.join(30)
+        assert got["e"].json()["choices"] == got["a"].json()["choices"]
     finally:
         eng.generate = orig
         c.post("/resume", headers=AUTH)

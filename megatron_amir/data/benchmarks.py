@@ -20,6 +20,9 @@ olympiadbench      Hothan/OlympiadBench: id, question,         ``final_answer`` 
                    final_answer, context, unit, ...            ``$`` stripped)
 =================  ==========================================  ==============================================
 
+A file whose fields match none of these (problem|question|prompt + answer|final_answer|gold) is read in the
+``plain`` format, its ids labelled ``plain/...`` (``detect_benchmark``); ``NAME=FILE`` picks a format.
+
 Errors name the file, the row and the missing field.
 """
 
@@ -33,7 +36,7 @@ from typing import Any, Callable, Optional
 from ..rewards.extract import extract_boxed
 from .dataset import DatasetError, PromptList, PromptRecord, canonical_answer, read_utf8
 
-__all__ = ["BENCHMARKS", "load_benchmark", "load_benchmark_file", "read_rows", "detect_benchmark"]
+__all__ = ["BENCHMARKS", "PLAIN", "load_benchmark", "load_benchmark_file", "read_rows", "detect_benchmark"]
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
@@ -128,6 +131,8 @@ def _plain_answer(row: dict, where: str) -> str:
     return _answer_text(_first(row, ("answer", "final_answer", "gold"), where, "answer"), where)
 
 
+PLAIN = "plain"  # the format of a file that matches no benchmark (ids plain/..., never a benchmark's label)
+
 # name -> (prompt fields, answer function, metadata fields)
 _SPECS: dict[str, tuple[tuple[str, ...], Callable[[dict, str], str], tuple[str, ...]]] = {
     "math500": (("problem", "question", "prompt"), _boxed_answer, ("subject", "level", "unique_id", "type")),
@@ -138,8 +143,10 @@ _SPECS: dict[str, tuple[tuple[str, ...], Callable[[dict, str], str], tuple[str, 
     "minerva": (("question", "problem", "prompt"), _boxed_answer, ("type", "subject")),
     "olympiadbench": (("question", "problem", "prompt"), _olympiad_answer,
                       ("subfield", "answer_type", "unit", "is_multiple_answer", "language", "modality")),
+    # not a benchmark: any problem|question|prompt + answer file whose format is not recognised
+    PLAIN: (("problem", "question", "prompt"), _plain_answer, ()),
 }
-BENCHMARKS = tuple(_SPECS)
+BENCHMARKS = tuple(k for k in _SPECS if k != PLAIN)
 _ALIASES = {"math-500": "math500", "math_500": "math500", "aime2024": "aime24", "aime_2024": "aime24",
             "aime2025": "aime25", "aime_2025": "aime25", "amc": "amc23", "amc2023": "amc23",
             "minerva_math": "minerva", "minervamath": "minerva", "olympiad": "olympiadbench",
@@ -150,7 +157,8 @@ def _canonical_name(name: str) -> str:
     key = name.lower().strip()
     key = _ALIASES.get(key, key)
     if key not in _SPECS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} "
+                         f"(or {PLAIN}: problem + answer)")
     return key
 
 
@@ -162,7 +170,7 @@ def detect_benchmark(row: dict) -> str:
         return "gsm8k"
     if "problem" in row and ("solution" in row or "subject" in row or "level" in row):
         return "math500"
-    return "aime24"  # generic: problem|question + answer
+    return PLAIN  # problem|question|prompt + answer: no benchmark's own fields to tell which one
 
 
 def load_benchmark_file(path: str | Path, name: Optional[str] = None, limit: Optional[int] = None) -> PromptList:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -252,6 +253,8 @@ def load_problems(bench: str, cfg) -> list[Any]:
         if not Path(file).is_file():
             raise EvalSetupError(f"--bench {bench}: file {file} does not exist")
         probs = load_benchmark_file(file, name)
+    elif _looks_like_a_path(bench):  # not "unknown benchmark '/data/x.jsonl'"
+        raise EvalSetupError(f"--bench {bench}: file not found")
     elif bench == "synthetic":
         from megatron_amir.data.synthetic import make_splits
 
@@ -261,6 +264,11 @@ def load_problems(bench: str, cfg) -> list[Any]:
     if not probs:
         raise EvalSetupError(f"--bench {bench}: no problems")
     return list(probs)
+
+
+def _looks_like_a_path(bench: str) -> bool:
+    """A --bench value meant as a file (a directory part or a data-file suffix), not a benchmark name."""
+    return "/" in bench or os.sep in bench or Path(bench).suffix.lower() in (".jsonl", ".json", ".parquet")
 
 
 def apply_prompt_template(problems: list[Any], cfg, tokenizer) -> list[Any]:

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Megatron-amir checkpoint directory or Hugging Face model directory")
     p.add_argument("--bench", required=True, help="benchmark name (e.g. math500, synthetic) or a JSONL/parquet file")
     p.add_argument("--samples", type=int, default=8, help="samples per problem (n); pass@k for k=1,2,4,..<=n")
-    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.json)")
+    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.json) or a .jsonl path")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run at --out")
     p.add_argument("--config", default=None, help="YAML config; its rollout/data/reward/eval sections give defaults")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the model or config)")
     p.add_argument("--temperature", type=float, default=None, help="default: eval.temperature of the config")
@@ -385,6 +386,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may sit between options
     if args.samples < 1:
         print("megatron-amir eval: --samples must be >= 1", file=sys.stderr)
+        return 2
+    existing = [p for p in output_paths(args.out) if p.exists()]
+    if existing and not args.overwrite:  # checked before loading anything: a run's results are not lost silently
+        print(f"megatron-amir eval: --out {args.out} already holds results ({', '.join(map(str, existing))}); "
+              "pass --overwrite to replace them, or choose another --out", file=sys.stderr)
         return 2
     try:
         setup = loading.build_eval_setup(

@@ -12,18 +12,26 @@ Routes
   POST (bearer token)      /pause?mode=keep|wait|abort, /resume, /init_weight_transfer_engine,
                            /start_weight_update, /update_weights, /finish_weight_update,
                            /update_weight_version, /reset_prefix_cache, /collective_rpc
-  Weight updates use the file backend, or a gloo broadcast group with vLLM's update_info (see below): ``/update_weights {"update_info": {"path": <snapshot dir>,
-  "version": <int>}}`` loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
+  Weight updates use the file backend, or a gloo broadcast group with vLLM's update_info
+  (RolloutServer.update_weights): ``/update_weights {"update_info": {"path": <snapshot dir>, "version": <int>}}``
+  loads a ``weight_sync`` snapshot (sha256-verified) and sets the version;
   ``/collective_rpc {"method": "load_snapshot", "args": [path, version]}`` does the same through the
   route a stock ``vllm serve`` with our worker extension offers, so the client has one code path.
 
 Requests are batched: whatever arrives while a batch runs is decoded together in the next one (grouped by
 n). A request whose ``x-request-id`` and body equal one still queued or running (a client retry after a
-timeout) waits for that generation and gets its answer instead of starting a second one; one that equals a
-request finished in the last ``RECENT_TTL_S`` seconds (its answer lost on the way back) gets the same answer
-without generating (``megatron_amir_deduplicated_requests_total`` counts both). Finished answers are kept for
-at most ``RECENT_MAX`` requests / ``RECENT_MAX_ROWS`` sequences and dropped whenever the weights change.
-Errors are vLLM-shaped: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+timeout) waits for that generation and gets its answer instead of starting a second one
+(``megatron_amir_deduplicated_requests_total`` counts them). Finished answers are not kept: the fleet client
+retries with the same seed, and a seeded request gives the same samples from the same weights in any batch,
+so a retry whose first answer was lost regenerates the identical answer.
+
+vLLM's defaults hold: the model's EOS (``eos_token_id`` of its config) ends a sample (finish_reason "stop",
+stop_reason null) besides ``stop_token_ids``; ``usage.prompt_tokens`` counts each prompt once whatever n.
+Sampling fields the engine cannot honour (``UNSUPPORTED_DEFAULTS``: logit_bias, penalties, min_p, min_tokens,
+ignore_eos, best_of, prompt_logprobs, beam search) get a 400 naming the field unless sent at their "off" value;
+a non-finite temperature or top_p is a 400 naming it.
+Errors, unknown routes (404) and methods (405) included, are vLLM-shaped:
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import socket
 import sys
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -48,6 +56,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megatron_amir.rollout.embedded import EmbeddedEngine
 from megatron_amir.rollout.engine import GroupResult, SamplingParams
@@ -59,7 +68,7 @@ TOKEN_ENV = "MEGATRON_AMIR_TOKEN"
 # ------------------------------------------------------------------------------------------- schema
 class CompletionRequest(BaseModel):
     """The /v1/completions fields we honour; other OpenAI/vLLM fields are accepted and ignored, as vLLM
-    does, except those whose meaning we cannot provide (rejected with a 400 naming them)."""
+    does, except those whose meaning we cannot provide (UNSUPPORTED_DEFAULTS: a 400 naming them)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -67,8 +76,8 @@ class CompletionRequest(BaseModel):
     prompt: Union[list[int], list[list[int]], str, list[str]]
     n: int = Field(1, ge=1, le=1024)
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1, le=2**31 - 1)  # a bigger one overflowed the batch's tensor: 500 for everyone
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM; a bigger one crashed the batch
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -89,10 +98,6 @@ def _error(status: int, message: str, param: Optional[str] = None, type_: str = 
     return JSONResponse(status_code=status,
                         content={"error": {"message": message, "type": type_, "param": param, "code": status}})
 
-
-RECENT_MAX = 256  # finished keyed answers kept for retries (entries)
-RECENT_TTL_S = 300.0  # ... and for how long
-RECENT_MAX_ROWS = 65536  # ... and sequences in all
 
 # ------------------------------------------------------------------------------------------- batching
 @dataclass
@@ -203,75 +208,122 @@ class Batcher:
 
 
 # ------------------------------------------------------------------------------------------- app
-def create_app(
-    engine: EmbeddedEngine,
-    token: Optional[str],
-    model_name: str = "megatron-amir",
-    weights_root: Optional[str] = None,
-    max_batch_rows: int = 512,
-    max_request_rows: int = 8192,
-) -> FastAPI:
-    """Build the FastAPI app around ``engine``. ``token``: bearer token for state-changing routes (None:
-    those routes answer 403, the server cannot be changed). ``weights_root``: if set, weight updates may
-    only load snapshots under this directory. ``max_request_rows``: most sequences (prompts x n) one
-    completion request may ask for."""
-    stats = _Stats()
-    state: dict[str, Any] = {"batcher": None, "updating": False, "broadcaster": None}
-    # (x-request-id, body digest) -> the queued / running generation: a client retry of a request
-    # that is still in flight (it timed out on the client's side) waits for that generation instead of
-    # queueing a second one, so timeouts under load do not multiply the work
-    inflight: dict[tuple[str, str], _Pending] = {}
-    # the answers of recently finished keyed requests, for a retry whose first answer was lost on the way back
-    # (connection reset, router failover): the same samples without a second generation. Bounded in entries and
-    # age, and emptied whenever the weights change (a retry then samples the new weights).
-    recent: "OrderedDict[tuple[str, str], tuple[float, list[GroupResult], int]]" = OrderedDict()  # (time, answer, rows)
+# Sampling fields of vLLM / OpenAI that the embedded engine cannot honour, with the value that means "off".
+# A request that sends another value gets a 400 naming the field instead of silently different samples.
+UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "logit_bias": None, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_p": 0.0, "min_tokens": 0, "ignore_eos": False, "best_of": None, "prompt_logprobs": None,
+    "use_beam_search": False,
+}
 
-    def _finished(key: tuple[str, str], fut: asyncio.Future) -> None:
-        if key in inflight and inflight[key].future is fut:
-            inflight.pop(key)
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        groups = fut.result()
-        if any(smp.weight_version != engine.version for g in groups for smp in g.samples):
-            return  # the weights changed while it ran: a retry samples the new ones
-        recent[key] = (time.monotonic(), groups, sum(len(g.samples) for g in groups))
-        recent.move_to_end(key)
-        while len(recent) > RECENT_MAX or sum(rows for _, _, rows in recent.values()) > RECENT_MAX_ROWS:
-            recent.popitem(last=False)
-    app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
-    root = Path(weights_root).resolve() if weights_root else None
 
-    def batcher() -> Batcher:
-        if state["batcher"] is None:  # created on first use, inside the server's event loop
-            state["batcher"] = Batcher(engine, max_batch_rows, stats)
-            state["batcher"].start()
-        return state["batcher"]
+def _unsupported_field(body: dict, n: int) -> Optional[str]:
+    """The first field of UNSUPPORTED_DEFAULTS that ``body`` sets to something other than its "off" value
+    (best_of may equal n, vLLM's default; an empty logit_bias is off)."""
+    for name, off in UNSUPPORTED_DEFAULTS.items():
+        value = body.get(name)
+        if value is None or (name == "logit_bias" and value == {}) or (name == "best_of" and value == n):
+            continue
+        if type(value) is not bool and type(off) is not bool and isinstance(value, (int, float)) and value == off:
+            continue
+        if value is off:  # False for ignore_eos / use_beam_search
+            continue
+        return name
+    return None
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+
+def eos_token_ids(hf_config: dict) -> tuple[int, ...]:
+    """The model's EOS ids from its HF config (``eos_token_id``: an int, a list or absent)."""
+    eos = hf_config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(int(t) for t in ids if isinstance(t, int) and not isinstance(t, bool) and t >= 0)
+
+
+_HTTP_ERROR_TYPES = {401: "Unauthorized", 403: "PermissionDenied", 404: "NotFoundError", 405: "MethodNotAllowed"}
+
+
+class RolloutServer:
+    """The HTTP face of one embedded engine; ``self.app`` is the FastAPI app (``create_app`` builds it).
+
+    ``token``: bearer token for state-changing routes (None: those routes answer 403, the server cannot be
+    changed). ``weights_root``: if set, weight updates may only load snapshots under this directory.
+    ``max_request_rows``: most sequences (prompts x n) one completion request may ask for."""
+
+    def __init__(self, engine: EmbeddedEngine, token: Optional[str], model_name: str = "megatron-amir",
+                 weights_root: Optional[str] = None, max_batch_rows: int = 512, max_request_rows: int = 8192):
+        self.engine, self.token, self.model_name = engine, token, model_name
+        self.root = Path(weights_root).resolve() if weights_root else None
+        self.max_batch_rows, self.max_request_rows = max_batch_rows, max_request_rows
+        self.eos_ids = eos_token_ids(engine.hf_config)  # stop every sample by default, as vLLM does
+        self.stats = _Stats()
+        self._batcher: Optional[Batcher] = None
+        self._broadcaster = None  # the gloo group after init_weight_transfer_engine(backend=gloo)
+        # (x-request-id, body digest) -> the queued / running generation: a client retry of a request that is
+        # still in flight (it timed out on the client's side) waits for that generation instead of queueing a
+        # second one, so timeouts under load do not multiply the work
+        self._inflight: dict[tuple[str, str], _Pending] = {}
+        self.app = self._build_app()
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="megatron-amir rollout server", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(RequestValidationError, self._on_validation_error)
+        app.add_exception_handler(ApiError, self._on_api_error)
+        app.add_exception_handler(StarletteHTTPException, self._on_http_error)
+        routes = [
+            ("POST", "/v1/completions", self.completions),
+            ("GET", "/health", self.health), ("GET", "/v1/models", self.models),
+            ("GET", "/weight_info", self.weight_info), ("GET", "/is_paused", self.is_paused),
+            ("GET", "/get_world_size", self.world_size), ("GET", "/metrics", self.metrics),
+            ("POST", "/pause", self.pause), ("POST", "/resume", self.resume),
+            ("POST", "/init_weight_transfer_engine", self.init_transfer),
+            ("POST", "/start_weight_update", self.start_update), ("POST", "/update_weights", self.update_weights),
+            ("POST", "/finish_weight_update", self.finish_update),
+            ("POST", "/update_weight_version", self.update_version),
+            ("POST", "/collective_rpc", self.collective_rpc), ("POST", "/reset_prefix_cache", self.reset_prefix_cache),
+        ]
+        for method, path, endpoint in routes:
+            app.add_api_route(path, endpoint, methods=[method])
+        app.state.engine, app.state.stats, app.state.server = self.engine, self.stats, self
+        return app
+
+    def batcher(self) -> Batcher:
+        if self._batcher is None:  # created on first use, inside the server's event loop
+            self._batcher = Batcher(self.engine, self.max_batch_rows, self.stats)
+            self._batcher.start()
+        return self._batcher
+
+    # ---------------------------------------------------------------- errors
+    async def _on_validation_error(self, _: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
         param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
         msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
                         for e in errs[:5])
-        stats.errors[400] += 1
+        self.stats.errors[400] += 1
         return _error(400, msg or "invalid request", param)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
-        stats.errors[exc.status] += 1
+    async def _on_api_error(self, _: Request, exc: ApiError) -> JSONResponse:
+        self.stats.errors[exc.status] += 1
         return _error(exc.status, exc.message, exc.param, exc.type)
 
-    def require_token(request: Request) -> None:
-        if not token:  # None or "": an empty token would accept an empty bearer
+    async def _on_http_error(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown route (404) or method (405): the OpenAI error shape instead of FastAPI's {"detail": ...}."""
+        self.stats.errors[exc.status_code] += 1
+        resp = _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                      type_=_HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError"))
+        resp.headers.update(exc.headers or {})  # 405 keeps its Allow header
+        return resp
+
+    def require_token(self, request: Request) -> None:
+        if not self.token:  # None or "": an empty token would accept an empty bearer
             raise ApiError(403, "this server was started without a token; state-changing routes are disabled",
                            type_="PermissionDenied")
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise ApiError(401, "missing or invalid bearer token (Authorization: Bearer <token>)",
                            type_="Unauthorized")
 
+    @staticmethod
     async def json_body(request: Request) -> dict:
         try:
             body = await request.json()
@@ -282,74 +334,81 @@ def create_app(
         return body
 
     # ---------------------------------------------------------------- generation
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await json_body(request)
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
-        prompts = _check_prompt(req.prompt, engine.vocab_size)
-        if req.stream:
-            raise ApiError(400, "stream=true is not supported by this server", "stream")
-        if req.echo:
-            raise ApiError(400, "echo=true is not supported by this server", "echo")
+    def _sampling_params(self, req: CompletionRequest, body: dict, prompts: list[list[int]]) -> SamplingParams:
+        """Check a validated request against what this server can do; its SamplingParams."""
+        for name, what in (("stream", "stream=true"), ("echo", "echo=true")):
+            if getattr(req, name):
+                raise ApiError(400, f"{what} is not supported by this server", name)
         if req.stop:
             raise ApiError(400, "string 'stop' needs a tokenizer; pass stop_token_ids instead", "stop")
         if req.logprobs not in (None, 0):
             raise ApiError(400, "only logprobs=0 (the sampled token's log-prob) is supported", "logprobs")
-        if req.model is not None and req.model != model_name:
-            raise ApiError(404, f"model {req.model!r} does not exist (this server serves {model_name!r})", "model",
-                           "NotFoundError")
-        if any(t < 0 or t >= engine.vocab_size for t in req.stop_token_ids):
-            raise ApiError(400, f"stop_token_ids must be in [0, {engine.vocab_size})", "stop_token_ids")
-        if len(prompts) * req.n > max_request_rows:  # one request must not occupy the server for days
-            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} sequences exceed this "
-                                f"server's limit of {max_request_rows} per request (--max-request-rows)", "n")
-        limit = engine.model.args.max_position_embeddings
+        bad = _unsupported_field(body, req.n)
+        if bad is not None:
+            raise ApiError(400, f"{bad}={body[bad]!r} is not supported by this server (only its default "
+                                f"{UNSUPPORTED_DEFAULTS[bad]!r})", bad)
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"model {req.model!r} does not exist (this server serves {self.model_name!r})",
+                           "model", "NotFoundError")
+        vocab = self.engine.vocab_size
+        if any(t < 0 or t >= vocab for t in req.stop_token_ids):
+            raise ApiError(400, f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        rows = len(prompts) * req.n
+        if rows > self.max_request_rows:  # one request must not occupy the server for days
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {rows} sequences exceed this server's "
+                                f"limit of {self.max_request_rows} per request (--max-request-rows)", "n")
+        limit = self.engine.model.args.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + req.max_tokens > limit:
             raise ApiError(400, f"prompt length {longest} + max_tokens {req.max_tokens} exceeds the model's "
                                 f"max_position_embeddings={limit}", "max_tokens")
         # temperatures below vLLM's _SAMPLING_EPS are greedy (dividing by 1e-40 gave NaN log-probs)
-        params = SamplingParams(temperature=req.temperature if req.temperature >= 1e-5 else 0.0, top_p=req.top_p,
-                                top_k=max(req.top_k, 0),
-                                max_new_tokens=req.max_tokens, stop_token_ids=tuple(req.stop_token_ids), seed=req.seed)
+        return SamplingParams(temperature=req.temperature if req.temperature >= 1e-5 else 0.0, top_p=req.top_p,
+                              top_k=max(req.top_k, 0), max_new_tokens=req.max_tokens, seed=req.seed,
+                              stop_token_ids=tuple(dict.fromkeys([*req.stop_token_ids, *self.eos_ids])))
+
+    async def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, rid: str,
+                        key: Optional[tuple[str, str]]) -> list[GroupResult]:
+        """Queue one generation, or join the in-flight one with the same key (a client retry)."""
+        pending = self._inflight.get(key) if key else None
+        if pending is not None:
+            self.stats.deduplicated += 1
+            pending.waiters += 1
+        else:
+            pending = _Pending(prompts, params, n, rid, asyncio.get_running_loop().create_future())
+            if key:
+                self._inflight[key] = pending
+                pending.future.add_done_callback(
+                    lambda _, k=key, p=pending: self._inflight.pop(k) if self._inflight.get(k) is p else None)
+            self.batcher().enqueue(pending)
+        return await asyncio.shield(pending.future)  # one waiter going away must not cancel the others' generation
+
+    async def completions(self, request: Request):
+        body = await self.json_body(request)
+        try:
+            req = CompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        prompts = _check_prompt(req.prompt, self.engine.vocab_size)
+        params = self._sampling_params(req, body, prompts)
         given_id = request.headers.get("x-request-id")
         rid = given_id or uuid.uuid4().hex
-        stats.requests += 1
+        self.stats.requests += 1
         key = (given_id, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()) if given_id else None
-        pending = inflight.get(key) if key else None
-        done = recent.get(key) if key else None
-        if done is not None and time.monotonic() - done[0] > RECENT_TTL_S:
-            recent.pop(key, None)
-            done = None
-        if done is not None:
-            stats.deduplicated += 1
-            groups = done[1]
-        else:
-            if pending is not None:
-                stats.deduplicated += 1
-                pending.waiters += 1
-            else:
-                pending = _Pending(prompts, params, req.n, rid, asyncio.get_running_loop().create_future())
-                if key:
-                    inflight[key] = pending
-                    pending.future.add_done_callback(lambda f, k=key: _finished(k, f))
-                batcher().enqueue(pending)
-            groups = await asyncio.shield(pending.future)  # one waiter going away must not cancel the others' generation
-        choices, ntok = [], 0
-        versions = set()
+        groups = await self._generate(prompts, params, req.n, rid, key)
+        choices, ntok, versions = [], 0, set()
         for pi, g in enumerate(groups):
             for si, s in enumerate(g.samples):
                 ntok += len(s.token_ids)
                 versions.add(s.weight_version)
+                last = s.token_ids[-1] if s.token_ids else None
                 choice = {
                     "index": pi * req.n + si,
                     "text": "",
                     "logprobs": None,
                     "finish_reason": s.finish_reason,
-                    "stop_reason": s.token_ids[-1] if s.finish_reason == "stop" else None,
+                    # vLLM: the stop token id for a stop_token_ids hit, None for EOS and for length
+                    "stop_reason": last if s.finish_reason == "stop" and last not in self.eos_ids else None,
                     "weight_version": s.weight_version,
                 }
                 if req.logprobs is not None:
@@ -359,94 +418,82 @@ def create_app(
                     choice["token_ids"] = s.token_ids
                     choice["prompt_token_ids"] = g.prompt_token_ids
                 choices.append(choice)
-        stats.groups += len(groups)
-        stats.tokens += ntok
+        self.stats.groups += len(groups)
+        self.stats.tokens += ntok
+        prompt_tokens = sum(len(p) for p in prompts)  # each prompt once, whatever n (as vLLM)
         return {
             "id": f"cmpl-{rid}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": model_name,
+            "model": self.model_name,
             "choices": choices,
-            "usage": {"prompt_tokens": sum(len(p) for p in prompts) * req.n, "completion_tokens": ntok,
-                      "total_tokens": sum(len(p) for p in prompts) * req.n + ntok},
-            "weight_version": min(versions) if versions else engine.version,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ntok, "total_tokens": prompt_tokens + ntok},
+            "weight_version": min(versions) if versions else self.engine.version,
         }
 
     # ---------------------------------------------------------------- read-only
-    @app.get("/health")
-    async def health():
+    async def health(self):
         return {}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "megatron-amir",
-                                            "max_model_len": engine.model.args.max_position_embeddings}]}
+    async def models(self):
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": int(self.stats.started), "owned_by": "megatron-amir",
+            "root": self.model_name, "parent": None,
+            "max_model_len": self.engine.model.args.max_position_embeddings}]}
 
-    @app.get("/weight_info")
-    async def weight_info():
+    async def weight_info(self):
         # logprobs_mode: which distribution the reported log-probs are under (clients record it with results)
-        return {"weight_version": str(engine.version), "logprobs_mode": engine.logprobs_mode}
+        return {"weight_version": str(self.engine.version), "logprobs_mode": self.engine.logprobs_mode}
 
-    @app.get("/is_paused")
-    async def is_paused():
-        return {"is_paused": not batcher().unpaused.is_set()}
+    async def is_paused(self):
+        return {"is_paused": not self.batcher().unpaused.is_set()}
 
-    @app.get("/get_world_size")
-    async def world_size():
+    async def world_size(self):
         return {"world_size": 1}
 
-    @app.get("/metrics")
-    async def metrics():
-        b = batcher()
-        lines = [
-            "# TYPE megatron_amir_requests_total counter", f"megatron_amir_requests_total {stats.requests}",
-            "# TYPE megatron_amir_groups_total counter", f"megatron_amir_groups_total {stats.groups}",
-            "# TYPE megatron_amir_generation_tokens_total counter",
-            f"megatron_amir_generation_tokens_total {stats.tokens}",
-            "# TYPE megatron_amir_batches_total counter", f"megatron_amir_batches_total {stats.batches}",
-            "# TYPE megatron_amir_batch_rows_total counter", f"megatron_amir_batch_rows_total {stats.batch_rows}",
-            "# TYPE megatron_amir_queue_requests gauge", f"megatron_amir_queue_requests {len(b.queue)}",
-            "# TYPE megatron_amir_weight_version gauge", f"megatron_amir_weight_version {engine.version}",
-            "# TYPE megatron_amir_deduplicated_requests_total counter",
-            f"megatron_amir_deduplicated_requests_total {stats.deduplicated}",
-            "# TYPE megatron_amir_weight_updates_total counter",
-            f"megatron_amir_weight_updates_total {stats.weight_updates}",
-            "# TYPE megatron_amir_paused gauge", f"megatron_amir_paused {int(not b.unpaused.is_set())}",
-            "# TYPE megatron_amir_uptime_seconds gauge", f"megatron_amir_uptime_seconds {time.time() - stats.started:.1f}",
-            "# TYPE megatron_amir_http_errors_total counter",
+    async def metrics(self):
+        b, s = self.batcher(), self.stats
+        values = [
+            ("requests_total", "counter", s.requests), ("groups_total", "counter", s.groups),
+            ("generation_tokens_total", "counter", s.tokens), ("batches_total", "counter", s.batches),
+            ("batch_rows_total", "counter", s.batch_rows), ("queue_requests", "gauge", len(b.queue)),
+            ("weight_version", "gauge", self.engine.version),
+            ("deduplicated_requests_total", "counter", s.deduplicated),
+            ("weight_updates_total", "counter", s.weight_updates),
+            ("paused", "gauge", int(not b.unpaused.is_set())),
+            ("uptime_seconds", "gauge", f"{time.time() - s.started:.1f}"),
         ]
-        lines += [f'megatron_amir_http_errors_total{{code="{c}"}} {v}' for c, v in sorted(stats.errors.items())]
+        lines = [x for name, kind, v in values
+                 for x in (f"# TYPE megatron_amir_{name} {kind}", f"megatron_amir_{name} {v}")]
+        lines.append("# TYPE megatron_amir_http_errors_total counter")
+        lines += [f'megatron_amir_http_errors_total{{code="{c}"}} {v}' for c, v in sorted(s.errors.items())]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     # ---------------------------------------------------------------- state-changing (token)
-    @app.post("/pause")
-    async def pause(request: Request, mode: str = "keep"):
-        require_token(request)
+    async def pause(self, request: Request, mode: str = "keep"):
+        self.require_token(request)
         if mode not in ("keep", "wait", "abort"):
             raise ApiError(400, f"mode must be keep, wait or abort, got {mode!r}", "mode")
-        b = batcher()
+        b = self.batcher()
         b.unpaused.clear()
         aborted = b.abort_queued("server paused with mode=abort; retry later") if mode == "abort" else 0
         if mode in ("wait", "abort"):
             await b.idle.wait()  # the running batch finishes (it cannot be interrupted mid-step)
         return {"message": "Generation paused", "mode": mode, "aborted_requests": aborted}
 
-    @app.post("/resume")
-    async def resume(request: Request):
-        require_token(request)
-        b = batcher()
+    async def resume(self, request: Request):
+        self.require_token(request)
+        b = self.batcher()
         b.unpaused.set()
         b.wakeup.set()
         return {"message": "Generation resumed"}
 
-    @app.post("/init_weight_transfer_engine")
-    async def init_transfer(request: Request):
+    async def init_transfer(self, request: Request):
         """backend "file" (default): nothing to set up. backend "gloo": join the trainer's broadcast
         group ({master_address, master_port, rank_offset, world_size}; this server is rank rank_offset);
         blocks until every member has joined."""
-        require_token(request)
-        body = await json_body(request)
-        info = body.get("init_info", {})
+        self.require_token(request)
+        info = (await self.json_body(request)).get("init_info", {})
         if not isinstance(info, dict):
             raise ApiError(400, "init_info must be an object", "init_info")
         backend = info.get("backend", "file")
@@ -467,120 +514,119 @@ def create_app(
 
         loop = asyncio.get_running_loop()
         try:
-            state["broadcaster"] = await loop.run_in_executor(
+            self._broadcaster = await loop.run_in_executor(
                 None, lambda: TensorBroadcaster.gloo(host, port, rank, world, timeout_s=60))
         except Exception as exc:  # noqa: BLE001 - rendezvous failures are the caller's to fix
             raise ApiError(400, f"could not join the weight broadcast group: {exc}", "init_info") from None
         return {"message": "Weight transfer initialized"}
 
-    @app.post("/start_weight_update")
-    async def start_update(request: Request):
-        require_token(request)
-        state["updating"] = True
+    async def start_update(self, request: Request):
+        """vLLM's bracket around update_weights; the embedded engine swaps weights atomically under its
+        lock, so there is nothing to prepare."""
+        self.require_token(request)
         return {"message": "Weight update started"}
 
-    async def load_snapshot(path: Any, version: Any, param: str) -> dict:
-        if not isinstance(path, str) or not path:
-            raise ApiError(400, f"{param}.path must be a snapshot directory", f"{param}.path")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ApiError(400, f"{param}.version must be an integer", f"{param}.version")
-        snap = Path(path).resolve()
-        if root is not None and root not in snap.parents and snap != root:
-            raise ApiError(403, f"snapshot {snap} is outside the allowed weights root {root}", f"{param}.path",
-                           "PermissionDenied")
-        from megatron_amir.rollout.weight_sync import WeightSyncError, read_snapshot
+    async def finish_update(self, request: Request):
+        self.require_token(request)
+        return {"message": "Weight update finished"}
+
+    async def _load(self, read: Any, default_version: Optional[int], param: str) -> tuple[int, float]:
+        """``read()`` -> (tensors, version or None) in a worker thread, then load them into the engine;
+        (number of tensors, seconds). A bad update leaves weights and version untouched (400 naming ``param``)."""
+        from megatron_amir.rollout.weight_sync import WeightSyncError
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            s = await loop.run_in_executor(None, lambda: read_snapshot(snap, expected_version=version))
+            tensors, version = await loop.run_in_executor(None, read)
+            version = default_version if version is None else version
             # load_weights takes the engine lock: a running batch finishes with the old weights first
-            await loop.run_in_executor(None, lambda: engine.load_weights(s.tensors, s.version))
-            recent.clear()
+            await loop.run_in_executor(None, lambda: self.engine.load_weights(tensors, version))
         except (WeightSyncError, KeyError, ValueError) as exc:
             raise ApiError(400, f"weight update failed: {exc}", param) from None
-        stats.weight_updates += 1
-        return {"num_tensors": len(s.tensors), "seconds": round(time.perf_counter() - t0, 4)}
+        self.stats.weight_updates += 1
+        return len(tensors), round(time.perf_counter() - t0, 4)
 
-    @app.post("/update_weights")
-    async def update_weights(request: Request):
+    async def load_snapshot(self, path: Any, version: Any, param: str) -> dict:
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, f"{param}.path must be a snapshot directory", f"{param}.path")
+        _check_version(version, f"{param}.version")
+        snap = Path(path).resolve()
+        if self.root is not None and self.root not in snap.parents and snap != self.root:
+            raise ApiError(403, f"snapshot {snap} is outside the allowed weights root {self.root}", f"{param}.path",
+                           "PermissionDenied")
+        from megatron_amir.rollout.weight_sync import read_snapshot
+
+        def read():
+            s = read_snapshot(snap, expected_version=version)
+            return s.tensors, s.version
+
+        num, seconds = await self._load(read, None, param)
+        return {"num_tensors": num, "seconds": seconds}
+
+    async def update_weights(self, request: Request):
         """File backend: update_info {path, version}. Broadcast backend (after a gloo init): vLLM's
         update_info {names, dtype_names, shapes} (+ optional version); the tensors arrive by broadcast."""
-        require_token(request)
-        body = await json_body(request)
-        info = body.get("update_info")
+        self.require_token(request)
+        info = (await self.json_body(request)).get("update_info")
         if not isinstance(info, dict):
             raise ApiError(400, "update_weights needs {'update_info': {'path': <snapshot dir>, 'version': <int>}} "
                                 "or {'update_info': {'names', 'dtype_names', 'shapes'}}", "update_info")
-        if "names" in info:
-            comm = state.get("broadcaster")
-            if comm is None:
-                raise ApiError(400, "broadcast update without init_weight_transfer_engine(backend=gloo)",
-                               "update_info")
-            version = info.get("version")
-            if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-                raise ApiError(400, "update_info.version must be an integer", "update_info.version")
-            from megatron_amir.rollout.weight_sync import receive_tensors
+        if "names" not in info:
+            out = await self.load_snapshot(info.get("path"), info.get("version"), "update_info")
+            return {"message": "Weights updated", "weight_version": str(self.engine.version), **out}
+        comm = self._broadcaster
+        if comm is None:
+            raise ApiError(400, "broadcast update without init_weight_transfer_engine(backend=gloo)", "update_info")
+        version = info.get("version")
+        _check_version(version, "update_info.version")
+        from megatron_amir.rollout.weight_sync import receive_tensors
 
-            loop = asyncio.get_running_loop()
-            t0 = time.perf_counter()
-            try:
-                tensors = await loop.run_in_executor(None, lambda: receive_tensors(comm, info))
-                new_version = engine.version if version is None else version
-                await loop.run_in_executor(None, lambda: engine.load_weights(tensors, new_version))
-                recent.clear()
-            except (KeyError, ValueError) as exc:
-                raise ApiError(400, f"weight update failed: {exc}", "update_info") from None
-            stats.weight_updates += 1
-            return {"message": "Weights updated", "weight_version": str(engine.version),
-                    "num_tensors": len(tensors), "seconds": round(time.perf_counter() - t0, 4)}
-        out = await load_snapshot(info.get("path"), info.get("version"), "update_info")
-        return {"message": "Weights updated", "weight_version": str(engine.version), **out}
+        num, seconds = await self._load(lambda: (receive_tensors(comm, info), version), self.engine.version,
+                                        "update_info")
+        return {"message": "Weights updated", "weight_version": str(self.engine.version), "num_tensors": num,
+                "seconds": seconds}
 
-    @app.post("/collective_rpc")
-    async def collective_rpc(request: Request):
+    async def collective_rpc(self, request: Request):
         """vLLM's RPC route, restricted to the one method our worker extension shares with it:
         ``load_snapshot(path, version)`` (see vllm_engine.WeightSyncWorkerExtension)."""
-        require_token(request)
-        body = await json_body(request)
+        self.require_token(request)
+        body = await self.json_body(request)
         if body.get("method") != "load_snapshot":
             raise ApiError(400, f"method {body.get('method')!r} is not available (only load_snapshot)", "method")
         args, kwargs = body.get("args") or [], body.get("kwargs") or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ApiError(400, "args must be a list and kwargs an object", "args")
         merged = dict(zip(("path", "version"), args), **kwargs)
-        out = await load_snapshot(merged.get("path"), merged.get("version"), "args")
+        out = await self.load_snapshot(merged.get("path"), merged.get("version"), "args")
         return {"results": [out["num_tensors"]]}
 
-    @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache(request: Request):
-        require_token(request)
+    async def reset_prefix_cache(self, request: Request):
+        self.require_token(request)
         return {"message": "no prefix cache in the embedded engine"}
 
-    @app.post("/finish_weight_update")
-    async def finish_update(request: Request):
-        require_token(request)
-        state["updating"] = False
-        return {"message": "Weight update finished"}
-
-    @app.post("/update_weight_version")
-    async def update_version(request: Request):
-        require_token(request)
-        body = await json_body(request)
-        v = body.get("new_version")
+    async def update_version(self, request: Request):
+        self.require_token(request)
+        v = (await self.json_body(request)).get("new_version")
         try:
             iv = int(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else None
         except ValueError:
             iv = None
         if iv is None:
             raise ApiError(400, "new_version must be an integer (or its string)", "body.new_version")
-        engine.set_version(iv)  # version label only, as in vLLM: weights unchanged
-        recent.clear()  # cached answers carry the old label
+        self.engine.set_version(iv)  # version label only, as in vLLM: weights unchanged
         return {"success": True, "new_version": str(iv)}
 
-    app.state.engine = engine
-    app.state.stats = stats
-    return app
+
+def create_app(engine: EmbeddedEngine, token: Optional[str], model_name: str = "megatron-amir",
+               weights_root: Optional[str] = None, max_batch_rows: int = 512, max_request_rows: int = 8192) -> FastAPI:
+    """The FastAPI app of a ``RolloutServer`` around ``engine`` (arguments as there)."""
+    return RolloutServer(engine, token, model_name, weights_root, max_batch_rows, max_request_rows).app
+
+
+def _check_version(version: Any, param: str) -> None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise ApiError(400, f"{param} must be an integer", param)
 
 
 def _check_prompt(prompt: Any, vocab: int) -> list[list[int]]:

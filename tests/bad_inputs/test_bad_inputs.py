@@ -368,7 +368,11 @@ HTTP_CASES = {
     "text_prompt": ('{"prompt": "hello"}', 400, "text prompts need a tokenizer", "prompt"),
     "too_long": ('{"prompt": [1, 2, 3], "max_tokens": 62}', 400, "exceeds the model's max_position_embeddings=64",
                  "max_tokens"),
-    "nan_temperature": ('{"prompt": [1], "temperature": NaN}', 400, "temperature: Input should be", "temperature"),
+    "nan_temperature": ('{"prompt": [1], "temperature": NaN}', 400, "temperature: Input should be a finite number",
+                        "temperature"),
+    "infinite_temperature": ('{"prompt": [1], "temperature": Infinity}', 400,
+                             "temperature: Input should be a finite number", "temperature"),
+    "nan_top_p": ('{"prompt": [1], "top_p": NaN}', 400, "top_p: Input should be a finite number", "top_p"),
     "n_zero": ('{"prompt": [1], "n": 0}', 400, "n: Input should be greater than or equal to 1", "n"),
     "stream": ('{"prompt": [1], "stream": true}', 400, "stream=true is not supported", "stream"),
 }
