@@ -30,6 +30,7 @@ Everything here is torch on the inputs' device; float64 loop references live in 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -89,7 +90,7 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
     """The grid of groups ``gidx[N]`` (dense 0..B-1). With ``r``: each group's cells in the reference code's
     enumeration order, reward descending, ties (and invalid rows, last) in row order."""
     n, dev = gidx.shape[0], gidx.device
-    if n % num_groups == 0 and torch.equal(gidx, torch.arange(n, device=dev) // (n // num_groups)):
+    if n % num_groups == 0 and torch.equal(gidx, _contiguous_groups(n, num_groups, dev)):
         grid = _Grid(torch.arange(n, device=dev).view(num_groups, -1), valid.reshape(num_groups, -1), n, True)
     else:
         counts = torch.bincount(gidx, minlength=num_groups)
@@ -105,6 +106,12 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
         perm = torch.sort(key, dim=1, descending=True, stable=True).indices
         grid = _Grid(grid.slot.gather(1, perm), grid.ok.gather(1, perm), n, False)
     return grid
+
+
+@functools.lru_cache(maxsize=16)
+def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
+    """The group index of the trainer's layout (G = n / b rows per group), built once per shape."""
+    return torch.arange(n, device=device) // (n // b)
 
 
 def _candidates(r: torch.Tensor, grid: _Grid, margin: float, mode: str, cap: Optional[int]) -> torch.Tensor:

@@ -215,15 +215,15 @@ def _advantages_and_weights(rows: _Rows, cfg: Any, dp_group: Any) -> tuple[_Weig
     return weights, g
 
 
-def _implicit_reward_logprobs(rows: _Rows, acfg: Any) -> torch.Tensor:
-    """ℓ̄_θ(y_i) − ℓ̄_ref(y_i) (the reference term only when anchored): s_i / β."""
-    s = seq_logprob(rows.policy, rows.mask, acfg.logprob_norm)
+def _implicit_reward_logprobs(rows: _Rows, lbar_mean: torch.Tensor, acfg: Any) -> torch.Tensor:
+    """ℓ̄_θ(y_i) − ℓ̄_ref(y_i) (the reference term only when anchored): s_i / β. ``lbar_mean``: ℓ̄_θ (``mean``)."""
+    s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(rows.policy, rows.mask, "sum")
     if acfg.reference_anchored and rows.ref is not None:
         s = s - seq_logprob(rows.ref, rows.mask, acfg.logprob_norm)
     return s
 
 
-def _local_metric_sums(rows: _Rows, wts: _Weights, cfg: Any) -> dict[str, torch.Tensor]:
+def _local_metric_sums(rows: _Rows, wts: _Weights, lbar_mean: torch.Tensor, cfg: Any) -> dict[str, torch.Tensor]:
     """This rank's sums behind the step metrics (all-reduced with the pair sums)."""
     # L_GRPO at ratio 1 (π_θ = π_old): the value micro_batch_loss's policy+KL terms take at logp = old_logp;
     # the clipped surrogate of every registered loss equals −A there (dual-clip too)
@@ -236,7 +236,7 @@ def _local_metric_sums(rows: _Rows, wts: _Weights, cfg: Any) -> dict[str, torch.
     gmean = torch.zeros_like(cnt).index_add_(0, rows.gidx, r * vf) / cnt.clamp(min=1)
     above = (rows.valid & (r > gmean[rows.gidx])).double()
     below = (rows.valid & (r < gmean[rows.gidx])).double()
-    lbar = seq_logprob(rows.policy, rows.mask, "mean").double()
+    lbar = lbar_mean.double()
     lengths = rows.lengths.double()
     out = {
         "grpo_loss": grpo, "adv_abs_sum": wts.adv64.abs().sum(),
@@ -258,11 +258,11 @@ def _pair_coefficients(
     step has no pair term (no pairs, or λ = 0)."""
     if g["pairs"] <= 0 or state.lam == 0.0:
         return None, None
-    dt = rows.old.dtype
-    seq_coef64 = pairs.coef_sum * (state.lam * acfg.beta / g["pairs"])
-    per_tok = seq_coef64 / rows.lengths.double().clamp(min=1) if acfg.logprob_norm == "mean" else seq_coef64
-    w_row = wts.w_row if isinstance(wts.w_row, float) else wts.w_row.double()
-    return seq_coef64.to(dt), (per_tok / w_row).to(dt).unsqueeze(-1)
+    seq_coef = (pairs.coef_sum * (state.lam * acfg.beta / g["pairs"])).to(rows.old.dtype)
+    # κ_i times this row factor is seq_coef_i: |y_i|·w_row_i for ``mean`` (so w_t·κ_i = seq_coef_i·m_t/|y_i|),
+    # w_row_i for ``sum``
+    per_row = rows.lengths.clamp(min=1) * wts.w_row if acfg.logprob_norm == "mean" else wts.w_row
+    return seq_coef, (seq_coef / per_row).unsqueeze(-1)
 
 
 def _metrics(g: dict[str, float], rows: _Rows, wts: _Weights) -> dict[str, float]:
@@ -327,10 +327,12 @@ def prepare_batch(
     do_pairs = acfg.enabled or pair_metrics
     with torch.no_grad():
         wts, g = _advantages_and_weights(rows, cfg, dp_group)  # all-reduce 1: normalizers
-        local = _local_metric_sums(rows, wts, cfg)
+        lbar_mean = seq_logprob(rows.policy, rows.mask, "mean")
+        local = _local_metric_sums(rows, wts, lbar_mean, cfg)
         pairs = None
         if do_pairs:
-            pairs = pair_statistics(rows.rewards, rows.gidx, rows.valid, _implicit_reward_logprobs(rows, acfg),
+            s = _implicit_reward_logprobs(rows, lbar_mean, acfg)
+            pairs = pair_statistics(rows.rewards, rows.gidx, rows.valid, s,
                                     beta=acfg.beta, num_groups=rows.num_groups, margin=acfg.margin,
                                     mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group)
             local.update(pairs.sums)
