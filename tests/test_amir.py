@@ -6,12 +6,9 @@ References are float64 Python loops written here (pairs by enumeration as in the
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
-import os
 import random
-import shutil
-import threading
 
 import pytest
 import torch
@@ -20,41 +17,22 @@ import torch.nn.functional as F
 from megatron_amir.algorithms import (
     AmirState,
     build_pairs,
-    coefficients_from_terms,
     micro_batch_loss,
     pair_coefficients,
     pair_loss_sum,
     pair_statistics,
-    pair_terms_numpy,
     prepare_batch,
     seq_logprob,
 )
-from megatron_amir.algorithms import native
 from megatron_amir.config import AlgorithmConfig, AmirConfig
 
+import algo_helpers
 from algo_helpers import random_split
 
 torch.set_num_threads(1)
 
 
-def make_batch(seed, n_groups=4, G=6, T=9, reward_kind="binary"):
-    rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    N = n_groups * G
-    mask = torch.zeros(N, T, dtype=torch.bool)
-    for i in range(N):
-        p = rng.randint(0, T // 3)
-        ln = rng.randint(1, T - p)
-        mask[i, p:p + ln] = True
-        if ln > 2 and rng.random() < 0.3:
-            mask[i, p + rng.randint(1, ln - 1)] = False
-    if reward_kind == "binary":
-        rewards = [float(rng.random() < 0.5) for _ in range(N)]
-    else:
-        rewards = [rng.choice([0.0, 0.2, 0.5, 0.9, 1.0]) for _ in range(N)]
-    old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3.0
-    gids = torch.tensor([7 * (i // G) for i in range(N)])
-    return torch.tensor(rewards, dtype=torch.float64), gids, mask, old
+make_batch = functools.partial(algo_helpers.make_batch, G=6, T=9, grades=(0.0, 0.2, 0.5, 0.9, 1.0))
 
 
 def cfg_of(amir=None, **kw):
@@ -70,12 +48,14 @@ def ref_pairs(rewards, gids, mask, margin, mode, cap):
     pairs = []
     for rows in groups.values():
         r = {i: float(rewards[i]) for i in rows}
+        order = sorted(rows, key=lambda i: -r[i])  # reward descending, ties in row order (stable)
         if mode == "all":
-            cand = [(r[w] - r[l], w, l) for w in rows for l in rows if r[w] - r[l] > margin]
+            cand = [(r[order[a]] - r[order[b]], order[a], order[b])
+                    for a in range(len(order)) for b in range(a + 1, len(order))
+                    if r[order[a]] - r[order[b]] > margin]
         else:
-            best = max(r.values())
-            top = next(i for i in rows if r[i] == best)
-            cand = [(r[top] - r[l], top, l) for l in rows if r[top] - r[l] > margin]
+            top = order[0]
+            cand = [(r[top] - r[l], top, l) for l in order[1:] if r[top] - r[l] > margin]
         if cap is not None and len(cand) > cap:
             cand = sorted(cand, key=lambda x: -x[0])[:cap]  # stable: ties keep enumeration order
         pairs += [(w, l) for _, w, l in cand]
@@ -144,14 +124,13 @@ def grad_of_split(logp, pb, cfg, split):
 @pytest.mark.parametrize("cap", [None, 1, 3])
 @pytest.mark.parametrize("margin", [0.0, 0.3, 0.5])
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("dense", [True, False])
-def test_pairs_match_loop_reference(mode, cap, margin, seed, dense):
+def test_pairs_match_loop_reference(mode, cap, margin, seed):
     rewards, gids, mask, _ = make_batch(seed, reward_kind="multi")
     mask[2] = False
     # shuffle rows so groups are interleaved (the builder must not rely on contiguous groups)
     perm = torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seed))
     rewards, gids, mask = rewards[perm], gids[perm], mask[perm]
-    w, l = build_pairs(rewards, gids, mask.any(-1), margin=margin, mode=mode, max_pairs_per_group=cap, dense=dense)
+    w, l = build_pairs(rewards, gids, mask.any(-1), margin=margin, mode=mode, max_pairs_per_group=cap)
     got = sorted(zip(w.tolist(), l.tolist()))
     exp = sorted(ref_pairs(rewards, gids, mask, margin, mode, cap))
     assert got == exp
@@ -165,6 +144,24 @@ def test_ties_never_pair_and_all_equal_groups_give_nothing():
     assert sorted(zip(w.tolist(), l.tolist())) == [(0, 2), (0, 3), (1, 2), (1, 3)]
     w, l = build_pairs(rewards, gids, margin=0.0, mode="top")
     assert sorted(zip(w.tolist(), l.tolist())) == [(0, 2), (0, 3)]  # first of the tied best rollouts
+
+
+def test_cap_prefers_the_pair_whose_winner_has_the_higher_reward():
+    """The reference code enumerates pairs with the rows in reward-descending order and keeps the largest gaps
+    by a stable sort: on equal gaps the pair with the better winner stays. Rewards [1, 2, 0], margin 0.5,
+    cap 2: candidates (1, 2) gap 2, (1, 0) gap 1, (0, 2) gap 1 -> {(1, 0), (1, 2)} (row order would give
+    (0, 2) instead of (1, 0))."""
+    rewards = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    gids = torch.zeros(3, dtype=torch.long)
+    w, l = build_pairs(rewards, gids, margin=0.5, mode="all", max_pairs_per_group=2)
+    assert sorted(zip(w.tolist(), l.tolist())) == [(1, 0), (1, 2)]
+    assert sorted(ref_pairs(rewards, gids, torch.ones(3, 1, dtype=torch.bool), 0.5, "all", 2)) == [(1, 0), (1, 2)]
+    # and the pair sums prepare_batch uses are over exactly those pairs
+    s = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    st = pair_statistics(rewards, gids, torch.ones(3, dtype=torch.bool), s, margin=0.5, max_pairs_per_group=2)
+    d = [-0.2 - 0.3, -0.2 - 0.1]  # s_1 − s_0, s_1 − s_2 (row order would have s_0 − s_2 = 0.2 instead of −0.5)
+    assert st.sums["pairs"].item() == 2
+    assert st.sums["pair_margin_sum"].item() == pytest.approx(sum(d), abs=1e-15)
 
 
 # ------------------------------------------------------------------------------ coefficient form
@@ -248,43 +245,18 @@ def test_pair_term_gradient_is_exact_for_every_aggregation_tis_and_gspo(agg, ext
                     for r in split)
         assert total == pytest.approx(float((pb.seq_coef * seq_logprob(logp, m, "mean")).sum()), abs=1e-12)
 
-def _needs_cc() -> None:
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler: the native pair kernel cannot be built here")
 
-
-def _is_extension(fn) -> bool:
-    return isinstance(fn, type(len))  # a builtin (CPython extension) function, not a ctypes one
-
-
-@pytest.fixture(params=["native", "ctypes", "torch"])
-def pair_impl(request, monkeypatch):
-    """Runs a test with the C pair kernel as a CPython extension (where Python's headers are installed), the
-    same kernel through ctypes (MEGATRON_AMIR_NATIVE=ctypes), and its torch twin (MEGATRON_AMIR_NATIVE=0)."""
-    native.reset()
-    if request.param == "torch":
-        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "0")
-        assert native.pair_kernel() is None
-    else:
-        _needs_cc()
-        if request.param == "ctypes":
-            monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "ctypes")
-        else:
-            monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
-            if native.python_include() is None:
-                pytest.skip("no Python headers: the kernel is only built for ctypes here")
-        fn = native.pair_kernel()
-        assert fn is not None and _is_extension(fn) == (request.param == "native")
-    yield request.param
-    native.reset()
+def _sums(st):
+    return [st.sums[k].item() for k in ("pairs", "pair_loss_sum", "pair_correct", "pair_margin_sum")]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "shuffled", "unequal"])
-@pytest.mark.parametrize("mode,cap,margin", [("all", None, 0.0), ("all", None, 0.3), ("top", None, 0.1), ("all", 2, 0.1)])
+@pytest.mark.parametrize("mode,cap,margin", [("all", None, 0.0), ("all", None, 0.3), ("top", None, 0.1), ("all", 2, 0.1),
+                                             ("top", 2, 0.0)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, seed, pair_impl):
-    """C kernel and torch grid (contiguous view, gathered grid with padding), and the capped host path,
-    against loops; with lengths also the per-token coefficient c_i / |y_i|."""
+def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, seed):
+    """The group grid (a view for the trainer's contiguous layout, gathered with padding otherwise) against
+    loops: the pair sums and c_i = β·coef_sum_i / P."""
     rewards, gids, mask, old = make_batch(seed, n_groups=5, G=6, reward_kind="multi")
     mask[4] = False  # an invalid row inside a group
     if layout == "unequal":  # drop rows so groups have 6, 4, 6, 5, 6 rows
@@ -297,251 +269,37 @@ def test_pair_statistics_match_loop_on_every_layout(layout, mode, cap, margin, s
     lbar = torch.tensor([ref_lbar(old, mask, i, "mean") if mask[i].any() else 0.0 for i in range(len(rewards))],
                         dtype=torch.float64)
     gidx = torch.unique(gids, return_inverse=True)[1]
-    lengths = mask.sum(-1).double()
     st = pair_statistics(rewards, gidx, mask.any(-1), lbar, beta=beta, margin=margin, mode=mode,
-                         max_pairs_per_group=cap, lengths=lengths)
+                         max_pairs_per_group=cap)
     pairs = ref_pairs(rewards, gids, mask, margin, mode, cap)
     assert pairs
     d = [beta * float(lbar[w] - lbar[l]) for w, l in pairs]
-    count, loss_sum, correct, margin_sum = st.sums.tolist()
+    count, loss_sum, correct, margin_sum = _sums(st)
     assert count == len(pairs) and correct == sum(x > 0 for x in d)
     assert loss_sum == pytest.approx(sum(math.log1p(math.exp(-x)) for x in d), abs=1e-12)
     assert margin_sum == pytest.approx(sum(d), abs=1e-12)
     x = lbar.clone().requires_grad_(True)
     (pair_loss_sum(beta * x, torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs]))).backward()
     assert torch.allclose(beta * st.coef_sum, x.grad, atol=1e-12, rtol=0)  # c_i = β·coef_sum_i / P
-    assert st.coef_sum.dtype == torch.float64 and st.sums.dtype == torch.float64
-    assert torch.allclose(beta * st.coef_norm, x.grad / lengths.clamp(min=1), atol=1e-12, rtol=0)
+    assert st.coef_sum.dtype == torch.float64 and all(v.dtype == torch.float64 for v in st.sums.values())
 
 
-def test_pair_statistics_float32_inputs_and_no_pairs(pair_impl):
-    """float32 implicit rewards: sums stay float64, per-row outputs come back float32 and match the float64
-    loop to float32 precision; all-equal rewards give zeros; an empty batch gives zeros."""
+def test_pair_statistics_float32_inputs_and_no_pairs():
+    """float32 implicit rewards are summed in float64; all-equal rewards give zeros; an empty batch gives zeros."""
     rewards, gids, mask, old = make_batch(3, n_groups=4, G=5, reward_kind="multi")
     gidx = torch.unique(gids, return_inverse=True)[1]
     lbar = seq_logprob(old, mask).float()
-    st = pair_statistics(rewards, gidx, mask.any(-1), lbar, beta=0.5, lengths=mask.sum(-1).float())
-    assert st.sums.dtype == torch.float64 and st.coef_sum.dtype == torch.float32 and st.coef_norm.dtype == torch.float32
+    st = pair_statistics(rewards, gidx, mask.any(-1), lbar, beta=0.5)
     pairs = ref_pairs(rewards, gids, mask, 0.0, "all", None)
     x = lbar.double().clone().requires_grad_(True)
     pair_loss_sum(0.5 * x, torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs])).backward()
-    assert torch.allclose(0.5 * st.coef_sum.double(), x.grad, atol=1e-6, rtol=0)
-    assert st.sums[0].item() == len(pairs)
+    assert torch.allclose(0.5 * st.coef_sum, x.grad, atol=1e-12, rtol=0)
+    assert _sums(st)[0] == len(pairs)
     flat = pair_statistics(torch.ones(len(rewards), dtype=torch.float64), gidx, mask.any(-1), lbar)
-    assert flat.sums.tolist() == [0.0, 0.0, 0.0, 0.0] and not flat.coef_sum.any()
+    assert _sums(flat) == [0.0, 0.0, 0.0, 0.0] and not flat.coef_sum.any()
     empty = pair_statistics(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
                             torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64), num_groups=0)
-    assert empty.sums.tolist() == [0.0, 0.0, 0.0, 0.0] and empty.coef_sum.numel() == 0
-
-
-def test_prepare_batch_same_with_native_kernel_and_torch_twin(monkeypatch):
-    """prepare_batch gives the same coefficients, token coefficients and metrics with either implementation."""
-    _needs_cc()
-    rewards, gids, mask, old = make_batch(5, n_groups=5, G=6, reward_kind="multi")
-    out = {}
-    for impl in ("native", "torch"):
-        native.reset()
-        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", "1" if impl == "native" else "0")
-        for norm in ("mean", "sum"):
-            cfg = cfg_of({"beta": 0.3, "logprob_norm": norm})
-            out[impl, norm] = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
-                                            amir_state=AmirState.from_config(cfg.amir))
-    native.reset()
-    for norm in ("mean", "sum"):
-        a, b = out["native", norm], out["torch", norm]
-        assert a.pair_token_coef is not None and torch.count_nonzero(a.seq_coef) > 0
-        assert torch.allclose(a.seq_coef, b.seq_coef, atol=1e-15, rtol=0)
-        assert torch.allclose(a.pair_token_coef, b.pair_token_coef, atol=1e-15, rtol=0)
-        assert a.metrics.keys() == b.metrics.keys()
-        for k in a.metrics:
-            assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-12, abs=1e-12, nan_ok=True), k
-
-
-def test_native_kernel_rejects_a_bad_group_index():
-    if native.pair_kernel() is None:
-        pytest.skip("no native kernel here")
-    r = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"group index out of range \[0, 2\)"):
-        pair_statistics(r, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool), torch.zeros(3), num_groups=2)
-
-
-def test_native_build_is_cached_atomic_and_keyed_by_source(tmp_path):
-    """Concurrent builds into one cache leave one whole library and no temp files; an edited source gets a
-    new library; the library loads and computes."""
-    _needs_cc()
-    src = tmp_path / "pair_kernel.c"
-    src.write_bytes(native._SOURCES["pair"].read_bytes())
-    out = tmp_path / "cache"
-    paths, errors = [], []
-
-    def worker():
-        try:
-            paths.append(native.build(src, out))
-        except Exception as exc:  # noqa: BLE001 - reported by the assert below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(paths)) == 1
-    assert sorted(p.name for p in out.iterdir()) == [paths[0].name]
-    mtime = paths[0].stat().st_mtime_ns
-    assert native.build(src, out) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-    src.write_text(src.read_text() + "\n/* edited */\n")
-    assert native.build(src, out) != paths[0]
-    import ctypes
-
-    fn = native._bind_pair(ctypes.CDLL(str(paths[0])))
-    sums = torch.empty(4, dtype=torch.float64)
-    rows = torch.empty(2, dtype=torch.float64)
-    r, g, v, s = (torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0, 0]),
-                  torch.ones(2, dtype=torch.bool), torch.tensor([0.0, 0.0], dtype=torch.float64))
-    assert fn(2, 1, g.data_ptr(), r.data_ptr(), v.data_ptr(), s.data_ptr(), 0, 1.0, None, 0, 0.0, 0,
-              sums.data_ptr(), rows.data_ptr(), 0) == 0
-    assert sums.tolist() == pytest.approx([1.0, math.log(2.0), 0.0, 0.0]) and rows.tolist() == [-0.5, 0.5]
-
-
-def test_native_build_never_loads_a_library_others_can_write(tmp_path, caplog):
-    """A cached library that is group/world-writable (a shared cache someone else could have written) is not
-    loaded: a private copy is built instead, with a warning."""
-    _needs_cc()
-    src = native._SOURCES["pair"]
-    out = tmp_path / "cache"
-    lib = native.build(src, out)
-    assert (lib.stat().st_mode & 0o777) == 0o644
-    lib.write_bytes(b"planted")  # stands for a library another user put there
-    lib.chmod(0o666)
-    with caplog.at_level(logging.WARNING, logger="megatron_amir.algorithms.native"):
-        private = native.build(src, out)
-    assert private != lib and private.name == lib.name and private.read_bytes()[:4] == b"\x7fELF"
-    assert any("building a private copy" in r.getMessage() for r in caplog.records)
-    shutil.rmtree(private.parent)
-    # a whole library, but in a directory others can write to (they could swap it): not loaded either
-    lib.unlink()
-    assert native.build(src, out) == lib
-    out.chmod(0o777)
-    private = native.build(src, out)
-    assert private != lib
-    shutil.rmtree(private.parent)
-    out.chmod(0o1777)  # sticky, like /tmp: others cannot replace our file
-    assert native.build(src, out) == lib
-
-
-def test_extension_and_ctypes_kernels_agree_and_bad_calls_raise(monkeypatch):
-    _needs_cc()
-    if native.python_include() is None:
-        pytest.skip("no Python headers")
-    fns = {}
-    for mode in ("1", "ctypes"):
-        monkeypatch.setenv("MEGATRON_AMIR_NATIVE", mode)
-        native.reset()
-        fns[mode] = native.pair_kernel()
-    native.reset()
-    assert _is_extension(fns["1"]) and not _is_extension(fns["ctypes"])
-    g = torch.Generator().manual_seed(3)
-    n = 24
-    r = torch.randint(0, 3, (n,), generator=g).double()
-    gidx = torch.arange(n) // 6
-    valid = torch.rand(n, generator=g) > 0.1
-    s = torch.randn(n, generator=g)
-    lengths = torch.randint(0, 9, (n,), generator=g).float()
-    outs = {}
-    for mode, fn in fns.items():
-        sums, rows = torch.empty(4, dtype=torch.float64), torch.empty(2, n)
-        rc = fn(n, 4, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), True, 0.2, lengths.data_ptr(),
-                True, 0.5, False, sums.data_ptr(), rows.data_ptr(), True)
-        assert rc == 0
-        outs[mode] = (sums, rows)
-        bad = torch.tensor([0, 9])  # a group index out of range is refused by both, not read out of bounds
-        assert fn(2, 4, bad.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), True, 0.2, None, True, 0.5,
-                  False, sums.data_ptr(), rows.data_ptr(), True) == -1
-    assert torch.equal(outs["1"][0], outs["ctypes"][0]) and torch.equal(outs["1"][1], outs["ctypes"][1])
-    assert outs["1"][0][0] > 0
-    with pytest.raises(TypeError, match="15 arguments"):
-        fns["1"](1, 2)
-    with pytest.raises(TypeError):
-        fns["1"](n, 4, "not a pointer", 0, 0, 0, True, 0.2, None, True, 0.5, False, 0, 0, True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("norm,anchored", [("mean", False), ("sum", False), ("mean", True)])
-def test_prepare_batch_direct_kernel_call_equals_pair_statistics(pair_impl, dtype, norm, anchored):
-    """prepare_batch calls the kernel on its own inputs without pair_statistics' conversions; a strided
-    (non-contiguous) rewards tensor must take the converting path and give the same batch."""
-    rewards, gids, mask, old = make_batch(11, reward_kind="graded")
-    old = old.to(dtype)
-    ref = (old - 0.3).to(dtype)
-    cfg = cfg_of(dict(enabled=True, adaptive_lambda=False, margin=0.1, logprob_norm=norm, reference_anchored=anchored))
-    strided = torch.stack([rewards, torch.full_like(rewards, 99.0)], dim=1)[:, 0]
-    assert not strided.is_contiguous()
-    out = []
-    for r in (rewards, strided):
-        out.append(prepare_batch(rewards=r, group_ids=gids, response_mask=mask, old_logp=old, ref_logp=ref, cfg=cfg,
-                                 amir_state=AmirState.from_config(cfg.amir)))
-    a, b = out
-    assert a.pair_token_coef is not None and a.seq_coef.dtype == dtype
-    assert torch.equal(a.seq_coef, b.seq_coef) and torch.equal(a.pair_token_coef, b.pair_token_coef)
-    assert a.metrics.keys() == b.metrics.keys()
-    assert all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a.metrics.values(), b.metrics.values()))
-    # and the per-row coefficients are pair_statistics' own (float64 loop tests pin those down)
-    lengths = mask.to(dtype).sum(-1)
-    s = seq_logprob(old, mask.to(dtype), norm)
-    if anchored:
-        s = s - seq_logprob(ref, mask.to(dtype), norm)
-    gidx = torch.unique(gids, return_inverse=True)[1]
-    st = pair_statistics(rewards, gidx, lengths > 0, s, beta=cfg.amir.beta, margin=0.1,
-                         lengths=lengths if norm == "mean" else None)
-    lam, P = cfg.amir.lambda_init, a.metrics["pair_count"]
-    assert torch.allclose(a.seq_coef.double(), st.coef_sum.double() * lam * cfg.amir.beta / P, rtol=1e-6, atol=0)
-
-
-def test_without_python_headers_the_kernel_goes_through_ctypes(monkeypatch):
-    _needs_cc()
-    monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
-    monkeypatch.setattr(native, "python_include", lambda: None)
-    native.reset()
-    try:
-        fn = native.pair_kernel()
-        assert fn is not None and not _is_extension(fn)
-    finally:
-        native.reset()
-
-
-def test_reused_buffers_never_leak_into_a_prepared_batch(pair_impl):
-    """prepare_batch lets the kernel write into per-thread buffers; what it returns must not alias them."""
-    rewards, gids, mask, old = make_batch(5)
-    cfg = cfg_of(dict(enabled=True, adaptive_lambda=False, lambda_init=0.05, margin=0.1))
-    first = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,
-                          amir_state=AmirState.from_config(cfg.amir))
-    keep = (first.seq_coef.clone(), first.pair_token_coef.clone())
-    assert first.pair_token_coef is not None and torch.count_nonzero(keep[0]) > 0
-    r2, _, _, old2 = make_batch(6)
-    prepare_batch(rewards=r2, group_ids=gids, response_mask=mask, old_logp=old2 - 1.0, cfg=cfg,
-                  amir_state=AmirState.from_config(cfg.amir))
-    assert torch.equal(first.seq_coef, keep[0]) and torch.equal(first.pair_token_coef, keep[1])
-    # and the public call without reuse returns fresh tensors every time
-    args = (rewards, torch.arange(len(rewards)) // 6, torch.ones(len(rewards), dtype=torch.bool), old.mean(-1))
-    a, b = pair_statistics(*args, beta=0.2), pair_statistics(*args, beta=0.2)
-    assert a.rows.data_ptr() != b.rows.data_ptr() and torch.equal(a.rows, b.rows)
-
-
-def test_without_a_compiler_the_torch_twin_is_used_with_one_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("MEGATRON_AMIR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MEGATRON_AMIR_NATIVE", raising=False)
-    native.reset()
-    try:
-        with caplog.at_level(logging.WARNING, logger="megatron_amir.algorithms.native"):
-            assert native.pair_kernel() is None and native.pair_kernel() is None
-            r = torch.tensor([1.0, 0.0], dtype=torch.float64)
-            st = pair_statistics(r, torch.tensor([0, 0]), torch.ones(2, dtype=torch.bool), torch.zeros(2))
-        assert st.sums.tolist() == pytest.approx([1.0, math.log(2.0), 0.0, 0.0])
-        warnings = [rec for rec in caplog.records if "native pair kernel unavailable" in rec.getMessage()]
-        assert len(warnings) == 1 and "no-such-cc" in warnings[0].getMessage()
-    finally:
-        native.reset()
+    assert _sums(empty) == [0.0, 0.0, 0.0, 0.0] and empty.coef_sum.numel() == 0
 
 
 def test_pair_coefficients_are_autograd_of_pair_loss():
@@ -554,13 +312,6 @@ def test_pair_coefficients_are_autograd_of_pair_loss():
     (pair_loss_sum(beta * lbar, w, l) / P).backward()
     c = pair_coefficients(s, w, l, beta, P)
     assert torch.allclose(c, lbar.grad, atol=1e-15, rtol=0)
-    # the host (numpy) twin used by prepare_batch
-    tot, acc, marg, g = pair_terms_numpy(s.numpy(), w.numpy(), l.numpy(), beta)
-    c_host = coefficients_from_terms(g, w.numpy(), l.numpy(), 9, P)
-    assert torch.allclose(torch.from_numpy(c_host), lbar.grad, atol=1e-15, rtol=0)
-    d = [float(s[a] - s[b]) for a, b in zip(w.tolist(), l.tolist())]
-    assert tot == pytest.approx(sum(math.log1p(math.exp(-x)) for x in d), abs=1e-14)
-    assert acc == sum(x > 0 for x in d) and marg == pytest.approx(sum(d), abs=1e-14)
     assert torch.autograd.gradcheck(lambda x: pair_loss_sum(x, w, l), (s.clone().requires_grad_(True),))
     x = -torch.rand(3, 5, dtype=torch.float64).requires_grad_(True)
     m = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
@@ -618,22 +369,26 @@ def test_lambda_updated_before_applied_to_same_step(seed):
     cfg = cfg_of(amir={"margin": 0.5}, loss_agg_mode="token-mean")
     st = AmirState.from_config(cfg.amir)
     pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=st)
+    assert (st.lam, st.step) == (0.01, 0)  # no side effect: the caller commits pb.amir_state
     pairs = ref_pairs(rewards, gids, mask, 0.5, "all", None)
     assert pairs
     pl = float(ref_pair_loss(old, mask, pairs, 0.2, "mean"))
     gl = ref_grpo_tokenmean_ratio1(rewards, gids, mask)
     assert pb.metrics["grpo_loss_ratio1"] == pytest.approx(gl, abs=1e-12)
     new_lam = ref_lambda_rule(0.01, pl, gl)
-    assert st.lam == pytest.approx(new_lam, abs=1e-15) and pb.metrics["lambda"] == st.lam and st.step == 1
+    new = pb.amir_state
+    assert new.lam == pytest.approx(new_lam, abs=1e-15) and pb.metrics["lambda"] == new.lam and new.step == 1
+    assert pb.metrics["q"] == pytest.approx(0.01 * pl / max(1e-9, gl), rel=1e-12)
     lbar = torch.tensor([float(ref_lbar(old, mask, i, "mean")) if mask[i].any() else 0.0
                          for i in range(len(rewards))], dtype=torch.float64).requires_grad_(True)
     direct = ref_pair_loss(lbar.unsqueeze(-1), torch.ones(len(rewards), 1, dtype=torch.bool), pairs, 0.2, "mean")
     direct.backward()
     assert torch.allclose(pb.seq_coef, new_lam * lbar.grad, atol=1e-15, rtol=0)
-    # update_lambda=False recomputes without moving λ
-    pb2 = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=st,
+    # update_lambda=False recomputes with the committed λ without moving it
+    pb2 = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=new,
                         update_lambda=False)
-    assert pb2.metrics["lambda"] == st.lam and st.step == 1
+    assert pb2.metrics["lambda"] == new.lam and (pb2.amir_state.lam, pb2.amir_state.step) == (new.lam, 1)
+    assert torch.allclose(pb2.seq_coef, pb.seq_coef, atol=1e-15, rtol=0)
 
 
 def test_all_equal_groups_no_pairs_zero_loss_finite_grads():
@@ -645,7 +400,7 @@ def test_all_equal_groups_no_pairs_zero_loss_finite_grads():
     assert pb.metrics["pair_count"] == 0 and pb.metrics["pair_loss"] == 0.0
     assert pb.metrics["zero_variance_groups"] == pb.metrics["num_groups"] == 4
     assert pb.pair_token_coef is None and torch.count_nonzero(pb.seq_coef) == 0
-    assert st.step == 0 and st.lam == 0.01  # no pairs: λ untouched, as in the reference code
+    assert pb.amir_state.step == 0 and pb.amir_state.lam == 0.01  # no pairs: λ untouched, as in the reference
     lp = (old + 0.3).requires_grad_(True)
     loss, stats = micro_batch_loss(lp, pb, cfg)
     loss.backward()
@@ -735,8 +490,7 @@ def test_length_bias_of_aggregation_modes_and_pair_term():
 
 @pytest.mark.gpu
 def test_prepare_batch_on_cuda_matches_cpu():
-    """CUDA inputs: the pair statistics run on the host (a copy of a few hundred numbers) and every
-    prepared tensor comes back on the device, equal to the CPU result."""
+    """CUDA inputs: everything, pair statistics included, runs on the device and equals the CPU result."""
     rewards, gids, mask, old = make_batch(7, n_groups=4, G=6, reward_kind="multi")
     cfg = cfg_of({"beta": 0.3})
     cpu = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg,

@@ -61,7 +61,7 @@ def _run(rows, cfg, dp_group, state):
         loss, _ = micro_batch_loss(lp[idx], pb.select(idx), cfg)
         loss.backward()
         total += float(loss.detach())
-    return total, lp.grad, pb.metrics, state.lam
+    return total, lp.grad, pb.metrics, pb.amir_state
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -74,7 +74,8 @@ def _worker(rank, world, init_file, out_dir):
         for name in sorted(CONFIGS):
             cfg = _cfg(name)
             state = AmirState.from_config(cfg.amir)
-            total, grad, metrics, lam = _run(rows, cfg, dist.group.WORLD, state)
+            total, grad, metrics, new_state = _run(rows, cfg, dist.group.WORLD, state)
+            lam = new_state.lam
             t = torch.tensor([total], dtype=torch.float64)
             dist.all_reduce(t)  # micro-batch losses are summed over DP ranks
             torch.save({"rows": rows, "grad": grad, "total": t, "metrics": metrics, "lam": lam},
@@ -90,8 +91,9 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     for name in sorted(CONFIGS):
         cfg = _cfg(name)
         state = AmirState.from_config(cfg.amir)
-        total1, grad1, metrics1, lam1 = _run(torch.arange(28), cfg, None, state)
-        assert metrics1["pair_count"] > 0 and state.step == 1
+        total1, grad1, metrics1, new_state = _run(torch.arange(28), cfg, None, state)
+        lam1 = new_state.lam
+        assert metrics1["pair_count"] > 0 and new_state.step == 1 and state.step == 0
         outs = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(2)]
         grad2 = torch.zeros_like(grad1)
         for o in outs:

@@ -7,16 +7,13 @@ from .amir import (
     AmirState,
     PairStats,
     build_pairs,
-    coefficients_from_terms,
     implicit_rewards,
     pair_coefficients,
     pair_loss_sum,
     pair_statistics,
-    pair_terms_numpy,
-    pairs_numpy,
     seq_logprob,
 )
-from .batch import PreparedBatch, micro_batch_loss, prepare_batch, reduce_micro_batch_stats
+from .batch import PreparedBatch, allreduce_sums, micro_batch_loss, prepare_batch, reduce_micro_batch_stats
 from .kl import KL_ESTIMATORS, kl_penalty, kl_reward_penalty, register_kl_estimator
 from .policy_loss import (
     POLICY_LOSSES,
@@ -24,14 +21,13 @@ from .policy_loss import (
     policy_loss,
     register_policy_loss,
     tis_weight,
-    weighted_ppo_loss,
 )
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES",
     "AmirState", "PairStats", "PreparedBatch",
-    "aggregate", "build_pairs", "clipped_surrogate", "coefficients_from_terms", "compute_advantages",
-    "implicit_rewards", "pair_statistics", "pair_terms_numpy", "pairs_numpy", "weighted_ppo_loss",
+    "aggregate", "allreduce_sums", "build_pairs", "clipped_surrogate", "compute_advantages",
+    "implicit_rewards", "pair_statistics",
     "kl_penalty", "kl_reward_penalty", "micro_batch_loss", "pair_coefficients", "pair_loss_sum",
     "policy_loss", "prepare_batch", "reduce_micro_batch_stats", "register_advantage_estimator",
     "register_aggregation", "register_kl_estimator", "register_policy_loss", "seq_logprob",

@@ -3,8 +3,9 @@
 Inside each group (one prompt, G rollouts) every ordered pair (w, l) with r_w − r_l > margin is a
 preference pair (strict: ties never pair). Modes: ``all`` (every such pair) and ``top`` (the best
 rollout, first in row order on ties, against each worse one). ``max_pairs_per_group`` keeps the pairs
-with the largest reward gaps (ties broken by row order). This is the reference code's
-``_build_contrastive_pairs``.
+with the largest reward gaps; on equal gaps the pair enumerated first wins, pairs being enumerated with
+the rows in reward-descending order (stable), so the pair whose winner has the higher reward. This is the
+reference code's ``_build_contrastive_pairs``: rewards [1, 2, 0], margin 0.5, cap 2 keep (1, 2) and (1, 0).
 
 Implicit reward s_i = β·(ℓ̄_θ(y_i) − ℓ̄_ref(y_i)), ℓ̄ = Σ_t m_t log π(y_t) / |y_i| (``mean``, the paper's
 length normalization) or the plain sum (``sum``); the reference term is used only when
@@ -21,22 +22,21 @@ reference code re-runs the policy on 2 sequences per pair) and applies once per 
 
 Adaptive λ (reference code): q = λ·L_pair / max(1e-9, L_GRPO); q < 0.30 → λ ← min(λ_max, 1.25 λ);
 else q > 0.70 → λ ← max(λ_min, 0.8 λ). The reference updates λ *before* using it in the same step's
-loss, and skips the update when a batch has no pairs; ``prepare_batch`` does the same.
+loss, and skips the update when a batch has no pairs; ``prepare_batch`` does the same, but only
+proposes the new λ (``AmirState.proposed``): the trainer commits it once the optimizer step succeeded.
+
+Everything here is torch on the inputs' device; float64 loop references live in tests/test_amir.py.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-from . import native
 
 
 def seq_logprob(logp: torch.Tensor, response_mask: torch.Tensor, norm: str = "mean") -> torch.Tensor:
@@ -64,7 +64,80 @@ def implicit_rewards(
     return beta * s
 
 
-_DENSE_MAX_ROWS = 1024  # N x N masks up to ~1M entries; beyond that the per-group grid is cheaper
+@dataclass
+class _Grid:
+    """Rows laid out on a [B, G_max] grid: ``slot[b, k]`` = row index (``n`` for padding), ``ok`` = a valid row.
+    ``view``: the trainer's layout (rows [k·G, (k+1)·G) form group k, kept in row order): the grid is a view."""
+
+    slot: torch.Tensor
+    ok: torch.Tensor
+    n: int
+    view: bool
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x[N] on the grid (padding cells read 0; ``ok`` masks them)."""
+        return x.view(self.slot.shape) if self.view else torch.cat([x, x.new_zeros(1)])[self.slot]
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """Grid values back to rows [N] (padding dropped; rows that are not valid get what their cell holds)."""
+        if self.view:
+            return x.reshape(self.n)
+        out = x.new_zeros(self.n + 1).scatter_(0, self.slot.reshape(-1), x.reshape(-1))
+        return out[: self.n]
+
+
+def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Optional[torch.Tensor] = None) -> _Grid:
+    """The grid of groups ``gidx[N]`` (dense 0..B-1). With ``r``: each group's cells in the reference code's
+    enumeration order, reward descending, ties (and invalid rows, last) in row order."""
+    n, dev = gidx.shape[0], gidx.device
+    if n % num_groups == 0 and torch.equal(gidx, _contiguous_groups(n, num_groups, dev)):
+        grid = _Grid(torch.arange(n, device=dev).view(num_groups, -1), valid.reshape(num_groups, -1), n, True)
+    else:
+        counts = torch.bincount(gidx, minlength=num_groups)
+        order = torch.argsort(gidx, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        g_sorted = gidx[order]
+        pos = torch.arange(n, device=dev) - starts[g_sorted]
+        slot = torch.full((num_groups, int(counts.max())), n, dtype=torch.long, device=dev)
+        slot[g_sorted, pos] = order
+        grid = _Grid(slot, torch.cat([valid, valid.new_zeros(1)])[slot], n, False)
+    if r is not None:
+        key = torch.where(grid.ok, grid.take(r), -math.inf)
+        perm = torch.sort(key, dim=1, descending=True, stable=True).indices
+        grid = _Grid(grid.slot.gather(1, perm), grid.ok.gather(1, perm), n, False)
+    return grid
+
+
+@functools.lru_cache(maxsize=16)
+def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
+    """The group index of the trainer's layout (G = n / b rows per group), built once per shape."""
+    return torch.arange(n, device=device) // (n // b)
+
+
+def _candidates(r: torch.Tensor, grid: _Grid, margin: float, mode: str, cap: Optional[int]) -> torch.Tensor:
+    """cand[b, w, l]: (w, l) is a kept pair of group b (cells of ``grid``)."""
+    ok = grid.ok
+    rg = torch.where(ok, grid.take(r), math.nan)  # invalid rows and padding: NaN never wins or loses
+    gap = rg.unsqueeze(2) - rg.unsqueeze(1)  # gap[b, w, l] = r_w − r_l
+    cand = gap > margin
+    if mode == "top":
+        # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
+        top = torch.where(ok, rg, -math.inf).argmax(dim=1)
+        cand &= (torch.arange(rg.shape[1], device=r.device) == top.unsqueeze(1)).unsqueeze(2)
+    if cap is not None:
+        # cells are in reward-descending order (``_group_grid`` with r), so flattening (w, l) enumerates the pairs
+        # as the reference code does; a stable sort by gap then keeps, on equal gaps, the earlier-enumerated pair
+        b, gmax = rg.shape[0], rg.shape[1]
+        score = torch.where(cand, gap, -math.inf).reshape(b, -1)
+        ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(gmax * gmax, device=r.device).expand(b, -1))
+        cand &= (rank < cap).view(b, gmax, gmax)
+    return cand
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("all", "top"):
+        raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
 
 
 def build_pairs(
@@ -75,151 +148,35 @@ def build_pairs(
     margin: float = 0.0,
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
-    dense: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preference pairs as row-index tensors (w_idx[P], l_idx[P]) with r_w − r_l > margin, same group.
 
-    Torch front end of ``pairs_numpy`` (the indices come back on ``rewards.device``).
+    Same pairs as ``pair_statistics`` uses; for inspection and tests (the training step needs only the sums).
     """
-    n = rewards.numel()
-    v = np.ones(n, dtype=bool) if valid is None else valid.detach().cpu().numpy().astype(bool)
-    w, l = pairs_numpy(
-        rewards.detach().cpu().double().numpy(), group_ids.detach().cpu().numpy(), v,
-        margin=margin, mode=mode, max_pairs_per_group=max_pairs_per_group, dense=dense,
-    )
-    dev = rewards.device
-    return torch.from_numpy(w).to(dev), torch.from_numpy(l).to(dev)
-
-
-def pairs_numpy(
-    r: np.ndarray,
-    group_ids: np.ndarray,
-    valid: np.ndarray,
-    *,
-    margin: float = 0.0,
-    mode: str = "all",
-    max_pairs_per_group: Optional[int] = None,
-    dense: Optional[bool] = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (w_idx, l_idx) as int64 arrays. Rewards, ids and the validity mask are tiny per-sequence
-    arrays, so the pair bookkeeping runs on the host in float64 (a few microseconds; no device launches).
-
-    Two vectorized layouts with identical results (``dense=None`` picks by size): an N×N same-group
-    mask (fastest for the usual few hundred rows per rank) or a [B, G_max, G_max] per-group grid (memory
-    linear in N). ``max_pairs_per_group`` keeps the largest gaps, ties broken by (winner, loser) row order.
-    """
-    if mode not in ("all", "top"):
-        raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
-    r = np.asarray(r, dtype=np.float64)
-    n = r.shape[0]
+    _check_mode(mode)
+    n, dev = rewards.numel(), rewards.device
     if n == 0:
-        e = np.zeros(0, dtype=np.int64)
+        e = torch.zeros(0, dtype=torch.long, device=dev)
         return e, e
-    if dense is None:
-        dense = n <= _DENSE_MAX_ROWS
-    fn = _pairs_dense if dense else _pairs_grid
-    w, l = fn(r, np.asarray(group_ids), np.asarray(valid, dtype=bool), margin, mode, max_pairs_per_group)
-    return w.astype(np.int64, copy=False), l.astype(np.int64, copy=False)
-
-
-def _pairs_dense(r, group_ids, valid, margin, mode, cap):
-    n = r.shape[0]
-    same = (group_ids[:, None] == group_ids[None, :]) & valid[:, None] & valid[None, :]
-    gap = r[:, None] - r[None, :]  # gap[w, l] = r_w - r_l
-    cand = same & (gap > margin)
-    if mode == "top":
-        # w is its group's top rollout iff no valid same-group row beats it or ties it earlier in row order
-        idx = np.arange(n)
-        beats = (gap < 0) | ((gap == 0) & (idx[None, :] < idx[:, None]))  # [w, j]: j beats w
-        cand &= (valid & ~(same & beats).any(1))[:, None]
-    w, l = np.nonzero(cand)
-    if cap is not None and w.size:
-        # rank candidates inside each group by gap (desc), ties by (w, l) row order: two stable sorts
-        _, g = np.unique(group_ids, return_inverse=True)
-        g = g.reshape(-1)[w]
-        o1 = np.argsort(-gap[w, l], kind="stable")
-        order = o1[np.argsort(g[o1], kind="stable")]
-        gs = g[order]
-        counts = np.bincount(gs)
-        starts = np.cumsum(counts) - counts
-        rank = np.arange(order.size) - starts[gs]
-        keep = np.sort(order[rank < cap])
-        w, l = w[keep], l[keep]
-    return w, l
-
-
-def _pairs_grid(r, group_ids, valid, margin, mode, cap):
-    _, gidx = np.unique(group_ids, return_inverse=True)
-    gidx = gidx.reshape(-1)
-    counts = np.bincount(gidx)
-    b, gmax = counts.size, int(counts.max())
-    slot, ok = _group_slots(gidx, valid, counts)
-    rg = np.where(ok, r[np.maximum(slot, 0)], np.nan)
-    gap = rg[:, :, None] - rg[:, None, :]  # gap[b, w, l] = r_w - r_l
-    with np.errstate(invalid="ignore"):
-        cand = gap > margin
-    if mode == "top":
-        # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
-        top = np.where(ok, rg, -np.inf).argmax(axis=1)
-        cand &= (np.arange(gmax)[None, :] == top[:, None])[:, :, None]
-    if cap is not None:
-        score = np.where(cand, gap, -np.inf).reshape(b, -1)
-        ranked = np.argsort(-score, axis=1, kind="stable")
-        rank = np.empty_like(ranked)
-        np.put_along_axis(rank, ranked, np.broadcast_to(np.arange(gmax * gmax), (b, gmax * gmax)), axis=1)
-        cand &= (rank < cap).reshape(b, gmax, gmax)
-    bi, wi, li = np.nonzero(cand)
-    return slot[bi, wi], slot[bi, li]
-
-
-def pair_terms_numpy(
-    s: np.ndarray, w: np.ndarray, l: np.ndarray, beta: float
-) -> tuple[float, float, float, np.ndarray]:
-    """Host-side pair sums for implicit rewards s[N] (float64): (Σ −log σ(d), #(d > 0), Σ d, g) with
-    d = s_w − s_l and g = β·σ(−d) per pair (the unnormalized coefficient magnitudes)."""
-    d = s[w] - s[l]
-    return (
-        float(np.logaddexp(0.0, -d).sum()),
-        float((d > 0).sum()),
-        float(d.sum()),
-        beta * np.exp(-np.logaddexp(0.0, d)),  # σ(−d), overflow-free
-    )
-
-
-def coefficients_from_terms(g: np.ndarray, w: np.ndarray, l: np.ndarray, n: int, num_pairs: float) -> np.ndarray:
-    """c_i = (Σ_{(w,i)} g − Σ_{(i,l)} g) / P: the loser side gets +βσ(−d)/P, the winner side −βσ(−d)/P."""
-    return (np.bincount(l, g, minlength=n) - np.bincount(w, g, minlength=n)) / float(num_pairs)
+    valid = torch.ones(n, dtype=torch.bool, device=dev) if valid is None else valid.to(device=dev, dtype=torch.bool)
+    uniq, gidx = torch.unique(group_ids.to(dev), return_inverse=True)
+    r = rewards.detach().to(torch.float64)
+    grid = _group_grid(gidx, valid, int(uniq.numel()), r if max_pairs_per_group is not None else None)
+    bi, wi, li = torch.nonzero(_candidates(r, grid, margin, mode, max_pairs_per_group), as_tuple=True)
+    return grid.slot[bi, wi], grid.slot[bi, li]
 
 
 @dataclass
 class PairStats:
-    """One rank's pair sums for implicit rewards s (tensors on the rewards' device).
+    """One rank's pair sums (tensors on the rewards' device, float64).
 
-    ``sums`` = [P, Σ −log σ(d), #(d > 0), Σ d] over this rank's pairs (d = s_w − s_l), and ``coef_sum[N]`` =
-    Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that c_i = β·coef_sum_i / P_global. ``coef_norm[N]`` =
-    coef_sum_i / max(1, |y_i|) when lengths were given (the per-token coefficient of the ``mean`` norm).
-    Both live in ``rows`` (one [k, N] tensor, so a caller scales them in one op), accumulated in float64 and
-    stored in the dtype of ``s`` (float32 or float64).
+    ``sums`` = {"pairs": P, "pair_loss_sum": Σ −log σ(d), "pair_correct": #(d > 0), "pair_margin_sum": Σ d}
+    over this rank's pairs (d = s_w − s_l); ``coef_sum[N]`` = Σ_{(w,i)} σ(−d) − Σ_{(i,l)} σ(−d), so that
+    c_i = β·coef_sum_i / P_global.
     """
 
-    sums: torch.Tensor
-    rows: torch.Tensor  # [1, N] = coef_sum, or [2, N] = (coef_sum, coef_norm)
-    _views: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
-
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows[0], rows[-1] as an [N, 1] column): the per-sequence and the per-token coefficient rows."""
-        return self._views if self._views is not None else (self.rows[0], self.rows[-1].unsqueeze(1))
-
-    @property
-    def coef_sum(self) -> torch.Tensor:
-        return self.rows[0]
-
-    @property
-    def coef_norm(self) -> Optional[torch.Tensor]:
-        return self.rows[1] if self.rows.shape[0] > 1 else None
-
-
-_FLOATS = (torch.float64, torch.float32)
+    sums: dict[str, torch.Tensor]
+    coef_sum: torch.Tensor
 
 
 def pair_statistics(
@@ -233,153 +190,32 @@ def pair_statistics(
     margin: float = 0.0,
     mode: str = "all",
     max_pairs_per_group: Optional[int] = None,
-    lengths: Optional[torch.Tensor] = None,
 ) -> PairStats:
     """Pairs of rewards ``r[N]`` inside groups ``gidx[N]`` (dense 0..B-1) and their terms under implicit rewards
-    ``β·s[N]``. Same pairs as ``pairs_numpy``, same sums as ``pair_terms_numpy`` + ``coefficients_from_terms``;
-    with ``lengths[N]`` also ``coef_norm`` = coef_sum / max(1, length).
-
-    Without a cap this is one call of the C kernel ``pair_kernel.c`` (``native.py``; on the host, so CUDA
-    inputs are copied over, a few hundred numbers) or, when that cannot be built, the torch grid
-    ``_pair_statistics_torch``. With a cap the pairs are ranked on the host first (``pairs_numpy``).
+    β·``s[N]``, as masked reductions over a [B, G_max, G_max] grid of (winner, loser) cells, on ``r``'s device.
     """
-    if mode not in ("all", "top"):
-        raise ValueError(f"algorithm.amir.pair_mode: unknown {mode!r} (known: 'all', 'top')")
-    if max_pairs_per_group is None:
-        kernel = native.pair_kernel()
-        if kernel is not None:
-            return _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths)
+    _check_mode(mode)
     n, dev = r.shape[0], r.device
-    s_dtype = s.dtype if s.dtype in _FLOATS else torch.float64
-    r, s = r.to(torch.float64), s.to(torch.float64) * beta
     if n == 0:
-        sums, coef = torch.zeros(4, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.float64, device=dev)
-    elif max_pairs_per_group is not None:
-        w, l = pairs_numpy(r.cpu().numpy(), gidx.cpu().numpy(), valid.cpu().numpy(), margin=margin, mode=mode,
-                           max_pairs_per_group=max_pairs_per_group)
-        loss_sum, correct, margin_sum, sig = pair_terms_numpy(s.cpu().numpy(), w, l, 1.0)
-        sums = torch.tensor([float(w.size), loss_sum, correct, margin_sum], dtype=torch.float64, device=dev)
-        coef = torch.from_numpy(coefficients_from_terms(sig, w, l, n, 1.0)).to(dev)
-    else:
-        sums, coef = _pair_statistics_torch(r, gidx, valid, s, num_groups, margin, mode)
-    rows = [coef] if lengths is None else [coef, coef / lengths.to(device=dev, dtype=torch.float64).clamp(min=1)]
-    return PairStats(sums, torch.stack(rows).to(s_dtype))
-
-
-def _host(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    """``t`` as C-contiguous host memory of one of ``dtypes`` (the first when converting); no copy when it is."""
-    if not t.is_cpu or t.dtype not in dtypes or not t.is_contiguous():
-        t = t.detach().to(device="cpu", dtype=t.dtype if t.dtype in dtypes else dtypes[0]).contiguous()
-    return t
-
-
-_buffers = threading.local()  # pair_kernel_call(reuse_buffers=True): (n, k, dtype) -> (sums, rows, views), per thread
-
-
-def _outputs(n: int, k: int, dtype: torch.dtype, reuse: bool):
-    if reuse:
-        cache = getattr(_buffers, "by_shape", None)
-        if cache is None:
-            cache = _buffers.by_shape = {}
-        out = cache.get((n, k, dtype))
-        if out is None:
-            if len(cache) > 8:  # varying batch shapes: keep a few, not one per shape ever seen
-                cache.clear()
-            rows = torch.empty(k, n, dtype=dtype)
-            out = cache[(n, k, dtype)] = (torch.empty(4, dtype=torch.float64), rows, (rows[0], rows[-1].unsqueeze(1)))
-        return out
-    return torch.empty(4, dtype=torch.float64), torch.empty(k, n, dtype=dtype), None
-
-
-def _pair_statistics_native(kernel, r, gidx, valid, s, beta, num_groups, margin, mode, lengths) -> PairStats:
-    dev, n = r.device, r.shape[0]
-    r, gidx, valid = _host(r, (torch.float64,)), _host(gidx, (torch.int64,)), _host(valid, (torch.bool,))
-    s = _host(s, _FLOATS)
-    b = int(num_groups) if num_groups is not None else (int(gidx.max()) + 1 if n else 0)
-    if lengths is not None:
-        lengths = _host(lengths, _FLOATS)
-    st = pair_kernel_call(kernel, n, b, gidx, r, valid, s, lengths, float(beta), float(margin), mode == "top", False)
-    return st if dev.type == "cpu" else PairStats(st.sums.to(dev), st.rows.to(dev))
-
-
-def pair_kernel_call(kernel, n: int, b: int, gidx: torch.Tensor, r: torch.Tensor, valid: torch.Tensor,
-                     s: torch.Tensor, lengths: Optional[torch.Tensor], beta: float, margin: float, top: bool,
-                     reuse_buffers: bool) -> PairStats:
-    """The C kernel on inputs that are already host, C-contiguous [n] tensors of the right dtypes: r float64,
-    gidx int64 (in [0, b)), valid bool, s and lengths (or None) float32 or float64. No conversion, no check
-    beyond the kernel's own group-index bound: ``prepare_batch`` builds exactly such inputs and calls this
-    directly, since in a training step ``pair_statistics``' argument handling costs more than the kernel
-    (docs/benchmarks.md). Returns c_i (and c_i / |y_i|) in s's dtype. ``reuse_buffers``: write into per-thread
-    buffers that the next such call overwrites (for a caller that consumes the result at once, as
-    ``prepare_batch`` does), saving two allocations."""
-    sums, rows, views = _outputs(n, 1 if lengths is None else 2, s.dtype, reuse_buffers)
-    s32 = s.dtype is torch.float32
-    rc = kernel(n, b, gidx.data_ptr(), r.data_ptr(), valid.data_ptr(), s.data_ptr(), s32, beta,
-                None if lengths is None else lengths.data_ptr(), lengths is not None and lengths.dtype is torch.float32,
-                margin, top, sums.data_ptr(), rows.data_ptr(), s32)
-    if rc != 0:
-        raise ValueError(f"pair_statistics: group index out of range [0, {b})" if rc == -1
-                         else f"pair_statistics: native kernel failed (code {rc})")
-    return PairStats(sums, rows, views)
-
-
-def _pair_statistics_torch(r, gidx, valid, s, num_groups, margin, mode) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of the C kernel (float64 ``r``, ``s`` with β applied): every pair sum as a masked
-    reduction over [B, G_max, G_max] grids, a view when groups are contiguous and equal-sized."""
-    n, dev = r.shape[0], r.device
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        return PairStats({k: zero for k in _PAIR_SUMS}, torch.zeros(0, dtype=torch.float64, device=dev))
     b = int(num_groups) if num_groups is not None else int(gidx.max()) + 1
-    slot = None
-    if n % b == 0 and torch.equal(gidx, _contiguous_groups(n, b, gidx.device)):
-        rg, sg, ok = r.view(b, -1), s.view(b, -1), valid.view(b, -1)
-    else:
-        g_np = gidx.cpu().numpy()
-        slot_np, ok_np = _group_slots(g_np, valid.cpu().numpy(), np.bincount(g_np))
-        slot, ok = torch.from_numpy(slot_np).to(dev), torch.from_numpy(ok_np).to(dev)
-        rows = slot.clamp(min=0)  # padding cells read row 0; ``ok`` masks them
-        rg, sg = r[rows], s[rows]
-    rg = torch.where(ok, rg, _nan(dev))  # invalid rows and padding: NaN never wins or loses a comparison
-    cand = (rg.unsqueeze(2) - rg.unsqueeze(1)) > margin  # cand[b, w, l]: r_w − r_l > margin
-    if mode == "top":
-        # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
-        top = torch.where(ok, rg, -math.inf).argmax(dim=1)
-        cand &= (torch.arange(rg.shape[1], device=dev) == top.unsqueeze(1)).unsqueeze(2)
+    r = r.detach().to(torch.float64)
+    s = s.detach().to(device=dev, dtype=torch.float64) * beta
+    grid = _group_grid(gidx, valid, b, r if max_pairs_per_group is not None else None)
+    cand = _candidates(r, grid, margin, mode, max_pairs_per_group)
+    sg = grid.take(s)
     d = sg.unsqueeze(2) - sg.unsqueeze(1)  # d[b, w, l] = s_w − s_l, so d.mT = −d
     c = cand.to(torch.float64)
     log_sig = F.logsigmoid(d)
-    sums = torch.stack([
-        c.sum(), -(log_sig * c).sum(), (cand & (d > 0)).sum(dtype=torch.float64), (d * c).sum(),
-    ])
+    sums = dict(zip(_PAIR_SUMS, (c.sum(), -(log_sig * c).sum(), (cand & (d > 0)).sum(dtype=torch.float64),
+                                 (d * c).sum())))
     g = log_sig.mT.exp() * c  # σ(−d[b,w,l]) = σ(d[b,l,w]) on every pair (w, l)
     coef = (g - g.mT).sum(1)  # Σ_w g[b,w,i] − Σ_l g[b,i,l]: losers +, winners −
-    if slot is None:
-        return sums, coef.view(n)
-    flat = torch.zeros(n, dtype=torch.float64, device=dev)
-    flat[slot[ok]] = coef[ok]
-    return sums, flat
+    return PairStats(sums, grid.put(coef))
 
 
-@functools.lru_cache(maxsize=4)
-def _nan(device: torch.device) -> torch.Tensor:
-    return torch.tensor(math.nan, dtype=torch.float64, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
-    """The group index of the trainer's layout: rows [k·G, (k+1)·G) form group k (G = n / b)."""
-    return torch.arange(n, device=device) // (n // b)
-
-
-def _group_slots(gidx: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row index of every (group, position) cell (-1 for padding) and whether the cell is a valid row."""
-    n = gidx.shape[0]
-    order = np.argsort(gidx, kind="stable")
-    starts = np.cumsum(counts) - counts
-    gsorted = gidx[order]
-    slot = np.full((counts.size, int(counts.max())), -1, dtype=np.int64)
-    slot[gsorted, np.arange(n) - starts[gsorted]] = order
-    ok = slot >= 0
-    ok[ok] = valid[slot[ok]]
-    return slot, ok
+_PAIR_SUMS = ("pairs", "pair_loss_sum", "pair_correct", "pair_margin_sum")
 
 
 def pair_loss_sum(s: torch.Tensor, w_idx: torch.Tensor, l_idx: torch.Tensor) -> torch.Tensor:
@@ -397,8 +233,7 @@ def pair_coefficients(
 ) -> torch.Tensor:
     """c_i = ∂L_pair/∂ℓ̄_i (detached), L_pair = Σ −log σ(s_w − s_l) / num_pairs, s = β ℓ̄ + const.
 
-    Torch form (any device); ``prepare_batch`` uses the host twin ``pair_terms_numpy`` +
-    ``coefficients_from_terms`` (same formula, float64).
+    On an explicit pair list (``build_pairs``); ``pair_statistics`` forms the same sums on the group grid.
 
     d/dd [−log σ(d)] = −σ(−d), d = s_w − s_l, ∂d/∂ℓ̄_w = β, ∂d/∂ℓ̄_l = −β. ``diff``: precomputed s_w − s_l.
     """
@@ -444,19 +279,25 @@ class AmirState:
             lambda_down=float(amir_cfg.lambda_down),
         )
 
-    def update(self, pair_loss: float, grpo_loss: float) -> float:
-        """Apply the reference rule once; returns q = λ·L_pair / max(1e-9, L_GRPO) (with the old λ).
+    def proposed(self, pair_loss: float, grpo_loss: float) -> "AmirState":
+        """The state after one application of the reference rule (``self`` is unchanged); its ``last_q`` is
+        q = λ·L_pair / max(1e-9, L_GRPO) with the old λ.
 
         A non-positive GRPO loss makes the denominator 1e-9, so q is huge and λ shrinks (as in the reference).
         """
         q = self.lam * float(pair_loss) / max(1e-9, float(grpo_loss))
+        lam = self.lam
         if q < self.ratio_low:
-            self.lam = min(self.lambda_max, self.lam * self.lambda_up)
+            lam = min(self.lambda_max, lam * self.lambda_up)
         elif q > self.ratio_high:
-            self.lam = max(self.lambda_min, self.lam * self.lambda_down)
-        self.step += 1
-        self.last_q = q
-        return q
+            lam = max(self.lambda_min, lam * self.lambda_down)
+        return replace(self, lam=lam, step=self.step + 1, last_q=q)
+
+    def update(self, pair_loss: float, grpo_loss: float) -> float:
+        """Apply the rule in place (``proposed`` + commit); returns q."""
+        new = self.proposed(pair_loss, grpo_loss)
+        self.lam, self.step, self.last_q = new.lam, new.step, new.last_q
+        return new.last_q
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "lam": float(self.lam), "step": int(self.step)}

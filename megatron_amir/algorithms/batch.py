@@ -2,13 +2,15 @@
 
 ``prepare_batch`` runs once per optimizer step on each data-parallel rank, on that rank's rows of the
 global batch (whole groups: every row of a group on the same rank). It computes, with the global
-normalizers all-reduced over ``dp_group`` (two small all-reduces of packed float64 vectors):
+normalizers all-reduced over ``dp_group`` (two small all-reduces of named float64 sums, ``allreduce_sums``),
+in four steps: validation, advantages and token weights, pair coefficients, metrics:
 
 - advantages[N] (registry ``advantages.ADVANTAGE_ESTIMATORS``; zero-variance groups -> 0),
 - token_weights[N, T] such that the policy loss of the WHOLE global batch is Σ w·ℓ over every row of every
   micro-batch and rank (``aggregation.py``),
-- the AMIR pair coefficients: pairs, implicit rewards s_i (no grad), c_i = ∂L_pair/∂ℓ̄_i, the adaptive-λ
-  update (before use, as the reference), seq_coef[N] = λ·c_i,
+- the AMIR pair coefficients (formulas: ``amir.py``): pairs, implicit rewards s_i (no grad), c_i = ∂L_pair/∂ℓ̄_i,
+  the proposed adaptive-λ update (used in this step, as the reference does; the caller commits it when the
+  update succeeded), seq_coef[N] = λ·c_i,
 - metrics (floats, identical on every rank).
 
 ``micro_batch_loss(logp, mb, cfg)`` on rows ``mb = prepared.select(idx)`` returns
@@ -21,16 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from . import native
 from .advantages import ADVANTAGE_ESTIMATORS, group_index, zero_variance_groups
 from .aggregation import row_scale, weights_from_scale
-from .amir import AmirState, pair_kernel_call, pair_statistics, seq_logprob
+from .amir import AmirState, PairStats, pair_statistics, seq_logprob
 from .kl import kl_penalty, kl_reward_penalty
-from .policy_loss import policy_loss, tis_weight, weighted_ppo_loss
+from .policy_loss import policy_loss, tis_weight
 
 _ROW_FIELDS = (
     "advantages", "token_weights", "seq_coef", "old_logp", "response_mask", "ref_logp", "rollout_logp",
@@ -50,7 +51,8 @@ class PreparedBatch:
     ``pair_token_coef`` = token_weights·κ = seq_coef_i·m_t/|y_i| (``mean``) or seq_coef_i·m_t (``sum``),
     exactly a per-row multiple of w because every aggregation is a mask times a row factor; None when the
     step has no pair term (AMIR off, no pairs, or λ = 0) so plain GRPO pays nothing for it;
-    metrics: floats for logging (same on every rank).
+    metrics: floats for logging (same on every rank); amir_state: λ and its schedule after this step's
+    adaptive update (the λ ``seq_coef`` uses), to be committed by the caller once the update is applied.
     """
 
     advantages: torch.Tensor
@@ -63,6 +65,7 @@ class PreparedBatch:
     pg_weights: Optional[torch.Tensor] = None
     pair_coef: Optional[torch.Tensor] = None
     metrics: dict[str, float] = field(default_factory=dict)
+    amir_state: Optional[AmirState] = None
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
@@ -77,11 +80,8 @@ class PreparedBatch:
         """The rows ``index`` (slice, list, LongTensor or bool mask) as a new PreparedBatch."""
         if isinstance(index, list):
             index = torch.as_tensor(index, dtype=torch.long, device=self.advantages.device)
-        kw = {}
-        for f in _ROW_FIELDS:
-            t = getattr(self, f)
-            kw[f] = None if t is None else t[index]
-        return PreparedBatch(**kw, metrics=dict(self.metrics))
+        kw = {f: (None if getattr(self, f) is None else getattr(self, f)[index]) for f in _ROW_FIELDS}
+        return replace(self, **kw, metrics=dict(self.metrics))
 
     def to(self, device: Any) -> "PreparedBatch":
         kw = {f: (None if getattr(self, f) is None else getattr(self, f).to(device)) for f in _ROW_FIELDS}
@@ -97,13 +97,205 @@ def _check(name: str, t: Optional[torch.Tensor], shape: Sequence[int]) -> None:
         raise ValueError(f"prepare_batch: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _allreduce(vec: torch.Tensor, group: Any) -> torch.Tensor:
-    if group is None:
-        return vec
-    import torch.distributed as dist
+def allreduce_sums(sums: dict[str, torch.Tensor], group: Any) -> dict[str, float]:
+    """Sum every named scalar over ``group`` (None: this rank only) in one packed float64 all-reduce.
 
-    dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
-    return vec
+    Packed in sorted-name order, so every rank must pass the same names (it does: they depend on the config).
+    """
+    names = sorted(sums)
+    vec = torch.stack([sums[k].to(torch.float64) for k in names]) if names else torch.zeros(0, dtype=torch.float64)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+    return dict(zip(names, vec.tolist()))
+
+
+@dataclass
+class _Rows:
+    """This rank's validated inputs in the batch dtype ``dt`` (rewards float64), and the group layout."""
+
+    mask: torch.Tensor
+    old: torch.Tensor
+    ref: Optional[torch.Tensor]
+    rollout: Optional[torch.Tensor]
+    policy: torch.Tensor  # log-probs of the current policy for the implicit rewards (default old)
+    rewards: torch.Tensor
+    gidx: torch.Tensor
+    num_groups: int
+    lengths: torch.Tensor
+    valid: torch.Tensor
+
+
+def _validate(rewards, group_ids, response_mask, old_logp, ref_logp, rollout_logp, policy_logp, cfg) -> _Rows:
+    """Shapes, required inputs and finiteness, with errors naming the argument or config field."""
+    if old_logp.dim() != 2:
+        raise ValueError(f"prepare_batch: old_logp must be [N, T], got shape {tuple(old_logp.shape)}")
+    n, t = old_logp.shape
+    _check("rewards", rewards, (n,))
+    _check("group_ids", group_ids, (n,))
+    _check("response_mask", response_mask, (n, t))
+    _check("ref_logp", ref_logp, (n, t))
+    _check("rollout_logp", rollout_logp, (n, t))
+    _check("policy_logp", policy_logp, (n, t))
+    if cfg.kl_coef > 0 and ref_logp is None:
+        raise ValueError("prepare_batch: ref_logp is required when algorithm.kl_coef > 0")
+    if cfg.amir.enabled and cfg.amir.reference_anchored and ref_logp is None:
+        raise ValueError("prepare_batch: ref_logp is required when algorithm.amir.reference_anchored=true")
+    if cfg.advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"algorithm.advantage: unknown estimator {cfg.advantage!r}")
+    dt = torch.float64 if old_logp.dtype == torch.float64 else torch.float32  # bf16/fp16 are upcast
+    dev = old_logp.device
+    with torch.no_grad():
+        logps = {k: None if x is None else x.detach().to(dt) for k, x in
+                 (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp),
+                  ("policy_logp", policy_logp))}
+        for name, x in logps.items():
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"prepare_batch: {name} has non-finite values (log-probs must be finite everywhere)")
+        r = rewards.detach().to(device=dev, dtype=torch.float64)
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("prepare_batch: rewards has non-finite values")
+        mask = response_mask.to(dt)
+        lengths = mask.sum(-1)
+        gidx, num_groups = group_index(group_ids.to(dev))
+    old = logps["old_logp"]
+    return _Rows(mask=mask, old=old, ref=logps["ref_logp"], rollout=logps["rollout_logp"],
+                 policy=old if logps["policy_logp"] is None else logps["policy_logp"], rewards=r, gidx=gidx,
+                 num_groups=num_groups, lengths=lengths, valid=lengths > 0)
+
+
+@dataclass
+class _Weights:
+    """Advantages and token weights of one step, and the per-token quantities the metrics need."""
+
+    adv: torch.Tensor  # [N] in the batch dtype
+    adv64: torch.Tensor  # [N] float64
+    w: torch.Tensor  # token weights [N, T]
+    w_row: Union[float, torch.Tensor]  # w = m·w_row
+    pg_w: torch.Tensor  # w, times the TIS weight when on
+    tis: Optional[torch.Tensor]
+    kl_tok: Optional[torch.Tensor]
+    zero_var: torch.Tensor  # [B] bool
+
+
+def _normalizer_sums(rows: _Rows, r_adv: torch.Tensor, zero_var: torch.Tensor, has_rows: torch.Tensor):
+    vf = rows.valid.double()
+    return {
+        "tokens": rows.lengths.double().sum(), "seqs": vf.sum(),
+        "groups": has_rows.double().sum(), "zero_variance_groups": zero_var.double().sum(),
+        "reward_sum": (rows.rewards * vf).sum(), "adv_reward_sum": (r_adv * vf).sum(),
+        "adv_reward_sq": (r_adv * r_adv * vf).sum(),
+    }
+
+
+def _advantages_and_weights(rows: _Rows, cfg: Any, dp_group: Any) -> tuple[_Weights, dict[str, float]]:
+    """Advantages (registry ``ADVANTAGE_ESTIMATORS``; zero-variance groups -> 0) and the global token weights;
+    all-reduces the normalizers (token / sequence counts, reward moments) and returns them too."""
+    kl_tok = kl_penalty(rows.old, rows.ref, cfg.kl_estimator) if rows.ref is not None else None
+    r_adv = rows.rewards
+    if cfg.kl_coef > 0 and cfg.kl_in_reward:
+        # the KL penalty shapes the advantages; pairs still use the verifier rewards (rankings)
+        r_adv = r_adv - kl_reward_penalty(rows.old, rows.ref, rows.mask, cfg.kl_estimator, cfg.kl_coef).double()
+    has_rows, zero_var = zero_variance_groups(r_adv, rows.gidx, rows.num_groups, rows.valid)
+    g = allreduce_sums(_normalizer_sums(rows, r_adv, zero_var, has_rows), dp_group)
+    if cfg.whiten_rewards:
+        mu = g["adv_reward_sum"] / max(g["seqs"], 1.0)
+        var = max(g["adv_reward_sq"] - g["seqs"] * mu * mu, 0.0) / max(g["seqs"] - 1.0, 1.0)
+        r_adv = (r_adv - mu) / (math.sqrt(var) + cfg.adv_eps)
+    adv64 = ADVANTAGE_ESTIMATORS[cfg.advantage](r_adv, rows.gidx, rows.num_groups, rows.valid, cfg.adv_eps)
+    adv64 = torch.where(rows.valid & ~zero_var[rows.gidx], adv64, torch.zeros_like(adv64))
+    w_row = row_scale(cfg.loss_agg_mode, rows.lengths, num_tokens=g["tokens"], num_seqs=g["seqs"],
+                      max_len=cfg.loss_agg_max_len)
+    w = weights_from_scale(rows.mask, w_row)
+    tis = (tis_weight(rows.old, rows.rollout, cfg.tis_cap)
+           if (rows.rollout is not None and cfg.tis_cap is not None) else None)
+    weights = _Weights(adv=adv64.to(rows.old.dtype), adv64=adv64, w=w, w_row=w_row,
+                       pg_w=w if tis is None else w * tis, tis=tis, kl_tok=kl_tok, zero_var=zero_var)
+    return weights, g
+
+
+def _implicit_reward_logprobs(rows: _Rows, lbar_mean: torch.Tensor, acfg: Any) -> torch.Tensor:
+    """ℓ̄_θ(y_i) − ℓ̄_ref(y_i) (the reference term only when anchored): s_i / β. ``lbar_mean``: ℓ̄_θ (``mean``)."""
+    s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(rows.policy, rows.mask, "sum")
+    if acfg.reference_anchored and rows.ref is not None:
+        s = s - seq_logprob(rows.ref, rows.mask, acfg.logprob_norm)
+    return s
+
+
+def _local_metric_sums(rows: _Rows, wts: _Weights, lbar_mean: torch.Tensor, cfg: Any) -> dict[str, torch.Tensor]:
+    """This rank's sums behind the step metrics (all-reduced with the pair sums)."""
+    # L_GRPO at ratio 1 (π_θ = π_old): the value micro_batch_loss's policy+KL terms take at logp = old_logp;
+    # the clipped surrogate of every registered loss equals −A there (dual-clip too)
+    grpo = -(wts.adv * wts.pg_w.sum(-1)).sum()
+    if cfg.kl_coef > 0 and not cfg.kl_in_reward:
+        grpo = grpo + cfg.kl_coef * (wts.w * wts.kl_tok).sum()
+    # correct-vs-incorrect: rollouts above / below their group's mean reward (verifier rewards)
+    vf, r = rows.valid.double(), rows.rewards
+    cnt = torch.zeros(rows.num_groups, dtype=torch.float64, device=r.device).index_add_(0, rows.gidx, vf)
+    gmean = torch.zeros_like(cnt).index_add_(0, rows.gidx, r * vf) / cnt.clamp(min=1)
+    above = (rows.valid & (r > gmean[rows.gidx])).double()
+    below = (rows.valid & (r < gmean[rows.gidx])).double()
+    lbar = lbar_mean.double()
+    lengths = rows.lengths.double()
+    out = {
+        "grpo_loss": grpo, "adv_abs_sum": wts.adv64.abs().sum(),
+        "lbar_above": (lbar * above).sum(), "n_above": above.sum(), "len_above": (lengths * above).sum(),
+        "lbar_below": (lbar * below).sum(), "n_below": below.sum(), "len_below": (lengths * below).sum(),
+    }
+    if wts.kl_tok is not None:
+        out["kl_sum"] = (wts.kl_tok * rows.mask).double().sum()
+    if wts.tis is not None:
+        out["tis_sum"] = (wts.tis * rows.mask).double().sum()
+    return out
+
+
+def _pair_coefficients(
+    rows: _Rows, wts: _Weights, pairs: PairStats, g: dict[str, float], state: AmirState, acfg: Any,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """seq_coef[N] = λ·c_i = λβ·coef_sum_i/P and pair_coef[N, 1] = κ_i, the pair term per unit of token
+    weight (w_t·κ_i = seq_coef_i·m_t/|y_i| for ``mean``, seq_coef_i·m_t for ``sum``); (None, None) when the
+    step has no pair term (no pairs, or λ = 0)."""
+    if g["pairs"] <= 0 or state.lam == 0.0:
+        return None, None
+    seq_coef = (pairs.coef_sum * (state.lam * acfg.beta / g["pairs"])).to(rows.old.dtype)
+    # κ_i times this row factor is seq_coef_i: |y_i|·w_row_i for ``mean`` (so w_t·κ_i = seq_coef_i·m_t/|y_i|),
+    # w_row_i for ``sum``
+    per_row = rows.lengths.clamp(min=1) * wts.w_row if acfg.logprob_norm == "mean" else wts.w_row
+    return seq_coef, (seq_coef / per_row).unsqueeze(-1)
+
+
+def _metrics(g: dict[str, float], rows: _Rows, wts: _Weights) -> dict[str, float]:
+    def ratio(a: str, b: str) -> float:
+        return g[a] / g[b] if g[b] else float("nan")
+
+    metrics = {
+        "num_sequences": g["seqs"],
+        "num_tokens": g["tokens"],
+        "num_groups": g["groups"],
+        "zero_variance_groups": g["zero_variance_groups"],
+        "reward_mean": g["reward_sum"] / max(g["seqs"], 1.0),
+        "advantage_abs_mean": g["adv_abs_sum"] / max(g["seqs"], 1.0),
+        "grpo_loss_ratio1": g["grpo_loss"],
+        "logprob_mean_above": ratio("lbar_above", "n_above"),
+        "logprob_mean_below": ratio("lbar_below", "n_below"),
+        "logprob_gap_correct_incorrect": ratio("lbar_above", "n_above") - ratio("lbar_below", "n_below"),
+        "response_len_above": ratio("len_above", "n_above"),
+        "response_len_below": ratio("len_below", "n_below"),
+    }
+    if rows.ref is not None:
+        metrics["kl"] = g["kl_sum"] / max(g["tokens"], 1.0)
+    if wts.tis is not None:
+        metrics["tis_weight_mean"] = g["tis_sum"] / max(g["tokens"], 1.0)
+    if "pairs" in g:
+        p = g["pairs"]
+        metrics.update({
+            "pair_count": p,
+            "pair_accuracy": g["pair_correct"] / p if p > 0 else float("nan"),
+            "pair_margin": g["pair_margin_sum"] / p if p > 0 else float("nan"),
+            "pair_loss": g["pair_loss_sum"] / p if p > 0 else 0.0,
+        })
+    return metrics
 
 
 def prepare_batch(
@@ -121,189 +313,51 @@ def prepare_batch(
     update_lambda: bool = True,
     pair_metrics: bool = False,
 ) -> PreparedBatch:
-    """Advantages, global token weights, AMIR coefficients and metrics for one optimizer step.
+    """Advantages, global token weights, AMIR coefficients and metrics for one optimizer step. No side effects:
+    ``amir_state`` is read, never changed; the λ this step uses is in ``PreparedBatch.amir_state``, for the
+    caller to commit when the update succeeded.
 
     cfg: ``AlgorithmConfig``. ``policy_logp`` (default ``old_logp``): no-grad log-probs of the CURRENT
     policy for the implicit rewards s_i — pass a fresh forward for later optimizer steps on the same
     rollouts (the first step has π_θ = π_old). ``update_lambda=False`` recomputes without moving λ.
     ``pair_metrics=True`` computes pair statistics even with AMIR disabled (for GRPO baselines).
     """
-    if old_logp.dim() != 2:
-        raise ValueError(f"prepare_batch: old_logp must be [N, T], got shape {tuple(old_logp.shape)}")
-    n, t = old_logp.shape
-    _check("rewards", rewards, (n,))
-    _check("group_ids", group_ids, (n,))
-    _check("response_mask", response_mask, (n, t))
-    _check("ref_logp", ref_logp, (n, t))
-    _check("rollout_logp", rollout_logp, (n, t))
-    _check("policy_logp", policy_logp, (n, t))
+    rows = _validate(rewards, group_ids, response_mask, old_logp, ref_logp, rollout_logp, policy_logp, cfg)
     acfg = cfg.amir
-    dt = torch.float64 if old_logp.dtype == torch.float64 else torch.float32  # bf16/fp16 are upcast
-    dev = old_logp.device
-    kl_as_loss = cfg.kl_coef > 0 and not cfg.kl_in_reward
-    kl_as_reward = cfg.kl_coef > 0 and cfg.kl_in_reward
-    if cfg.kl_coef > 0 and ref_logp is None:
-        raise ValueError("prepare_batch: ref_logp is required when algorithm.kl_coef > 0")
-    if acfg.enabled and acfg.reference_anchored and ref_logp is None:
-        raise ValueError("prepare_batch: ref_logp is required when algorithm.amir.reference_anchored=true")
-    if cfg.advantage not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"algorithm.advantage: unknown estimator {cfg.advantage!r}")
-
+    do_pairs = acfg.enabled or pair_metrics
     with torch.no_grad():
-        mask = response_mask.to(dt)
-        old = old_logp.detach().to(dt)
-        ref = None if ref_logp is None else ref_logp.detach().to(dt)
-        rollout = None if rollout_logp is None else rollout_logp.detach().to(dt)
-        pol = None if policy_logp is None else policy_logp.detach().to(dt)
-        for name, x in (("old_logp", old), ("ref_logp", ref), ("rollout_logp", rollout), ("policy_logp", pol)):
-            if x is not None and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"prepare_batch: {name} has non-finite values (log-probs must be finite everywhere)")
-        r_raw = rewards.detach().to(device=dev, dtype=torch.float64)
-        if not bool(torch.isfinite(r_raw).all()):
-            raise ValueError("prepare_batch: rewards has non-finite values")
-        pol = old if pol is None else pol
-        group_ids = group_ids.to(dev)
-        lengths = mask.sum(-1)
-        valid = lengths > 0
-
-        kl_tok = kl_penalty(old, ref, cfg.kl_estimator) if ref is not None else None
-        r_adv = r_raw
-        if kl_as_reward:
-            # the KL penalty shapes the advantages; pairs still use the verifier rewards (rankings)
-            r_adv = r_raw - kl_reward_penalty(old, ref, mask, cfg.kl_estimator, cfg.kl_coef).double()
-
-        gidx, num_groups = group_index(group_ids)
-        has_rows, zero_var = zero_variance_groups(r_adv, gidx, num_groups, valid)
-        do_pairs = acfg.enabled or pair_metrics
-        lbar_mean = seq_logprob(pol, mask, "mean")
+        wts, g = _advantages_and_weights(rows, cfg, dp_group)  # all-reduce 1: normalizers
+        lbar_mean = seq_logprob(rows.policy, rows.mask, "mean")
+        local = _local_metric_sums(rows, wts, lbar_mean, cfg)
+        pairs = None
         if do_pairs:
-            # pair sums and per-row coefficients in one host call (torch grid without a C compiler);
-            # the sums enter all-reduce 2
-            s = lbar_mean if acfg.logprob_norm == "mean" else seq_logprob(pol, mask, "sum")
-            if acfg.reference_anchored and ref is not None:
-                s = s - seq_logprob(ref, mask, acfg.logprob_norm)
-            lens = lengths if (acfg.enabled and acfg.logprob_norm == "mean") else None
-            kernel = (native.pair_kernel() if (dev.type == "cpu" and acfg.max_pairs_per_group is None
-                                               and r_raw.is_contiguous()) else None)
-            if kernel is not None:
-                # every input was built above as the kernel wants it (host, contiguous, float64 r, int64 gidx,
-                # bool valid, s and lengths in dt): skip pair_statistics' conversions, and reuse its buffers
-                pairs = pair_kernel_call(kernel, n, num_groups, gidx, r_raw, valid, s, lens, acfg.beta, acfg.margin,
-                                         acfg.pair_mode == "top", True)
-            else:
-                pairs = pair_statistics(
-                    r_raw, gidx, valid, s, beta=acfg.beta, num_groups=num_groups, margin=acfg.margin,
-                    mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group, lengths=lens,
-                )
-        vf = valid.double()
-        # ---- all-reduce 1: everything that only needs rewards and masks
-        red1 = _allreduce(torch.stack([
-            lengths.double().sum(), vf.sum(),
-            has_rows.double().sum(), zero_var.double().sum(),
-            (r_raw * vf).sum(), (r_adv * vf).sum(), (r_adv * r_adv * vf).sum(),
-        ]), dp_group).tolist()
-        g_tokens, g_seqs, g_groups, g_zero_var, g_rsum, g_radv_sum, g_radv_sq = red1
-
-        if cfg.whiten_rewards:
-            mu = g_radv_sum / max(g_seqs, 1.0)
-            var = max(g_radv_sq - g_seqs * mu * mu, 0.0) / max(g_seqs - 1.0, 1.0)
-            r_adv = (r_adv - mu) / (math.sqrt(var) + cfg.adv_eps)
-        adv64 = ADVANTAGE_ESTIMATORS[cfg.advantage](r_adv, gidx, num_groups, valid, cfg.adv_eps)
-        adv64 = torch.where(valid & ~zero_var[gidx], adv64, torch.zeros_like(adv64))
-        adv = adv64.to(dt)
-
-        w_row = row_scale(cfg.loss_agg_mode, lengths, num_tokens=g_tokens, num_seqs=g_seqs,
-                          max_len=cfg.loss_agg_max_len)  # w = m·r
-        w = weights_from_scale(mask, w_row)
-        tis = tis_weight(old, rollout, cfg.tis_cap) if (rollout is not None and cfg.tis_cap is not None) else None
-        pg_w = w if tis is None else w * tis
-
-        # L_GRPO at ratio 1 (π_θ = π_old): the value micro_batch_loss's policy+KL terms take at logp = old_logp;
-        # the clipped surrogate of every registered loss equals −A there (dual-clip too).
-        grpo_local = -(adv * pg_w.sum(-1)).sum()
-        if kl_as_loss:
-            grpo_local = grpo_local + cfg.kl_coef * (w * kl_tok).sum()
-
-        # correct-vs-incorrect: rollouts above / below their group's mean reward (verifier rewards)
-        cnt = torch.zeros(num_groups, dtype=torch.float64, device=dev).index_add_(0, gidx, vf)
-        gmean = torch.zeros_like(cnt).index_add_(0, gidx, r_raw * vf) / cnt.clamp(min=1)
-        above = (valid & (r_raw > gmean[gidx])).double()
-        below = (valid & (r_raw < gmean[gidx])).double()
-        lbar_mean = lbar_mean.double()
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        # ---- all-reduce 2: pair sums and the sums that need advantages / weights
-        pair_sums = pairs.sums if do_pairs else torch.zeros(4, dtype=torch.float64, device=dev)
-        red2 = _allreduce(torch.cat([pair_sums, torch.stack([
-            grpo_local.double(),
-            (lbar_mean * above).sum(), above.sum(), (lbar_mean * below).sum(), below.sum(),
-            (lengths.double() * above).sum(), (lengths.double() * below).sum(),
-            (kl_tok * mask).double().sum() if kl_tok is not None else zero,
-            (tis * mask).double().sum() if tis is not None else zero,
-            adv64.abs().sum(),
-        ])]), dp_group).tolist()
-        (g_pairs, g_pair_sum, g_acc, g_margin, g_grpo, g_lab, g_nab, g_lbe, g_nbe, g_len_ab, g_len_be,
-         g_kl, g_tis, g_adv_abs) = red2
-
-        metrics: dict[str, float] = {
-            "num_sequences": g_seqs,
-            "num_tokens": g_tokens,
-            "num_groups": g_groups,
-            "zero_variance_groups": g_zero_var,
-            "reward_mean": g_rsum / max(g_seqs, 1.0),
-            "advantage_abs_mean": g_adv_abs / max(g_seqs, 1.0),
-            "grpo_loss_ratio1": g_grpo,
-            "logprob_mean_above": g_lab / g_nab if g_nab else float("nan"),
-            "logprob_mean_below": g_lbe / g_nbe if g_nbe else float("nan"),
-            "logprob_gap_correct_incorrect": (g_lab / g_nab - g_lbe / g_nbe) if (g_nab and g_nbe) else float("nan"),
-            "response_len_above": g_len_ab / g_nab if g_nab else float("nan"),
-            "response_len_below": g_len_be / g_nbe if g_nbe else float("nan"),
-        }
-        if ref is not None:
-            metrics["kl"] = g_kl / max(g_tokens, 1.0)
-        if tis is not None:
-            metrics["tis_weight_mean"] = g_tis / max(g_tokens, 1.0)
-
-        seq_coef = None
-        pair_coef = None
+            s = _implicit_reward_logprobs(rows, lbar_mean, acfg)
+            pairs = pair_statistics(rows.rewards, rows.gidx, rows.valid, s,
+                                    beta=acfg.beta, num_groups=rows.num_groups, margin=acfg.margin,
+                                    mode=acfg.pair_mode, max_pairs_per_group=acfg.max_pairs_per_group)
+            local.update(pairs.sums)
+        g.update(allreduce_sums(local, dp_group))  # all-reduce 2: pair sums and the metrics' sums
+        metrics = _metrics(g, rows, wts)
+        # the config is the source of truth for the schedule's constants (λ itself lives in the state)
+        state = replace(amir_state, lambda_min=float(acfg.lambda_min), lambda_max=float(acfg.lambda_max),
+                        ratio_low=float(acfg.ratio_low), ratio_high=float(acfg.ratio_high),
+                        lambda_up=float(acfg.lambda_up), lambda_down=float(acfg.lambda_down))
+        seq_coef = pair_coef = None
         if do_pairs:
-            pair_loss = g_pair_sum / g_pairs if g_pairs > 0 else 0.0
-            q = float("nan")
-            if acfg.enabled and acfg.adaptive_lambda and update_lambda and g_pairs > 0:
-                _sync_rule(amir_state, acfg)
-                q = amir_state.update(pair_loss, g_grpo)  # λ moves BEFORE it is applied (reference order)
-            metrics.update({
-                "pair_count": g_pairs,
-                "pair_accuracy": g_acc / g_pairs if g_pairs > 0 else float("nan"),
-                "pair_margin": g_margin / g_pairs if g_pairs > 0 else float("nan"),
-                "pair_loss": pair_loss,
-                "q": q,
-            })
-            if acfg.enabled:
-                lam = float(amir_state.lam)
-                metrics["lambda"] = lam
-                if g_pairs > 0 and lam != 0.0:
-                    f = lam * acfg.beta / g_pairs
-                    row, col = pairs.views()  # coef_sum [N]; coef_norm (``mean``) or coef_sum (``sum``) as [N, 1]
-                    if row.dtype != dt:
-                        row, col = row.to(dt), col.to(dt)
-                    seq_coef = row * f  # λ·c_i = λβ·coef_sum_i/P
-                    # per token f·col_i·m_t = seq_coef_i·m_t/|y_i| (mean) or seq_coef_i·m_t (sum) = w_t·κ_i
-                    pair_coef = col * (f / w_row) if isinstance(w_row, float) else col * (f / w_row).unsqueeze(-1)
+            metrics["q"] = float("nan")
+            if acfg.enabled and acfg.adaptive_lambda and update_lambda and g["pairs"] > 0:
+                state = state.proposed(metrics["pair_loss"], g["grpo_loss"])  # λ moves BEFORE it is applied
+                metrics["q"] = state.last_q
+        if acfg.enabled:
+            metrics["lambda"] = float(state.lam)
+            seq_coef, pair_coef = _pair_coefficients(rows, wts, pairs, g, state, acfg)
         if seq_coef is None:
-            seq_coef = torch.zeros(n, dtype=dt, device=dev)
-
+            seq_coef = torch.zeros(rows.old.shape[0], dtype=rows.old.dtype, device=rows.old.device)
     return PreparedBatch(
-        advantages=adv, token_weights=w, seq_coef=seq_coef, old_logp=old, response_mask=mask,
-        ref_logp=ref, rollout_logp=rollout, pg_weights=None if tis is None else pg_w, pair_coef=pair_coef,
-        metrics=metrics,
+        advantages=wts.adv, token_weights=wts.w, seq_coef=seq_coef, old_logp=rows.old, response_mask=rows.mask,
+        ref_logp=rows.ref, rollout_logp=rows.rollout, pg_weights=None if wts.tis is None else wts.pg_w,
+        pair_coef=pair_coef, metrics=metrics, amir_state=state,
     )
-
-
-def _sync_rule(state: AmirState, acfg: Any) -> None:
-    """The config is the source of truth for the schedule's constants (λ itself lives in the state)."""
-    state.lambda_min, state.lambda_max = float(acfg.lambda_min), float(acfg.lambda_max)
-    state.ratio_low, state.ratio_high = float(acfg.ratio_low), float(acfg.ratio_high)
-    state.lambda_up, state.lambda_down = float(acfg.lambda_up), float(acfg.lambda_down)
 
 
 def micro_batch_loss(
@@ -325,32 +379,19 @@ def micro_batch_loss(
     lp = logp if logp.dtype == mb.old_logp.dtype else logp.to(mb.old_logp.dtype)
     mask = mb.response_mask
     pg_w = mb.token_weights if mb.pg_weights is None else mb.pg_weights
-    stats: dict[str, torch.Tensor] = {}
-    if cfg.policy_loss == "ppo":
-        # fused path: value and analytic gradient in one pass; the pair term rides along as a linear term
-        # Σ w_t·κ_i·logp_t (its weights are the token weights; TIS reweights only the policy loss)
-        loss, info = weighted_ppo_loss(
-            lp, mb.old_logp, mb.advantages, pg_w, mb.pair_coef,
-            pair_weights=None if mb.pg_weights is None else mb.token_weights,
-            clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
-        )
-        stats["pg_loss"] = info["pg_value"]
-        if mb.pair_coef is not None:
-            stats["pair_term"] = info["linear_value"]
-    else:
-        per_tok, info = policy_loss(
-            cfg.policy_loss, lp, mb.old_logp, mb.advantages, mask,
-            clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
-        )
-        pg = (pg_w * per_tok).sum()
-        loss = pg
-        stats["pg_loss"] = pg.detach()
-        if mb.pair_coef is not None:
-            # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} (seq_coef_i m_t / |y_i|) logp_t = Σ w_t κ_i logp_t: linear in logp,
-            # exact gradient
-            pair = (mb.pair_token_coef * lp).sum()
-            loss = loss + pair
-            stats["pair_term"] = pair.detach()
+    per_tok, info = policy_loss(
+        cfg.policy_loss, lp, mb.old_logp, mb.advantages, mask,
+        clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip_c=cfg.dual_clip_c,
+    )
+    pg = (pg_w * per_tok).sum()
+    loss = pg
+    stats: dict[str, torch.Tensor] = {"pg_loss": pg.detach()}
+    if mb.pair_coef is not None:
+        # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} w_t κ_i logp_t: linear in logp, exact gradient (TIS reweights only
+        # the policy loss, so the pair term takes the plain token weights)
+        pair = (mb.pair_token_coef * lp).sum()
+        loss = loss + pair
+        stats["pair_term"] = pair.detach()
     kl_tok = None
     if cfg.kl_coef > 0 and not cfg.kl_in_reward:
         if mb.ref_logp is None:

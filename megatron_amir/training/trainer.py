@@ -246,7 +246,6 @@ class Trainer:
                 fresh = None
                 if (epoch > 0 or start > 0) and cfg.algorithm.amir.enabled:
                     fresh = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)[idx]
-                lam_before = self.amir_state.state_dict()  # prepare_batch moves λ for the update it prepares
                 prepared = prepare_batch(
                     rewards=batch.rewards[idx], group_ids=batch.group_ids[idx], response_mask=batch.response_mask[idx],
                     old_logp=old_logp[idx], cfg=cfg.algorithm, amir_state=self.amir_state,
@@ -256,8 +255,8 @@ class Trainer:
                     pair_metrics=True,  # GRPO runs measure the pair statistics too (lambda stays 0 there)
                 )
                 out = self.policy.train_step(batch.tokens[idx], prepared, temperature=cfg.rollout.temperature)
-                if not out.get("update_successful", 1.0):  # a skipped update (non-finite, fp16 overflow) never
-                    self.amir_state.load_state_dict(lam_before)  # happened: λ and its step count stay
+                if out.get("update_successful", 1.0):  # a skipped update (non-finite, fp16 overflow) never
+                    self.amir_state = prepared.amir_state  # happened: only an applied one moves λ
                 self._check_finite(out)
                 updates.append({**{f"amir/{k}" if not k.startswith(("adv", "kl", "amir", "pg")) else k: v
                                    for k, v in prepared.metrics.items()}, **out})
