@@ -24,8 +24,12 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_amir.config import ModelConfig, ParallelConfig
+from megatron_amir.model.builder import build_gpt_model, transformer_config
+from megatron_amir.model.compat import apply_cpu_compat
+from megatron_amir.training.model_checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 META_NAME = "megatron_amir_model.json"
 META_FORMAT = "megatron-amir/converted-model-v1"
@@ -39,10 +43,6 @@ def single_process_megatron(seed: int = 1234) -> Iterator[None]:
 
     Refuses to run inside an existing multi-process world: conversion is an offline, one-process job.
     """
-    import torch.distributed as dist
-
-    from megatron_amir.model.compat import apply_cpu_compat
-
     apply_cpu_compat()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -76,8 +76,6 @@ def build_empty_model(model_cfg: ModelConfig, *, meta: bool = False):
     """TP=PP=1 GPTModel on CPU with the local spec and *uninitialized* parameters (torch.empty pages are not
     touched until the converter writes them, so memory grows with the weights actually filled in).
     meta: parameters on the meta device (no storage at all; for the checkpoint layout only)."""
-    from megatron_amir.model.builder import build_gpt_model, transformer_config
-
     cfg = model_cfg.model_copy(update={"transformer_impl": "local", "fp8": None, "fp8_param": False})
     par = ParallelConfig()
     tcfg = transformer_config(cfg, par, impl="local")
@@ -111,8 +109,6 @@ def checkpoint_layout(model_cfg: ModelConfig) -> CheckpointLayout:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    from megatron_amir.training.model_checkpoint import FORMAT
-
     model = build_empty_model(model_cfg, meta=True)
     state = {"model": model.sharded_state_dict(), "format": FORMAT, "num_steps": 0}  # as save_checkpoint builds it
     sharded, common = save_preprocess(state, validate_access_integrity=False)
@@ -139,14 +135,10 @@ def _holder(model) -> Any:
 
 
 def save_model(model, path: Path) -> None:
-    from megatron_amir.training.model_checkpoint import save_checkpoint
-
     save_checkpoint(_holder(model), Path(path), save_optimizer=False)
 
 
 def load_model(model, path: Path) -> None:
-    from megatron_amir.training.model_checkpoint import load_checkpoint
-
     load_checkpoint(_holder(model), Path(path), load_optimizer=False)
 
 

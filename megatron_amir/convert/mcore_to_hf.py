@@ -19,10 +19,10 @@ from typing import Optional
 
 from megatron_amir.config import ModelConfig
 
-from checkpoints_tools import hf_io
-from checkpoints_tools.config_bridge import hf_config_from_model_config
-from checkpoints_tools.mapping import mcore_to_hf_named_tensors, model_mapping
-from checkpoints_tools.megatron_side import (
+from megatron_amir.convert import hf_io
+from megatron_amir.convert.hf_config import hf_config_from_model_config
+from megatron_amir.convert.mapping import mcore_to_hf_named_tensors, model_mapping
+from megatron_amir.convert.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
     build_empty_model,
