@@ -80,13 +80,7 @@ def mcore_to_hf(
     try:
         with single_process_megatron():
             model = build_empty_model(model_cfg)
-            try:
-                load_model(model, model_dir)
-            except BaseException as exc:  # torch's CheckpointException (torn files) is a BaseException
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise ValueError(f"{model_dir}: cannot load the Megatron checkpoint ({type(exc).__name__}: "
-                                 f"{str(exc)[:500]})") from None
+            load_model(model, model_dir)  # errors name the file, keep the root cause
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
             for name, tensor in mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab):

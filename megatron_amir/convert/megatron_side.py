@@ -139,7 +139,54 @@ def save_model(model, path: Path) -> None:
 
 
 def load_model(model, path: Path) -> None:
-    load_checkpoint(_holder(model), Path(path), load_optimizer=False)
+    """Load a model-only checkpoint directory into ``model``. A torn shard file fails naming the file; any other
+    load failure keeps its root cause, in the message (every rank's error, in full) and chained."""
+    path = Path(path)
+    check_shard_files(path)
+    try:
+        load_checkpoint(_holder(model), path, load_optimizer=False)
+    except BaseException as exc:  # torch's CheckpointException (torn or corrupt data) is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"{path}: cannot load the Megatron checkpoint: {root_cause(exc)}") from exc
+
+
+def check_shard_files(model_dir: Path) -> None:
+    """Every data file that ``model_dir/.metadata`` names exists and holds the bytes placed in it.
+
+    torch's reader finds a short file only when it unpickles a chunk of it, and then reports ``EOFError: Ran out
+    of input`` without the file's name."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta_file = Path(model_dir) / ".metadata"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: not a torch_dist checkpoint directory")
+    try:
+        metadata = FileSystemReader(str(model_dir)).read_metadata()
+    except Exception as exc:
+        raise ValueError(f"{meta_file}: cannot read the checkpoint metadata: {type(exc).__name__}: {exc}") from exc
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        data = Path(model_dir) / name
+        if not data.is_file():
+            raise FileNotFoundError(f"{data} not found (listed in {meta_file})")
+        size = data.stat().st_size
+        if size < end:
+            raise ValueError(f"{data} is truncated: {size} bytes, but {meta_file} places data up to byte {end}")
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of what went wrong; for torch's CheckpointException, the error each rank raised."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        causes = []
+        for rank, failure in sorted(failures.items()):
+            err = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback frames)
+            causes.append(f"rank {rank}: {type(err).__name__}: {err}")
+        return "; ".join(causes)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
