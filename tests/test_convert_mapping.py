@@ -9,6 +9,8 @@ import struct
 import pytest
 import torch
 
+from checkpoints_tools.testing import CASES, make_hf_model
+from megatron_amir.config import ModelConfig
 from megatron_amir.convert import hf_io
 from megatron_amir.convert.hf_config import hf_config_from_model_config, model_config_from_hf
 from megatron_amir.convert.mapping import (
@@ -26,8 +28,6 @@ from megatron_amir.convert.mapping import (
     strip_vocab,
     supported_architectures,
 )
-from checkpoints_tools.testing import CASES, make_hf_model
-from megatron_amir.config import ModelConfig
 
 torch.set_num_threads(1)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints_tools.testing import CASES, make_hf_model, save_hf_model
 from megatron_amir.convert.hf_to_mcore import hf_to_mcore
 from megatron_amir.convert.mcore_to_hf import mcore_to_hf
-from checkpoints_tools.testing import CASES, make_hf_model, save_hf_model
 
 torch.set_num_threads(2)
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from megatron_amir.config import ModelConfig
-
 from megatron_amir.convert.mapping import family_for_arch, family_for_hf_config
 
 # Megatron-Core's RotaryEmbedding implements llama3 scaling with only `factor` configurable.

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_amir.config import ModelConfig
-
 from megatron_amir.convert import hf_io
 from megatron_amir.convert.hf_config import hf_config_from_model_config
 from megatron_amir.convert.mapping import mcore_to_hf_named_tensors, model_mapping

@@ -89,11 +89,11 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     in), loaded from ``step_dir/model``, and mapped to HF names with padding rows of the vocabulary
     stripped. ``cfg`` is unused (the checkpoint's own metadata names the architecture); kept so callers
     can pass the eval config."""
+    from megatron_amir.config import ModelConfig
     from megatron_amir.convert.hf_config import hf_config_from_model_config
     from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
     from megatron_amir.convert.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
                                                      single_process_megatron)
-    from megatron_amir.config import ModelConfig
 
     del cfg
     meta = read_meta(step_dir)
