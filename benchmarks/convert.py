@@ -10,10 +10,10 @@ where clear_refs is not writable it falls back to ``ru_maxrss``, an upper bound:
 
 - baseline:   ``safetensors.torch.load_file`` + ``save_file`` of every shard into a new directory (the goal's
               denominator); ``baseline+fsync`` adds an fsync per file (Megatron's writer fsyncs), for context
-- hf-to-mcore: ``checkpoints_tools.hf_to_mcore`` with its defaults (single process, includes the Megatron
+- hf-to-mcore: ``megatron_amir.convert.hf_to_mcore`` with its defaults (single process, includes the Megatron
               layout from a meta-device model and the torch_dist write; no fsync, like the baseline);
               ``hf-to-mcore+fsync`` with ``fsync=True``, for context (compare it with ``baseline+fsync``)
-- mcore-to-hf: ``checkpoints_tools.mcore_to_hf`` back to sharded safetensors (reported, no goal)
+- mcore-to-hf: ``megatron_amir.convert.mcore_to_hf`` back to sharded safetensors (reported, no goal)
 
 The page cache is warmed by reading the source once first, so every job reads from memory; only the +fsync
 jobs fsync.
@@ -65,9 +65,9 @@ def _peak_rss_bytes(reset: bool) -> int:
 def _make_model(root: Path, hidden: int, layers: int, vocab: int, dtype: str, shard_bytes: int) -> tuple[Path, int]:
     import torch
 
-    from checkpoints_tools import hf_io
-    from checkpoints_tools.config_bridge import hf_config_from_model_config
-    from checkpoints_tools.mapping import model_mapping
+    from megatron_amir.convert import hf_io
+    from megatron_amir.convert.hf_config import hf_config_from_model_config
+    from megatron_amir.convert.mapping import model_mapping
     from megatron_amir.config import ModelConfig
 
     heads = max(1, hidden // 128)
@@ -99,13 +99,13 @@ def _child(job: str, src: str, dst: str) -> None:
         apply_cpu_compat()
         import megatron.core.dist_checkpointing  # noqa: F401
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
-        from checkpoints_tools.hf_to_mcore import hf_to_mcore
-        from checkpoints_tools.mcore_to_hf import mcore_to_hf
+        from megatron_amir.convert.hf_to_mcore import hf_to_mcore
+        from megatron_amir.convert.mcore_to_hf import mcore_to_hf
 
         transformers.LlamaConfig  # noqa: B018  (transformers resolves its lazy modules on first access)
     from safetensors.torch import load_file, save_file
 
-    from checkpoints_tools import hf_io
+    from megatron_amir.convert import hf_io
     from megatron_amir.fileio import fsync_path
 
     reset = _reset_peak_rss()

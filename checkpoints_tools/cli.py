@@ -1,4 +1,5 @@
-"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (the lead's megatron_amir/cli.py dispatches here)."""
+"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (megatron_amir/cli.py dispatches here): arguments and
+messages only; the conversions are the library's (megatron_amir.convert.hf_to_mcore / mcore_to_hf)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import logging
 import sys
 
-from checkpoints_tools.hf_io import HFCheckpointError
-from checkpoints_tools.mapping import MappingError
+from megatron_amir.convert.hf_io import HFCheckpointError
+from megatron_amir.convert.hf_to_mcore import hf_to_mcore
+from megatron_amir.convert.mapping import MappingError
+from megatron_amir.convert.mcore_to_hf import mcore_to_hf
 
 
 def build_parser(prog: str = "megatron-amir convert") -> argparse.ArgumentParser:
@@ -35,14 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.direction == "hf-to-mcore":
-            from checkpoints_tools.hf_to_mcore import hf_to_mcore
-
             meta = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, fsync=args.fsync)
             print(f"wrote {args.out} ({meta['model']['arch']}, vocab {meta['original_vocab_size']} padded to "
                   f"{meta['padded_vocab_size']})")
         else:
-            from checkpoints_tools.mcore_to_hf import mcore_to_hf
-
             files = mcore_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, vocab_size=args.vocab_size)
             print(f"wrote {args.out} ({len(files)} safetensors file(s))")
     except (HFCheckpointError, MappingError, FileExistsError, FileNotFoundError, ValueError) as exc:

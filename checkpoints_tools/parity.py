@@ -57,10 +57,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[tuple[int, int], 
     from safetensors.torch import save_file
 
     from megatron_amir.config import ModelConfig, ParallelConfig
+    from megatron_amir.convert.megatron_side import MODEL_SUBDIR, load_model, read_meta
     from megatron_amir.model.builder import build_gpt_model, transformer_config
     from megatron_amir.training.parallel import init_parallel, shutdown_parallel
-
-    from checkpoints_tools.megatron_side import MODEL_SUBDIR, load_model, read_meta
 
     try:
         for (tp, pp), ckpt_dirs in jobs:

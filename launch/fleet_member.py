@@ -18,7 +18,7 @@ take an exclusive ``flock`` on ``<file>.lock`` and replace the file atomically (
 never sees a half-written file and concurrent servers never lose each other's lines.
 
 ADDR is ``--host``, else the address of this Slurm node (``SLURMD_NODENAME`` resolved like rank 0's
-address in launch/dist_env.py, so it works where node names are not DNS names), else the host name.
+address in megatron_amir/training/dist_env.py, so it works where node names are not DNS names), else the host name.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from megatron_amir.training.dist_env import node_address
+
 
 # --------------------------------------------------------------------------------------------- the file
 # one implementation for every writer (this wrapper and ``rollout.server --register``) and for the trainer's reader
@@ -49,8 +51,6 @@ def advertise_address(host: Optional[str] = None) -> str:
         return host
     node = os.environ.get("SLURMD_NODENAME")
     if node:
-        from launch.dist_env import node_address
-
         return node_address(node, os.environ)
     return socket.gethostname()
 

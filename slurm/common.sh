@@ -8,7 +8,7 @@
 #   MEGATRON_AMIR_ROOT             repository checkout on the shared filesystem (default: $SLURM_SUBMIT_DIR)
 #   MEGATRON_AMIR_PYTHON           python to run (default: $ROOT/.venv/bin/python if present, else python3;
 #                                  inside a container: python3)
-#   MEGATRON_AMIR_BACKEND          gloo | nccl | auto -- overrides parallel.backend (launch/dist_env.py)
+#   MEGATRON_AMIR_BACKEND          gloo | nccl | auto -- overrides parallel.backend (megatron_amir/training/dist_env.py)
 #   MEGATRON_AMIR_LOG_ROOT         parent of the per-job log directories (default: $ROOT/runs/slurm)
 #   MEGATRON_AMIR_CONTAINER_IMAGE  run every step in this container via pyxis (srun --container-image);
 #                                  unset = no container
@@ -22,7 +22,7 @@
 # all restarts), rank-<r>.log (each task's output, appended across restarts) and job.env.
 
 # Exit code of a trainer that checkpointed on a preemption signal and wants to be requeued (EX_TEMPFAIL);
-# must equal launch/preemption.py REQUEUE_EXIT_CODE.
+# must equal megatron_amir/training/preemption.py REQUEUE_EXIT_CODE.
 REQUEUE_EXIT_CODE=75
 
 # amir_init NAME -- resolve the checkout, python and per-job directory; cd to the checkout.

@@ -2,7 +2,7 @@
 
 Run as ``python -m slurm_standin_trainer train CONFIG [overrides]`` (tests put tests/ on PYTHONPATH and set
 ``MEGATRON_AMIR_ENTRY=slurm_standin_trainer`` for slurm/train.sbatch). It follows the trainer's launch
-contract: torch.distributed from launch.dist_env (gloo), preemption handlers from launch.preemption,
+contract: torch.distributed from megatron_amir.training.dist_env (gloo), preemption handlers from megatron_amir.training.preemption,
 ``cfg.train.steps`` steps, resume from ``cfg.checkpoint.dir``, checkpoint + exit 75 on a signal.
 
 Each "step" is a real gloo all-reduce whose result every rank checks, so a wrong rank/world/rendezvous
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from launch import dist_env, preemption
+    from megatron_amir.training import dist_env, preemption
     from megatron_amir.config import load_config
 
     cfg = load_config(argv[1], argv[2:])

@@ -9,9 +9,11 @@ import struct
 import pytest
 import torch
 
-from checkpoints_tools import hf_io
-from checkpoints_tools.config_bridge import hf_config_from_model_config, model_config_from_hf
-from checkpoints_tools.mapping import (
+from checkpoints_tools.testing import CASES, make_hf_model
+from megatron_amir.config import ModelConfig
+from megatron_amir.convert import hf_io
+from megatron_amir.convert.hf_config import hf_config_from_model_config, model_config_from_hf
+from megatron_amir.convert.mapping import (
     GatedMLPMapping,
     MappingError,
     QKVMapping,
@@ -26,8 +28,6 @@ from checkpoints_tools.mapping import (
     strip_vocab,
     supported_architectures,
 )
-from checkpoints_tools.testing import CASES, make_hf_model
-from megatron_amir.config import ModelConfig
 
 torch.set_num_threads(1)
 
@@ -287,7 +287,7 @@ def test_torch_dist_writer_reads_back_with_dcp(tmp_path, monkeypatch, kernel_cop
 
     import torch.distributed.checkpoint as dcp
 
-    from checkpoints_tools.torch_dist import TorchDistWriter, slice_pieces
+    from megatron_amir.convert.torch_dist import TorchDistWriter, slice_pieces
 
     if not kernel_copy:
         def no_copy(*args, **kwargs):

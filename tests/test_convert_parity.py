@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints_tools.hf_to_mcore import hf_to_mcore
-from checkpoints_tools.mcore_to_hf import mcore_to_hf
 from checkpoints_tools.testing import CASES, make_hf_model, save_hf_model
+from megatron_amir.convert.hf_to_mcore import hf_to_mcore
+from megatron_amir.convert.mcore_to_hf import mcore_to_hf
 
 torch.set_num_threads(2)
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
@@ -144,7 +144,7 @@ def test_checkpoint_equals_megatron_save(case, tp, src_dtype, dtype, tmp_path):
     """The directly written torch_dist directory has the format the trainer's save_checkpoint
     (dist_checkpointing.save) writes: the same keys, global shapes, dtypes, chunks and objects, and loading it
     and saving it again with Megatron changes no item. (The values themselves: round-trip and parity tests.)"""
-    from checkpoints_tools.megatron_side import (
+    from megatron_amir.convert.megatron_side import (
         MODEL_SUBDIR, build_empty_model, load_model, read_meta, save_model, single_process_megatron,
     )
     from megatron_amir.config import ModelConfig
@@ -169,8 +169,8 @@ def test_checkpoint_equals_megatron_save(case, tp, src_dtype, dtype, tmp_path):
 
 def test_weight_sync_path_matches_hf(converted):
     """Trainer -> rollout: the trainer's gathered full state dict (TE-style sharded names) through the one mapping."""
-    from checkpoints_tools import mcore_to_hf_named_tensors
-    from checkpoints_tools.megatron_side import (
+    from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
+    from megatron_amir.convert.megatron_side import (
         MODEL_SUBDIR, build_empty_model, load_model, read_meta, single_process_megatron,
     )
     from megatron_amir.config import ModelConfig
@@ -233,8 +233,8 @@ def test_missing_shard_and_shape_mismatch_leave_no_output(converted, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from checkpoints_tools.hf_io import HFCheckpointError
-    from checkpoints_tools.mapping import MappingError
+    from megatron_amir.convert.hf_io import HFCheckpointError
+    from megatron_amir.convert.mapping import MappingError
 
     src = converted["qwen3-qknorm"]["hf"]
     broken = tmp_path / "broken"

@@ -1,5 +1,6 @@
-"""launch/dist_env.py: Slurm / torchrun / single-process detection, host lists, backend choice, the exec CLI,
-and a real 2-process gloo rendezvous from Slurm-style variables (no Slurm needed)."""
+"""megatron_amir/training/dist_env.py: Slurm / torchrun / single-process detection, host lists, backend choice;
+its command line launch/dist_env.py (show / exec / tasks); a real 2-process gloo rendezvous from Slurm-style
+variables (no Slurm needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.dist_env import (
+from megatron_amir.training.dist_env import (
     BACKEND_ENV,
     PORT_SPAN,
     DistEnvError,
@@ -200,7 +201,7 @@ def test_gloo_allreduce_from_slurm_variables():
     code = (
         "import torch, torch.distributed as dist\n"
         "torch.set_num_threads(1)\n"
-        "from launch.dist_env import init_process_group\n"
+        "from megatron_amir.training.dist_env import init_process_group\n"
         "d = init_process_group(timeout_s=60)\n"
         "t = torch.tensor([float(d.rank + 1)]); dist.all_reduce(t)\n"
         "print(d.rank, d.world_size, dist.get_backend(), t.item(), flush=True)\n"
@@ -223,7 +224,7 @@ def test_gloo_allreduce_from_slurm_variables():
 def test_auto_backend_is_nccl_on_gpu_and_binds_local_rank():
     code = (
         "import torch, torch.distributed as dist\n"
-        "from launch.dist_env import init_process_group\n"
+        "from megatron_amir.training.dist_env import init_process_group\n"
         "from megatron_amir.config import ParallelConfig\n"
         "d = init_process_group(ParallelConfig(backend='auto'), timeout_s=60)\n"
         "t = torch.ones(1, device='cuda'); dist.all_reduce(t)\n"

@@ -26,7 +26,7 @@ def test_paper_config_loads_with_the_paper_hyperparameters():
 
 
 def test_paper_config_matches_the_hf_architecture():
-    from checkpoints_tools import hf_config_from_model_config
+    from megatron_amir.convert.hf_config import hf_config_from_model_config
 
     hf = hf_config_from_model_config(load_config(CONFIG).model)
     assert hf["architectures"] == ["Qwen2ForCausalLM"]

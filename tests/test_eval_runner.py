@@ -177,7 +177,7 @@ def test_make_verdict_forms():
 
 def test_with_the_embedded_engine(tmp_path):
     """Plumbing with the real rollout engine (random tiny model): every field well formed."""
-    from checkpoints_tools import hf_config_from_model_config
+    from megatron_amir.convert.hf_config import hf_config_from_model_config
     from megatron_amir.config import ModelConfig
     from megatron_amir.rollout.embedded import EmbeddedEngine
 

@@ -1,4 +1,4 @@
-"""launch/preemption.py: signals set a flag, all ranks agree to stop after the same step, exit code 75."""
+"""megatron_amir/training/preemption.py: signals set a flag, all ranks agree to stop after the same step, exit code 75."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import preemption
-from launch.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from megatron_amir.training import preemption
+from megatron_amir.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,19 +83,56 @@ def test_install_outside_main_thread_is_an_error():
     assert errors and "main thread" in errors[0]
 
 
-def test_requeue_exit_code_matches_scripts_and_trainer():
+def test_requeue_exit_code_matches_scripts():
     assert REQUEUE_EXIT_CODE == 75
     common = (ROOT / "slurm" / "common.sh").read_text()
     assert re.search(r"^REQUEUE_EXIT_CODE=(\d+)$", common, re.M).group(1) == str(REQUEUE_EXIT_CODE)
-    trainer = ROOT / "megatron_amir" / "training" / "trainer.py"
-    if trainer.exists():
-        m = re.search(r"^REQUEUE_EXIT_CODE\s*=\s*(\d+)", trainer.read_text(), re.M)
-        if m:
-            assert int(m.group(1)) == REQUEUE_EXIT_CODE
+
+
+class _LoopOnly:
+    """What ``Trainer.train`` touches besides its own preemption code: steps, metrics, checkpoints, a barrier."""
+
+    def __init__(self, signal_at: int, sig: int):
+        self.signal_at, self.sig, self.saved = signal_at, sig, []
+
+    def train_step(self) -> dict:
+        if self.trainer.step + 1 == self.signal_at:
+            os.kill(os.getpid(), self.sig)  # arrives during the step, as Slurm's warning does
+        return {}
+
+    def save(self) -> None:
+        self.saved.append(self.trainer.step)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, REQUEUE_EXIT_CODE), (signal.SIGTERM, REQUEUE_EXIT_CODE),
+                                      (signal.SIGINT, 130)], ids=["SIGUSR1", "SIGTERM", "SIGINT"])
+def test_trainer_checkpoints_and_returns_the_scripts_exit_code(sig, code):
+    """The trainer's own loop (Trainer.train, its handlers and _should_stop) on a signal: it finishes the step,
+    checkpoints it and returns the code slurm/common.sh requeues on (75), or 130 for Ctrl-C."""
+    from types import SimpleNamespace
+
+    from megatron_amir.training.trainer import Trainer
+
+    parts = _LoopOnly(signal_at=3, sig=sig)
+    t = Trainer.__new__(Trainer)  # the loop alone: no model, data or process group
+    parts.trainer = t
+    t.cfg = SimpleNamespace(train=SimpleNamespace(steps=10), eval=SimpleNamespace(interval=0),
+                            checkpoint=SimpleNamespace(save_interval=1000), logging=SimpleNamespace(progress=False))
+    t.step, t.rank = 0, 1
+    t.train_step, t.save = parts.train_step, parts.save
+    t.metrics = SimpleNamespace(log=lambda step, metrics: None, close=lambda: None)
+    t.policy = SimpleNamespace(barrier=lambda: None)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert t.train() == code
+    finally:
+        preemption.uninstall_handlers()
+    assert signal.getsignal(signal.SIGINT) == before
+    assert t.step == 3 and parts.saved == [3]
 
 
 def test_exit_for_requeue_exits_75():
-    code = "from launch.preemption import exit_for_requeue; exit_for_requeue()"
+    code = "from megatron_amir.training.preemption import exit_for_requeue; exit_for_requeue()"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          timeout=60)
     assert res.returncode == 75
@@ -104,7 +141,7 @@ def test_exit_for_requeue_exits_75():
 _AGREE = r"""
 import os, signal, sys, torch, torch.distributed as dist
 torch.set_num_threads(1)
-from launch import preemption
+from megatron_amir.training import preemption
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=int(sys.argv[1]), world_size=2)
 h = preemption.install_handlers()
 rank = dist.get_rank()

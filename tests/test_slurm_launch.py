@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_harness import slurm_cluster  # noqa: E402,F401  (session fixture)
 
-from launch.dist_env import expand_hostlist  # noqa: E402
+from megatron_amir.training.dist_env import expand_hostlist  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 # Every job gets -t 10: the scripts ask for SIGUSR1 180 s before the time limit, so a limit of 3 minutes or

@@ -7,8 +7,8 @@ one-function change:
   package's ``EmbeddedEngine``; a megatron-amir trainer checkpoint (a checkpoint root with
   ``latest``, or one ``step_XXXXXXXX`` directory with ``meta.json`` and ``model/``) is loaded into an
   empty single-process Megatron-Core model (TP = PP = 1; dist_checkpointing reshards) and converted to
-  HF-named tensors with checkpoints_tools (``megatron_checkpoint_to_hf``); for vLLM it is exported to
-  an HF directory with ``checkpoints_tools.mcore_to_hf``.
+  HF-named tensors with megatron_amir.convert (``megatron_checkpoint_to_hf``); for vLLM it is exported to
+  an HF directory with ``megatron_amir.convert.mcore_to_hf``.
 - tokenizer / problems / templates / reward: megatron_amir.data (tokenizer, benchmarks, templates,
   synthetic) and megatron_amir.rewards (get_reward_fn).
 """
@@ -84,17 +84,17 @@ def config_from_checkpoint(step_dir: Path, overrides: Optional[list[str]] = None
 
 def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     """(HF config dict, HF-named tensors) of a trainer checkpoint step directory (or a converted
-    megatron-amir model directory), on one process, through checkpoints_tools.
+    megatron-amir model directory), on one process, through megatron_amir.convert.
 
     The model is built empty at TP = PP = 1 (dist_checkpointing reshards whatever layout it was saved
     in), loaded from ``step_dir/model``, and mapped to HF names with padding rows of the vocabulary
     stripped. ``cfg`` is unused (the checkpoint's own metadata names the architecture); kept so callers
     can pass the eval config."""
-    from checkpoints_tools.config_bridge import hf_config_from_model_config
-    from checkpoints_tools.mapping import mcore_to_hf_named_tensors
-    from checkpoints_tools.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
-                                                 single_process_megatron)
     from megatron_amir.config import ModelConfig
+    from megatron_amir.convert.hf_config import hf_config_from_model_config
+    from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
+    from megatron_amir.convert.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
+                                                     single_process_megatron)
 
     del cfg
     meta = read_meta(step_dir)
@@ -155,10 +155,10 @@ def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir:
         if hf_dir:
             eng = VLLMEngine(path, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
                              gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
-        else:  # vLLM reads an HF directory: export the checkpoint with checkpoints_tools first
+        else:  # vLLM reads an HF directory: export the checkpoint to one first
             import tempfile
 
-            from checkpoints_tools.mcore_to_hf import mcore_to_hf
+            from megatron_amir.convert.mcore_to_hf import mcore_to_hf
 
             export = Path(tempfile.mkdtemp(prefix="mamir-eval-hf-")) / "model"
             mcore_to_hf(step_dir, export)

@@ -16,7 +16,7 @@
     is the same protocol over gloo, used by the embedded server (``init_weight_transfer_engine`` with
     backend "gloo") so CPU tests exercise it.
 
-Name mapping Megatron -> HF is not here: callers pass HF-named tensors (checkpoints_tools owns the map).
+Name mapping Megatron -> HF is not here: callers pass HF-named tensors (megatron_amir.convert.mapping owns the map).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def rollout_hf_config(cfg: Config, tokenizer: Any = None, base: Optional[dict] =
     """HF config.json of the model the rollout engine runs (and an export writes): the real vocabulary,
     padding rows dropped. ``base``: the source model's config.json, whose non-architecture keys are kept;
     token ids it lacks come from ``tokenizer``."""
-    from checkpoints_tools import hf_config_from_model_config
+    from megatron_amir.convert.hf_config import hf_config_from_model_config  # on use, as above: importing this module loads no torch
 
     base = dict(base or {})
     if tokenizer is not None:

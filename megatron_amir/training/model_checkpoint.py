@@ -11,7 +11,7 @@ The directory appears atomically: rank 0 creates ``<dir>.tmp-*``, all ranks writ
 renames it into place after a barrier.
 
 ``gather_full_state_dict`` builds full tensors (named as in a TP=PP=1 GPTModel) on rank 0 from the
-same sharded state dict, which is what the HF converter (checkpoints_tools) consumes.
+same sharded state dict, which is what the HF converter (megatron_amir.convert) consumes.
 """
 
 from __future__ import annotations

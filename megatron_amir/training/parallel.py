@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_amir.config import ParallelConfig
 from megatron_amir.model.compat import apply_cpu_compat
+from megatron_amir.training.dist_env import init_process_group
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int = 1234) -> ParallelInf
     if not dist.is_initialized():
         # torchrun's or Slurm's environment (a bare `srun -n N` included), or a single process; a config that
         # needs more ranks than were launched fails here with a message saying how to launch
-        from launch.dist_env import init_process_group
-
         init_process_group(parallel_cfg)
     world = dist.get_world_size()
     if world % (tp * pp):

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_amir.config import Config
+from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
 from megatron_amir.model.builder import build_gpt_model, choose_transformer_impl, transformer_config
 from megatron_amir.model.compat import apply_cpu_compat
 from megatron_amir.model.logprobs import vocab_parallel_logprobs
@@ -452,12 +453,10 @@ class Policy:
         return gather_full_state_dict(self.modules())
 
     def full_hf_state_dict(self, vocab_size: Optional[int] = None) -> Optional[dict[str, torch.Tensor]]:
-        """HF-named full tensors on rank 0 via the converter mapping (checkpoints_tools, owner D).
+        """HF-named full tensors on rank 0 via the one HF name mapping (megatron_amir.convert.mapping).
 
         vocab_size: the tokenizer's original vocabulary, to drop padding rows (None keeps all). Collective.
         """
-        from checkpoints_tools import mcore_to_hf_named_tensors
-
         full = self.full_state_dict()
         if full is None:
             return None

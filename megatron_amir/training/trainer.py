@@ -26,13 +26,15 @@ from typing import Any, Optional
 import torch
 
 from megatron_amir.config import Config, config_record, dump_config
+from megatron_amir.convert.hf_to_mcore import hf_to_mcore
+from megatron_amir.convert.megatron_side import META_NAME, read_meta
 from megatron_amir.training.checkpoint import REFERENCE_DIR, WARMUP_KIND, CheckpointManager
 from megatron_amir.training.metrics import RL_KIND, MetricsLogger, summary_line
+from megatron_amir.training.preemption import REQUEUE_EXIT_CODE, install_handlers  # 75: slurm/*.sbatch requeue on it
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
 
 log = logging.getLogger("megatron_amir.trainer")
 
-from launch.preemption import REQUEUE_EXIT_CODE  # 75: slurm/*.sbatch requeue the job on this code
 INTERRUPT_EXIT_CODE = 130
 
 
@@ -438,9 +440,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ safety
     def _install_signal_handlers(self) -> None:
         """SIGUSR1/SIGTERM (Slurm preemption) and SIGINT (Ctrl-C) only set a flag; between steps all ranks
-        agree (launch.preemption.should_stop all-reduces it) to checkpoint and exit after the same step."""
-        from launch.preemption import install_handlers
-
+        agree (preemption.should_stop all-reduces it) to checkpoint and exit after the same step."""
         self._preemption = install_handlers((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT))
 
     def _should_stop(self) -> Optional[int]:
@@ -592,8 +592,6 @@ def starting_checkpoint(cfg: Config, rank: int, barrier: Any, init_from: Optiona
     init_from = init_from or cfg.model.load
     if init_from or not cfg.model.hf_path:
         return init_from
-    from checkpoints_tools.hf_to_mcore import hf_to_mcore
-    from checkpoints_tools.megatron_side import META_NAME
     from megatron_amir.training.model_checkpoint import broadcast_from_rank0
 
     hf_path, target = cfg.model.hf_path, Path(cfg.checkpoint.dir) / "init"
@@ -622,8 +620,6 @@ def starting_checkpoint(cfg: Config, rank: int, barrier: Any, init_from: Optiona
 def load_starting_weights(policy: Any, cfg: Config, path: str) -> Optional[dict]:
     """Check that ``cfg.model`` describes checkpoint ``path``, load its weights into ``policy`` (not its optimizer
     state) and return the source model's HF config, if the checkpoint records one."""
-    from checkpoints_tools.megatron_side import read_meta
-
     meta = read_meta(Path(path))
     check_same_architecture(cfg.model, meta["model"], path)
     log.info("initializing the policy from %s", path)

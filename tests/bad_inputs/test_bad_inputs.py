@@ -328,16 +328,39 @@ def test_convert_mcore_to_hf_wrong_inputs(hf_dir, mcore_dir, tmp_path):
     shutil.rmtree(nomodel / "model")
     rc, err = _convert(["mcore-to-hf", "--ckpt", str(nomodel), "--out", str(out)])
     assert rc == 2 and f"{nomodel / 'model'} not found" in err
-    # torn dist-checkpoint shard
+    # torn dist-checkpoint shards: the first one named, with its size and the size the metadata expects
     torn = tmp_path / "torn"
     shutil.copytree(mcore_dir, torn)
-    for f in (torn / "model").glob("*.distcp"):
+    shards = sorted((torn / "model").glob("*.distcp"))
+    for f in shards:
         f.write_bytes(f.read_bytes()[:100])
     t0 = time.time()
     rc, err = _convert(["mcore-to-hf", "--ckpt", str(torn), "--out", str(out)])
-    assert rc == 2 and f"{torn / 'model'}: cannot load the Megatron checkpoint" in err, err[-2000:]
+    assert rc == 2 and f"{shards[0]} is truncated: 100 bytes, but {torn / 'model' / '.metadata'} places data up to " \
+        "byte " in err, err[-2000:]
     assert time.time() - t0 < 30
     assert not out.exists() and debris(tmp_path) == []
+
+
+@pytest.mark.timeout(60)
+def test_convert_mcore_to_hf_corrupt_shard_keeps_the_root_cause(mcore_dir, tmp_path):
+    """Bytes of the right length that torch cannot unpickle: the message names the checkpoint and carries every
+    rank's error in full (torch's text is a long traceback whose last line is the cause); the exception chains
+    torch's own."""
+    import shutil
+
+    from megatron_amir.convert.mcore_to_hf import mcore_to_hf
+
+    bad = tmp_path / "bad"
+    shutil.copytree(mcore_dir, bad)
+    shard = sorted((bad / "model").glob("*.distcp"))[0]
+    shard.write_bytes(bytes(shard.stat().st_size))
+    with pytest.raises(ValueError) as info:
+        mcore_to_hf(bad, tmp_path / "out")
+    msg = str(info.value)
+    assert msg.startswith(f"{bad / 'model'}: cannot load the Megatron checkpoint: rank 0: UnpicklingError: "), msg
+    assert type(info.value.__cause__).__name__ == "CheckpointException"
+    assert not (tmp_path / "out").exists() and debris(tmp_path) == []
 
 
 # ============================================================================================ HTTP bodies

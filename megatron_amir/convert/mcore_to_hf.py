@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_amir.config import ModelConfig
-
-from checkpoints_tools import hf_io
-from checkpoints_tools.config_bridge import hf_config_from_model_config
-from checkpoints_tools.mapping import mcore_to_hf_named_tensors, model_mapping
-from checkpoints_tools.megatron_side import (
+from megatron_amir.convert import hf_io
+from megatron_amir.convert.hf_config import hf_config_from_model_config
+from megatron_amir.convert.mapping import mcore_to_hf_named_tensors, model_mapping
+from megatron_amir.convert.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
     build_empty_model,
@@ -80,13 +79,7 @@ def mcore_to_hf(
     try:
         with single_process_megatron():
             model = build_empty_model(model_cfg)
-            try:
-                load_model(model, model_dir)
-            except BaseException as exc:  # torch's CheckpointException (torn files) is a BaseException
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise ValueError(f"{model_dir}: cannot load the Megatron checkpoint ({type(exc).__name__}: "
-                                 f"{str(exc)[:500]})") from None
+            load_model(model, model_dir)  # errors name the file, keep the root cause
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
             for name, tensor in mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab):

@@ -134,7 +134,7 @@ def preemption_requested() -> bool:
 def should_stop(group=None) -> bool:
     """Collective: some rank got a preemption signal. See :meth:`PreemptionHandler.should_stop`."""
     if _HANDLER is None:
-        raise RuntimeError("call launch.preemption.install_handlers() before polling should_stop()")
+        raise RuntimeError("call install_handlers() before polling should_stop()")
     return _HANDLER.should_stop(group)
 
 

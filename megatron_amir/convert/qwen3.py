@@ -1,6 +1,6 @@
 """Qwen3 (dense): Llama layout plus per-head RMSNorm on q and k (q_norm/k_norm -> q_layernorm/k_layernorm)."""
 
-from checkpoints_tools.mapping import Family, register_family
+from megatron_amir.convert.mapping import Family, register_family
 
 
 def _check(hf: dict) -> None:

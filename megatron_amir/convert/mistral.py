@@ -1,6 +1,6 @@
 """Mistral (v0.2+ style, no sliding window): the Llama decoder under another name."""
 
-from checkpoints_tools.mapping import Family, register_family
+from megatron_amir.convert.mapping import Family, register_family
 
 
 def _check(hf: dict) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from megatron_amir.config import ModelConfig
-
-from checkpoints_tools.mapping import family_for_arch, family_for_hf_config
+from megatron_amir.convert.mapping import family_for_arch, family_for_hf_config
 
 # Megatron-Core's RotaryEmbedding implements llama3 scaling with only `factor` configurable.
 _MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

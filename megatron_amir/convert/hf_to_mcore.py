@@ -25,16 +25,16 @@ from typing import Optional
 
 import torch
 
-from checkpoints_tools import hf_io
-from checkpoints_tools.config_bridge import model_config_from_hf
-from checkpoints_tools.mapping import (
+from megatron_amir.convert import hf_io
+from megatron_amir.convert.hf_config import model_config_from_hf
+from megatron_amir.convert.mapping import (
     MappingError,
     ParamMapping,
     check_hf_shapes,
     group_hf_tensors,
     padded_vocab_size,
 )
-from checkpoints_tools.megatron_side import (
+from megatron_amir.convert.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
     CheckpointLayout,
@@ -42,7 +42,7 @@ from checkpoints_tools.megatron_side import (
     single_process_megatron,
     write_meta,
 )
-from checkpoints_tools.torch_dist import Piece, TorchDistWriter
+from megatron_amir.convert.torch_dist import Piece, TorchDistWriter
 
 log = logging.getLogger(__name__)
 

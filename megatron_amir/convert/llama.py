@@ -1,6 +1,6 @@
 """Llama (1/2/3.x, incl. llama3 rope scaling): the base decoder table, nothing optional."""
 
-from checkpoints_tools.mapping import Family, register_family
+from megatron_amir.convert.mapping import Family, register_family
 
 
 def _check(hf: dict) -> None:

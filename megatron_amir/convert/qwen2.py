@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: Llama layout plus q/k/v biases (always on in HF's Qwen2Attention; o_proj has none)."""
 
-from checkpoints_tools.mapping import Family, register_family
+from megatron_amir.convert.mapping import Family, register_family
 
 
 def _check(hf: dict) -> None:

@@ -317,7 +317,7 @@ def register_family(family: Family) -> Family:
 
 def _load_families() -> None:
     for mod in _FAMILY_MODULES:
-        importlib.import_module(f"checkpoints_tools.{mod}")
+        importlib.import_module(f"megatron_amir.convert.{mod}")
 
 
 def supported_architectures() -> list[str]:

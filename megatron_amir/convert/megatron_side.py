@@ -24,8 +24,12 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_amir.config import ModelConfig, ParallelConfig
+from megatron_amir.model.builder import build_gpt_model, transformer_config
+from megatron_amir.model.compat import apply_cpu_compat
+from megatron_amir.training.model_checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 META_NAME = "megatron_amir_model.json"
 META_FORMAT = "megatron-amir/converted-model-v1"
@@ -39,10 +43,6 @@ def single_process_megatron(seed: int = 1234) -> Iterator[None]:
 
     Refuses to run inside an existing multi-process world: conversion is an offline, one-process job.
     """
-    import torch.distributed as dist
-
-    from megatron_amir.model.compat import apply_cpu_compat
-
     apply_cpu_compat()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -76,8 +76,6 @@ def build_empty_model(model_cfg: ModelConfig, *, meta: bool = False):
     """TP=PP=1 GPTModel on CPU with the local spec and *uninitialized* parameters (torch.empty pages are not
     touched until the converter writes them, so memory grows with the weights actually filled in).
     meta: parameters on the meta device (no storage at all; for the checkpoint layout only)."""
-    from megatron_amir.model.builder import build_gpt_model, transformer_config
-
     cfg = model_cfg.model_copy(update={"transformer_impl": "local", "fp8": None, "fp8_param": False})
     par = ParallelConfig()
     tcfg = transformer_config(cfg, par, impl="local")
@@ -111,8 +109,6 @@ def checkpoint_layout(model_cfg: ModelConfig) -> CheckpointLayout:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    from megatron_amir.training.model_checkpoint import FORMAT
-
     model = build_empty_model(model_cfg, meta=True)
     state = {"model": model.sharded_state_dict(), "format": FORMAT, "num_steps": 0}  # as save_checkpoint builds it
     sharded, common = save_preprocess(state, validate_access_integrity=False)
@@ -139,15 +135,58 @@ def _holder(model) -> Any:
 
 
 def save_model(model, path: Path) -> None:
-    from megatron_amir.training.model_checkpoint import save_checkpoint
-
     save_checkpoint(_holder(model), Path(path), save_optimizer=False)
 
 
 def load_model(model, path: Path) -> None:
-    from megatron_amir.training.model_checkpoint import load_checkpoint
+    """Load a model-only checkpoint directory into ``model``. A torn shard file fails naming the file; any other
+    load failure keeps its root cause, in the message (every rank's error, in full) and chained."""
+    path = Path(path)
+    check_shard_files(path)
+    try:
+        load_checkpoint(_holder(model), path, load_optimizer=False)
+    except BaseException as exc:  # torch's CheckpointException (torn or corrupt data) is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"{path}: cannot load the Megatron checkpoint: {root_cause(exc)}") from exc
 
-    load_checkpoint(_holder(model), Path(path), load_optimizer=False)
+
+def check_shard_files(model_dir: Path) -> None:
+    """Every data file that ``model_dir/.metadata`` names exists and holds the bytes placed in it.
+
+    torch's reader finds a short file only when it unpickles a chunk of it, and then reports ``EOFError: Ran out
+    of input`` without the file's name."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta_file = Path(model_dir) / ".metadata"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: not a torch_dist checkpoint directory")
+    try:
+        metadata = FileSystemReader(str(model_dir)).read_metadata()
+    except Exception as exc:
+        raise ValueError(f"{meta_file}: cannot read the checkpoint metadata: {type(exc).__name__}: {exc}") from exc
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        data = Path(model_dir) / name
+        if not data.is_file():
+            raise FileNotFoundError(f"{data} not found (listed in {meta_file})")
+        size = data.stat().st_size
+        if size < end:
+            raise ValueError(f"{data} is truncated: {size} bytes, but {meta_file} places data up to byte {end}")
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of what went wrong; for torch's CheckpointException, the error each rank raised."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        causes = []
+        for rank, failure in sorted(failures.items()):
+            err = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback frames)
+            causes.append(f"rank {rank}: {type(err).__name__}: {err}")
+        return "; ".join(causes)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
