@@ -1,4 +1,4 @@
-"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (megatron_amir/cli.py dispatches here): arguments and
+"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (launch/cli.py dispatches here): arguments and
 messages only; the conversions are the library's (megatron_amir.convert.hf_to_mcore / mcore_to_hf)."""
 
 from __future__ import annotations

@@ -36,11 +36,11 @@ PLAN = {
 
 
 def _phase_cmd(sub: str, overrides: list[str], extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "megatron_amir.cli", sub, str(CONFIG), *overrides, *extra]
+    return [sys.executable, "-m", "launch.cli", sub, str(CONFIG), *overrides, *extra]
 
 
 def _run(cmd: list[str], log_path: Path) -> None:
-    print("\n$ " + " ".join(shlex.quote(c) for c in cmd[2:]).replace("megatron_amir.cli", "megatron-amir", 1),
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd[2:]).replace("launch.cli", "megatron-amir", 1),
           flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as logf:

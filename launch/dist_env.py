@@ -2,7 +2,7 @@
 
 The detection itself is the library's (megatron_amir/training/dist_env.py); this is only its command line::
 
-    srun python -m launch.dist_env exec -- python -m megatron_amir.cli train cfg.yaml
+    srun python -m launch.dist_env exec -- python -m launch.cli train cfg.yaml
 """
 
 from __future__ import annotations

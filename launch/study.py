@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                  out / "logs" / f"{run.name}.log")
             (run / "eval" / "DONE").write_text("ok\n")
     base = sorted((Path(dirs["GRPO"][0]) / "eval").glob("initial_step*.jsonl"))[-1]
-    cmd = [sys.executable, "-m", "megatron_amir.cli", "study", "--base", str(base), "--reference", "GRPO",
+    cmd = [sys.executable, "-m", "launch.cli", "study", "--base", str(base), "--reference", "GRPO",
            "--out", str(Path(a.report).parent / "results_assets"), "--report", a.report,
            "--title", f"Reproduction study: {len(a.seeds)} seeds x {{GRPO, Dr.GRPO, AMIR-GRPO}}, {a.steps} RL steps "
                       f"from one warm-up checkpoint ({warm})"]

@@ -68,8 +68,8 @@ amir_init() {
 amir_check_config() {
   local entry=$1
   shift
-  if [ "$entry" != megatron_amir.cli ] || [ -n "${MEGATRON_AMIR_CONTAINER_IMAGE:-}" ]; then return 0; fi
-  if ! "$AMIR_PY" -m megatron_amir.cli config show "$@" > "$AMIR_JOB_DIR/config.yaml.tmp"; then
+  if [ "$entry" != launch.cli ] || [ -n "${MEGATRON_AMIR_CONTAINER_IMAGE:-}" ]; then return 0; fi
+  if ! "$AMIR_PY" -m launch.cli config show "$@" > "$AMIR_JOB_DIR/config.yaml.tmp"; then
     amir_log "invalid config: $*"
     exit 2
   fi

@@ -28,7 +28,7 @@ def test_override_changes_value_and_types():
 
 def test_cli_config_show_prints_resolved_value():
     out = subprocess.run(
-        [sys.executable, "-m", "megatron_amir.cli", "config", "show", str(DEMO), "train.lr=1e-5"],
+        [sys.executable, "-m", "launch.cli", "config", "show", str(DEMO), "train.lr=1e-5"],
         capture_output=True, text=True, check=True,
     ).stdout
     train = out.split("\ntrain:\n", 1)[1]
@@ -163,7 +163,7 @@ def test_bad_files(tmp_path):
 
 def test_cli_exit_code_and_message_on_bad_config():
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_amir.cli", "config", "show", str(DEMO), "train.lrr=1"],
+        [sys.executable, "-m", "launch.cli", "config", "show", str(DEMO), "train.lrr=1"],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2

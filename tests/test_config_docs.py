@@ -9,7 +9,7 @@ from typing import Optional
 import pytest
 from pydantic import Field
 
-from megatron_amir.cli import main as cli_main
+from launch.cli import main as cli_main
 from megatron_amir.config import (
     REGENERATE,
     Config,

@@ -35,7 +35,7 @@ def _train(run: Path, *extra: str) -> list[float]:
             "logging.progress=false", "logging.tensorboard=false", "train.lr=5e-3", f"train.steps={STEPS}",
             "checkpoint.save_interval=1000", "reward.name=easy_reward:digit_share", f"logging.dir={run}",
             f"checkpoint.dir={run / 'ckpt'}"]
-    out = subprocess.run([sys.executable, "-m", "megatron_amir.cli", "train", str(CONFIG), *tiny, *extra], env=env,
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(CONFIG), *tiny, *extra], env=env,
                          cwd=ROOT, timeout=900, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -20,7 +20,7 @@ TINY = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2"
 def _sft(run: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] \
         if nproc > 1 else [sys.executable, "-m"]
-    cmd = [*launcher, "megatron_amir.cli", "sft", str(CONFIG), *TINY, f"logging.dir={run}",
+    cmd = [*launcher, "launch.cli", "sft", str(CONFIG), *TINY, f"logging.dir={run}",
            f"checkpoint.dir={run / 'ckpt'}", "--batch-size", "8", "--eval-every", "0", *extra]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600,
                           capture_output=True, text=True)

@@ -28,7 +28,7 @@ TIMING = ("time/", "throughput/")
 
 
 def _cmd(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_amir.cli", "train", str(CONFIG), *TINY, f"logging.dir={run}",
+    return [sys.executable, "-m", "launch.cli", "train", str(CONFIG), *TINY, f"logging.dir={run}",
             f"checkpoint.dir={run / 'ckpt'}", *extra]
 
 
@@ -44,7 +44,7 @@ def _rows(run: Path) -> list[dict]:
 def _export(ckpt_step: Path, out: Path) -> dict:
     from safetensors.torch import load_file
 
-    subprocess.run([sys.executable, "-m", "megatron_amir.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt_step),
+    subprocess.run([sys.executable, "-m", "launch.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt_step),
                     "--out", str(out)], check=True, env=_env(), cwd=ROOT, capture_output=True)
     tensors = {}
     for f in sorted(out.glob("*.safetensors")):

@@ -19,7 +19,7 @@ Every launcher describes "who am I among how many, and where is rank 0" in its o
 ``export()`` writes the torchrun variables, so any code that reads them (``init_process_group("env://")``,
 Megatron, our trainer) works unchanged under ``srun``. From a shell, ``launch/dist_env.py`` does it::
 
-    srun python -m launch.dist_env exec -- python -m megatron_amir.cli train cfg.yaml
+    srun python -m launch.dist_env exec -- python -m launch.cli train cfg.yaml
 
 The backend (gloo on CPU, nccl on GPU) is ``resolve_backend(parallel.backend)``: the environment variable
 ``MEGATRON_AMIR_BACKEND`` wins over the config so one sbatch script serves both kinds of cluster.

@@ -213,7 +213,7 @@ def test_train_init_from_wrong_format_fails_before_work(tmp_path):
     for src, expect in [(hf, "not a Megatron checkpoint directory (a Hugging Face model: convert it"),
                         (tmp_path / "nope", "no such directory")]:
         t0 = time.time()
-        out = subprocess.run([sys.executable, "-m", "megatron_amir.cli", "train", str(DEMO), f"logging.dir={run}",
+        out = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(DEMO), f"logging.dir={run}",
                               f"checkpoint.dir={run / 'ckpt'}", "--init-from", str(src)],
                              capture_output=True, text=True, env=env(), cwd=ROOT, timeout=100)
         assert out.returncode == 2 and f"--init-from {src}: " in out.stderr and expect in out.stderr, out.stderr[-2000:]

@@ -124,7 +124,7 @@ def test_train_with_nan_reward_stops_with_clear_error_and_no_checkpoint(tmp_path
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     for _ in range(3):  # the single-process rendezvous picks a free port then binds it: on a shared box another
         # process can take it in between (EADDRINUSE, megatron_amir/training/dist_env.py::_free_port); that is not what this tests
-        out = subprocess.run([sys.executable, "-m", "megatron_amir.cli", "train",
+        out = subprocess.run([sys.executable, "-m", "launch.cli", "train",
                               str(ROOT / "configs" / "demo_tiny.yaml"), *tiny],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=90)
         if "EADDRINUSE" not in out.stderr:
