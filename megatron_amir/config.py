@@ -287,6 +287,26 @@ class EvalConfig(_Section):
     max_new_tokens: Optional[int] = Field(None, ge=1)
 
 
+# --------------------------------------------------------------------------------------------- lora
+class LoRAConfig(_Section):
+    """LoRA adapters on the policy's Megatron layers (megatron_amir.model.lora; docs/lora.md). With enabled=true
+    the base weights are frozen, only the adapters train, and the reference policy is the base model."""
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of all weights")
+    rank: int = Field(16, ge=1, description="r, the inner dimension of the adapters A [r, in] and B [out, r]")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the adapter output is multiplied by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
+    target_modules: list[Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]] = Field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], min_length=1,
+        description="Megatron linear layers that get adapters (HF: q/k/v_proj, o_proj, gate/up_proj, down_proj)")
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoRAConfig":
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise _cross("lora.target_modules", f"a module is listed twice: {self.target_modules}")
+        return self
+
+
 class Config(_Section):
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -299,6 +319,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
     @property
     def rollout_batch_size(self) -> int:

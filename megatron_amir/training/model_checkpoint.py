@@ -107,11 +107,21 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     has_opt = "scheduler" in common
     load_optimizer = load_optimizer and has_opt
     model_sd = _model_sharded_state_dict(policy)
+    # a checkpoint without LoRA adapters (a warm-up or full fine-tuning checkpoint) into a LoRA policy: load the base,
+    # keep the fresh adapters; that checkpoint's optimizer state belongs to other parameters
+    fresh_adapters = _adapter_keys(model_sd)
+    if fresh_adapters and _saved_adapters(path):
+        fresh_adapters = []
+    if fresh_adapters:
+        model_sd = {k: v for k, v in model_sd.items() if k not in fresh_adapters}
+        load_optimizer = False
     state = {"model": model_sd}
     if load_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
-    policy.modules()[0].load_state_dict(loaded["model"], strict=True)
+    result = policy.modules()[0].load_state_dict(loaded["model"], strict=not fresh_adapters)
+    if fresh_adapters and (result.unexpected_keys or set(result.missing_keys) - set(fresh_adapters)):
+        raise RuntimeError(f"{path}: state dict mismatch beyond the LoRA adapters: {result}")
     if load_optimizer:
         policy.optimizer.load_state_dict(loaded["optimizer"])
         policy.scheduler.load_state_dict(common["scheduler"])
@@ -119,6 +129,21 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     elif getattr(policy, "optimizer", None) is not None:
         policy.optimizer.reload_model_params()  # fp32 main params of bf16/fp16 models <- loaded weights
     _barrier()
+
+
+def _adapter_keys(model_sd: dict) -> list[str]:
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES
+
+    return [k for k in model_sd if k.endswith(ADAPTER_SUFFIXES)]
+
+
+def _saved_adapters(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds LoRA adapter tensors."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES
+
+    return any(k.endswith(ADAPTER_SUFFIXES) for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def _flatten(sd, out: list):
