@@ -56,10 +56,13 @@ def mcore_to_hf(
     *,
     max_shard_size: str | int = "5GB",
     vocab_size: Optional[int] = None,
+    lora: str = "merge",
 ) -> list[Path]:
     """Export ``ckpt_dir`` (with ``model/`` inside) to ``out_dir`` (must not exist or be empty).
 
     vocab_size: original vocabulary to keep (default: the one recorded in the checkpoint metadata).
+    lora: for a checkpoint with LoRA adapters, ``merge`` writes W + s·B A, ``base`` the frozen base weights (the
+    model a PEFT adapter from ``peft_export.mcore_to_peft`` goes on).
     Returns the written safetensors files.
     """
     t0 = time.perf_counter()
@@ -76,12 +79,23 @@ def mcore_to_hf(
     hf_config = hf_config_from_model_config(model_cfg, vocab_size=vocab, base=meta.get("hf_config"))
     expected = model_mapping(model_cfg).hf_shapes(vocab)
 
+    if lora not in ("merge", "base"):
+        raise ValueError(f"lora={lora!r}: choose merge or base")
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES, lora_scaling, merge_lora_state_dict
+    from megatron_amir.training.model_checkpoint import saved_lora
+
+    adapters = saved_lora(model_dir)
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
         with single_process_megatron():
-            model = build_empty_model(model_cfg)
             try:
-                load_model(model, model_dir)
+                if adapters:
+                    from checkpoints_tools.peft_export import load_lora_model
+
+                    model = load_lora_model(ckpt_dir, model_cfg, adapters)
+                else:
+                    model = build_empty_model(model_cfg)
+                    load_model(model, model_dir)
             except BaseException as exc:  # torch's CheckpointException (torn files) is a BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -89,7 +103,12 @@ def mcore_to_hf(
                                  f"{str(exc)[:500]})") from None
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
-            for name, tensor in mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab):
+            state = model.state_dict()
+            if adapters and lora == "merge":  # W + s·B A
+                state = merge_lora_state_dict(state, lora_scaling(adapters["rank"], adapters["alpha"]))
+            elif adapters:  # the base alone
+                state = {k: v for k, v in state.items() if not k.endswith(ADAPTER_SUFFIXES)}
+            for name, tensor in mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab):
                 if tuple(tensor.shape) != expected.get(name):
                     raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
                                      f"config implies {expected.get(name)}")

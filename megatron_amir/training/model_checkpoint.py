@@ -4,7 +4,8 @@ Layout of ``<dir>``: the torch_dist files written by ``dist_checkpointing.save``
 ``model`` (sharded tensors, global names such as ``decoder.layers.self_attention.linear_qkv.weight``
 with a leading layer axis), ``optimizer`` (optional; exact with the plain optimizer -- the
 DistributedOptimizer's state does not round-trip on CPU, see platform-facts), and the common
-(replicated) items ``scheduler``, ``num_steps`` and ``format``. A checkpoint saved at any TP/PP
+(replicated) items ``scheduler``, ``num_steps``, ``format`` and, for a LoRA policy, ``lora`` (its settings and base
+model; the adapters are model tensors ``...lora_A`` / ``...lora_B`` beside the base). A checkpoint saved at any TP/PP
 loads at any other TP/PP: dist_checkpointing reassembles every shard from the global offsets.
 
 The directory appears atomically: rank 0 creates ``<dir>.tmp-*``, all ranks write, then rank 0
@@ -79,6 +80,9 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
         raise FileExistsError(tmp[len("error:"):])
     model_sd = _model_sharded_state_dict(policy)
     state = {"model": model_sd, "format": FORMAT, "num_steps": policy.num_steps}
+    lora = _lora_record(policy)
+    if lora is not None:  # the adapters' settings and the base they sit on, for resume checks and export
+        state["lora"] = lora
     if save_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd)
         state["scheduler"] = policy.scheduler.state_dict()
@@ -129,6 +133,20 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     elif getattr(policy, "optimizer", None) is not None:
         policy.optimizer.reload_model_params()  # fp32 main params of bf16/fp16 models <- loaded weights
     _barrier()
+
+
+def _lora_record(policy) -> Optional[dict]:
+    cfg = getattr(policy, "cfg", None)
+    if cfg is None or not getattr(policy, "lora_modules", None):
+        return None
+    return {**cfg.lora.model_dump(mode="json"), "base": {"hf_path": cfg.model.hf_path, "load": cfg.model.load}}
+
+
+def saved_lora(path: Path) -> Optional[dict]:
+    """The LoRA settings (rank, alpha, dropout, target_modules, base) a policy checkpoint was saved with, or None."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path)).get("lora")
 
 
 def _adapter_keys(model_sd: dict) -> list[str]:
