@@ -294,7 +294,8 @@ class LoRAConfig(_Section):
 
     enabled: bool = Field(False, description="train LoRA adapters instead of all weights")
     rank: int = Field(16, ge=1, description="r, the inner dimension of the adapters A [r, in] and B [out, r]")
-    alpha: float = Field(32.0, gt=0, description="scaling numerator: the adapter output is multiplied by alpha / rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the adapter output is multiplied by alpha / rank "
+                         "(the paper's reference code: alpha = rank = 16)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
     target_modules: list[Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]] = Field(
         default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], min_length=1,
