@@ -22,15 +22,8 @@ from megatron_amir.config import ModelConfig
 from checkpoints_tools import hf_io
 from checkpoints_tools.config_bridge import hf_config_from_model_config
 from checkpoints_tools.mapping import mcore_to_hf_named_tensors, model_mapping
-from checkpoints_tools.megatron_side import (
-    HF_SUBDIR,
-    MODEL_SUBDIR,
-    build_empty_model,
-    dtype_of,
-    load_model,
-    read_meta,
-    single_process_megatron,
-)
+from checkpoints_tools.megatron_side import HF_SUBDIR, MODEL_SUBDIR, dtype_of, read_meta, single_process_megatron
+from checkpoints_tools.peft_export import load_export_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +74,11 @@ def mcore_to_hf(
 
     if lora not in ("merge", "base"):
         raise ValueError(f"lora={lora!r}: choose merge or base")
-    from megatron_amir.model.lora import ADAPTER_SUFFIXES, lora_scaling, merge_lora_state_dict
-    from megatron_amir.training.model_checkpoint import saved_lora
-
-    adapters = saved_lora(model_dir)
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
         with single_process_megatron():
             try:
-                if adapters:
-                    from checkpoints_tools.peft_export import load_lora_model
-
-                    model = load_lora_model(ckpt_dir, model_cfg, adapters)
-                else:
-                    model = build_empty_model(model_cfg)
-                    load_model(model, model_dir)
+                state = load_export_state_dict(ckpt_dir, model_cfg, lora)
             except BaseException as exc:  # torch's CheckpointException (torn files) is a BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -103,11 +86,6 @@ def mcore_to_hf(
                                  f"{str(exc)[:500]})") from None
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
-            state = model.state_dict()
-            if adapters and lora == "merge":  # W + s·B A
-                state = merge_lora_state_dict(state, lora_scaling(adapters["rank"], adapters["alpha"]))
-            elif adapters:  # the base alone
-                state = {k: v for k, v in state.items() if not k.endswith(ADAPTER_SUFFIXES)}
             for name, tensor in mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab):
                 if tuple(tensor.shape) != expected.get(name):
                     raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
@@ -118,7 +96,7 @@ def mcore_to_hf(
             if missing:
                 raise ValueError(f"export lacks tensors {sorted(missing)[:6]}")
             files = writer.close()
-            del model
+            del state
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         side_src = ckpt_dir / HF_SUBDIR
         if side_src.is_dir():

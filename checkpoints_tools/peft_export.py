@@ -66,6 +66,26 @@ def load_lora_model(ckpt_dir: Path, model_cfg: ModelConfig, lora: dict):
     return model
 
 
+def load_export_state_dict(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "merge") -> dict[str, torch.Tensor]:
+    """The TP=PP=1 Megatron state dict of checkpoint ``ckpt_dir`` for export (call inside
+    ``single_process_megatron``). A checkpoint with LoRA adapters gives ``lora="merge"``: W + s·B A, or
+    ``lora="base"``: the frozen base; either way without adapter tensors."""
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES, lora_scaling, merge_lora_state_dict
+    from megatron_amir.training.model_checkpoint import saved_lora
+
+    if lora not in ("merge", "base"):
+        raise ValueError(f"lora={lora!r}: choose merge or base")
+    adapters = saved_lora(Path(ckpt_dir) / MODEL_SUBDIR)
+    if adapters is None:
+        model = build_empty_model(model_cfg)
+        load_model(model, Path(ckpt_dir) / MODEL_SUBDIR)
+        return model.state_dict()
+    state = load_lora_model(ckpt_dir, model_cfg, adapters).state_dict()
+    if lora == "merge":
+        return merge_lora_state_dict(state, lora_scaling(adapters["rank"], adapters["alpha"]))
+    return {k: v for k, v in state.items() if not k.endswith(ADAPTER_SUFFIXES)}
+
+
 def mcore_to_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the adapters of LoRA checkpoint ``ckpt_dir`` (trainer step dir or model dir with metadata) to
     ``out_dir`` in the PEFT format; returns the safetensors file."""

@@ -81,3 +81,16 @@ def test_cli_and_errors(exported, tmp_path, capsys):
     assert (tmp_path / "p" / "adapter_model.safetensors").is_file()
     assert main(["mcore-to-peft", "--ckpt", str(exported["step"]), "--out", str(tmp_path / "p")]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
+
+
+def test_eval_loader_merges_the_adapters(exported):
+    """Evaluating a LoRA checkpoint evaluates the trained model (merged), not its base."""
+    from safetensors.torch import load_file
+
+    from megatron_amir.eval.loading import megatron_checkpoint_to_hf
+
+    _, tensors = megatron_checkpoint_to_hf(exported["step"])
+    merged = {}
+    for f in sorted((exported["root"] / "merged").glob("*.safetensors")):
+        merged.update(load_file(str(f)))
+    assert set(tensors) == set(merged) and all(torch.equal(tensors[k], merged[k]) for k in merged)

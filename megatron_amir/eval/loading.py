@@ -91,8 +91,8 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     can pass the eval config."""
     from checkpoints_tools.config_bridge import hf_config_from_model_config
     from checkpoints_tools.mapping import mcore_to_hf_named_tensors
-    from checkpoints_tools.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
-                                                 single_process_megatron)
+    from checkpoints_tools.megatron_side import read_meta, single_process_megatron
+    from checkpoints_tools.peft_export import load_export_state_dict
     from megatron_amir.config import ModelConfig
 
     del cfg
@@ -100,11 +100,10 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     model_cfg = ModelConfig(**meta["model"])
     vocab = int(meta.get("original_vocab_size") or model_cfg.real_vocab_size or model_cfg.vocab_size)
     with single_process_megatron():
-        model = build_empty_model(model_cfg)
-        load_model(model, Path(step_dir) / MODEL_SUBDIR)
+        state = load_export_state_dict(Path(step_dir), model_cfg)  # LoRA adapters merged
         tensors = {name: t.detach().clone() for name, t in
-                   mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab)}
-        del model
+                   mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab)}
+        del state
     return hf_config_from_model_config(model_cfg, vocab_size=vocab, base=meta.get("hf_config")), tensors
 
 
