@@ -8,6 +8,8 @@ RL train steps (prepare_batch + Policy.train_step, GRPO + AMIR pair term) altern
 - reference policy: the resident-memory (RSS) growth of building the reference the reference-anchored AMIR run
   needs (``Policy.frozen_copy``: a second model for full fine-tuning, the adapters-off view for LoRA) and the
   parameter bytes it owns;
+- rollout weights: thread CPU time of ``Policy.full_hf_state_dict`` (the HF-named tensors the engines load; for
+  LoRA the gather plus the merge W + s·B A);
 - step time: median thread CPU time of one RL step: old and reference log-probs + train step (1 intra-op
   thread; time descheduled by other jobs does not count).
 
@@ -90,6 +92,16 @@ def build_reference(policy):
     return ref, grown, owned
 
 
+def weights_time(policy, repeats: int) -> float:
+    """Median thread CPU seconds of producing the rollout engines' HF-named weights."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        policy.full_hf_state_dict()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -123,15 +135,15 @@ def main(argv=None):
     print(f"model: {params / 1e6:.1f}M parameters (fp32, CPU), batch {tokens.shape[0]} x {tokens.shape[1]} tokens, "
           f"{args.repeats} timed steps each (thread CPU time, 1 thread)")
     print(f"{'run':<10} {'trainable':>11} {'opt MiB':>8} {'grad MiB':>9} {'opt+grad MiB':>13} {'ref RSS MiB':>12} "
-          f"{'ref params MiB':>15} {'step s':>7}")
+          f"{'ref params MiB':>15} {'weights s':>10} {'step s':>7}")
     for name, r in runs.items():
         policy = r["policy"]
         trainable = sum(p.numel() for m in policy.modules() for p in m.parameters() if p.requires_grad)
         opt, grads = optimizer_and_grad_bytes(policy)
         ref_rss, ref_owned = r["ref_rss"], r["ref_owned"]
-        r.update(state=opt + grads, step=statistics.median(r["times"]))
+        r.update(state=opt + grads, step=statistics.median(r["times"]), weights=weights_time(policy, args.repeats))
         print(f"{name:<10} {trainable:>11,} {opt / mib:>8.2f} {grads / mib:>9.2f} {(opt + grads) / mib:>13.2f} "
-              f"{ref_rss / mib:>12.1f} {ref_owned / mib:>15.1f} {r['step']:>7.3f}")
+              f"{ref_rss / mib:>12.1f} {ref_owned / mib:>15.1f} {r['weights']:>10.3f} {r['step']:>7.3f}")
     print(f"step time ratio lora_r16/full: {runs['lora_r16']['step'] / runs['full']['step']:.3f}")
     ratio = runs["lora_r16"]["state"] / runs["full"]["state"]
     print(f"lora_memory: ratio={ratio:.4f} (goal 0.05)")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megatron_amir.config import Config, ConfigError, config_from_dict
+from tests.test_policy import G, N, V, batch
 
 torch.set_num_threads(2)
 
-N, L, G, V = 8, 10, 4, 64
 R, ALPHA = 4, 8.0
 
 
@@ -23,16 +23,6 @@ def make_cfg(lora: bool = True, seed: int = 3, **lora_kw):
         train=dict(lr=1e-2, micro_batch_size=2, clip_grad=1e9, seed=seed, steps=10),
         lora=dict(enabled=lora, rank=R, alpha=ALPHA, **lora_kw),
     )
-
-
-def batch():
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, V, (N, L), generator=g)
-    mask = torch.zeros(N, L - 1)
-    for i in range(N):
-        mask[i, 2: 3 + i % 5] = 1.0
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
-    return tokens, mask, rewards, torch.arange(N) // G
 
 
 def train_step(policy, cfg):

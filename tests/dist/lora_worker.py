@@ -9,7 +9,6 @@ on all four target modules. Modes:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_worker import make_batch, make_cfg, run_step  # noqa: E402
+from policy_worker import layout_args, make_batch, make_cfg, run_step, write_result_and_shut_down  # noqa: E402
 
 torch.set_num_threads(1)
 RANK, ALPHA = 4, 8.0
@@ -41,13 +40,7 @@ def full_adapter_grads(policy) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ref", "step"])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--name", default="ref")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--dist-opt", action="store_true")
+    ap = layout_args()
     args = ap.parse_args()
     out = Path(args.out)
 
@@ -77,15 +70,7 @@ def main() -> None:
     result = {"init_logp": init_logp, "base_logp": base_logp, "metrics": metrics, "grads": grads,
               "before": before, "params": after, "after_logp": policy.compute_logprobs(tokens),
               "world": int(os.environ.get("WORLD_SIZE", "1"))}
-    if torch.distributed.get_rank() == 0:
-        tmp = out / f".{args.name}.pt.tmp"
-        torch.save(result, tmp)
-        os.replace(tmp, out / f"{args.name}.pt")
-    from megatron_amir.training.parallel import shutdown_parallel
-
-    torch.distributed.barrier()
-    shutdown_parallel(destroy_process_group=True)
-
+    write_result_and_shut_down(result, out / f"{args.name}.pt")
 
 if __name__ == "__main__":
     main()
