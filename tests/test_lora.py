@@ -21,7 +21,7 @@ def make_cfg(lora: bool = True, seed: int = 3, **lora_kw):
         algorithm=dict(amir=dict(enabled=True, lambda_init=0.05, adaptive_lambda=False)),
         data=dict(prompts_per_step=N // G), rollout=dict(group_size=G),
         train=dict(lr=1e-2, micro_batch_size=2, clip_grad=1e9, seed=seed, steps=10),
-        lora=dict(enabled=lora, rank=R, alpha=ALPHA, **lora_kw),
+        lora={"enabled": lora, "rank": R, "alpha": ALPHA, **lora_kw},
     )
 
 
@@ -209,6 +209,8 @@ def test_checkpoint_round_trip_and_base_only_checkpoint(policy, tmp_path):
     other = Policy(make_cfg(seed=99))
     other.load(tmp_path / "lora")
     assert float((other.compute_logprobs(tokens) - want).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="lora.alpha: config 4.0, checkpoint 8.0"):
+        Policy(make_cfg(seed=99, alpha=4.0)).load(tmp_path / "lora")
     # a checkpoint without adapters (full fine-tuning / warm-up) loads its base; the adapters stay fresh
     plain = Policy(make_cfg(lora=False, seed=42))
     plain.save(tmp_path / "plain", save_optimizer=True)

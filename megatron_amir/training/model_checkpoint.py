@@ -115,6 +115,7 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     # keep the fresh adapters; that checkpoint's optimizer state belongs to other parameters
     fresh_adapters = _adapter_keys(model_sd)
     if fresh_adapters and _saved_adapters(path):
+        _check_same_lora(_lora_record(policy), common.get("lora"), path)
         fresh_adapters = []
     if fresh_adapters:
         model_sd = {k: v for k, v in model_sd.items() if k not in fresh_adapters}
@@ -147,6 +148,16 @@ def saved_lora(path: Path) -> Optional[dict]:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_common_state_dict(str(path)).get("lora")
+
+
+def _check_same_lora(mine: Optional[dict], saved: Optional[dict], path: Path) -> None:
+    """Adapters trained with another rank, scaling or set of modules do not fit (or silently change the model)."""
+    if mine is None or saved is None:
+        return
+    diff = [f"lora.{k}: config {mine[k]!r}, checkpoint {saved.get(k)!r}" for k in ("rank", "alpha", "target_modules")
+            if mine[k] != saved.get(k)]
+    if diff:
+        raise ValueError(f"{path}: the LoRA adapters were saved with other settings: " + "; ".join(diff))
 
 
 def _adapter_keys(model_sd: dict) -> list[str]:
