@@ -1,5 +1,5 @@
-"""`megatron-amir convert hf-to-mcore|mcore-to-hf ...` (launch/cli.py dispatches here): arguments and
-messages only; the conversions are the library's (megatron_amir.convert.hf_to_mcore / mcore_to_hf)."""
+"""`megatron-amir convert hf-to-mcore|mcore-to-hf|mcore-to-peft ...` (launch/cli.py dispatches here): arguments
+and messages only; the conversions are the library's (megatron_amir.convert)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def build_parser(prog: str = "megatron-amir convert") -> argparse.ArgumentParser
     b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (default 5GB)")
     b.add_argument("--vocab-size", type=int, default=None, help="rows to keep (default: recorded original vocab)")
+    b.add_argument("--lora", choices=("merge", "base"), default="merge",
+                   help="a checkpoint with LoRA adapters: merged weights W + s*B*A (default) or the base alone")
+    c = sub.add_parser("mcore-to-peft", help="LoRA adapters of a Megatron checkpoint -> HF PEFT adapter dir")
+    c.add_argument("--ckpt", required=True, help="directory holding model/ and its metadata")
+    c.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    c.add_argument("--base", default=None, help="base_model_name_or_path for adapter_config.json")
     return p
 
 
@@ -41,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
             meta = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, fsync=args.fsync)
             print(f"wrote {args.out} ({meta['model']['arch']}, vocab {meta['original_vocab_size']} padded to "
                   f"{meta['padded_vocab_size']})")
+        elif args.direction == "mcore-to-peft":
+            from megatron_amir.convert.peft_export import mcore_to_peft
+
+            mcore_to_peft(args.ckpt, args.out, base_model_name_or_path=args.base)
+            print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
         else:
-            files = mcore_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, vocab_size=args.vocab_size)
+            files = mcore_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
+                                lora=args.lora)
             print(f"wrote {args.out} ({len(files)} safetensors file(s))")
     except (HFCheckpointError, MappingError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"megatron-amir convert: error: {exc}", file=sys.stderr)

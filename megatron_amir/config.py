@@ -546,6 +546,31 @@ class EvalConfig(_Section):
     """Completion length limit of evaluation; null = rollout.max_new_tokens."""
 
 
+# --------------------------------------------------------------------------------------------- lora
+class LoRAConfig(_Section):
+    """LoRA adapters on the policy's Megatron layers (megatron_amir.model.lora; docs/lora.md). With enabled=true
+    the base weights are frozen, only the adapters train, and the reference policy is the base model."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (base frozen, adapters alone in the optimizer)."""
+    rank: int = Field(16, ge=1)
+    """r, the inner dimension of the adapters A [r, in] and B [out, r]."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the adapter output is multiplied by alpha / rank (the paper's reference code: alpha = rank =
+    16)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout probability on the adapter's input (training only)."""
+    target_modules: list[Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]] = Field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], min_length=1)
+    """Megatron linear layers that get adapters (HF names: q/k/v_proj, o_proj, gate/up_proj, down_proj)."""
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoRAConfig":
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise _cross("lora.target_modules", f"a module is listed twice: {self.target_modules}")
+        return self
+
+
 class Config(_Section):
     """A whole run: one sub-section per concern. Load with ``load_config(path, overrides)``."""
 
@@ -572,6 +597,8 @@ class Config(_Section):
     """Run directory and metrics."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Held-out evaluation during training."""
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    """LoRA adapters on the policy (off by default: full fine-tuning)."""
 
     @property
     def rollout_batch_size(self) -> int:

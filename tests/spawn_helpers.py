@@ -1,8 +1,13 @@
-"""Run a test worker in N spawned processes (e.g. 2 gloo ranks) and collect what each rank reports."""
+"""Run a test worker in N spawned processes (e.g. 2 gloo ranks) and collect what each rank reports, or under
+torchrun (``torchrun_worker``)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -28,3 +33,15 @@ def run_ranks(worker: Callable[..., None], world: int, *args: Any, timeout: floa
         p.join(timeout=60)
         assert p.exitcode == 0, f"rank {procs.index(p)} exited with {p.exitcode}"
     return out
+
+
+def torchrun_worker(worker: Path, nproc: int, *args: str, timeout: float = 600) -> None:
+    """``torchrun --standalone --nproc-per-node=nproc worker args`` with the repository on PYTHONPATH; raises with
+    the tail of its output when it fails."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(worker), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

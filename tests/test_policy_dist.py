@@ -14,13 +14,11 @@ summed, not averaged (Adam's update alone would hide a constant gradient scale).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.spawn_helpers import torchrun_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -30,12 +28,7 @@ TOL = 1e-5
 
 
 def _torchrun(nproc: int, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    torchrun_worker(WORKER, nproc, *args)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from megatron_amir.convert.megatron_side import (
     read_meta,
     single_process_megatron,
 )
+from megatron_amir.convert.peft_export import load_export_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ def mcore_to_hf(
     *,
     max_shard_size: str | int = "5GB",
     vocab_size: Optional[int] = None,
+    lora: str = "merge",
 ) -> list[Path]:
     """Export ``ckpt_dir`` (with ``model/`` inside) to ``out_dir`` (must not exist or be empty).
 
     vocab_size: original vocabulary to keep (default: the one recorded in the checkpoint metadata).
+    lora: for a checkpoint with LoRA adapters, ``merge`` writes W + s·B A, ``base`` the frozen base weights (the
+    model a PEFT adapter from ``peft_export.mcore_to_peft`` goes on).
     Returns the written safetensors files.
     """
     t0 = time.perf_counter()
@@ -75,14 +79,15 @@ def mcore_to_hf(
     hf_config = hf_config_from_model_config(model_cfg, vocab_size=vocab, base=meta.get("hf_config"))
     expected = model_mapping(model_cfg).hf_shapes(vocab)
 
+    if lora not in ("merge", "base"):
+        raise ValueError(f"lora={lora!r}: choose merge or base")
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
         with single_process_megatron():
-            model = build_empty_model(model_cfg)
-            load_model(model, model_dir)  # errors name the file, keep the root cause
+            state = load_export_state_dict(ckpt_dir, model_cfg, lora)  # load errors name the file, keep the root cause
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
-            for name, tensor in mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab):
+            for name, tensor in mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab):
                 if tuple(tensor.shape) != expected.get(name):
                     raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
                                      f"config implies {expected.get(name)}")
@@ -92,7 +97,7 @@ def mcore_to_hf(
             if missing:
                 raise ValueError(f"export lacks tensors {sorted(missing)[:6]}")
             files = writer.close()
-            del model
+            del state
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         side_src = ckpt_dir / HF_SUBDIR
         if side_src.is_dir():

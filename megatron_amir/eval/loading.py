@@ -93,19 +93,18 @@ def megatron_checkpoint_to_hf(step_dir: Path, cfg=None) -> tuple[dict, dict]:
     from megatron_amir.config import ModelConfig
     from megatron_amir.convert.hf_config import hf_config_from_model_config
     from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
-    from megatron_amir.convert.megatron_side import (MODEL_SUBDIR, build_empty_model, load_model, read_meta,
-                                                     single_process_megatron)
+    from megatron_amir.convert.megatron_side import read_meta, single_process_megatron
+    from megatron_amir.convert.peft_export import load_export_state_dict
 
     del cfg
     meta = read_meta(step_dir)
     model_cfg = ModelConfig(**meta["model"])
     vocab = int(meta.get("original_vocab_size") or model_cfg.real_vocab_size or model_cfg.vocab_size)
     with single_process_megatron():
-        model = build_empty_model(model_cfg)
-        load_model(model, Path(step_dir) / MODEL_SUBDIR)
+        state = load_export_state_dict(Path(step_dir), model_cfg)  # LoRA adapters merged
         tensors = {name: t.detach().clone() for name, t in
-                   mcore_to_hf_named_tensors(model.state_dict(), model_cfg, vocab_size=vocab)}
-        del model
+                   mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab)}
+        del state
     return hf_config_from_model_config(model_cfg, vocab_size=vocab, base=meta.get("hf_config")), tensors
 
 

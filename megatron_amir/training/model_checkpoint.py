@@ -4,7 +4,8 @@ Layout of ``<dir>``: the torch_dist files written by ``dist_checkpointing.save``
 ``model`` (sharded tensors, global names such as ``decoder.layers.self_attention.linear_qkv.weight``
 with a leading layer axis), ``optimizer`` (optional; exact with the plain optimizer -- the
 DistributedOptimizer's state does not round-trip on CPU, see platform-facts), and the common
-(replicated) items ``scheduler``, ``num_steps`` and ``format``. A checkpoint saved at any TP/PP
+(replicated) items ``scheduler``, ``num_steps``, ``format`` and, for a LoRA policy, ``lora`` (its settings and base
+model; the adapters are model tensors ``...lora_A`` / ``...lora_B`` beside the base). A checkpoint saved at any TP/PP
 loads at any other TP/PP: dist_checkpointing reassembles every shard from the global offsets.
 
 The directory appears atomically: rank 0 creates ``<dir>.tmp-*``, all ranks write, then rank 0
@@ -79,6 +80,9 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
         raise FileExistsError(tmp[len("error:"):])
     model_sd = _model_sharded_state_dict(policy)
     state = {"model": model_sd, "format": FORMAT, "num_steps": policy.num_steps}
+    lora = _lora_record(policy)
+    if lora is not None:  # the adapters' settings and the base they sit on, for resume checks and export
+        state["lora"] = lora
     if save_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd)
         state["scheduler"] = policy.scheduler.state_dict()
@@ -107,11 +111,22 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     has_opt = "scheduler" in common
     load_optimizer = load_optimizer and has_opt
     model_sd = _model_sharded_state_dict(policy)
+    # a checkpoint without LoRA adapters (a warm-up or full fine-tuning checkpoint) into a LoRA policy: load the base,
+    # keep the fresh adapters; that checkpoint's optimizer state belongs to other parameters
+    fresh_adapters = _adapter_keys(model_sd)
+    if fresh_adapters and _saved_adapters(path):
+        _check_same_lora(_lora_record(policy), common.get("lora"), path)
+        fresh_adapters = []
+    if fresh_adapters:
+        model_sd = {k: v for k, v in model_sd.items() if k not in fresh_adapters}
+        load_optimizer = False
     state = {"model": model_sd}
     if load_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
-    policy.modules()[0].load_state_dict(loaded["model"], strict=True)
+    result = policy.modules()[0].load_state_dict(loaded["model"], strict=not fresh_adapters)
+    if fresh_adapters and (result.unexpected_keys or set(result.missing_keys) - set(fresh_adapters)):
+        raise RuntimeError(f"{path}: state dict mismatch beyond the LoRA adapters: {result}")
     if load_optimizer:
         policy.optimizer.load_state_dict(loaded["optimizer"])
         policy.scheduler.load_state_dict(common["scheduler"])
@@ -119,6 +134,45 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     elif getattr(policy, "optimizer", None) is not None:
         policy.optimizer.reload_model_params()  # fp32 main params of bf16/fp16 models <- loaded weights
     _barrier()
+
+
+def _lora_record(policy) -> Optional[dict]:
+    cfg = getattr(policy, "cfg", None)
+    if cfg is None or not getattr(policy, "lora_modules", None):
+        return None
+    return {**cfg.lora.model_dump(mode="json"), "base": {"hf_path": cfg.model.hf_path, "load": cfg.model.load}}
+
+
+def saved_lora(path: Path) -> Optional[dict]:
+    """The LoRA settings (rank, alpha, dropout, target_modules, base) a policy checkpoint was saved with, or None."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path)).get("lora")
+
+
+def _check_same_lora(mine: Optional[dict], saved: Optional[dict], path: Path) -> None:
+    """Adapters trained with another rank, scaling or set of modules do not fit (or silently change the model)."""
+    if mine is None or saved is None:
+        return
+    diff = [f"lora.{k}: config {mine[k]!r}, checkpoint {saved.get(k)!r}" for k in ("rank", "alpha", "target_modules")
+            if mine[k] != saved.get(k)]
+    if diff:
+        raise ValueError(f"{path}: the LoRA adapters were saved with other settings: " + "; ".join(diff))
+
+
+def _adapter_keys(model_sd: dict) -> list[str]:
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES
+
+    return [k for k in model_sd if k.endswith(ADAPTER_SUFFIXES)]
+
+
+def _saved_adapters(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds LoRA adapter tensors."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES
+
+    return any(k.endswith(ADAPTER_SUFFIXES) for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def _flatten(sd, out: list):

@@ -107,6 +107,12 @@ class Policy:
             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
             config=self.config,
         )
+        # LoRA: base frozen, adapters on the targeted layers; only they get gradients and optimizer state
+        self.lora_modules: list[str] = []
+        if cfg.lora.enabled:
+            from megatron_amir.model.lora import apply_lora
+
+            self.lora_modules = apply_lora(module, cfg.lora, seed=cfg.train.seed)
         if self.config.bf16 or self.config.fp16:
             module = Float16Module(self.config, module)
         self.ddp_config = DistributedDataParallelConfig(
@@ -460,6 +466,10 @@ class Policy:
         full = self.full_state_dict()
         if full is None:
             return None
+        if self.lora_modules:  # the engines run the merged weights W + s B A
+            from megatron_amir.model.lora import lora_scaling, merge_lora_state_dict
+
+            full = merge_lora_state_dict(full, lora_scaling(self.cfg.lora.rank, self.cfg.lora.alpha))
         return dict(mcore_to_hf_named_tensors(full, self.cfg.model, vocab_size=vocab_size))
 
     def save(self, path, *, save_optimizer: bool = True) -> None:
@@ -474,7 +484,12 @@ class Policy:
 
     def frozen_copy(self, offload: bool = False) -> "FrozenPolicy":
         """A no-grad copy of the current weights (the reference policy), same parallel layout; ``offload``: its
-        weights stay in host memory between log-prob passes (``FrozenPolicy``)."""
+        weights stay in host memory between log-prob passes (``FrozenPolicy``). With LoRA the reference is this
+        model with its adapters off (``AdaptersOffReference``): no second copy, ``offload`` has nothing to move."""
+        if self.lora_modules:
+            from megatron_amir.model.lora import AdaptersOffReference
+
+            return AdaptersOffReference(self)
         return FrozenPolicy(self, offload=offload)
 
 

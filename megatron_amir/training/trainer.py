@@ -159,6 +159,9 @@ class Trainer:
         A resumed run loads the reference from that record, not from the resumed weights (which would reset
         the KL anchor at every preemption).
         """
+        if self.policy.lora_modules:  # LoRA: π_ref = the frozen base, adapters off; no copy to save or load
+            self.reference = {"source": "lora_base", "path": None}
+            return self.policy.frozen_copy()
         root = Path(self.cfg.checkpoint.dir)
         if resumed and self.reference is None:
             log.warning("the resumed checkpoint records no reference policy (saved without KL or reference-anchored "

@@ -65,18 +65,24 @@ def run_step(policy, cfg, tokens, mask, rewards, group_ids):
     return old_logp, metrics
 
 
-def main() -> None:
+def layout_args() -> argparse.ArgumentParser:
+    """Arguments every worker of this kind takes: mode, output dir and name, layout."""
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["ref", "step"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default="ref")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dist-opt", action="store_true", help="Megatron DistributedOptimizer (ZeRO-1 over DP)")
+    return ap
+
+
+def main() -> None:
+    ap = layout_args()
     ap.add_argument("--save-after")
     ap.add_argument("--load-after")
     ap.add_argument("--tied", action="store_true", help="tie input embedding and output layer")
     ap.add_argument("--init", default="init", help="subdirectory of --out holding the initial model")
-    ap.add_argument("--dist-opt", action="store_true", help="Megatron DistributedOptimizer (ZeRO-1 over DP)")
     args = ap.parse_args()
     out = Path(args.out)
 
@@ -100,10 +106,15 @@ def main() -> None:
     if args.load_after:
         policy.load(Path(args.load_after), load_optimizer=False)
         result["loaded_logp"] = policy.compute_logprobs(tokens)
+    write_result_and_shut_down(result, out / f"{args.name}.pt")
+
+
+def write_result_and_shut_down(result: dict, path: Path) -> None:
+    """Rank 0 writes ``result`` to ``path`` (atomically); then every rank tears the process groups down."""
     if torch.distributed.get_rank() == 0:
-        tmp = out / f".{args.name}.pt.tmp"
+        tmp = path.with_name(f".{path.name}.tmp")
         torch.save(result, tmp)
-        os.replace(tmp, out / f"{args.name}.pt")
+        os.replace(tmp, path)
     # tear the groups down before interpreter exit (an undestroyed gloo group can abort at exit)
     from megatron_amir.training.parallel import shutdown_parallel
 
