@@ -74,6 +74,9 @@ def completion_body(prompt: list[int], sp: SamplingParams, n: int, model: Option
         "stop_token_ids": list(sp.stop_token_ids),
         "logprobs": 0,
         "return_token_ids": True,
+        # vLLM started with --skip-tokenizer-init answers logprobs requests with a 400 ("Unable to get
+        # tokenizer") unless the tokens in the log-prob record are token ids
+        "return_tokens_as_token_ids": True,
     }
     if sp.seed is not None:
         body["seed"] = int(sp.seed)
@@ -394,9 +397,12 @@ class FleetEngine:
     def from_config(cls, rc, hf_config: Optional[Mapping[str, Any]] = None, sync_dir: Optional[str] = None,
                     **kwargs) -> "FleetEngine":
         """From ``RolloutConfig``: servers, discovery_file, use_router, router_policy, token (default
-        $MEGATRON_AMIR_TOKEN), request_timeout_s, weight_sync_dir."""
+        $MEGATRON_AMIR_TOKEN), request_timeout_s, weight_sync_dir. Weight updates take the
+        ``collective_rpc`` route, which both member kinds answer (stock vLLM with our worker extension in dev
+        mode, and our embedded server); stock vLLM has no file backend behind /update_weights."""
         import os
 
+        kwargs.setdefault("update_route", "collective_rpc")
         return cls(rc.servers, use_router=rc.use_router, policy=rc.router_policy,
                    token=rc.token or os.environ.get("MEGATRON_AMIR_TOKEN"),
                    sync_dir=sync_dir or rc.weight_sync_dir, hf_config=hf_config,
