@@ -226,6 +226,7 @@ amir_stop_fleet() {
 #   MEGATRON_AMIR_FLEET_ENGINE  vllm (default: stock vLLM's OpenAI server) | embedded (megatron_amir.rollout.server)
 #   MEGATRON_AMIR_VLLM_PYTHON   the Python that has vLLM (default: $AMIR_PY; on CPU .venv-vllm/bin/python)
 #   MEGATRON_AMIR_VLLM_TP       vLLM --tensor-parallel-size (default 1; each task gets that many GPUs)
+#   MEGATRON_AMIR_FLEET_CPUS_PER_TASK  vLLM members' --cpus-per-task (default: the fleet component's)
 #   MEGATRON_AMIR_WEIGHT_SYNC_DIR  embedded: the only directory weight updates may be loaded from
 #   MEGATRON_AMIR_TOKEN         bearer token for weight updates (both servers and trainer read it)
 #   MEGATRON_AMIR_LOGPROBS_MODE the servers' --logprobs-mode (default processed_logprobs, the trainer's
@@ -271,11 +272,22 @@ amir_ensure_token() {
 # amir_start_fleet DISCOVERY_FILE SOURCE [SRUN_OPTION...] -- start the fleet as a background srun step (one
 # server per task of the step), each task registering in DISCOVERY_FILE; sets AMIR_FLEET_PID.
 amir_start_fleet() {
-  local disc=$1 src=$2
+  local disc=$1 src=$2 pin=() cpus
   shift 2
   amir_fleet_cmd "$src"
+  if [ "${#AMIR_FLEET_MEMBER_ARGS[@]}" -gt 0 ]; then
+    # a vLLM member: its tensor-parallel GPUs and its CPUs per task, since srun (Slurm >= 22.05) takes
+    # --cpus-per-task from no environment variable; a het job's fleet is component 1
+    pin=(--gpus-per-task="${MEGATRON_AMIR_VLLM_TP:-1}")
+    case " $* " in
+      *" --het-group=1 "*) cpus=${SLURM_CPUS_PER_TASK_HET_GROUP_1:-} ;;
+      *) cpus=${SLURM_CPUS_PER_TASK:-} ;;
+    esac
+    cpus=${MEGATRON_AMIR_FLEET_CPUS_PER_TASK:-$cpus}
+    if [ -n "$cpus" ]; then pin+=(--cpus-per-task="$cpus"); fi
+  fi
   mkdir -p "$(dirname "$disc")"
-  srun "$@" "${AMIR_SRUN_ARGS[@]}" --open-mode=append --output="$AMIR_JOB_DIR/fleet-%t.log" \
+  srun "$@" "${pin[@]}" "${AMIR_SRUN_ARGS[@]}" --open-mode=append --output="$AMIR_JOB_DIR/fleet-%t.log" \
     "$AMIR_PY" -m launch.fleet_member --discovery-file "$disc" \
     --health-path "${MEGATRON_AMIR_HEALTH_PATH:-/health}" \
     --ready-timeout "${MEGATRON_AMIR_FLEET_READY_TIMEOUT:-1800}" "${AMIR_FLEET_MEMBER_ARGS[@]}" \
