@@ -285,13 +285,27 @@ class FleetClient:
                 await self._post(url, "/update_weight_version", {"new_version": str(int(version))})
                 return "ok"
             finally:
-                try:
-                    await self._post(url, "/resume", {})
-                except (httpx.HTTPError, FleetError) as exc:
-                    log.warning("could not resume %s: %s", url, exc)
+                await self._resume(url)
 
         out = await asyncio.gather(*(one(u) for u in servers), return_exceptions=True)
         return {u: (o if isinstance(o, str) else f"error: {type(o).__name__}: {o}") for u, o in zip(servers, out)}
+
+    async def _resume(self, url: str, attempts: int = 3) -> None:
+        """POST /resume, again on a transport error: vLLM answers a worker exception in /collective_rpc with a
+        500 and closes the connection, so the first /resume on the pooled connection can fail before it reaches
+        the server, which would then stay paused for good."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._post(url, "/resume", {})
+                return
+            except httpx.TransportError as exc:
+                if attempt == attempts:
+                    log.warning("could not resume %s: %s", url, exc)
+                    return
+                await asyncio.sleep(0.1 * attempt)
+            except (httpx.HTTPError, FleetError) as exc:
+                log.warning("could not resume %s: %s", url, exc)
+                return
 
     async def update_weights_broadcast(self, named_tensors: NamedTensors, version: int,
                                        master_address: str = "127.0.0.1", master_port: Optional[int] = None
@@ -330,7 +344,7 @@ class FleetClient:
             self._bcast = self._bcast_servers = None
             raise
         finally:
-            await asyncio.gather(*(self._post(u, "/resume", {}) for u in servers), return_exceptions=True)
+            await asyncio.gather(*(self._resume(u) for u in servers))
         self.weight_version = int(version)
         return {u: "ok" for u in servers}
 

