@@ -350,6 +350,29 @@ def test_finding5_vocab_rows_that_differ_from_the_served_config_are_refused_by_n
     assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy(fleet["model"], prompt, 8)
 
 
+def test_finding1_native_update_route_fails_on_stock_vllm(fleet):
+    """Finding 1, confirmed: the client's other update route (/start_weight_update + /update_weights, vLLM's
+    native weight transfer) fails on stock vLLM started without --weight-transfer-config, which is why
+    FleetEngine.from_config takes the collective_rpc route; the member is resumed and keeps serving."""
+    url = fleet["members"][0].url
+    snap = write_snapshot(fleet["model"].state_dict(), fleet["tmp"] / "weights-native", version=12)
+    client = FleetClient(None, [url], timeout_s=120, update_route="update_weights")
+
+    async def run():
+        try:
+            return await client.push_snapshot(snap, 12, [url])
+        finally:
+            await client.aclose()
+
+    report = _run(run())
+    print(f"\n[vllm] native update route on stock vLLM: {report[url][:300]}")
+    assert report[url].startswith("error:") and f"{url}/start_weight_update: HTTP 5" in report[url], report
+    assert httpx.get(f"{url}/is_paused", timeout=30).json() == {"is_paused": False}
+    prompt = [2, 7, 1, 8]
+    g = httpx.post(f"{url}/v1/completions", timeout=120,
+                   json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
+    assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy(fleet["model"], prompt, 8)
+
 def test_finding8_generation_config_defaults_leak_into_processed_logprobs(fleet):
     """Finding 8, confirmed: served from a directory with a generation_config.json, vLLM (default
     --generation-config auto) applies its repetition_penalty to requests that leave it unset, and the processed
