@@ -135,3 +135,23 @@ def test_slurm_fleet_step_for_vllm_members(tmp_path):
     assert member[member.index("--vllm-model") + 1] == "/m" and member[-2:] == ["--tensor-parallel-size", "2"]
     assert not any(a.startswith(("--gpus-per-task", "--cpus-per-task")) for a in embedded_line)
     assert "megatron_amir.rollout.server" in embedded_line
+
+
+def test_fleet_seed_hf_dir_has_the_trainers_vocabulary(tmp_path):
+    """launch.fleet_seed --hf: the HF directory vLLM members serve has the trainer's rollout config (its vocab_size
+    is the tokenizer's, so the trainer's updates fit it), weights with that many rows, and no generation_config.json
+    (whose sampling defaults vLLM would apply to our requests)."""
+    import json
+
+    from safetensors import safe_open
+
+    from launch.fleet_seed import main, rollout_hf_config_of
+    from megatron_amir.config import load_config
+
+    config = str(ROOT / "configs" / "demo_tiny.yaml")
+    assert main(["--hf", config, str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["vocab_size"] == rollout_hf_config_of(load_config(config, []))["vocab_size"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == cfg["vocab_size"]
