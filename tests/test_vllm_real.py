@@ -164,6 +164,19 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+def push_snapshot(url: str, snap: Path, version: int, route: str) -> dict[str, str]:
+    """FleetClient.push_snapshot to one server over ``route``: url -> 'ok' or the error."""
+    client = FleetClient(None, [url], timeout_s=120, update_route=route)
+
+    async def run():
+        try:
+            return await client.push_snapshot(snap, version, [url])
+        finally:
+            await client.aclose()
+
+    return _run(run())
+
+
 def generate(client: FleetClient, prompts, params, n: int):
     async def run():
         try:
@@ -332,15 +345,7 @@ def test_finding5_vocab_rows_that_differ_from_the_served_config_are_refused_by_n
     sd["lm_head.weight"] = sd["lm_head.weight"][:500]
     url = fleet["members"][0].url
     snap = write_snapshot(sd, fleet["tmp"] / "weights-short-vocab", version=11)
-    client = FleetClient(None, [url], timeout_s=120, update_route="collective_rpc")
-
-    async def run():
-        try:
-            return await client.push_snapshot(snap, 11, [url])
-        finally:
-            await client.aclose()
-
-    report = _run(run())
+    report = push_snapshot(url, snap, 11, "collective_rpc")
     assert "has 500 rows but the vLLM server was started with vocab_size=512" in report[url]
     # the failed update's 500 closes vLLM's connection; the client's /resume still reached the server
     assert httpx.get(f"{url}/is_paused", timeout=30).json() == {"is_paused": False}
@@ -356,15 +361,7 @@ def test_finding1_native_update_route_fails_on_stock_vllm(fleet):
     FleetEngine.from_config takes the collective_rpc route; the member is resumed and keeps serving."""
     url = fleet["members"][0].url
     snap = write_snapshot(fleet["model"].state_dict(), fleet["tmp"] / "weights-native", version=12)
-    client = FleetClient(None, [url], timeout_s=120, update_route="update_weights")
-
-    async def run():
-        try:
-            return await client.push_snapshot(snap, 12, [url])
-        finally:
-            await client.aclose()
-
-    report = _run(run())
+    report = push_snapshot(url, snap, 12, "update_weights")
     print(f"\n[vllm] native update route on stock vLLM: {report[url][:300]}")
     assert report[url].startswith("error:") and f"{url}/start_weight_update: HTTP 5" in report[url], report
     assert httpx.get(f"{url}/is_paused", timeout=30).json() == {"is_paused": False}
