@@ -3,7 +3,16 @@
 slurm/fleet.sbatch and slurm/amir_hetjob.sbatch start one of these per GPU (or per tensor-parallel group)::
 
     python -m launch.fleet_member --discovery-file runs/fleet/servers.txt -- \
-        vllm serve MODEL --host 0.0.0.0 --port {port}
+        python -m megatron_amir.rollout.server --model HF_DIR --host {host} --port {port}
+
+or, for a stock vLLM member (``--vllm-model``; words after ``--`` are extra vLLM arguments)::
+
+    python -m launch.fleet_member --discovery-file runs/fleet/servers.txt --vllm-model HF_DIR \
+        [--vllm-python .venv-vllm/bin/python] [-- --tensor-parallel-size 2]
+
+whose command line and environment come from megatron_amir.rollout.vllm_engine.vllm_serve_command (dev-mode
+RLHF routes, our worker extension with this checkout on PYTHONPATH, --skip-tokenizer-init, explicit
+--logprobs-mode, bound to ADDR).
 
 It picks a free port (unless ``--port``), substitutes ``{port}`` / ``{host}`` in the command, starts the
 server, waits until ``GET http://127.0.0.1:{port}/health`` answers 200, then adds ``http://ADDR:PORT`` to the
@@ -89,11 +98,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--start-attempts", type=int, default=3,
                    help="with a free port chosen here: start again on another port when the server exits before it "
                         "is healthy (the port can be taken between our probe and the server's bind)")
+    p.add_argument("--vllm-model", default=None,
+                   help="run stock vLLM serving this HF directory (the words after -- are extra vLLM arguments)")
+    p.add_argument("--vllm-python", default=os.environ.get("MEGATRON_AMIR_VLLM_PYTHON", sys.executable),
+                   help="the Python that has vLLM (default $MEGATRON_AMIR_VLLM_PYTHON, else this one)")
+    p.add_argument("--logprobs-mode", default=os.environ.get("MEGATRON_AMIR_LOGPROBS_MODE", "processed_logprobs"),
+                   help="vLLM's --logprobs-mode (with --vllm-model)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- SERVER COMMAND (use {port}, {host})")
     a = p.parse_args(argv)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    env = None
+    if a.vllm_model:
+        from megatron_amir.rollout.vllm_engine import vllm_serve_command
+
+        cmd, extra_env = vllm_serve_command(a.vllm_model, "{port}", host="{host}", extra=cmd, python=a.vllm_python,
+                                            logprobs_mode=a.logprobs_mode)
+        env = {**os.environ, **extra_env}
     if not cmd:
-        p.error("a server command is needed after --")
+        p.error("a server command is needed after -- (or --vllm-model)")
     addr = advertise_address(a.host)
     stopping: dict[str, Optional[int]] = {"sig": None}
 
@@ -114,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # own session: signals srun/slurmstepd send to our process group reach only this wrapper, which first
             # unregisters and then stops the server (clients never get a listed server that is shutting down)
             proc = subprocess.Popen([c.replace("{port}", str(port)).replace("{host}", addr) for c in cmd],
-                                    start_new_session=True)
+                                    start_new_session=True, env=env)
             healthy = wait_healthy(f"http://127.0.0.1:{port}{a.health_path}", proc, a.ready_timeout,
                                    cancelled=lambda: stopping["sig"] is not None)
             if healthy or proc.poll() is None or stopping["sig"] is not None or attempt == attempts:

@@ -6,6 +6,7 @@ its real weights to every server as soon as it starts (FleetEngine.load_weights,
 the servers only need a model of the right architecture to begin with. This writes one::
 
     python -m launch.fleet_seed CONFIG OUT_ROOT [key.path=value ...]   # prints OUT_ROOT/v0
+    python -m launch.fleet_seed --hf CONFIG OUT_DIR [key.path=value ...]  # an HF directory for vLLM members
 
 The HF config is the one the trainer gives its rollout engine (megatron_amir.training.data_setup:
 the tokenizer's real vocabulary, padding rows dropped), the tensors are the embedded engine's random
@@ -30,31 +31,53 @@ def rollout_hf_config_of(cfg) -> dict:
     return rollout_hf_config(cfg)
 
 
-def write_seed_snapshot(config: str, out_root: str | Path, overrides: Sequence[str] = ()) -> Path:
+def _seed_weights(config: str, overrides: Sequence[str]) -> tuple[dict, dict]:
+    """(HF config, HF-named random-init tensors with ``cfg.train.seed``) of the config's rollout model."""
     import torch
 
     from megatron_amir.config import load_config
     from megatron_amir.rollout.hf_model import CausalLM
-    from megatron_amir.rollout.weight_sync import write_snapshot
 
     cfg = load_config(config, list(overrides))
     hf_config = rollout_hf_config_of(cfg)
     torch.manual_seed(cfg.train.seed)
     model = CausalLM(hf_config)
     names = model.expected_names()
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    return hf_config, {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def write_seed_snapshot(config: str, out_root: str | Path, overrides: Sequence[str] = ()) -> Path:
+    from megatron_amir.rollout.weight_sync import write_snapshot
+
+    hf_config, tensors = _seed_weights(config, overrides)
     return write_snapshot(tensors, out_root, version=0, hf_config=hf_config)
+
+
+def write_seed_hf_dir(config: str, out_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """The same model as an HF directory (config.json + model.safetensors, no generation_config.json) for stock
+    vLLM members: its vocab_size is the trainer's, so the trainer's weight updates fit it (vLLM refuses
+    embedding rows that differ from the served config's vocab_size)."""
+    from megatron_amir.rollout.vllm_engine import write_hf_dir
+
+    hf_config, tensors = _seed_weights(config, overrides)
+    return write_hf_dir(out_dir, hf_config, tensors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    hf_dir = argv[:1] == ["--hf"]
+    if hf_dir:
+        argv = argv[1:]
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m launch.fleet_seed CONFIG OUT_ROOT [key.path=value ...]", file=sys.stderr)
+        print("usage: python -m launch.fleet_seed [--hf] CONFIG OUT [key.path=value ...]\n"
+              "  (--hf: OUT is an HF directory for vLLM; default: OUT is a snapshot root, prints OUT/v0)",
+              file=sys.stderr)
         return 2
     from megatron_amir.config import ConfigError
 
     try:
-        path = write_seed_snapshot(argv[0], argv[1], argv[2:])
+        write = write_seed_hf_dir if hf_dir else write_seed_snapshot
+        path = write(argv[0], argv[1], argv[2:])
     except ConfigError as exc:
         print(f"launch.fleet_seed: {exc}", file=sys.stderr)
         return 2

@@ -343,6 +343,15 @@ class RolloutConfig(_Section):
     stops the step with an error. 0 = every sample comes from the current weights."""
 
     @model_validator(mode="after")
+    def _weight_sync_wired(self) -> "RolloutConfig":
+        # the trainer syncs through weight_sync snapshots only; a value it would silently ignore is refused
+        if self.weight_sync != "file":
+            raise _cross("rollout.weight_sync",
+                         f"weight_sync={self.weight_sync!r} is not wired into the trainer (it syncs through "
+                         "weight_sync snapshots loaded with collective_rpc); use weight_sync: file")
+        return self
+
+    @model_validator(mode="after")
     def _synchronous(self) -> "RolloutConfig":
         if self.async_off_policy:
             raise _cross("rollout.async_off_policy",

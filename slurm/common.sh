@@ -216,12 +216,17 @@ amir_stop_fleet() {
   wait "$pid" 2>/dev/null || true
 }
 
-# amir_fleet_cmd SOURCE -- fills AMIR_FLEET_CMD with one rollout server's command line ({port}/{host} are
-# filled in by launch/fleet_member.py). SOURCE: the model for vLLM (HF directory or hub name); for the
-# embedded engine an HF directory (with config.json) or a weight-sync snapshot directory (launch/fleet_seed.py).
-#   MEGATRON_AMIR_FLEET_ENGINE  vllm (default: stock `vllm serve`) | embedded (megatron_amir.rollout.server, CPU)
-#   MEGATRON_AMIR_VLLM_TP       vLLM --tensor-parallel-size (default 1; give each task that many GPUs
-#                               with --gpus-per-task)
+# amir_fleet_cmd SOURCE -- fills AMIR_FLEET_MEMBER_ARGS (launch/fleet_member.py options) and AMIR_FLEET_CMD
+# (what follows its `--`: one rollout server's command line, {port}/{host} filled in by the wrapper; for vLLM
+# only extra vLLM arguments, the wrapper builds the rest with vllm_engine.vllm_serve_command: dev-mode routes,
+# our worker extension, --skip-tokenizer-init, --logprobs-mode, bound to the node's address).
+# SOURCE: for vLLM an HF directory the trainer wrote (its config.json holds the trainer's vocabulary and it has
+# no generation_config.json: docs/vllm.md); for the embedded engine an HF directory (with config.json) or a
+# weight-sync snapshot directory (launch/fleet_seed.py).
+#   MEGATRON_AMIR_FLEET_ENGINE  vllm (default: stock vLLM's OpenAI server) | embedded (megatron_amir.rollout.server)
+#   MEGATRON_AMIR_VLLM_PYTHON   the Python that has vLLM (default: $AMIR_PY; on CPU .venv-vllm/bin/python)
+#   MEGATRON_AMIR_VLLM_TP       vLLM --tensor-parallel-size (default 1; each task gets that many GPUs)
+#   MEGATRON_AMIR_FLEET_CPUS_PER_TASK  vLLM members' --cpus-per-task (default: the fleet component's)
 #   MEGATRON_AMIR_WEIGHT_SYNC_DIR  embedded: the only directory weight updates may be loaded from
 #   MEGATRON_AMIR_TOKEN         bearer token for weight updates (both servers and trainer read it)
 #   MEGATRON_AMIR_LOGPROBS_MODE the servers' --logprobs-mode (default processed_logprobs, the trainer's
@@ -230,6 +235,7 @@ amir_stop_fleet() {
 #   MEGATRON_AMIR_FLEET_CMD     the whole server command instead (word-split; must contain {port})
 amir_fleet_cmd() {
   local src=$1 extra=() mode=${MEGATRON_AMIR_LOGPROBS_MODE:-processed_logprobs}
+  AMIR_FLEET_MEMBER_ARGS=()
   if [ -n "${MEGATRON_AMIR_SERVE_ARGS:-}" ]; then read -r -a extra <<< "$MEGATRON_AMIR_SERVE_ARGS"; fi
   if [ -n "${MEGATRON_AMIR_FLEET_CMD:-}" ]; then
     read -r -a AMIR_FLEET_CMD <<< "$MEGATRON_AMIR_FLEET_CMD"
@@ -237,8 +243,9 @@ amir_fleet_cmd() {
   fi
   case "${MEGATRON_AMIR_FLEET_ENGINE:-vllm}" in
     vllm)
-      AMIR_FLEET_CMD=(vllm serve "$src" --host 0.0.0.0 --port "{port}"
-        --tensor-parallel-size "${MEGATRON_AMIR_VLLM_TP:-1}" --logprobs-mode "$mode" "${extra[@]}") ;;
+      AMIR_FLEET_MEMBER_ARGS=(--vllm-model "$src" --vllm-python "${MEGATRON_AMIR_VLLM_PYTHON:-$AMIR_PY}"
+        --logprobs-mode "$mode")
+      AMIR_FLEET_CMD=(--tensor-parallel-size "${MEGATRON_AMIR_VLLM_TP:-1}" "${extra[@]}") ;;
     embedded)
       local what=--snapshot
       if [ -f "$src/config.json" ]; then what=--model; fi
@@ -265,14 +272,26 @@ amir_ensure_token() {
 # amir_start_fleet DISCOVERY_FILE SOURCE [SRUN_OPTION...] -- start the fleet as a background srun step (one
 # server per task of the step), each task registering in DISCOVERY_FILE; sets AMIR_FLEET_PID.
 amir_start_fleet() {
-  local disc=$1 src=$2
+  local disc=$1 src=$2 pin=() cpus
   shift 2
   amir_fleet_cmd "$src"
+  if [ "${#AMIR_FLEET_MEMBER_ARGS[@]}" -gt 0 ]; then
+    # a vLLM member: its tensor-parallel GPUs and its CPUs per task, since srun (Slurm >= 22.05) takes
+    # --cpus-per-task from no environment variable; a het job's fleet is component 1
+    pin=(--gpus-per-task="${MEGATRON_AMIR_VLLM_TP:-1}")
+    case " $* " in
+      *" --het-group=1 "*) cpus=${SLURM_CPUS_PER_TASK_HET_GROUP_1:-} ;;
+      *) cpus=${SLURM_CPUS_PER_TASK:-} ;;
+    esac
+    cpus=${MEGATRON_AMIR_FLEET_CPUS_PER_TASK:-$cpus}
+    if [ -n "$cpus" ]; then pin+=(--cpus-per-task="$cpus"); fi
+  fi
   mkdir -p "$(dirname "$disc")"
-  srun "$@" "${AMIR_SRUN_ARGS[@]}" --open-mode=append --output="$AMIR_JOB_DIR/fleet-%t.log" \
+  srun "$@" "${pin[@]}" "${AMIR_SRUN_ARGS[@]}" --open-mode=append --output="$AMIR_JOB_DIR/fleet-%t.log" \
     "$AMIR_PY" -m launch.fleet_member --discovery-file "$disc" \
     --health-path "${MEGATRON_AMIR_HEALTH_PATH:-/health}" \
-    --ready-timeout "${MEGATRON_AMIR_FLEET_READY_TIMEOUT:-1800}" -- "${AMIR_FLEET_CMD[@]}" &
+    --ready-timeout "${MEGATRON_AMIR_FLEET_READY_TIMEOUT:-1800}" "${AMIR_FLEET_MEMBER_ARGS[@]}" \
+    -- "${AMIR_FLEET_CMD[@]}" &
   AMIR_FLEET_PID=$!
-  amir_log "fleet step started (pid $AMIR_FLEET_PID): ${AMIR_FLEET_CMD[*]}; discovery file $disc"
+  amir_log "fleet step started (pid $AMIR_FLEET_PID): ${AMIR_FLEET_MEMBER_ARGS[*]} -- ${AMIR_FLEET_CMD[*]}; discovery file $disc"
 }

@@ -115,3 +115,43 @@ def test_server_that_loses_its_port_is_started_again_on_another(tmp_path):
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "starting it again on another port (1/3)" in out and url.startswith("http://")
+
+
+def test_slurm_fleet_step_for_vllm_members(tmp_path):
+    """slurm/common.sh amir_start_fleet: a vLLM member is started through fleet_member --vllm-model, and its
+    srun step pins the tensor-parallel GPUs and the fleet component's CPUs per task (srun >= 22.05 inherits
+    no --cpus-per-task); the embedded member's step is left as it was."""
+    disc = tmp_path / "d.txt"
+    script = (f"set -euo pipefail; source {ROOT}/slurm/common.sh; srun() {{ echo \"SRUN $*\"; }}; "
+              f"amir_log() {{ :; }}; AMIR_SRUN_ARGS=(); AMIR_JOB_DIR={tmp_path}; AMIR_PY=py; "
+              f"SLURM_CPUS_PER_TASK_HET_GROUP_1=6 MEGATRON_AMIR_VLLM_TP=2 amir_start_fleet {disc} /m --het-group=1; "
+              "wait; "
+              f"MEGATRON_AMIR_FLEET_ENGINE=embedded SLURM_CPUS_PER_TASK=3 amir_start_fleet {disc} /m; wait")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MEGATRON_AMIR_"))}
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    vllm_line, embedded_line = [line.split() for line in out.splitlines() if line.startswith("SRUN ")]
+    assert vllm_line[:4] == ["SRUN", "--het-group=1", "--gpus-per-task=2", "--cpus-per-task=6"]
+    member = vllm_line[vllm_line.index("launch.fleet_member"):]
+    assert member[member.index("--vllm-model") + 1] == "/m" and member[-2:] == ["--tensor-parallel-size", "2"]
+    assert not any(a.startswith(("--gpus-per-task", "--cpus-per-task")) for a in embedded_line)
+    assert "megatron_amir.rollout.server" in embedded_line
+
+
+def test_fleet_seed_hf_dir_has_the_trainers_vocabulary(tmp_path):
+    """launch.fleet_seed --hf: the HF directory vLLM members serve has the trainer's rollout config (its vocab_size
+    is the tokenizer's, so the trainer's updates fit it), weights with that many rows, and no generation_config.json
+    (whose sampling defaults vLLM would apply to our requests)."""
+    import json
+
+    from safetensors import safe_open
+
+    from launch.fleet_seed import main, rollout_hf_config_of
+    from megatron_amir.config import load_config
+
+    config = str(ROOT / "configs" / "demo_tiny.yaml")
+    assert main(["--hf", config, str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["vocab_size"] == rollout_hf_config_of(load_config(config, []))["vocab_size"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == cfg["vocab_size"]

@@ -1,6 +1,8 @@
 """vLLM engine: CPU checks of the pieces that do not need vLLM; the engine itself on GPU (marked gpu)."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +28,16 @@ def test_write_hf_dir_round_trips_through_the_embedded_engine(tmp_path):
 def test_vllm_serve_command_has_rlhf_pieces():
     rc = RolloutConfig(fp8_rollout=True, vllm_tensor_parallel_size=2, logprobs_mode="raw_logprobs")
     argv, env = vllm_serve_command("/models/x", 8001, rc)
-    assert env == {"VLLM_SERVER_DEV_MODE": "1"}
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    # the worker extension is importable from the vLLM process through PYTHONPATH (vLLM may live in another venv)
+    module, cls = EXTENSION.rsplit(".", 1)
+    repo = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert (Path(repo) / (module.replace(".", "/") + ".py")).is_file()
+    assert cls in (Path(repo) / (module.replace(".", "/") + ".py")).read_text()
     s = " ".join(argv)
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/x"]
     assert "--worker-extension-cls " + EXTENSION in s and "--logprobs-mode raw_logprobs" in s
+    assert "--skip-tokenizer-init" in argv and "--generation-config" not in argv
     assert "--tensor-parallel-size 2" in s and "--quantization fp8" in s and "--host 127.0.0.1" in s
     hf_over = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert hf_over["quantization_config"]["weight_block_size"] == [128, 128]

@@ -74,6 +74,9 @@ def completion_body(prompt: list[int], sp: SamplingParams, n: int, model: Option
         "stop_token_ids": list(sp.stop_token_ids),
         "logprobs": 0,
         "return_token_ids": True,
+        # vLLM started with --skip-tokenizer-init answers logprobs requests with a 400 ("Unable to get
+        # tokenizer") unless the tokens in the log-prob record are token ids
+        "return_tokens_as_token_ids": True,
     }
     if sp.seed is not None:
         body["seed"] = int(sp.seed)
@@ -282,13 +285,27 @@ class FleetClient:
                 await self._post(url, "/update_weight_version", {"new_version": str(int(version))})
                 return "ok"
             finally:
-                try:
-                    await self._post(url, "/resume", {})
-                except (httpx.HTTPError, FleetError) as exc:
-                    log.warning("could not resume %s: %s", url, exc)
+                await self._resume(url)
 
         out = await asyncio.gather(*(one(u) for u in servers), return_exceptions=True)
         return {u: (o if isinstance(o, str) else f"error: {type(o).__name__}: {o}") for u, o in zip(servers, out)}
+
+    async def _resume(self, url: str, attempts: int = 3) -> None:
+        """POST /resume, again on a transport error: vLLM answers a worker exception in /collective_rpc with a
+        500 and closes the connection, so the first /resume on the pooled connection can fail before it reaches
+        the server, which would then stay paused for good."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._post(url, "/resume", {})
+                return
+            except httpx.TransportError as exc:
+                if attempt == attempts:
+                    log.warning("could not resume %s: %s", url, exc)
+                    return
+                await asyncio.sleep(0.1 * attempt)
+            except (httpx.HTTPError, FleetError) as exc:
+                log.warning("could not resume %s: %s", url, exc)
+                return
 
     async def update_weights_broadcast(self, named_tensors: NamedTensors, version: int,
                                        master_address: str = "127.0.0.1", master_port: Optional[int] = None
@@ -327,7 +344,7 @@ class FleetClient:
             self._bcast = self._bcast_servers = None
             raise
         finally:
-            await asyncio.gather(*(self._post(u, "/resume", {}) for u in servers), return_exceptions=True)
+            await asyncio.gather(*(self._resume(u) for u in servers))
         self.weight_version = int(version)
         return {u: "ok" for u in servers}
 
@@ -394,9 +411,12 @@ class FleetEngine:
     def from_config(cls, rc, hf_config: Optional[Mapping[str, Any]] = None, sync_dir: Optional[str] = None,
                     **kwargs) -> "FleetEngine":
         """From ``RolloutConfig``: servers, discovery_file, use_router, router_policy, token (default
-        $MEGATRON_AMIR_TOKEN), request_timeout_s, weight_sync_dir."""
+        $MEGATRON_AMIR_TOKEN), request_timeout_s, weight_sync_dir. Weight updates take the
+        ``collective_rpc`` route, which both member kinds answer (stock vLLM with our worker extension in dev
+        mode, and our embedded server); stock vLLM has no file backend behind /update_weights."""
         import os
 
+        kwargs.setdefault("update_route", "collective_rpc")
         return cls(rc.servers, use_router=rc.use_router, policy=rc.router_policy,
                    token=rc.token or os.environ.get("MEGATRON_AMIR_TOKEN"),
                    sync_dir=sync_dir or rc.weight_sync_dir, hf_config=hf_config,

