@@ -336,19 +336,15 @@ class RolloutConfig(_Section):
     """Fraction of GPU memory vLLM may take (``--gpu-memory-utilization``); colocated with the trainer it must leave
     room for training."""
     async_off_policy: bool = False
-    """Reserved; must stay false (true is rejected at load): the trainer is synchronous and every step samples with the
-    current weights."""
+    """Asynchronous rollouts: a producer thread on rank 0 generates the batches of the next steps while the trainer
+    trains; the batch of step s is sampled with the weights of version max(resume version, s - max_staleness), so a
+    sample is at most max_staleness versions old. Needs algorithm.tis_cap (the off-policy correction, see
+    docs/algorithms.md); false = synchronous (every step samples with the current weights)."""
     max_staleness: int = Field(0, ge=0)
-    """How many weight versions a sample may lag behind the trainer; an older sample (a server that missed an update)
-    stops the step with an error. 0 = every sample comes from the current weights."""
-
-    @model_validator(mode="after")
-    def _synchronous(self) -> "RolloutConfig":
-        if self.async_off_policy:
-            raise _cross("rollout.async_off_policy",
-                         "async_off_policy=true is not implemented: the trainer is synchronous (every step "
-                         "samples with the current weights; TIS corrects engine/trainer numerics, tis_cap)")
-        return self
+    """How many weight versions a sample may lag behind the trainer; an older sample stops the step with an error.
+    Synchronous: the tolerance for a server that missed an update (0 = every sample from the current weights).
+    Asynchronous: how far generation runs ahead (k batches in flight while the trainer trains; 0 = the synchronous
+    schedule, bit for bit)."""
 
 
 # --------------------------------------------------------------------------------------------- data / reward
@@ -617,6 +613,10 @@ class Config(_Section):
             raise _cross("data.benchmark", "data.source=benchmark needs data.benchmark")
         if m.fp8 and m.transformer_impl == "local":
             raise _cross("model.fp8", "FP8 needs model.transformer_impl=transformer_engine or auto")
+        if self.rollout.async_off_policy and self.algorithm.tis_cap is None:
+            raise _cross("algorithm.tis_cap",
+                         "rollout.async_off_policy=true needs algorithm.tis_cap (e.g. 2.0): samples come from an older "
+                         "policy and the truncated behaviour-policy weight is the off-policy correction")
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.discovery_file):
             raise _cross("rollout.servers", "rollout.engine=remote needs rollout.servers or rollout.discovery_file")
         return self
