@@ -259,3 +259,21 @@ def test_async_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, env):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr
     assert _rows(run) == straight
+
+
+def test_study_links_the_async_report_once(tmp_path):
+    """`python -m launch.study --compare-async` gives docs/results.md one section pointing at its report, replaced
+    (not duplicated) when the comparison runs again, and kept apart from the sections after it."""
+    from launch.study import ASYNC_SECTION, link_async_report
+
+    report, other = tmp_path / "results.md", tmp_path / "results_async.md"
+    report.write_text("# Study\n\n## Accuracy\n\nrows\n")
+    link_async_report(report, other)
+    link_async_report(report, other)
+    text = report.read_text()
+    assert text.count(ASYNC_SECTION) == 1 and text.startswith("# Study\n\n## Accuracy\n\nrows\n")
+    assert "[results_async.md](results_async.md)" in text and "--compare-async" in text
+    report.write_text(text + "\n## Later\n\nmore\n")
+    link_async_report(report, other)
+    text = report.read_text()
+    assert text.count(ASYNC_SECTION) == 1 and "## Later\n\nmore" in text and text.endswith("--compare-async`).\n")
