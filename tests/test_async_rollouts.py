@@ -101,7 +101,7 @@ def test_in_flight_waits_for_the_batches_a_resume_could_not_regenerate(tmp_path)
         for t in range(3):
             producer.get(t)
             producer.publish(t + 1, {"w": torch.tensor(float(t + 1))})
-        pending = producer.in_flight(2)  # after step 2: version 3 is the checkpoint's
+        pending = producer.in_flight(3)  # after steps 0..2: version 3 is the checkpoint's, step 3 comes next
         assert [b.step for b in pending] == [3, 4]
         assert [int(b.batch.weight_version[0]) for b in pending] == [1, 2]
     finally:
@@ -144,6 +144,14 @@ def test_producer_errors_reach_the_trainer_and_eval_borrows_the_latest_weights()
     with pytest.raises(RuntimeError, match="rollout producer failed.*verifier crashed"):
         bad.get(0)
     bad.close()
+    # a resume that lost a batch stops with the step instead of waiting forever
+    engine = _Engine(version=3)
+    gap, _ = _producer(engine, 2, first=3, restored=[ProducedBatch(4, _batch(2), {}, {})])
+    try:
+        with pytest.raises(RuntimeError, match="rollout batch of step 3 was neither restored"):
+            gap.get(3)
+    finally:
+        gap.close()
 
 
 def test_off_policy_ratio_statistics_against_float64():
@@ -221,12 +229,17 @@ def test_async_k0_is_the_synchronous_run_bit_for_bit(tmp_path, env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1, 2])
-def test_async_never_trains_on_a_sample_older_than_k(tmp_path, env, k):
+@pytest.mark.parametrize("k,dynamic", [(1, False), (2, True)], ids=["k1", "k2-dynamic-sampling"])
+def test_async_never_trains_on_a_sample_older_than_k(tmp_path, env, k, dynamic):
     """Every sample's version is checked where the trainer consumes it (staleness_metrics raises otherwise); the
-    histogram shows the schedule: step t (1-based) trains on samples exactly min(t - 1, k) versions old."""
-    rows = _train(tmp_path / "run", env, "train.steps=5", *_async(k))
+    histogram shows the schedule: step t (1-based) trains on samples exactly min(t - 1, k) versions old. With dynamic
+    sampling the producer resamples zero-variance groups (half of them with this reward and G = 2) inside the same
+    schedule."""
+    extra = ["train.dynamic_sampling=true", "train.max_sampling_rounds=3", "rollout.group_size=2"] if dynamic else []
+    rows = _train(tmp_path / "run", env, "train.steps=5", *_async(k), *extra)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    if dynamic:
+        assert any(r["rollout/sampling_rounds"] > 1 for r in rows)
     for r in rows:
         lag = min(r["step"] - 1, k)
         assert r["staleness/max"] == r["staleness/mean"] == lag <= k

@@ -10,8 +10,8 @@ regenerate what it did not save. The trainer publishes version t + 1 after train
 the producer generates batches t + 1 .. t + k (the bounded queue is this dependency); the batch of step t is
 t - need(t) <= k versions old when it is trained on. k = 0 is the synchronous loop: batch t waits for version t.
 
-Checkpoints. The batches after step t sampled with a version older than the checkpoint's weights (need(s) < t + 1,
-i.e. s <= t + k) cannot be regenerated after a resume: ``in_flight`` waits for them and the trainer saves them
+Checkpoints. After step t (0-based; the checkpoint holds version t + 1) the batches of steps s > t sampled with an
+older version (need(s) < t + 1, i.e. s <= t + k) cannot be regenerated after a resume: ``in_flight`` waits for them and the trainer saves them
 (``save_in_flight``); the later ones are regenerated from the checkpoint's weights. The producer keeps the weights of
 every published version it may still need (at most k + 1 host copies).
 
@@ -113,6 +113,9 @@ class RolloutProducer:
             raise ValueError(f"no rollout batch is produced for step {step} (train.steps={self._last})")
         t0 = time.perf_counter()
         with self._cv:
+            if step not in self._ready and step < self._next:
+                raise RuntimeError(f"the rollout batch of step {step} was neither restored from the checkpoint nor "
+                                   f"generated (the producer is at step {self._next})")
             while step not in self._ready and self._error is None:
                 self._cv.wait()
             if step not in self._ready:
@@ -128,11 +131,12 @@ class RolloutProducer:
             self._prune()
             self._cv.notify_all()
 
-    def in_flight(self, after_step: int) -> list[ProducedBatch]:
-        """The batches after ``after_step`` a resume from the current weights could not regenerate (sampled with an
-        older version), waiting for those still being generated; the trainer saves them with its checkpoint."""
-        steps = [s for s in range(after_step + 1, self._last) if self.version_for(s) < self._latest]
+    def in_flight(self, next_step: int) -> list[ProducedBatch]:
+        """The batches of steps >= ``next_step`` (not trained on yet) that a resume from the current weights could not
+        regenerate (sampled with an older version), waiting for those still being generated; the trainer saves them
+        with its checkpoint."""
         with self._cv:
+            steps = [s for s in range(next_step, self._last) if self.version_for(s) < self._latest]
             while not all(s in self._ready for s in steps) and self._error is None:
                 self._cv.wait()
             if self._error is not None:
