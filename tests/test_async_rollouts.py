@@ -234,9 +234,13 @@ def test_async_never_trains_on_a_sample_older_than_k(tmp_path, env, k, dynamic):
     histogram shows the schedule: step t (1-based) trains on samples exactly min(t - 1, k) versions old. With dynamic
     sampling the producer resamples zero-variance groups (half of them with this reward and G = 2) inside the same
     schedule."""
-    extra = ["train.dynamic_sampling=true", "train.max_sampling_rounds=3", "rollout.group_size=2"] if dynamic else []
+    extra = ["train.dynamic_sampling=true", "train.max_sampling_rounds=3", "rollout.group_size=2"] if dynamic else [
+        "eval.interval=2", "eval.max_problems=4", "eval.samples=2"]  # evaluation borrows the producer's engine
     rows = _train(tmp_path / "run", env, "train.steps=5", *_async(k), *extra)
+    evals = [r for r in rows if "eval/pass@1" in r]
+    rows = [r for r in rows if "staleness/max" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in evals] == ([] if dynamic else [2, 4])
     if dynamic:
         assert any(r["rollout/sampling_rounds"] > 1 for r in rows)
     for r in rows:
