@@ -72,6 +72,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="a ~3 minute version (fewer steps and problems)")
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output directory (default runs/demo)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--async-rollouts", type=int, default=None, metavar="K",
+                   help="RL runs with asynchronous rollouts, at most K weight versions stale (default: synchronous)")
     a = p.parse_args(argv)
     q = 1 if a.quick else 0
     plan = {k: v[q] for k, v in PLAN.items()}
@@ -79,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # finished phases are reused on a re-run: only if they were made with these settings
     settings = {"quick": bool(q), "seed": a.seed, "plan": plan}
+    if a.async_rollouts is not None:
+        settings["async_rollouts"] = a.async_rollouts
     recorded = out / "demo_settings.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != settings:
         print(f"launch/demo.sh: {out} holds a demo run with other settings ({recorded.read_text().strip()}); "
@@ -89,6 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"megatron-amir demo ({'quick' if q else 'full'}) -> {out}", flush=True)
     common = [f"train.seed={a.seed}", f"eval.max_problems={plan['eval_problems']}",
               f"eval.samples={plan['eval_samples']}"]
+    async_rl = [] if a.async_rollouts is None else [  # the off-policy correction async needs (docs/algorithms.md)
+        "rollout.async_off_policy=true", f"rollout.max_staleness={a.async_rollouts}", "algorithm.tis_cap=2.0"]
     timings: dict[str, float] = {}
 
     # 1) supervised warm-up from random init until the model solves part of the problems
@@ -113,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if (run_dir / "eval" / "DONE").exists():
             continue
         t = time.time()
-        _run(_phase_cmd("train", [*common, *extra, f"name={label}", f"logging.dir={run_dir}",
+        _run(_phase_cmd("train", [*common, *async_rl, *extra, f"name={label}", f"logging.dir={run_dir}",
                                   f"checkpoint.dir={run_dir / 'checkpoints'}", f"train.steps={plan['rl_steps']}",
                                   f"checkpoint.save_interval={max(1, plan['rl_steps'] // 4)}"],
                         ["--init-from", str(warm_ckpt), "--eval-at-start", "--eval-at-end"]),

@@ -1,6 +1,7 @@
 """The reproduction study on the embedded task: 3 seeds x {GRPO, Dr.GRPO, AMIR-GRPO} from one warm-up checkpoint.
 
     python -m launch.study [--seeds 1 2 3] [--steps 60] [--out runs/study] [--report docs/results.md]
+    python -m launch.study --compare-async     # AMIR-GRPO synchronous vs asynchronous rollouts (k = 1)
 
 Reuses the demo's warm-up checkpoint (runs/demo/warmup; trained first if missing), runs every
 (algorithm, seed) with `megatron-amir train ... --eval-at-start --eval-at-end` (skipping finished runs, so an
@@ -11,12 +12,14 @@ read from the run directories it lists.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from launch.demo import ROOT, _latest_step_dir, _phase_cmd, _run
+from megatron_amir.fileio import atomic_write_text
 
 ALGORITHMS = {
     "GRPO": ["algorithm.amir.enabled=false"],
@@ -25,6 +28,14 @@ ALGORITHMS = {
                 "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.loss_agg_max_len=64"],
     "AMIR-GRPO": ["algorithm.amir.enabled=true"],
 }
+# synchronous vs asynchronous rollouts (rollout.async_off_policy, k = 1; async needs the TIS cap, which is ~1 on
+# policy here): the synchronous arm is the main study's AMIR-GRPO run, reused when it is already finished
+ASYNC_ARMS = {
+    "AMIR-GRPO": ALGORITHMS["AMIR-GRPO"],
+    "AMIR-GRPO async k=1": [*ALGORITHMS["AMIR-GRPO"], "rollout.async_off_policy=true", "rollout.max_staleness=1",
+                            "algorithm.tis_cap=2.0"],
+}
+ASYNC_SECTION = "## Synchronous vs asynchronous rollouts"
 
 
 def append_reading(report: Path, study_json: Path, steps: int) -> None:
@@ -73,6 +84,21 @@ def append_reading(report: Path, study_json: Path, steps: int) -> None:
     atomic_write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
 
 
+def link_async_report(report: Path, async_report: Path) -> None:
+    """Give ``report`` a section pointing at the sync-vs-async report (replacing an earlier one: the main study
+    rewrites ``report``, so the section is added again whenever this comparison runs)."""
+    text = report.read_text() if report.is_file() else ""
+    if ASYNC_SECTION in text:
+        head, _, rest = text.partition(ASYNC_SECTION)
+        nxt = rest.find("\n## ")
+        text = head.rstrip("\n") + ("\n" + rest[nxt:] if nxt >= 0 else "\n")
+    rel = os.path.relpath(async_report.resolve(), report.parent.resolve())
+    atomic_write_text(report, text.rstrip("\n") + f"\n\n{ASYNC_SECTION}\n\nAMIR-GRPO with synchronous rollouts vs "
+                      f"asynchronous ones (rollout.async_off_policy, max_staleness = 1, TIS cap 2), same seeds and "
+                      f"warm-up: accuracy curves and final pass@k with CIs in [{rel}]({rel}) "
+                      f"(`python -m launch.study --compare-async`).\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -81,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", default=str(ROOT / "runs" / "demo" / "warmup" / "checkpoints"),
                    help="warm-up checkpoint root (default: the demo's; `bash launch/demo.sh` makes it)")
     p.add_argument("--report", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--compare-async", action="store_true",
+                   help="run AMIR-GRPO with synchronous and asynchronous (k = 1) rollouts instead; report in "
+                        "docs/results_async.md, linked from a section of --report")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     warm_root = Path(a.warmup).resolve()
@@ -99,10 +128,11 @@ def main(argv=None) -> int:
             print(f"launch.study: the demo left no warm-up checkpoint under {warm_root}", file=sys.stderr)
             return 1
     t0 = time.time()
+    arms = ASYNC_ARMS if a.compare_async else ALGORITHMS
     dirs: dict[str, list[str]] = {}
-    for label, extra in ALGORITHMS.items():
+    for label, extra in arms.items():
         for seed in a.seeds:
-            run = out / f"{label.lower().replace('.', '')}_s{seed}"
+            run = out / f"{label.lower().replace('.', '').replace(' ', '-').replace('=', '')}_s{seed}"
             dirs.setdefault(label, []).append(str(run))
             if (run / "eval" / "DONE").exists():
                 continue
@@ -113,15 +143,23 @@ def main(argv=None) -> int:
                             ["--init-from", str(warm), "--eval-at-start", "--eval-at-end"]),
                  out / "logs" / f"{run.name}.log")
             (run / "eval" / "DONE").write_text("ok\n")
-    base = sorted((Path(dirs["GRPO"][0]) / "eval").glob("initial_step*.jsonl"))[-1]
-    cmd = [sys.executable, "-m", "launch.cli", "study", "--base", str(base), "--reference", "GRPO",
-           "--out", str(Path(a.report).parent / "results_assets"), "--report", a.report,
-           "--title", f"Reproduction study: {len(a.seeds)} seeds x {{GRPO, Dr.GRPO, AMIR-GRPO}}, {a.steps} RL steps "
-                      f"from one warm-up checkpoint ({warm})"]
+    reference = next(iter(arms))
+    base = sorted((Path(dirs[reference][0]) / "eval").glob("initial_step*.jsonl"))[-1]
+    docs = Path(a.report).parent
+    report = docs / "results_async.md" if a.compare_async else Path(a.report)
+    what = "{AMIR-GRPO sync, async k=1}" if a.compare_async else "{GRPO, Dr.GRPO, AMIR-GRPO}"
+    cmd = [sys.executable, "-m", "launch.cli", "study", "--base", str(base), "--reference", reference,
+           "--out", str(docs / ("results_async_assets" if a.compare_async else "results_assets")),
+           "--report", str(report),
+           "--title", f"{'Rollout study' if a.compare_async else 'Reproduction study'}: {len(a.seeds)} seeds x "
+                      f"{what}, {a.steps} RL steps from one warm-up checkpoint ({warm})"]
     for label, ds in dirs.items():
         cmd += ["--run", f"{label}={','.join(ds)}"]
     subprocess.run(cmd, check=True, cwd=ROOT)
-    append_reading(Path(a.report), Path(a.report).parent / "results_assets" / "study.json", a.steps)
+    if a.compare_async:
+        link_async_report(Path(a.report), report)
+    else:
+        append_reading(Path(a.report), docs / "results_assets" / "study.json", a.steps)
     print(f"study finished in {time.time() - t0:.0f} s; report: {a.report}", flush=True)
     return 0
 

@@ -318,9 +318,9 @@ class RolloutConfig(_Section):
     request_timeout_s: float = Field(300.0, gt=0)
     """Seconds one HTTP request to the fleet may take (also the router's request timeout)."""
     weight_sync: Literal["file", "nccl"] = "file"
-    """Intended transport of new weights to the rollout engines: file (sha256-verified snapshots in weight_sync_dir) or
-    nccl (collective broadcast). Not read by the trainer yet: the remote fleet and the vllm engine are always updated
-    from file snapshots."""
+    """Transport of new weights to the rollout engines: file (sha256-verified snapshots in weight_sync_dir, loaded by
+    the remote fleet and the vllm engine). nccl (collective broadcast) is reserved and refused at load until the
+    trainer wires it."""
     weight_sync_dir: Optional[str] = None
     """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
     ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""
@@ -336,11 +336,15 @@ class RolloutConfig(_Section):
     """Fraction of GPU memory vLLM may take (``--gpu-memory-utilization``); colocated with the trainer it must leave
     room for training."""
     async_off_policy: bool = False
-    """Reserved; must stay false (true is rejected at load): the trainer is synchronous and every step samples with the
-    current weights."""
+    """Asynchronous rollouts: a producer thread on rank 0 generates the batches of the next steps while the trainer
+    trains; the batch of step s is sampled with the weights of version max(resume version, s - max_staleness), so a
+    sample is at most max_staleness versions old. Needs algorithm.tis_cap (the off-policy correction, see
+    docs/algorithms.md); false = synchronous (every step samples with the current weights)."""
     max_staleness: int = Field(0, ge=0)
-    """How many weight versions a sample may lag behind the trainer; an older sample (a server that missed an update)
-    stops the step with an error. 0 = every sample comes from the current weights."""
+    """How many weight versions a sample may lag behind the trainer; an older sample stops the step with an error.
+    Synchronous: the tolerance for a server that missed an update (0 = every sample from the current weights).
+    Asynchronous: how far generation runs ahead (k batches in flight while the trainer trains; 0 = the synchronous
+    schedule, bit for bit)."""
 
     @model_validator(mode="after")
     def _weight_sync_wired(self) -> "RolloutConfig":
@@ -349,14 +353,6 @@ class RolloutConfig(_Section):
             raise _cross("rollout.weight_sync",
                          f"weight_sync={self.weight_sync!r} is not wired into the trainer (it syncs through "
                          "weight_sync snapshots loaded with collective_rpc); use weight_sync: file")
-        return self
-
-    @model_validator(mode="after")
-    def _synchronous(self) -> "RolloutConfig":
-        if self.async_off_policy:
-            raise _cross("rollout.async_off_policy",
-                         "async_off_policy=true is not implemented: the trainer is synchronous (every step "
-                         "samples with the current weights; TIS corrects engine/trainer numerics, tis_cap)")
         return self
 
 
@@ -653,6 +649,10 @@ class Config(_Section):
             raise _cross("data.benchmark", "data.source=benchmark needs data.benchmark")
         if m.fp8 and m.transformer_impl == "local":
             raise _cross("model.fp8", "FP8 needs model.transformer_impl=transformer_engine or auto")
+        if self.rollout.async_off_policy and self.algorithm.tis_cap is None:
+            raise _cross("algorithm.tis_cap",
+                         "rollout.async_off_policy=true needs algorithm.tis_cap (e.g. 2.0): samples come from an older "
+                         "policy and the truncated behaviour-policy weight is the off-policy correction")
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.discovery_file):
             raise _cross("rollout.servers", "rollout.engine=remote needs rollout.servers or rollout.discovery_file")
         return self

@@ -61,7 +61,7 @@ BAD = [
     (["rollout.engine=remote"], "rollout.servers: rollout.engine=remote needs"),
     (["train.lr=.inf"], "train.lr: Input should be a finite number"),
     (["algorithm.amir.beta=.nan"], "algorithm.amir.beta: Input should be a finite number"),
-    (["rollout.async_off_policy=true"], "async_off_policy=true is not implemented"),
+    (["rollout.async_off_policy=true"], "algorithm.tis_cap: rollout.async_off_policy=true needs algorithm.tis_cap"),
     (["rollout.weight_sync=nccl"], "rollout.weight_sync: weight_sync='nccl' is not wired into the trainer"),
     (["rollout.servers=[http://[::1]:8000]"], "cannot apply override 'rollout.servers=[http://[::1]:8000]'"),
     (["algorithm.amir.adaptive_lambda=true", "algorithm.amir.lambda_init=0.5"],

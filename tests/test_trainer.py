@@ -326,7 +326,7 @@ def _train_step_with(monkeypatch, cfg, policy):
     t = tr_mod.Trainer.__new__(tr_mod.Trainer)
     t.cfg, t.rank, t.step, t.weight_version, t._nonfinite_in_a_row = cfg, 0, 0, 0, 0
     t.policy, t.ref_policy, t.amir_state = policy, None, AmirState.from_config(cfg.algorithm.amir)
-    t.engine = types.SimpleNamespace(load_weights=lambda *a: None)
+    t.engine, t.producer = types.SimpleNamespace(load_weights=lambda *a: None), None
     t.collect_rollouts = lambda: (batch, {})
     t._hf_weights = lambda: None
     t.train_step()
@@ -359,14 +359,16 @@ def test_later_minibatches_refresh_logprobs_only_for_amir(monkeypatch, amir):
 
 
 def test_samples_from_old_weights_stop_the_step():
-    """The trainer is synchronous: a sample from an older weight version than rollout.max_staleness allows means a
-    server missed an update; collect_rollouts stops with the versions instead of training on another policy."""
+    """A sample from an older weight version than rollout.max_staleness allows (a server that missed an update, or
+    an async schedule gone wrong) stops the step with the versions instead of training on another policy; the
+    samples' versions reach the batch, and the staleness histogram counts them."""
     import types
 
     from megatron_amir.config import Config
     from megatron_amir.rewards.base import RewardResult
     from megatron_amir.rollout.engine import GroupResult, Sample
     from megatron_amir.training import trainer as tr_mod
+    from megatron_amir.training.async_rollouts import staleness_metrics
 
     cfg = Config(model=dict(vocab_size=64), data=dict(prompts_per_step=2), rollout=dict(group_size=2),
                  train=dict(micro_batch_size=2))
@@ -383,11 +385,13 @@ def test_samples_from_old_weights_stop_the_step():
                                                             for i in range(k)])
     t.reward_fn = lambda texts, answers: RewardResult(rewards=[1.0, 0.0] * (len(texts) // 2),
                                                       correct=[True, False] * (len(texts) // 2))
-    with pytest.raises(RuntimeError, match=r"1 of 4 samples come from weight version 2 while the trainer is at 3"):
-        t.collect_rollouts()
-    versions[1][1] = 3
     batch, _ = t.collect_rollouts()
-    assert batch.weight_version.tolist() == [3, 3, 3, 3]
+    assert batch.weight_version.tolist() == [3, 3, 3, 2]
+    with pytest.raises(RuntimeError, match=r"1 of 4 samples come from weight version 2 while the trainer is at 3"):
+        staleness_metrics(batch.weight_version, 3, max_staleness=0)
+    hist = staleness_metrics(batch.weight_version, 3, max_staleness=2)
+    assert hist == {"staleness/mean": 0.25, "staleness/max": 1.0, "staleness/frac_0": 0.75,
+                    "staleness/frac_1": 0.25, "staleness/frac_2": 0.0}
 
 
 def _checkpointable_trainer(cfg, root: Path, nonfinite: int = 0):

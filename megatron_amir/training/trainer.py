@@ -5,9 +5,11 @@
     -> weight sync to the rollout engine -> (eval) -> (checkpoint)
 
 Rollouts, rewards and the engine live on global rank 0; the rollout batch is broadcast as tensors and each
-data-parallel rank trains on a contiguous slice of whole groups. Everything the loop keeps between steps
-(model, optimizer, scheduler, RNG of every rank, data cursor, lambda, step, weight version, the count of
-consecutive non-finite updates) is in the checkpoint.
+data-parallel rank trains on a contiguous slice of whole groups. With ``rollout.async_off_policy`` a producer
+thread on rank 0 generates the next steps' batches while the trainer trains (``async_rollouts.py``: the schedule,
+the staleness bound). Everything the loop keeps between steps (model, optimizer, scheduler, RNG of every rank, data
+cursor, lambda, step, weight version, the count of consecutive non-finite updates, the async batches that a resume
+could not regenerate) is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +31,8 @@ import torch
 from megatron_amir.config import Config, config_record, dump_config
 from megatron_amir.convert.hf_to_mcore import hf_to_mcore
 from megatron_amir.convert.megatron_side import META_NAME, read_meta
+from megatron_amir.training.async_rollouts import (IN_FLIGHT_FILE, RolloutProducer, load_in_flight, off_policy_metrics,
+                                                   save_in_flight, staleness_metrics)
 from megatron_amir.training.checkpoint import REFERENCE_DIR, WARMUP_KIND, CheckpointManager
 from megatron_amir.training.metrics import RL_KIND, MetricsLogger, summary_line
 from megatron_amir.training.preemption import REQUEUE_EXIT_CODE, install_handlers  # 75: slurm/*.sbatch requeue on it
@@ -55,6 +60,7 @@ class Trainer:
     policy: Any  # megatron_amir.training.policy.Policy
     ref_policy: Any  # a frozen Policy, only when KL or reference-anchored pairs need it
     engine: Any  # megatron_amir.rollout Engine (rank 0 only)
+    producer: Optional[RolloutProducer]  # rank 0 with rollout.async_off_policy: owns the engine between steps
     amir_state: Any  # megatron_amir.algorithms.AmirState
     checkpointer: CheckpointManager
     metrics: MetricsLogger
@@ -64,6 +70,7 @@ class Trainer:
         self.step = 0
         self.weight_version = 0
         self._nonfinite_in_a_row = 0
+        self._in_flight: list = []  # async batches restored from the checkpoint (rank 0)
         # distributed (torchrun / Slurm env or a single process) and Megatron parallel state
         from megatron_amir.training.parallel import initialize_distributed
 
@@ -120,6 +127,7 @@ class Trainer:
         # rollout engine (colocated embedded engine or the remote fleet) with the current weights
         weights = self._hf_weights()  # collective: every rank takes part in the gather
         self.engine = self._build_engine(weights) if self.rank == 0 else None
+        self.producer = self._start_producer(weights) if self.rank == 0 and cfg.rollout.async_off_policy else None
         if self.rank == 0:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_config(cfg))
@@ -143,6 +151,18 @@ class Trainer:
 
             engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=weights, version=self.weight_version)
         return engine
+
+    def _start_producer(self, weights: dict) -> RolloutProducer:
+        """Asynchronous rollouts from here on; the batches saved with the resumed checkpoint come first."""
+        if self.weight_version != self.step:  # the schedule need(s) = s - k counts versions in steps
+            raise RuntimeError(f"async rollouts need weight_version == step, got {self.weight_version} != {self.step}")
+        self._consumed_cursor = self.sampler.state_dict()  # what a checkpoint records as the data cursor
+        if self._in_flight:
+            self.sampler.load_state_dict(self._in_flight[-1].sampler_state)
+        return RolloutProducer(self.engine, self.collect_rollouts, self.sampler.state_dict,
+                               max_staleness=self.cfg.rollout.max_staleness, first_step=self.step,
+                               last_step=self.cfg.train.steps, version=self.weight_version, weights=weights,
+                               restored=self._in_flight)
 
     def _sync_dir(self) -> str:
         return self.cfg.rollout.weight_sync_dir or str(Path(self.cfg.logging.dir) / "weights")
@@ -224,11 +244,14 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        # 1) rollouts + rewards on rank 0, shared with every rank as tensors
-        batch, rollout_metrics = self.collect_rollouts() if self.rank == 0 else (None, {})
+        # 1) rollouts + rewards on rank 0 (generated now, or ahead by the async producer), shared as tensors; no
+        # sample older than rollout.max_staleness versions is trained on (every rank checks, so all stop together)
+        batch, rollout_metrics = self._next_rollouts() if self.rank == 0 else (None, {})
         batch = broadcast_rollout_batch(batch)
+        staleness = staleness_metrics(batch.weight_version, self.weight_version, cfg.rollout.max_staleness)
         t_rollout = time.perf_counter() - t0
-        # 2) old (and reference) log-probs recomputed by the Megatron model: pi_old == pi_theta now
+        # 2) old (and reference) log-probs recomputed by the Megatron model: pi_old == pi_theta now (async: the
+        # proximal policy of the decoupled objective; the engine's log-probs are the behaviour policy's, TIS-weighted)
         old_logp = self.policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)
         ref_logp = (self.ref_policy.compute_logprobs(batch.tokens, temperature=cfg.rollout.temperature)
                     if self.ref_policy is not None else None)
@@ -267,10 +290,13 @@ class Trainer:
                                    for k, v in prepared.metrics.items()}, **out})
         step_metrics = combine_update_metrics(updates, updates_per_epoch=len(updates) // cfg.algorithm.ppo_epochs)
         t_train = time.perf_counter() - t0 - t_rollout - t_logp
-        # 5) weight sync: the engine samples the next step from the new weights
+        # 5) weight sync: the engine samples the next step from the new weights (async: the producer loads them when
+        # its schedule reaches this version)
         self.weight_version += 1
         weights = self._hf_weights()
-        if self.rank == 0:
+        if self.rank == 0 and self.producer is not None:
+            self.producer.publish(self.weight_version, weights)
+        elif self.rank == 0:
             self.engine.load_weights(weights, self.weight_version)
         t_sync = time.perf_counter() - t0 - t_rollout - t_logp - t_train
         # rollout-vs-trainer log-prob mismatch (same weights, same temperature: should be ~0)
@@ -281,6 +307,8 @@ class Trainer:
         return {
             **rollout_metrics,
             **step_metrics,
+            **staleness,
+            **off_policy_metrics(old_logp, batch.rollout_logp, m, cfg.algorithm.tis_cap),
             "mismatch/logp_abs_mean": float(diff.sum() / ntok),
             "mismatch/logp_abs_max": float(diff.max()),
             "time/rollout_s": t_rollout, "time/logprob_s": t_logp, "time/train_s": t_train,
@@ -290,13 +318,25 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------------------ rollouts
-    def collect_rollouts(self) -> tuple[RolloutBatch, dict[str, float]]:
-        """Generate G samples per prompt and score them (rank 0). With dynamic sampling, groups whose rewards
-        are all equal are replaced by fresh prompts for up to ``max_sampling_rounds`` rounds; the batch is then
-        filled with the best remaining groups so its size stays fixed (zero-variance groups add no gradient)."""
+    def _next_rollouts(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """This step's batch (rank 0): generated now, or taken from the async producer (waiting for it: the
+        trainer's idle time)."""
+        if self.producer is None:
+            return self.collect_rollouts()
+        produced, waited = self.producer.get(self.step)
+        self._consumed_cursor = produced.sampler_state
+        return produced.batch, {**produced.metrics, "time/trainer_idle_s": waited}
+
+    def collect_rollouts(self, step: Optional[int] = None) -> tuple[RolloutBatch, dict[str, float]]:
+        """Generate G samples per prompt for ``step`` (default: the current one) and score them (rank 0), with the
+        weights the engine holds. The request seeds depend only on (train.seed, step, round). With dynamic
+        sampling, groups whose rewards are all equal are replaced by fresh prompts for up to
+        ``max_sampling_rounds`` rounds; the batch is then filled with the best remaining groups so its size stays
+        fixed (zero-variance groups add no gradient)."""
         from megatron_amir.rollout.engine import SamplingParams
 
         cfg = self.cfg
+        step = self.step if step is None else step
         G, P = cfg.rollout.group_size, cfg.data.prompts_per_step
         params = SamplingParams.from_rollout_config(cfg.rollout, stop_token_ids=[self.tokenizer.eos_id])
         kept, spare, rounds, timeouts = [], [], 0, 0
@@ -304,7 +344,7 @@ class Trainer:
             rounds += 1
             problems = self.sampler.next_batch(P - len(kept))
             prompts = [self.tokenizer.encode(p.prompt) for p in problems]
-            groups = self.engine.generate(prompts, params.replace(seed=cfg.train.seed * 100003 + self.step * 131 + rounds),
+            groups = self.engine.generate(prompts, params.replace(seed=cfg.train.seed * 100003 + step * 131 + rounds),
                                           n=G)
             # one reward call for the whole round, so a verifier pool works on all samples in parallel
             texts = [self.tokenizer.decode(s.token_ids) for g in groups for s in g.samples]
@@ -330,12 +370,6 @@ class Trainer:
                 correct.append(c)
                 trunc.append(s.finish_reason == "length")
                 versions.append(s.weight_version)
-        stale = [v for v in versions if v < self.weight_version - cfg.rollout.max_staleness]
-        if stale:  # a server that missed a weight update: its samples are from another policy
-            raise RuntimeError(
-                f"{len(stale)} of {len(versions)} samples come from weight version {min(stale)} while the trainer is "
-                f"at {self.weight_version} (rollout.max_staleness={cfg.rollout.max_staleness}): a rollout server "
-                "serves old weights (check the fleet's weight-update log)")
         batch = build_rollout_batch(prompts_, responses, logps, gids, rewards, correct, trunc, versions,
                                     pad_id=self.tokenizer.pad_id)
         return batch, _rollout_metrics(batch, G, rounds, timeouts)
@@ -345,6 +379,9 @@ class Trainer:
         function's worker pool and the metrics writers. Idempotent; ``main`` calls it however training ends."""
         from megatron_amir.rollout.engine import close_engine
 
+        producer, self.producer = getattr(self, "producer", None), None
+        if producer is not None:  # it uses the engine and the reward function
+            producer.close()
         engine, self.engine = self.engine, None
         reward_fn, self.reward_fn = self.reward_fn, None
         try:
@@ -374,13 +411,15 @@ class Trainer:
                   batch_size=64, progress=self.cfg.logging.progress,
                   meta={"logprobs_mode": self.cfg.rollout.logprobs_mode, "engine": self.cfg.rollout.engine,
                         "step": self.step})
-        summary = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=ec.samples,
-                           temperature=ec.temperature, out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", **kw)
-        metrics = {f"{tag}/{k}": v for k, v in summary.metrics().items()}
-        if ec.greedy:
-            greedy = evaluate(self.engine, self.tokenizer, problems, self.reward_fn, samples=1, temperature=0.0,
-                              out_path=out_dir / "greedy" / f"{tag}_step{self.step:06d}.jsonl", **kw)
-            metrics[f"{tag}/greedy_accuracy"] = greedy.pass_at_k[1]
+        # async: the producer lends the engine with the current weights between two of its batches
+        with self.producer.engine() if self.producer is not None else nullcontext(self.engine) as engine:
+            summary = evaluate(engine, self.tokenizer, problems, self.reward_fn, samples=ec.samples,
+                               temperature=ec.temperature, out_path=out_dir / f"{tag}_step{self.step:06d}.jsonl", **kw)
+            metrics = {f"{tag}/{k}": v for k, v in summary.metrics().items()}
+            if ec.greedy:
+                greedy = evaluate(engine, self.tokenizer, problems, self.reward_fn, samples=1, temperature=0.0,
+                                  out_path=out_dir / "greedy" / f"{tag}_step{self.step:06d}.jsonl", **kw)
+                metrics[f"{tag}/greedy_accuracy"] = greedy.pass_at_k[1]
         log.info("%s at step %d: %s", tag, self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         return metrics
 
@@ -388,11 +427,14 @@ class Trainer:
     def save(self) -> Path:
         from megatron_amir.training.data_setup import export_record
 
+        producer = getattr(self, "producer", None)
+        in_flight = producer.in_flight(self.step) if producer is not None else []
         meta = {
             "step": self.step,
             "weight_version": self.weight_version,
             "amir_state": self.amir_state.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            # the cursor after the last batch trained on (async: the producer's own runs ahead)
+            "sampler": self._consumed_cursor if producer is not None else self.sampler.state_dict(),
             # a resumed run keeps counting towards train.max_consecutive_nonfinite (a run that keeps diverging
             # must not get a fresh allowance at every preemption)
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
@@ -405,6 +447,8 @@ class Trainer:
         def write(d: Path) -> None:
             self.policy.save(d / "model")
             torch.save(_rng_state(), d / f"rng_rank{self.rank:05d}.pt")
+            if producer is not None:  # async batches sampled with older weights than these (rank 0)
+                save_in_flight(d / IN_FLIGHT_FILE, in_flight, self.cfg.rollout.max_staleness)
 
         path = self.checkpointer.save(self.step, write, meta)
         if self.rank == 0:
@@ -431,6 +475,8 @@ class Trainer:
         self._nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))  # absent in older checkpoints
         self.reference = meta.get("reference")
         self._hf_base = meta.get("hf_config")
+        if self.rank == 0 and self.cfg.rollout.async_off_policy:
+            self._in_flight = load_in_flight(ckpt / IN_FLIGHT_FILE, self.cfg.rollout.max_staleness)
         rng = ckpt / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file() and meta.get("world_size") == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=True))
