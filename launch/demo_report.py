@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -283,3 +284,67 @@ def _expected_section(numbers: dict[str, dict[str, Any]], quick: bool, plan: Opt
     else:
         L.append("**This run falls inside the expected ranges** (every number above).")
     return L
+
+
+def run_record(out: Path) -> dict[str, Any]:
+    """One finished full demo run as demo_expected.json lists it: environment, wall time, where the warm-up
+    stopped, the held-out numbers of each model and the paired-bootstrap pass@1 gain of each RL run."""
+    out = Path(out)
+    env = json.loads((out / "environment.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    diffs = json.loads((out / "compare" / "compare.json").read_text())["pass_at_k_differences"]
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    evals = {"warm-up": summary["GRPO"]["initial"], "GRPO": summary["GRPO"]["final"],
+             "AMIR-GRPO": summary["AMIR-GRPO"]["final"]}
+    missing = [f"{m} {k}" for m in MODELS for k in METRICS if not isinstance(evals[m].get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{out}/summary.json: no {', '.join(missing)}")
+    w = warmup_stop(out)
+    return {**{k: env.get(k) for k in ("seed", "threads", "OMP_NUM_THREADS", "cpu_capability", "torch", "mkl",
+                                       "commit")},
+            "wall_s": round(timings["total"]) if "total" in timings else None,
+            "warmup": None if w is None else {"step": w["step"], "target_reached": w["reached"],
+                                              "accuracy": w["accuracy"]},
+            "numbers": {m: {k: evals[m][k] for k in METRICS} for m in MODELS},
+            "pass@1_gain_ci": {lab: diffs[f"{lab} - warm-up"]["1"] for lab in ("GRPO", "AMIR-GRPO")}}
+
+
+def expected_from_runs(outs: list[Path], plan: dict[str, Any], margin: float) -> dict[str, Any]:
+    """demo_expected.json from finished full runs: each range is the runs' min-max widened by ``margin``."""
+    runs = [run_record(o) for o in outs]
+    ranges = {}
+    for m in MODELS:
+        ranges[m] = {}
+        for k in METRICS:
+            vals = [round(r["numbers"][m][k], 3) for r in runs]
+            ranges[m][k] = [round(max(0.0, min(vals) - margin), 3), round(min(1.0, max(vals) + margin), 3)]
+    about = json.loads(EXPECTED.read_text())["about"] if EXPECTED.is_file() else ""
+    return {"about": about, "plan": plan, "margin": margin, "ranges": ranges, "runs": runs}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m launch.demo_report record OUT [OUT ...] [--margin M]``: rewrite launch/demo_expected.json from
+    finished full demo runs (their run directories)."""
+    import argparse
+
+    from launch.demo import PLAN
+
+    p = argparse.ArgumentParser(prog="python -m launch.demo_report", description=main.__doc__)
+    p.add_argument("command", choices=["record"])
+    p.add_argument("outs", nargs="+", type=Path)
+    p.add_argument("--margin", type=float, default=0.03)
+    a = p.parse_args(argv)
+    plan = {k: v[0] for k, v in PLAN.items()}
+    for o in a.outs:
+        settings = json.loads((o / "demo_settings.json").read_text())
+        if settings.get("quick") or settings.get("plan") != plan:
+            print(f"{o}: not a full demo run with the current PLAN", file=sys.stderr)
+            return 2
+    data = expected_from_runs(a.outs, plan, a.margin)
+    atomic_write_text(EXPECTED, json.dumps(data, indent=1) + "\n")
+    print(f"wrote {EXPECTED} from {len(a.outs)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

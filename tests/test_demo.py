@@ -130,3 +130,39 @@ def test_warmup_stop_reads_where_and_why(tmp_path):
     mgr.save(6000, lambda d: (d / "w").write_text("x"), {"step": 6000, "stop": stop, "final": {
         "sft/target_reached": 0.0, "eval/greedy_accuracy": 0.25}})
     assert _stop_sentence(warmup_stop(tmp_path)).startswith("**step budget exhausted at step 6000**")
+
+
+def _fake_run(out: Path, seed: int, threads: int, numbers: dict, gain: float) -> Path:
+    """The files run_record reads, as a finished full demo run leaves them."""
+    (out / "compare").mkdir(parents=True)
+    (out / "environment.json").write_text(json.dumps({"seed": seed, "threads": threads, "cpu_capability": "AVX2"}))
+    (out / "summary.json").write_text(json.dumps({"GRPO": {"initial": numbers["warm-up"], "final": numbers["GRPO"]},
+                                                  "AMIR-GRPO": {"initial": numbers["warm-up"],
+                                                                "final": numbers["AMIR-GRPO"]}}))
+    ci = {"estimate": gain, "lo": gain - 0.05, "hi": gain + 0.05}
+    (out / "compare" / "compare.json").write_text(json.dumps({"pass_at_k_differences": {
+        "GRPO - warm-up": {"1": ci}, "AMIR-GRPO - warm-up": {"1": ci}}}))
+    (out / "timings.json").write_text(json.dumps({"warm-up": 100.4, "total": 600.6}))
+    return out
+
+
+def test_expected_ranges_from_runs_are_min_max_plus_margin(tmp_path):
+    from launch.demo_report import expected_from_runs, range_rows
+
+    def nums(x):
+        return {m: {"greedy_accuracy": x, "pass@1": x / 2, "pass@4": min(1.0, 2 * x)}
+                for m in ("warm-up", "GRPO", "AMIR-GRPO")}
+
+    outs = [_fake_run(tmp_path / "a", 1, 2, nums(0.3), 0.1), _fake_run(tmp_path / "b", 2, 1, nums(0.4), 0.12),
+            _fake_run(tmp_path / "c", 3, 2, nums(0.55), 0.15)]
+    exp = expected_from_runs(outs, {"rl_steps": 120}, margin=0.03)
+    assert exp["ranges"]["GRPO"] == {"greedy_accuracy": [0.27, 0.58], "pass@1": [0.12, 0.305],
+                                     "pass@4": [0.57, 1.0]}  # pass@4 is clipped at 1
+    assert [r["seed"] for r in exp["runs"]] == [1, 2, 3] and exp["runs"][0]["wall_s"] == 601
+    assert exp["runs"][1]["pass@1_gain_ci"]["AMIR-GRPO"]["lo"] == pytest.approx(0.07)
+    for r in exp["runs"]:  # every recorded run lies inside the ranges made from it
+        assert all(row["inside"] for row in range_rows(r["numbers"], exp["ranges"]))
+    (tmp_path / "c" / "summary.json").write_text(json.dumps({"GRPO": {"initial": {}, "final": {}},
+                                                             "AMIR-GRPO": {"initial": {}, "final": {}}}))
+    with pytest.raises(ValueError, match="summary.json: no warm-up greedy_accuracy"):
+        expected_from_runs(outs, {}, margin=0.03)
