@@ -91,11 +91,11 @@ def warmup_stop(out: Path) -> Optional[dict[str, Any]]:
 def _stop_sentence(w: dict[str, Any]) -> str:
     acc = _fmt(w["accuracy"])
     if w["target"] is None:
-        return f"ran its fixed {w['step']} steps (no accuracy target); {w['metric']} accuracy {acc}"
+        return f"Ran its fixed {w['step']} steps (no accuracy target); {w['metric']} accuracy {acc}"
     where = f"{w['metric']} accuracy on {w['problems']} validation problems"
     if w["reached"]:
-        return f"**target reached at step {w['step']}** of {w['budget']}: {where} {acc} >= {w['target']}"
-    return f"**step budget exhausted at step {w['step']}**: {where} {acc} < target {w['target']}"
+        return f"**Target reached at step {w['step']}** of {w['budget']}: {where} {acc} >= {w['target']}"
+    return f"**Step budget exhausted at step {w['step']}**: {where} {acc} < target {w['target']}"
 
 
 
@@ -201,7 +201,7 @@ def write_demo_report(out: Path, labels: list[str], timings: dict[str, float], s
                          f"{'yes' if ci['lo'] > 0 or ci['hi'] < 0 else 'no'} |")
     w = warmup_stop(out)
     if w is not None:
-        L += ["", "## Warm-up", "", f"The warm-up {_stop_sentence(w)}.", ""]
+        L += ["", "## Warm-up: where it stopped and why", "", f"{_stop_sentence(w)}.", ""]
     L += ["", "## Training (last 5 steps, mean)", "",
           "| run | train accuracy | pair count | pair accuracy | λ | log-prob gap correct−incorrect | step time (s) |",
           "|---|---|---|---|---|---|---|"]

@@ -125,11 +125,11 @@ def test_warmup_stop_reads_where_and_why(tmp_path):
     mgr.save(700, lambda d: (d / "w").write_text("x"), {"step": 700, "stop": stop, "final": {
         "sft/target_reached": 1.0, "eval/greedy_accuracy": 0.3125}})
     w = warmup_stop(tmp_path)
-    assert _stop_sentence(w) == ("**target reached at step 700** of 6000: greedy accuracy on 256 validation "
+    assert _stop_sentence(w) == ("**Target reached at step 700** of 6000: greedy accuracy on 256 validation "
                                  "problems 0.312 >= 0.3")
     mgr.save(6000, lambda d: (d / "w").write_text("x"), {"step": 6000, "stop": stop, "final": {
         "sft/target_reached": 0.0, "eval/greedy_accuracy": 0.25}})
-    assert _stop_sentence(warmup_stop(tmp_path)).startswith("**step budget exhausted at step 6000**")
+    assert _stop_sentence(warmup_stop(tmp_path)).startswith("**Step budget exhausted at step 6000**")
 
 
 def _fake_run(out: Path, seed: int, threads: int, numbers: dict, gain: float) -> Path:
