@@ -269,7 +269,8 @@ def _expected_section(numbers: dict[str, dict[str, Any]], quick: bool, plan: Opt
         return L + [f"Not compared: {expected_path.name} holds no ranges yet."]
     envs = sorted({f"{r.get('cpu_capability')}, {r.get('threads')} thread(s)" for r in exp["runs"]})
     L += [f"Ranges: min–max over {len(exp['runs'])} full runs (seeds "
-          f"{', '.join(str(r.get('seed')) for r in exp['runs'])}; {'; '.join(envs)}), from `launch/{expected_path.name}`.",
+          f"{', '.join(str(r.get('seed')) for r in exp['runs'])}; {'; '.join(envs)}), widened by "
+          f"{exp.get('margin', 0)} on each side, from `launch/{expected_path.name}`.",
           "", "| model | metric | this run | expected range | |", "|---|---|---|---|---|"]
     for r in rows:
         verdict = {True: "inside", False: "**outside**", None: "–"}[r["inside"]]

@@ -95,11 +95,27 @@ def test_expected_section_verdicts(tmp_path):
     plan = {"rl_steps": 120}
     text = "\n".join(_expected_section({"GRPO": {"pass@1": 0.35}, "AMIR-GRPO": {"pass@1": 0.31}}, False, plan, path))
     assert "falls inside the expected ranges" in text and "OUTSIDE" not in text
-    assert "| GRPO | pass@1 | 0.350 | 0.300–0.400 | inside |" in text and "seeds 1; AVX2, 2 thread(s)" in text
+    assert "| GRPO | pass@1 | 0.350 | 0.300–0.400 | inside |" in text and "seeds 1; AVX2, 2 thread(s)), widened by 0 on each side" in text
     text = "\n".join(_expected_section({"GRPO": {"pass@1": 0.35}, "AMIR-GRPO": {"pass@1": 0.25}}, False, plan, path))
     assert "falls OUTSIDE the expected ranges** (AMIR-GRPO pass@1)" in text
     assert "not the demo's" in "\n".join(_expected_section({}, True, plan, path))
     assert "settings differ" in "\n".join(_expected_section({}, False, {"rl_steps": 8}, path))
+
+
+def test_checked_in_ranges_are_the_recorded_runs_min_max():
+    """launch/demo_expected.json: measured with the full PLAN, and each range is the min-max of the runs it lists
+    widened by its margin (so the README's ranges contain every recorded run)."""
+    from launch.demo import PLAN
+    from launch.demo_report import METRICS, MODELS, load_expected
+
+    exp = load_expected()
+    assert exp["plan"] == {k: v[0] for k, v in PLAN.items()}
+    assert len(exp["runs"]) >= 3
+    for model in MODELS:
+        for metric in METRICS:
+            vals = [round(r["numbers"][model][metric], 3) for r in exp["runs"]]
+            want = [round(max(0.0, min(vals) - exp["margin"]), 3), round(min(1.0, max(vals) + exp["margin"]), 3)]
+            assert exp["ranges"][model][metric] == want, (model, metric)
 
 
 def test_environment_record(monkeypatch):
