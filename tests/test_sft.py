@@ -229,3 +229,43 @@ def test_continued_warmup_draws_the_batches_an_uninterrupted_one_would(tmp_path,
     sft.run_sft(runner(tmp_path / "b"), steps=2, batch_size=3)
     sft.run_sft(runner(tmp_path / "b"), steps=4, batch_size=3, start=2)
     assert drawn == straight and straight[2] != straight[0]
+
+
+@pytest.mark.parametrize("metric,accs,want", [
+    ("greedy", [0.1, 0.25, 0.31, 0.5], (3, 1.0)),   # stops at the third evaluation (step 6)
+    ("sampled", [0.1, 0.25, 0.31, 0.5], (4, 0.0)),  # the sampled numbers never reach 0.3: the budget runs out
+])
+def test_warmup_stops_on_the_chosen_metric_and_says_why(tmp_path, metric, accs, want):
+    from megatron_amir.training import sft
+
+    t = _warmup_like(tmp_path, [1.0] * 8)
+    evals = iter(accs)
+
+    def quick_accuracy(n):
+        assert n == 256
+        a = next(evals)
+        return {"eval/greedy_accuracy": a, "eval/sampled_accuracy": a / 2}
+
+    t.quick_accuracy = quick_accuracy
+    last = sft.run_sft(t, steps=8, batch_size=2, eval_every=2, target_accuracy=0.3, eval_problems=256,
+                       target_metric=metric)
+    steps, reached = want
+    assert (last["sft/steps"], last["sft/target_reached"]) == (2 * steps, reached)
+    with pytest.raises(ValueError, match="target_metric"):
+        sft.run_sft(t, steps=1, batch_size=2, target_metric="best")
+
+
+def test_validation_problems_are_disjoint_from_train_and_test():
+    """The warm-up stops on problems that RL is never evaluated on, and never trained on."""
+    from megatron_amir.config import load_config
+    from megatron_amir.training.data_setup import build_data
+    from megatron_amir.training.sft import WarmupRunner
+
+    cfg = load_config(CONFIG, [])
+    _, sampler, test = build_data(cfg)
+    r = types.SimpleNamespace(cfg=cfg, train_problems=sampler.records, test_problems=test, val_problems=None)
+    val = WarmupRunner.validation_problems(r, 256)
+    ids = [p.id for p in val]
+    assert len(ids) == len(set(ids)) == 256
+    assert not set(ids) & ({p.id for p in sampler.records} | {p.id for p in test})
+    assert [p.id for p in WarmupRunner.validation_problems(r, 100)] == ids[:100]

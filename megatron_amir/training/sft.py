@@ -56,13 +56,24 @@ def tokenize_examples(tokenizer, prompts: Sequence[str], solutions: Sequence[str
     return batch.tokens, batch.response_mask
 
 
+TARGET_METRICS = ("greedy", "sampled")
+
+
 def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, target_accuracy: Optional[float] = None,
-            eval_problems: int = 100, start: int = 0) -> dict[str, float]:
+            eval_problems: int = 100, start: int = 0, target_metric: str = "sampled") -> dict[str, float]:
     """Train ``steps`` supervised steps, numbered ``start + 1 ...`` (``start``: the step of the warm-up checkpoint
-    this one continues, else 0), stopping early once sampled accuracy reaches ``target_accuracy``.
+    this one continues, else 0), stopping early once ``target_metric`` accuracy ("greedy" or "sampled") on
+    ``eval_problems`` validation problems reaches ``target_accuracy``.
+
+    The result says why it stopped: ``sft/target_reached`` is 1.0 when the target was met at step ``sft/steps``,
+    0.0 when the step budget ran out first (or no target was set).
 
     Warm-up rows already in the metrics file past ``start`` (an earlier, interrupted or repeated attempt) are
     dropped first, so no step is logged twice; rows of an RL run sharing the file are kept."""
+    if target_metric not in TARGET_METRICS:
+        raise ValueError(f"target_metric must be one of {TARGET_METRICS}, got {target_metric!r}")
+    key = f"eval/{target_metric}_accuracy"
+    reached = False
     t = trainer_like
     rng = random.Random(t.cfg.train.seed)
     for _ in range(start * batch_size):  # a continued warm-up draws the batches an uninterrupted one would next
@@ -97,15 +108,20 @@ def run_sft(trainer_like, steps: int, batch_size: int, eval_every: int = 0, targ
                      ", ".join(f"{k}={v:.3f}" for k, v in acc.items()))
             t.metrics.log(step, last)
             # rank 0 evaluates; every rank must stop together (the next step is collective)
-            reached = target_accuracy is not None and acc.get("eval/sampled_accuracy", -1.0) >= target_accuracy
+            reached = target_accuracy is not None and acc.get(key, -1.0) >= target_accuracy
             if broadcast_from_rank0(reached):
-                log.info("reached sampled accuracy %s >= %.3f: stopping the warm-up",
-                         acc.get("eval/sampled_accuracy", "(rank 0)"), target_accuracy)
+                reached = True
+                log.info("reached %s accuracy %s >= %.3f at step %d: stopping the warm-up", target_metric,
+                         acc.get(key, "(rank 0)"), target_accuracy, step)
                 break
         else:
             t.metrics.log(step, last)
     pbar.close()
+    if target_accuracy is not None and not reached:
+        log.info("step budget exhausted at step %d before %s accuracy reached %.3f", step, target_metric,
+                 target_accuracy)
     last["sft/steps"] = step
+    last["sft/target_reached"] = 1.0 if reached else 0.0
     return last
 
 
@@ -124,6 +140,7 @@ class WarmupRunner:
         self.tokenizer, sampler, self.test_problems = build_data(cfg)
         bind_vocab(cfg, self.tokenizer)
         self.train_problems = sampler.records
+        self.val_problems: Optional[list] = None  # drawn on first use (validation_problems)
         self.policy = Policy(cfg, loss_fn=sft_loss)
         from megatron_amir.rewards import get_reward_fn
 
@@ -160,14 +177,35 @@ class WarmupRunner:
             self._engine.load_weights(weights, self._engine.version + 1)
         return self._engine
 
+    def validation_problems(self, n: int) -> list:
+        """``n`` problems the warm-up stops on. For the synthetic task they are drawn from a stream of their own
+        and are disjoint from the training and the held-out test problems, so the stopping rule does not select
+        on the problems RL is evaluated on. Other sources have no third split: their first ``n`` test problems."""
+        if self.val_problems is not None and len(self.val_problems) >= n:
+            return self.val_problems[:n]
+        d = self.cfg.data
+        if d.source != "synthetic":
+            self.val_problems = list(self.test_problems)
+            return self.val_problems[:n]
+        from megatron_amir.data.synthetic import make_splits
+
+        taken = {p.id for p in self.train_problems} | {p.id for p in self.test_problems}
+        want, drawn = n, []
+        while len(drawn) < n:  # a few of a draw may collide with train/test problems: draw more until n are left
+            want += n
+            _, cand = make_splits(d.synthetic, num_train=0, num_test=want, seed=d.synthetic.seed + 7919)
+            drawn = [p for p in cand if p.id not in taken]
+        self.val_problems = drawn[:n]
+        return self.val_problems
+
     def quick_accuracy(self, n: int) -> dict[str, float]:
-        """Greedy and sampled (T = rollout temperature) accuracy on the first ``n`` held-out problems."""
+        """Greedy and sampled (T = rollout temperature) accuracy on ``n`` validation problems."""
         from megatron_amir.rollout.engine import SamplingParams
 
         engine = self.engine()
         if engine is None:
             return {}
-        probs = self.test_problems[:n]
+        probs = self.validation_problems(n)
         prompts = [self.tokenizer.encode(p.prompt) for p in probs]
         out = {}
         for name, temp in (("greedy", 0.0), ("sampled", self.cfg.rollout.temperature)):
@@ -206,7 +244,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--target-accuracy", type=float, default=None,
-                   help="stop once sampled accuracy on held-out problems reaches this")
+                   help="stop once accuracy (--target-metric) on --eval-problems validation problems reaches this")
+    p.add_argument("--target-metric", choices=TARGET_METRICS, default="sampled",
+                   help="the accuracy --target-accuracy applies to: greedy or sampled at the rollout temperature")
     p.add_argument("--init-from", default=None,
                    help="start from this checkpoint (a trainer/warm-up step dir or a converted HF model dir); from "
                         "a warm-up checkpoint at step k the step count continues: k+1 ... k+STEPS")
@@ -219,8 +259,10 @@ def main(argv: list[str]) -> int:
     runner = WarmupRunner(cfg)
     runner.start_from(a.init_from)
     last = run_sft(runner, a.steps, a.batch_size, a.eval_every, a.target_accuracy, a.eval_problems,
-                   start=runner.start_step)
-    path = runner.save(int(last["sft/steps"]), {"final": last})
+                   start=runner.start_step, target_metric=a.target_metric)
+    stop = {"target_accuracy": a.target_accuracy, "target_metric": a.target_metric,
+            "eval_problems": a.eval_problems, "step_budget": runner.start_step + a.steps}
+    path = runner.save(int(last["sft/steps"]), {"final": last, "stop": stop})
     if runner.rank == 0:
         log.info("warm-up checkpoint: %s (%s)", path, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
     return 0
