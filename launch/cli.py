@@ -12,7 +12,7 @@ from megatron_amir.config import ConfigError, dump_config, load_config, referenc
 DELEGATED = {
     "train": ("megatron_amir.training.trainer", "run the AMIR-GRPO / GRPO trainer (resumes automatically)"),
     "sft": ("megatron_amir.training.sft", "supervised warm-up on the task's reference solutions"),
-    "convert": ("checkpoints_tools.cli", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
+    "convert": ("checkpoints_tools.cli", "convert checkpoints: hf-to-mcore | mcore-to-hf | mcore-to-peft"),
     "serve": ("megatron_amir.rollout.server", "embedded rollout server speaking vLLM's /v1/completions subset"),
     "eval": ("megatron_amir.eval.runner", "evaluate a model on a benchmark: pass@k, maj@k, lengths"),
     "compare": ("megatron_amir.eval.compare", "compare runs: coverage, log-prob margins, bootstrap CIs"),

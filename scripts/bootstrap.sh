@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing the CPU development set into $venv (first run: a few minutes)"
   pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   "${pip[@]}" install -U "pip>=24"
-  # megatron-core 0.19.2 declares Requires-Python>=3.12 but ships a working cp311 wheel (docs/platform.md);
+  # megatron-core 0.19.2 declares Requires-Python>=3.12 but ships a working cp311 wheel (docs/megatron_on_cpu.md);
   # numpy<2.4 keeps pip on wheels. Never install the transformer-engine meta package on CPU.
   "${pip[@]}" install --ignore-requires-python --prefer-binary -c scripts/constraints-cpu.txt \
     torch numpy megatron-core

@@ -281,9 +281,9 @@ def test_sigkill_mid_batch_every_group_exactly_once(fleet):
             assert (ref - torch.tensor(s.logprobs, dtype=torch.float64)).abs().max() < LOGPROB_MAX_TOL
 
 
-# ------------------------------------------------------------------------------ review findings (real vLLM)
-def test_finding6_logprobs_need_token_id_tokens_with_skip_tokenizer_init(fleet):
-    """Finding 6, confirmed: with --skip-tokenizer-init, vLLM refuses ``logprobs: 0`` unless the tokens of the
+# ------------------------------------------------ what the fleet relies on in stock vLLM (real vLLM)
+def test_logprobs_need_token_id_tokens_with_skip_tokenizer_init(fleet):
+    """With --skip-tokenizer-init, vLLM refuses ``logprobs: 0`` unless the tokens of the
     log-prob record are token ids; the client's body (completion_body) sends return_tokens_as_token_ids."""
     from megatron_amir.rollout.client import completion_body
 
@@ -297,10 +297,10 @@ def test_finding6_logprobs_need_token_id_tokens_with_skip_tokenizer_init(fleet):
     assert bad.status_code == 400 and "skip_tokenizer_init" in bad.text
 
 
-def test_finding7_pause_wait_keeps_in_flight_requests_and_routes_exist(fleet):
-    """Finding 7: the routes the client uses exist in the installed vLLM, ``/pause?mode=wait`` lets an
+def test_pause_wait_keeps_in_flight_requests_and_routes_exist(fleet):
+    """The routes the client uses exist in the installed vLLM, ``/pause?mode=wait`` lets an
     in-flight request finish (it is not aborted), and the installed version lies inside the gpu extra's
-    vLLM range in pyproject.toml, whose floor excludes the versions the review found without these routes."""
+    vLLM range in pyproject.toml, whose floor excludes the versions without these routes."""
     from packaging.specifiers import SpecifierSet
 
     url = fleet["members"][0].url
@@ -335,8 +335,8 @@ def test_finding7_pause_wait_keeps_in_flight_requests_and_routes_exist(fleet):
     assert version.split("+")[0] in spec and "0.26.0" not in spec and "0.11.0" not in spec
 
 
-def test_finding5_vocab_rows_that_differ_from_the_served_config_are_refused_by_name(fleet):
-    """Finding 5, confirmed: a server started from a config whose vocab_size differs from the trainer's rows
+def test_vocab_rows_that_differ_from_the_served_config_are_refused_by_name(fleet):
+    """A server started from a config whose vocab_size differs from the trainer's rows
     cannot take the update. The worker extension refuses it before vLLM's own assertion, naming both sizes,
     and the server keeps serving its old weights."""
     model, cfg = tiny_hf_model("llama", seed=8, **MODEL_KW)
@@ -355,8 +355,8 @@ def test_finding5_vocab_rows_that_differ_from_the_served_config_are_refused_by_n
     assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy(fleet["model"], prompt, 8)
 
 
-def test_finding1_native_update_route_fails_on_stock_vllm(fleet):
-    """Finding 1, confirmed: the client's other update route (/start_weight_update + /update_weights, vLLM's
+def test_native_update_route_fails_on_stock_vllm(fleet):
+    """The client's other update route (/start_weight_update + /update_weights, vLLM's
     native weight transfer) fails on stock vLLM started without --weight-transfer-config, which is why
     FleetEngine.from_config takes the collective_rpc route; the member is resumed and keeps serving."""
     url = fleet["members"][0].url
@@ -370,8 +370,8 @@ def test_finding1_native_update_route_fails_on_stock_vllm(fleet):
                    json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
     assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy(fleet["model"], prompt, 8)
 
-def test_finding8_generation_config_defaults_leak_into_processed_logprobs(fleet):
-    """Finding 8, confirmed: served from a directory with a generation_config.json, vLLM (default
+def test_generation_config_defaults_leak_into_processed_logprobs(fleet):
+    """Served from a directory with a generation_config.json, vLLM (default
     --generation-config auto) applies its repetition_penalty to requests that leave it unset, and the processed
     log-probs no longer match the trainer's; with --generation-config vllm they match again, and that server
     answers its first requests (the crash seen before was the head size, see MODEL_KW). The directory our

@@ -8,4 +8,6 @@
 - ``megatron_side``: one-process Megatron context, empty model, converted-directory layout and metadata.
 - ``hf_to_mcore`` / ``mcore_to_hf``: the conversions (the trainer's ``model.hf_path``, eval's vLLM export, and
   ``megatron-amir convert`` in checkpoints_tools).
+- ``peft_export``: export of LoRA checkpoints: merged or base weights for ``mcore_to_hf``, adapters in the PEFT
+  format.
 """

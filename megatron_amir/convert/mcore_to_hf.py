@@ -24,9 +24,7 @@ from megatron_amir.convert.mapping import mcore_to_hf_named_tensors, model_mappi
 from megatron_amir.convert.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
-    build_empty_model,
     dtype_of,
-    load_model,
     read_meta,
     single_process_megatron,
 )

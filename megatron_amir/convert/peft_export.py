@@ -22,7 +22,8 @@ from megatron_amir.config import LoRAConfig, ModelConfig
 
 from megatron_amir.convert import hf_io
 from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
-from megatron_amir.convert.megatron_side import MODEL_SUBDIR, build_empty_model, load_model, read_meta, single_process_megatron
+from megatron_amir.convert.megatron_side import (MODEL_SUBDIR, build_empty_model, check_shard_files, load_model,
+                                                 read_meta, root_cause, single_process_megatron)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,34 @@ def peft_adapter_config(lora: LoRAConfig, tensor_names, base_model_name_or_path:
     }
 
 
+def _lora_config(lora: dict) -> LoRAConfig:
+    """The LoRAConfig of the settings a checkpoint records (which also hold the base's identity)."""
+    return LoRAConfig(**{k: v for k, v in lora.items() if k in LoRAConfig.model_fields})
+
+
+def _saved_lora(ckpt_dir: Path) -> Optional[dict]:
+    """The LoRA settings of checkpoint ``ckpt_dir`` (None without adapters). A missing or torn ``model/`` fails
+    here, naming the file and keeping the root cause, before anything reads its data."""
+    from megatron_amir.training.model_checkpoint import saved_lora
+
+    model_dir = Path(ckpt_dir) / MODEL_SUBDIR
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir} not found")
+    check_shard_files(model_dir)
+    try:
+        return saved_lora(model_dir)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"{model_dir}: cannot load the Megatron checkpoint: {root_cause(exc)}") from exc
+
+
 def load_lora_model(ckpt_dir: Path, model_cfg: ModelConfig, lora: dict):
     """The checkpoint's TP=PP=1 model with its adapters (call inside ``single_process_megatron``)."""
     from megatron_amir.model.lora import apply_lora
 
     model = build_empty_model(model_cfg)
-    apply_lora(model, LoRAConfig(**{k: v for k, v in lora.items() if k in LoRAConfig.model_fields}))
+    apply_lora(model, _lora_config(lora))
     load_model(model, Path(ckpt_dir) / MODEL_SUBDIR)
     return model
 
@@ -71,11 +94,10 @@ def load_export_state_dict(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "
     ``single_process_megatron``). A checkpoint with LoRA adapters gives ``lora="merge"``: W + s·B A, or
     ``lora="base"``: the frozen base; either way without adapter tensors."""
     from megatron_amir.model.lora import ADAPTER_SUFFIXES, lora_scaling, merge_lora_state_dict
-    from megatron_amir.training.model_checkpoint import saved_lora
 
     if lora not in ("merge", "base"):
         raise ValueError(f"lora={lora!r}: choose merge or base")
-    adapters = saved_lora(Path(ckpt_dir) / MODEL_SUBDIR)
+    adapters = _saved_lora(ckpt_dir)
     if adapters is None:
         model = build_empty_model(model_cfg)
         load_model(model, Path(ckpt_dir) / MODEL_SUBDIR)
@@ -91,16 +113,14 @@ def mcore_to_peft(ckpt_dir: str | Path, out_dir: str | Path, *, base_model_name_
     ``out_dir`` in the PEFT format; returns the safetensors file."""
     from safetensors.torch import save_file
 
-    from megatron_amir.training.model_checkpoint import saved_lora
-
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     hf_io.check_empty_target(out_dir)
     meta = read_meta(ckpt_dir)
     model_cfg = ModelConfig(**meta["model"])
-    lora = saved_lora(ckpt_dir / MODEL_SUBDIR)
+    lora = _saved_lora(ckpt_dir)
     if lora is None:
         raise ValueError(f"{ckpt_dir / MODEL_SUBDIR} holds no LoRA adapters (saved without lora.enabled)")
-    lcfg = LoRAConfig(**{k: v for k, v in lora.items() if k in LoRAConfig.model_fields})
+    lcfg = _lora_config(lora)
     with single_process_megatron():
         model = load_lora_model(ckpt_dir, model_cfg, lora)
         tensors = peft_adapter_tensors(model.state_dict(), model_cfg)

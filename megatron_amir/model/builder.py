@@ -28,7 +28,7 @@ class FP8UnavailableError(RuntimeError):
 
 
 def te_available() -> bool:
-    """Transformer Engine importable (never true on our CPU machines; see platform-facts)."""
+    """Transformer Engine importable (never true on our CPU machines; see docs/megatron_on_cpu.md)."""
     if importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
@@ -157,7 +157,7 @@ def transformer_config(
         pipeline_dtype=pipeline_dtype or dtype,
         # CPU init draws the full master weight and splits it, so TP layouts share one init
         use_cpu_initialization=not on_gpu,
-        # fusions that need CUDA kernels stay off on CPU (platform-facts)
+        # fusions that need CUDA kernels stay off on CPU (docs/megatron_on_cpu.md)
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,

@@ -278,7 +278,7 @@ class FleetClient:
                     await self._post(url, "/start_weight_update", {"is_checkpoint_format": True})
                     await self._post(url, "/update_weights", {"update_info": info})
                     await self._post(url, "/finish_weight_update", {})
-                else:  # stock vllm serve with vllm_engine.WeightSyncWorkerExtension
+                else:  # stock vllm serve with vllm_worker.WeightSyncWorkerExtension
                     await self._post(url, "/collective_rpc", {"method": "load_snapshot",
                                                               "args": [info["path"], info["version"]]})
                     await self._post(url, "/reset_prefix_cache", {})

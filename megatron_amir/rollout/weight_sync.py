@@ -325,7 +325,7 @@ class TensorBroadcaster:
     trainer's own torch.distributed world (its own TCPStore rendezvous, no init_process_group).
 
     ``gloo`` runs on CPU (tests, CPU fleets); on GPUs the vLLM workers use vLLM's PyNccl communicator
-    with the same metadata and order (``vllm_engine.WeightSyncWorkerExtension``). The message format is
+    with the same metadata and order (``vllm_worker.WeightSyncWorkerExtension``). The message format is
     vLLM's NCCL update_info: parallel lists ``names``, ``dtype_names``, ``shapes``; tensors follow in
     that order, each broadcast from rank 0.
     """

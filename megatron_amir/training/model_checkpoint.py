@@ -3,7 +3,7 @@
 Layout of ``<dir>``: the torch_dist files written by ``dist_checkpointing.save`` holding
 ``model`` (sharded tensors, global names such as ``decoder.layers.self_attention.linear_qkv.weight``
 with a leading layer axis), ``optimizer`` (optional; exact with the plain optimizer -- the
-DistributedOptimizer's state does not round-trip on CPU, see platform-facts), and the common
+DistributedOptimizer's state does not round-trip on CPU, see docs/megatron_on_cpu.md), and the common
 (replicated) items ``scheduler``, ``num_steps``, ``format`` and, for a LoRA policy, ``lora`` (its settings and base
 model; the adapters are model tensors ``...lora_A`` / ``...lora_B`` beside the base). A checkpoint saved at any TP/PP
 loads at any other TP/PP: dist_checkpointing reassembles every shard from the global offsets.
@@ -63,7 +63,7 @@ def save_checkpoint(policy, path: Path, *, save_optimizer: bool = True) -> None:
     path = Path(path)
     if save_optimizer and policy.cfg.parallel.use_distributed_optimizer and not torch.cuda.is_available():
         raise NotImplementedError(
-            "saving DistributedOptimizer state is broken on CPU in megatron-core 0.19.2 (platform-facts); "
+            "saving DistributedOptimizer state is broken on CPU in megatron-core 0.19.2; "
             "use parallel.use_distributed_optimizer=false or save_optimizer=False"
         )
     # rank 0 decides (target free? temp dir) and tells everyone, so all ranks raise or proceed together

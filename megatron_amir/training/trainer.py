@@ -299,7 +299,8 @@ class Trainer:
         elif self.rank == 0:
             self.engine.load_weights(weights, self.weight_version)
         t_sync = time.perf_counter() - t0 - t_rollout - t_logp - t_train
-        # rollout-vs-trainer log-prob mismatch (same weights, same temperature: should be ~0)
+        # rollout-vs-trainer log-prob mismatch (synchronous: same weights and temperature, so ~0; asynchronous: also
+        # the staleness of the behaviour policy)
         m = batch.response_mask
         diff = (old_logp - batch.rollout_logp).abs() * m
         ntok = m.sum().clamp(min=1)

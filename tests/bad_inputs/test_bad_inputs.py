@@ -328,6 +328,8 @@ def test_convert_mcore_to_hf_wrong_inputs(hf_dir, mcore_dir, tmp_path):
     shutil.rmtree(nomodel / "model")
     rc, err = _convert(["mcore-to-hf", "--ckpt", str(nomodel), "--out", str(out)])
     assert rc == 2 and f"{nomodel / 'model'} not found" in err
+    rc, err = _convert(["mcore-to-peft", "--ckpt", str(nomodel), "--out", str(out)])
+    assert rc == 2 and f"{nomodel / 'model'} not found" in err
     # torn dist-checkpoint shards: the first one named, with its size and the size the metadata expects
     torn = tmp_path / "torn"
     shutil.copytree(mcore_dir, torn)
@@ -339,6 +341,8 @@ def test_convert_mcore_to_hf_wrong_inputs(hf_dir, mcore_dir, tmp_path):
     assert rc == 2 and f"{shards[0]} is truncated: 100 bytes, but {torn / 'model' / '.metadata'} places data up to " \
         "byte " in err, err[-2000:]
     assert time.time() - t0 < 30
+    rc, err = _convert(["mcore-to-peft", "--ckpt", str(torn), "--out", str(out)])
+    assert rc == 2 and f"{shards[0]} is truncated: 100 bytes" in err, err[-2000:]
     assert not out.exists() and debris(tmp_path) == []
 
 
