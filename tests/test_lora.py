@@ -220,3 +220,6 @@ def test_checkpoint_round_trip_and_base_only_checkpoint(policy, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(adapter_parameters(fresh.modules()), b0))
     assert float((fresh.compute_logprobs(tokens) - Policy(make_cfg(seed=43)).compute_logprobs(tokens)).abs().max()) > 0
     assert float((fresh.compute_logprobs(tokens) - plain.compute_logprobs(tokens)).abs().max()) == 0.0
+    # the other way round, the trained adapters would be dropped without a word: refused, naming the way out
+    with pytest.raises(ValueError, match="holds LoRA adapters .* but this policy has none"):
+        Policy(make_cfg(lora=False, seed=44)).load(tmp_path / "lora")

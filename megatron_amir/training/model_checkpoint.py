@@ -114,6 +114,11 @@ def load_checkpoint(policy, path: Path, *, load_optimizer: bool = True) -> None:
     # a checkpoint without LoRA adapters (a warm-up or full fine-tuning checkpoint) into a LoRA policy: load the base,
     # keep the fresh adapters; that checkpoint's optimizer state belongs to other parameters
     fresh_adapters = _adapter_keys(model_sd)
+    if not fresh_adapters and common.get("lora"):
+        # loading only the base would silently drop what the run trained
+        raise ValueError(f"{path}: holds LoRA adapters (rank {common['lora'].get('rank')}) but this policy has none: "
+                         "set lora.enabled=true with the checkpoint's settings, or start from merged weights "
+                         "(megatron-amir convert mcore-to-hf --lora merge)")
     if fresh_adapters and _saved_adapters(path):
         _check_same_lora(_lora_record(policy), common.get("lora"), path)
         fresh_adapters = []
