@@ -273,7 +273,7 @@ def test_hetjob_with_real_embedded_server(slurm_cluster, tmp_path):
     assert [r["sample_versions"] for r in rows] == [[1], [2]]  # each step sampled from the weights it pushed
     assert sorted(p.name for p in (d / "weights").iterdir() if p.is_dir())[-1].endswith("2")
     batch = (d / "batch.log").read_text()
-    assert "seed snapshot for the embedded servers" in batch and "1 rollout server(s) registered" in batch
+    assert "seed model for the rollout servers" in batch and "1 rollout server(s) registered" in batch
     assert "MEGATRON_AMIR_TOKEN" not in (d / "job.env").read_text()
     assert (d / "servers.txt").read_text().strip() == ""
 
