@@ -47,13 +47,13 @@ def _phase_cmd(sub: str, overrides: list[str], extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "launch.cli", sub, str(CONFIG), *overrides, *extra]
 
 
-def _run(cmd: list[str], log_path: Path) -> None:
+def _run(cmd: list[str], log_path: Path, env: Optional[dict] = None) -> None:
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd[2:]).replace("launch.cli", "megatron-amir", 1),
           flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None
         for line in proc.stdout:
             logf.write(line)

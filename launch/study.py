@@ -21,19 +21,31 @@ from pathlib import Path
 from launch.demo import ROOT, _latest_step_dir, _phase_cmd, _run
 from megatron_amir.fileio import atomic_write_text
 
+# label -> (run-directory slug, config overrides)
 ALGORITHMS = {
-    "GRPO": ["algorithm.amir.enabled=false"],
+    "GRPO": ("grpo", ["algorithm.amir.enabled=false"]),
     # Dr.GRPO (Liu et al. 2025): no std normalization, sum over tokens divided by a constant
-    "Dr.GRPO": ["algorithm.amir.enabled=false", "algorithm.advantage=drgrpo",
-                "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.loss_agg_max_len=64"],
-    "AMIR-GRPO": ["algorithm.amir.enabled=true"],
+    "Dr.GRPO": ("drgrpo", ["algorithm.amir.enabled=false", "algorithm.advantage=drgrpo",
+                           "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.loss_agg_max_len=64"]),
+    "AMIR-GRPO": ("amir-grpo", ["algorithm.amir.enabled=true"]),
 }
 # synchronous vs asynchronous rollouts (rollout.async_off_policy, k = 1; async needs the TIS cap, which is ~1 on
 # policy here): the synchronous arm is the main study's AMIR-GRPO run, reused when it is already finished
 ASYNC_ARMS = {
     "AMIR-GRPO": ALGORITHMS["AMIR-GRPO"],
-    "AMIR-GRPO async k=1": [*ALGORITHMS["AMIR-GRPO"], "rollout.async_off_policy=true", "rollout.max_staleness=1",
-                            "algorithm.tis_cap=2.0"],
+    "AMIR-GRPO async k=1": ("amir-grpo-async-k1",
+                            [*ALGORITHMS["AMIR-GRPO"][1], "rollout.async_off_policy=true", "rollout.max_staleness=1",
+                             "algorithm.tis_cap=2.0"]),
+}
+# lambda dose-response: GRPO is lambda = 0 (the pair statistics are still measured), AMIR-GRPO the demo's fixed 0.05
+# (both reused from the main study), the paper's adaptive schedule from its reference code's 0.01 in [0.005, 0.05]
+DOSE_ARMS = {
+    "GRPO": ALGORITHMS["GRPO"],
+    "AMIR-GRPO": ALGORITHMS["AMIR-GRPO"],
+    "AMIR λ=0.2": ("amir-lambda0.2", ["algorithm.amir.enabled=true", "algorithm.amir.lambda_init=0.2"]),
+    "AMIR λ=1": ("amir-lambda1", ["algorithm.amir.enabled=true", "algorithm.amir.lambda_init=1.0"]),
+    "AMIR adaptive": ("amir-adaptive", ["algorithm.amir.enabled=true", "algorithm.amir.adaptive_lambda=true",
+                                        "algorithm.amir.lambda_init=0.01"]),
 }
 ASYNC_SECTION = "## Synchronous vs asynchronous rollouts"
 
@@ -99,6 +111,40 @@ def link_async_report(report: Path, async_report: Path) -> None:
                       f"(`python -m launch.study --compare-async`).\n")
 
 
+def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jobs: int = 1) -> dict[str, list[str]]:
+    """Train every (arm, seed) from ``warm`` with an evaluation at start and end, ``jobs`` at a time (each on one
+    thread then, so that parallel runs do not oversubscribe the cores and every run is as reproducible as alone);
+    finished runs (eval/DONE) are skipped, so an interrupted study resumes. Returns label -> run directories."""
+    dirs: dict[str, list[str]] = {}
+    todo = []
+    for label, (slug, extra) in arms.items():
+        for seed in seeds:
+            run = out / f"{slug}_s{seed}"
+            dirs.setdefault(label, []).append(str(run))
+            if not (run / "eval" / "DONE").exists():
+                todo.append((run, seed, extra))
+
+    def one(item):
+        run, seed, extra = item
+        _run(_phase_cmd("train", [*extra, f"train.seed={seed}", f"name={run.name}", f"logging.dir={run}",
+                                  f"checkpoint.dir={run / 'checkpoints'}", f"train.steps={steps}",
+                                  f"checkpoint.save_interval={steps}", "eval.max_problems=200",
+                                  "logging.progress=false"],
+                        ["--init-from", str(warm), "--eval-at-start", "--eval-at-end"]),
+             out / "logs" / f"{run.name}.log", env={"OMP_NUM_THREADS": "1"} if jobs > 1 else None)
+        (run / "eval" / "DONE").write_text("ok\n")
+
+    if jobs <= 1:
+        for item in todo:
+            one(item)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, todo))
+    return dirs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -110,6 +156,10 @@ def main(argv=None) -> int:
     p.add_argument("--compare-async", action="store_true",
                    help="run AMIR-GRPO with synchronous and asynchronous (k = 1) rollouts instead; report in "
                         "docs/results_async.md, linked from a section of --report")
+    p.add_argument("--dose-response", action="store_true",
+                   help="the lambda dose-response arms (GRPO = lambda 0, 0.05, 0.2, 1, adaptive) instead")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one thread each when > 1)")
+    p.add_argument("--run-only", action="store_true", help="train the runs, write no report")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     warm_root = Path(a.warmup).resolve()
@@ -128,21 +178,11 @@ def main(argv=None) -> int:
             print(f"launch.study: the demo left no warm-up checkpoint under {warm_root}", file=sys.stderr)
             return 1
     t0 = time.time()
-    arms = ASYNC_ARMS if a.compare_async else ALGORITHMS
-    dirs: dict[str, list[str]] = {}
-    for label, extra in arms.items():
-        for seed in a.seeds:
-            run = out / f"{label.lower().replace('.', '').replace(' ', '-').replace('=', '')}_s{seed}"
-            dirs.setdefault(label, []).append(str(run))
-            if (run / "eval" / "DONE").exists():
-                continue
-            _run(_phase_cmd("train", [*extra, f"train.seed={seed}", f"name={label}-s{seed}", f"logging.dir={run}",
-                                      f"checkpoint.dir={run / 'checkpoints'}", f"train.steps={a.steps}",
-                                      f"checkpoint.save_interval={a.steps}", "eval.max_problems=200",
-                                      "logging.progress=false"],
-                            ["--init-from", str(warm), "--eval-at-start", "--eval-at-end"]),
-                 out / "logs" / f"{run.name}.log")
-            (run / "eval" / "DONE").write_text("ok\n")
+    arms = ASYNC_ARMS if a.compare_async else DOSE_ARMS if a.dose_response else ALGORITHMS
+    dirs = run_arms(arms, a.seeds, a.steps, out, warm, a.jobs)
+    if a.run_only:
+        print(f"runs finished in {time.time() - t0:.0f} s under {out}", flush=True)
+        return 0
     reference = next(iter(arms))
     base = sorted((Path(dirs[reference][0]) / "eval").glob("initial_step*.jsonl"))[-1]
     docs = Path(a.report).parent
