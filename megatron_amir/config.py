@@ -317,10 +317,23 @@ class RolloutConfig(_Section):
     written to run directories or checkpoints."""
     request_timeout_s: float = Field(300.0, gt=0)
     """Seconds one HTTP request to the fleet may take (also the router's request timeout)."""
-    weight_sync: Literal["file", "nccl"] = "file"
-    """Transport of new weights to the rollout engines: file (sha256-verified snapshots in weight_sync_dir, loaded by
-    the remote fleet and the vllm engine). nccl (collective broadcast) is reserved and refused at load until the
-    trainer wires it."""
+    weight_sync: Literal["file", "broadcast"] = "file"
+    """Transport of new weights to the rollout engines (docs/weight_sync.md). Either way the trainer streams them
+    bucket by bucket (weight_sync_bucket_mb) out of its sharded model, never gathering a whole copy. file: each bucket
+    becomes one shard of a sha256-verified snapshot in weight_sync_dir, which every server then loads (remote fleet and
+    vllm engine). broadcast (engine=remote only): each bucket is broadcast from the trainer's rank 0 into one group per
+    server (gloo on CPU, NCCL on GPU) and loaded there before the next one arrives; a server that fails or dies
+    mid-update leaves the rotation until an update reaches it whole. The embedded engine loads the buckets in
+    process either way."""
+    weight_sync_bucket_mb: int = Field(256, ge=1)
+    """Bucket size of the weight stream in MiB: the most a rank holds beyond its model while weights are sent is about
+    one bucket plus the largest single tensor."""
+    weight_sync_address: str = "127.0.0.1"
+    """weight_sync=broadcast: the address of the trainer's rank 0 that the servers connect to (one rendezvous port
+    per server, picked free); loopback for a fleet on the same machine."""
+    weight_sync_timeout_s: float = Field(120.0, gt=0)
+    """weight_sync=broadcast: seconds a rendezvous or one bucket's broadcast may take before that server is counted
+    as failed (it leaves the rotation; the trainer and the other servers go on)."""
     weight_sync_dir: Optional[str] = None
     """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
     ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""
@@ -348,11 +361,11 @@ class RolloutConfig(_Section):
 
     @model_validator(mode="after")
     def _weight_sync_wired(self) -> "RolloutConfig":
-        # the trainer syncs through weight_sync snapshots only; a value it would silently ignore is refused
-        if self.weight_sync != "file":
+        # the colocated vllm engine loads snapshots through its own collective_rpc; only the fleet client broadcasts
+        if self.weight_sync == "broadcast" and self.engine != "remote":
             raise _cross("rollout.weight_sync",
-                         f"weight_sync={self.weight_sync!r} is not wired into the trainer (it syncs through "
-                         "weight_sync snapshots loaded with collective_rpc); use weight_sync: file")
+                         f"weight_sync=broadcast needs engine=remote (engine={self.engine!r} loads the weights "
+                         "from the stream in process (embedded) or through a snapshot (vllm)); use weight_sync: file")
         return self
 
 

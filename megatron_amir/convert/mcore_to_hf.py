@@ -20,7 +20,7 @@ from typing import Optional
 from megatron_amir.config import ModelConfig
 from megatron_amir.convert import hf_io
 from megatron_amir.convert.hf_config import hf_config_from_model_config
-from megatron_amir.convert.mapping import mcore_to_hf_named_tensors, model_mapping
+from megatron_amir.convert.mapping import model_mapping
 from megatron_amir.convert.megatron_side import (
     HF_SUBDIR,
     MODEL_SUBDIR,
@@ -28,9 +28,20 @@ from megatron_amir.convert.megatron_side import (
     read_meta,
     single_process_megatron,
 )
-from megatron_amir.convert.peft_export import load_export_state_dict
+from megatron_amir.convert.peft_export import load_export_model
+from megatron_amir.training.weight_stream import stream_hf_buckets
 
 log = logging.getLogger(__name__)
+EXPORT_BUCKET_BYTES = 256 * 1024**2
+
+
+def _write_bucket(writer, bucket, expected: dict, dtype) -> None:
+    for name, tensor in bucket.tensors:
+        if tuple(tensor.shape) != expected.get(name):
+            raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
+                             f"config implies {expected.get(name)}")
+        # Megatron's local-spec norms stay fp32 in a bf16 model; HF files hold one dtype (exact cast back)
+        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
 def parse_size(text: str | int) -> int:
@@ -82,20 +93,18 @@ def mcore_to_hf(
     tmp = hf_io.temp_dir_beside(out_dir)
     try:
         with single_process_megatron():
-            state = load_export_state_dict(ckpt_dir, model_cfg, lora)  # load errors name the file, keep the root cause
+            # load errors name the file and keep the root cause
+            model, scaling = load_export_model(ckpt_dir, model_cfg, lora)
             dtype = dtype_of(model_cfg)
             writer = hf_io.ShardedWriter(tmp, parse_size(max_shard_size))
-            for name, tensor in mcore_to_hf_named_tensors(state, model_cfg, vocab_size=vocab):
-                if tuple(tensor.shape) != expected.get(name):
-                    raise ValueError(f"shape mismatch for exported tensor '{name}': {tuple(tensor.shape)}, "
-                                     f"config implies {expected.get(name)}")
-                # Megatron's local-spec norms stay fp32 in a bf16 model; HF files hold one dtype (exact cast back)
-                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            for bucket in stream_hf_buckets([model], model_cfg, bucket_bytes=EXPORT_BUCKET_BYTES, vocab_size=vocab,
+                                            lora_scaling=scaling):
+                _write_bucket(writer, bucket, expected, dtype)
             missing = set(expected) - set(writer.names())
             if missing:
                 raise ValueError(f"export lacks tensors {sorted(missing)[:6]}")
             files = writer.close()
-            del state
+            del model
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         side_src = ckpt_dir / HF_SUBDIR
         if side_src.is_dir():

@@ -89,11 +89,11 @@ def load_lora_model(ckpt_dir: Path, model_cfg: ModelConfig, lora: dict):
     return model
 
 
-def load_export_state_dict(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "merge") -> dict[str, torch.Tensor]:
-    """The TP=PP=1 Megatron state dict of checkpoint ``ckpt_dir`` for export (call inside
-    ``single_process_megatron``). A checkpoint with LoRA adapters gives ``lora="merge"``: W + s·B A, or
-    ``lora="base"``: the frozen base; either way without adapter tensors."""
-    from megatron_amir.model.lora import ADAPTER_SUFFIXES, lora_scaling, merge_lora_state_dict
+def load_export_model(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "merge"):
+    """The checkpoint's TP=PP=1 model for export and the LoRA scaling to merge with (call inside
+    ``single_process_megatron``): ``lora="merge"`` gives W + s·B A on export, ``lora="base"`` (scaling None) the
+    frozen base; the exporter (``training.weight_stream``) leaves the adapter tensors out either way."""
+    from megatron_amir.model.lora import lora_scaling
 
     if lora not in ("merge", "base"):
         raise ValueError(f"lora={lora!r}: choose merge or base")
@@ -101,10 +101,20 @@ def load_export_state_dict(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "
     if adapters is None:
         model = build_empty_model(model_cfg)
         load_model(model, Path(ckpt_dir) / MODEL_SUBDIR)
-        return model.state_dict()
-    state = load_lora_model(ckpt_dir, model_cfg, adapters).state_dict()
-    if lora == "merge":
-        return merge_lora_state_dict(state, lora_scaling(adapters["rank"], adapters["alpha"]))
+        return model, None
+    model = load_lora_model(ckpt_dir, model_cfg, adapters)
+    return model, (lora_scaling(adapters["rank"], adapters["alpha"]) if lora == "merge" else None)
+
+
+def load_export_state_dict(ckpt_dir: Path, model_cfg: ModelConfig, lora: str = "merge") -> dict[str, torch.Tensor]:
+    """The TP=PP=1 Megatron state dict of checkpoint ``ckpt_dir`` for export (call inside
+    ``single_process_megatron``), adapters merged (``lora="merge"``) or left out (``"base"``)."""
+    from megatron_amir.model.lora import ADAPTER_SUFFIXES, merge_lora_state_dict
+
+    model, scaling = load_export_model(ckpt_dir, model_cfg, lora)
+    state = model.state_dict()
+    if scaling is not None:
+        return merge_lora_state_dict(state, scaling)
     return {k: v for k, v in state.items() if not k.endswith(ADAPTER_SUFFIXES)}
 
 

@@ -348,6 +348,71 @@ class FleetClient:
         self.weight_version = int(version)
         return {u: "ok" for u in servers}
 
+    async def prepare_broadcast(self, members: Sequence[str], groups: dict, address: str, backend: str,
+                                timeout_s: float, report: dict[str, str]) -> list[str]:
+        """Pause every member and have each one without a group join its own (trainer = rank 0, worker w = rank
+        1 + w, world = 1 + its /get_world_size); returns the members ready to receive, records why in ``report``
+        for the others. ``groups`` (member -> TensorBroadcaster) gains the new ones."""
+        from megatron_amir.rollout.router import free_port
+        from megatron_amir.rollout.weight_sync import TensorBroadcaster
+
+        async def one(url: str) -> str:
+            try:
+                await self._post(url, "/pause", params={"mode": "wait"})
+            except (httpx.HTTPError, FleetError) as exc:
+                return f"unreachable: {type(exc).__name__}: {exc}"
+            if url in groups:
+                return "ok"
+            workers = await self._world_size(url)
+            port = free_port(address)
+            join = self._post(url, "/collective_rpc", {"method": "join_weight_group", "args": [
+                address, port, backend, 1 + workers, timeout_s]}, timeout=timeout_s + 30)
+            comm = asyncio.to_thread(TensorBroadcaster.create, backend, address, port, 0, 1 + workers, timeout_s)
+            joined, comm = await asyncio.gather(join, comm, return_exceptions=True)
+            for res in (joined, comm):
+                if isinstance(res, BaseException):
+                    return f"could not join the broadcast group: {type(res).__name__}: {res}"
+            groups[url] = comm
+            return "ok"
+
+        status = await asyncio.gather(*(one(u) for u in members))
+        report.update({u: s for u, s in zip(members, status) if s != "ok"})
+        return [u for u, s in zip(members, status) if s == "ok"]
+
+    async def _world_size(self, url: str) -> int:
+        """Workers behind one server (vLLM dev mode's /get_world_size); 1 where the route is missing."""
+        try:
+            r = await self.http().get(f"{url}/get_world_size", headers=self._auth(), timeout=10)
+            if r.status_code == 200:
+                body = r.json()
+                return int(body.get("world_size", 1) if isinstance(body, dict) else body)
+        except (httpx.HTTPError, ValueError, TypeError):
+            pass
+        return 1
+
+    async def receive_buckets(self, members: Sequence[str], info: dict) -> dict[str, str]:
+        """Every member receives the announced update (blocks until each is done); member -> 'ok' / error."""
+        async def one(url: str) -> str:
+            try:
+                await self._post(url, "/collective_rpc", {"method": "receive_weight_buckets", "args": [info]},
+                                 timeout=self.timeout_s)
+                return "ok"
+            except Exception as exc:  # noqa: BLE001 - reported per member
+                return f"error: {type(exc).__name__}: {exc}"
+
+        return dict(zip(members, await asyncio.gather(*(one(u) for u in members))))
+
+    async def finish_broadcast(self, done: Sequence[str], version: int) -> None:
+        """After an update: members that took it drop their prefix cache, take the version label and resume."""
+        async def one(url: str) -> None:
+            try:
+                await self._post(url, "/reset_prefix_cache", {})
+                await self._post(url, "/update_weight_version", {"new_version": str(int(version))})
+            finally:
+                await self._resume(url)
+
+        await asyncio.gather(*(one(u) for u in done), return_exceptions=True)
+
     async def weight_versions(self, key: str = "weight_version") -> dict[str, Optional[str]]:
         """``key`` of every server's ``/weight_info`` (None where a server lacks it: stock ``vllm serve`` has no
         ``logprobs_mode`` there)."""
@@ -381,6 +446,10 @@ class FleetEngine:
         skip_unreachable: bool = True,
         version: int = 0,
         update_route: str = "update_weights",
+        transport: str = "file",
+        broadcast_address: str = "127.0.0.1",
+        broadcast_backend: str = "gloo",
+        broadcast_timeout_s: float = 120.0,
     ):
         from megatron_amir.rollout.router import DiscoveryWatcher, VllmRouter, read_discovery_file
 
@@ -389,8 +458,15 @@ class FleetEngine:
             initial += [u for u in read_discovery_file(discovery_file) if u not in initial]
         if not initial and not discovery_file:
             raise ValueError("FleetEngine needs servers or a discovery_file")
+        if transport not in ("file", "broadcast"):
+            raise ValueError(f"transport must be file or broadcast, got {transport!r}")
         self.sync_dir = Path(sync_dir) if sync_dir else None
         self.hf_config = dict(hf_config) if hf_config else None
+        self.transport = transport
+        self.broadcast_address, self.broadcast_backend = broadcast_address, broadcast_backend
+        self.broadcast_timeout_s = float(broadcast_timeout_s)
+        self._groups: dict[str, Any] = {}  # member -> its TensorBroadcaster (bucketed broadcast)
+        self.out_of_rotation: dict[str, str] = {}  # member -> why it lacks the current weights
         self.skip_unreachable = skip_unreachable
         self.router = VllmRouter(initial, policy=policy, log_file=router_log).start() if use_router else None
         self.client = FleetClient(self.router.url if self.router else None, initial, token=token,
@@ -416,7 +492,13 @@ class FleetEngine:
         mode, and our embedded server); stock vLLM has no file backend behind /update_weights."""
         import os
 
+        import torch
+
         kwargs.setdefault("update_route", "collective_rpc")
+        kwargs.setdefault("transport", rc.weight_sync)
+        kwargs.setdefault("broadcast_address", rc.weight_sync_address)
+        kwargs.setdefault("broadcast_backend", "nccl" if torch.cuda.is_available() else "gloo")
+        kwargs.setdefault("broadcast_timeout_s", rc.weight_sync_timeout_s)
         return cls(rc.servers, use_router=rc.use_router, policy=rc.router_policy,
                    token=rc.token or os.environ.get("MEGATRON_AMIR_TOKEN"),
                    sync_dir=sync_dir or rc.weight_sync_dir, hf_config=hf_config,
@@ -434,20 +516,106 @@ class FleetEngine:
         return self._call(self.client.generate(prompts, params, n, request_ids))
 
     def load_weights(self, named_tensors: NamedTensors, version: int) -> dict[str, str]:
-        """Write snapshot ``version`` into ``sync_dir`` and load it on every server."""
-        from megatron_amir.rollout.weight_sync import write_snapshot
+        """Weights ``version`` onto every server: transport file writes a snapshot into ``sync_dir`` and loads it
+        everywhere; broadcast packs the tensors into buckets (``PackedBuckets``) and broadcasts them."""
+        from megatron_amir.rollout.weight_sync import PackedBuckets, write_snapshot
 
+        if self.transport == "broadcast":
+            return self.load_weight_buckets(PackedBuckets(named_tensors), version)
         if self.sync_dir is None:
             raise ValueError("FleetEngine.load_weights needs sync_dir (rollout.weight_sync_dir)")
         with self._sync_lock:
             path = write_snapshot(named_tensors, self.sync_dir, version, hf_config=self.hf_config)
-            report = self._call(self.client.update_weights_from_snapshot(path, version, self.skip_unreachable))
-            self._snapshot = (path, int(version))
-            return report
+            return self._push_snapshot(path, version)
+
+    def _push_snapshot(self, path: Path, version: int) -> dict[str, str]:
+        report = self._call(self.client.update_weights_from_snapshot(path, version, self.skip_unreachable))
+        self._snapshot = (path, int(version))
+        return report
+
+    def load_weight_buckets(self, stream, version: int) -> dict[str, str]:
+        """Weights ``version`` from a bucketed stream (``training.weight_stream.WeightStream`` on the trainer's rank
+        0, or ``PackedBuckets``): transport file writes the snapshot bucket by bucket (``write_snapshot_stream``),
+        broadcast sends each bucket into every member's own group (``broadcast_buckets``). The stream is consumed
+        to its end whatever happens to the members (on the trainer it is collective)."""
+        from megatron_amir.rollout.weight_sync import write_snapshot_stream
+
+        with self._sync_lock:
+            if self.transport == "broadcast":
+                return self.broadcast_buckets(stream, version)
+            if self.sync_dir is None:
+                stream.drain()
+                raise ValueError("FleetEngine.load_weight_buckets needs sync_dir (rollout.weight_sync_dir)")
+            path = write_snapshot_stream(stream, self.sync_dir, version, hf_config=self.hf_config)
+            return self._push_snapshot(path, version)
+
+    def broadcast_buckets(self, stream, version: int) -> dict[str, str]:
+        """One bucketed broadcast update; returns member -> 'ok' or why it failed.
+
+        Members: the serving ones plus those out of rotation (each update is a complete one, so it brings a member
+        that missed one back). Per member: pause, join its group (first time, or after a failure), then every
+        member receives the announced buckets (``collective_rpc receive_weight_buckets``) while this thread sends
+        them (``send_buckets``). A member that is unreachable, fails or times out leaves the rotation (router and
+        fan-out list) and stays paused: its weights may be a mix of two versions, and it comes back once a later
+        update reaches it whole. The others, and the caller, go on; only when no member took the update does it
+        raise (after consuming the stream)."""
+        from megatron_amir.rollout.weight_sync import send_buckets
+
+        members = list(dict.fromkeys([*self.client.servers, *self.out_of_rotation]))
+        report: dict[str, str] = {}
+        try:
+            ready = self._call(self.client.prepare_broadcast(members, self._groups, self.broadcast_address,
+                                                             self.broadcast_backend, self.broadcast_timeout_s, report))
+            info = {**stream.update_info(), "version": int(version)}
+            receiving = asyncio.run_coroutine_threadsafe(self.client.receive_buckets(ready, info), self._loop)
+        except BaseException:
+            stream.drain()
+            raise
+        errors = send_buckets({u: self._groups[u] for u in ready}, stream)
+        received = receiving.result()
+        for url in ready:
+            report[url] = errors.get(url) or received[url]
+        done = [u for u in members if report.get(u) == "ok"]
+        self._call(self.client.finish_broadcast(done, version))
+        for url in members:
+            if report.get(url) == "ok":
+                self._back_in_rotation(url)
+            else:
+                self._groups.pop(url, None)
+                self._out_of_rotation(url, report.get(url, "not reached"))
+        if not done:
+            raise FleetError(f"weight update v{version} reached no server: "
+                             + "; ".join(f"{u}: {r}" for u, r in report.items()))
+        self.client.weight_version = int(version)
+        return report
+
+    def _out_of_rotation(self, url: str, why: str) -> None:
+        log.warning("server %s left the rotation until it has the current weights: %s", url, why)
+        self.out_of_rotation[url] = why
+        self.client.servers = [u for u in self.client.servers if u != url]
+        if self.router is not None:
+            try:
+                self.router.remove_worker(url)
+            except Exception as exc:  # noqa: BLE001 - the router may already have dropped it
+                log.info("router: %s", exc)
+
+    def _back_in_rotation(self, url: str) -> None:
+        if self.out_of_rotation.pop(url, None) is None:
+            return
+        log.info("server %s has the current weights again", url)
+        self.client.servers = [*self.client.servers, url]
+        if self.router is not None:
+            self.router.add_worker(url)
 
     def _prepare_members(self, added: list[str]) -> list[str]:
         """Discovery callback: load the current snapshot on newly listed servers before they get traffic
         (a replacement member starts from its launch weights); returns those that took it."""
+        if self.transport == "broadcast":
+            if not self._groups and not self.out_of_rotation:  # no weights pushed yet: the first update reaches them
+                return added
+            for url in added:  # the next update (a complete one) brings them in
+                self.out_of_rotation[url] = "joined after the last weight update"
+            return []
         if self._snapshot is None:  # no weights pushed yet: the first load_weights reaches them with the rest
             return added
         path, version = self._snapshot

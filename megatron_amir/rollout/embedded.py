@@ -19,7 +19,7 @@ import json
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -73,6 +73,11 @@ def request_stream_seed(seed: int, prompt: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
+class IncompleteWeights(RuntimeError):
+    """The engine's weights are a mix of two versions (an update stopped part-way); it serves nothing until a
+    complete update has loaded."""
+
+
 class _Request:
     """Book-keeping of one prompt's n rows during a generate call."""
 
@@ -110,6 +115,7 @@ class EmbeddedEngine:
         self.model = CausalLM(self.hf_config).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = int(version)
+        self.incomplete_update: Optional[str] = None  # why the weights are a mix of two versions (see load_weight_buckets)
         self._lock = threading.RLock()  # one generate or weight load at a time
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed if seed is not None else torch.seed())
@@ -135,7 +141,38 @@ class EmbeddedEngine:
         """Replace the weights (HF names) and set the version; waits for a running generate to finish."""
         with self._lock:
             self.model.load_hf_state_dict(named_tensors, strict=strict)
+            if strict:
+                self.incomplete_update = None
             self._version = int(version)
+
+    def load_weight_buckets(self, buckets: Iterable[Any], version: int) -> int:
+        """Load a whole update that arrives bucket by bucket (``training.weight_stream.Bucket``s or lists of
+        (name, tensor)), each bucket copied in place before the next one is taken, so no second copy of the
+        weights exists; returns the number of tensors. Every expected weight must arrive.
+
+        There is no copy to roll back to: an update that stops after its first bucket was loaded (the sender died,
+        a bucket was refused) leaves the weights a mix of two versions. The version label stays the previous one
+        and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
+        with self._lock:
+            loaded: set[str] = set()
+            try:
+                for bucket in buckets:
+                    tensors = bucket.tensors if hasattr(bucket, "tensors") else bucket
+                    names = self.model.load_hf_state_dict(tensors, strict=False)
+                    if names:
+                        self.incomplete_update = f"update to version {int(version)} stopped part-way"
+                    loaded.update(names)
+                    del tensors, bucket
+                missing = self.model.expected_names() - loaded
+                if missing:
+                    raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+            except BaseException as exc:
+                if self.incomplete_update:
+                    self.incomplete_update += f": {type(exc).__name__}: {exc}"
+                raise
+            self.incomplete_update = None
+            self._version = int(version)
+            return len(loaded)
 
     def set_version(self, version: int) -> None:
         """Relabel the current weights (vLLM's /update_weight_version); waits for a running generate."""
@@ -152,6 +189,9 @@ class EmbeddedEngine:
     ) -> list[GroupResult]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if self.incomplete_update:
+            raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
+                                    f"update")
         prompts = validate_prompts(prompts, self.vocab_size)
         plist = expand_params(params, len(prompts))
         if request_ids is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Iterable, Literal, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -166,3 +166,16 @@ def close_engine(engine: object) -> None:
     close = getattr(engine, "close", None)
     if callable(close):
         close()
+
+
+def push_weight_buckets(engine: object, stream: Any, version: int) -> Any:
+    """Weights ``version`` from a bucketed stream (``training.weight_stream.WeightStream``) into ``engine``: engines
+    with ``load_weight_buckets`` take it bucket by bucket; any other ``Engine`` gets the tensors collected into one
+    mapping (a whole copy)."""
+    load = getattr(engine, "load_weight_buckets", None)
+    if callable(load):
+        return load(stream, version)
+    weights: dict = {}
+    for bucket in stream:
+        weights.update(bucket.tensors)
+    return engine.load_weights(weights, version)

@@ -58,7 +58,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from megatron_amir.rollout.embedded import EmbeddedEngine
+from megatron_amir.rollout.embedded import EmbeddedEngine, IncompleteWeights
 from megatron_amir.rollout.engine import GroupResult, SamplingParams
 
 log = logging.getLogger("megatron_amir.rollout.server")
@@ -190,7 +190,10 @@ class Batcher:
             try:
                 groups = await loop.run_in_executor(None, lambda: self.engine.generate(prompts, params, n, rids))
             except Exception as exc:  # noqa: BLE001 - reported to every waiting request
-                log.exception("generation failed")
+                if isinstance(exc, IncompleteWeights):  # out of rotation until a complete update: the router retries
+                    exc = ApiError(503, str(exc), type_="ServiceUnavailableError")
+                else:
+                    log.exception("generation failed")
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
@@ -258,6 +261,7 @@ class RolloutServer:
         self.stats = _Stats()
         self._batcher: Optional[Batcher] = None
         self._broadcaster = None  # the gloo group after init_weight_transfer_engine(backend=gloo)
+        self._bucket_comm = None  # the gloo group after collective_rpc join_weight_group (bucketed broadcast)
         # (x-request-id, body digest) -> the queued / running generation: a client retry of a request that is
         # still in flight (it timed out on the client's side) waits for that generation instead of queueing a
         # second one, so timeouts under load do not multiply the work
@@ -588,18 +592,78 @@ class RolloutServer:
                 "seconds": seconds}
 
     async def collective_rpc(self, request: Request):
-        """vLLM's RPC route, restricted to the one method our worker extension shares with it:
-        ``load_snapshot(path, version)`` (see vllm_worker.WeightSyncWorkerExtension)."""
+        """vLLM's RPC route, restricted to the methods our worker extension shares with it
+        (vllm_worker.WeightSyncWorkerExtension): ``load_snapshot(path, version)``; ``join_weight_group(host, port,
+        backend, world_size, timeout_s)`` and ``receive_weight_buckets(info)`` (the bucketed broadcast: each
+        bucket is loaded into the engine before the next one is received). Answers {"results": [<one worker's>]}."""
         self.require_token(request)
         body = await self.json_body(request)
-        if body.get("method") != "load_snapshot":
-            raise ApiError(400, f"method {body.get('method')!r} is not available (only load_snapshot)", "method")
+        method = body.get("method")
         args, kwargs = body.get("args") or [], body.get("kwargs") or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ApiError(400, "args must be a list and kwargs an object", "args")
+        if method == "join_weight_group":
+            return {"results": [await self._join_group(dict(zip(("host", "port", "backend", "world_size",
+                                                                   "timeout_s"), args), **kwargs))]}
+        if method == "receive_weight_buckets":
+            merged = dict(zip(("info",), args), **kwargs)
+            return {"results": [await self._receive_buckets(merged.get("info"))]}
+        if method != "load_snapshot":
+            raise ApiError(400, f"method {method!r} is not available (load_snapshot, join_weight_group, "
+                                "receive_weight_buckets)", "method")
         merged = dict(zip(("path", "version"), args), **kwargs)
         out = await self.load_snapshot(merged.get("path"), merged.get("version"), "args")
         return {"results": [out["num_tensors"]]}
+
+    async def _join_group(self, a: dict) -> int:
+        from megatron_amir.rollout.weight_sync import TensorBroadcaster
+
+        try:
+            host, port, backend = str(a["host"]), int(a["port"]), str(a.get("backend") or "gloo")
+            world, timeout_s = int(a.get("world_size", 2)), float(a.get("timeout_s", 120.0))
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(400, "join_weight_group needs host, port (and backend, world_size, timeout_s)",
+                           "args") from None
+        if backend != "gloo" or world != 2:
+            raise ApiError(400, f"the embedded server joins gloo groups of 2 (trainer and itself), got {backend!r}, "
+                                f"world_size={world}", "args")
+        loop = asyncio.get_running_loop()
+        try:
+            self._bucket_comm = await loop.run_in_executor(
+                None, lambda: TensorBroadcaster.create("gloo", host, port, 1, 2, timeout_s))
+        except Exception as exc:  # noqa: BLE001 - rendezvous failures are the caller's to fix
+            raise ApiError(400, f"could not join the weight broadcast group: {exc}", "args") from None
+        return 1
+
+    async def _receive_buckets(self, info: Any) -> int:
+        """Receive a bucketed update; the engine loads each bucket in place before the next one arrives. A failure
+        part-way leaves the engine refusing to generate (503) at its previous version label until a complete
+        update (``EmbeddedEngine.load_weight_buckets``)."""
+        from megatron_amir.rollout.weight_sync import receive_buckets
+
+        comm = getattr(self, "_bucket_comm", None)
+        if comm is None:
+            raise ApiError(400, "receive_weight_buckets without join_weight_group", "method")
+        if not isinstance(info, dict):
+            raise ApiError(400, "receive_weight_buckets needs the update_info object", "args")
+        version = info.get("version")
+        _check_version(version, "info.version")
+        if version is None:
+            raise ApiError(400, "info.version is required", "info.version")
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            n = await loop.run_in_executor(
+                None, lambda: self.engine.load_weight_buckets(receive_buckets(comm, info), version))
+        except (KeyError, ValueError) as exc:
+            self._bucket_comm = None  # the sender and this server are at different points of the stream now
+            raise ApiError(400, f"weight update failed: {exc}", "args") from None
+        except Exception as exc:  # noqa: BLE001 - a dead sender / timeout: the group is unusable
+            self._bucket_comm = None
+            raise ApiError(500, f"weight broadcast failed: {type(exc).__name__}: {exc}", "args") from None
+        self.stats.weight_updates += 1
+        log.info("loaded %d tensors of version %d by broadcast in %.2f s", n, version, time.perf_counter() - t0)
+        return n
 
     async def reset_prefix_cache(self, request: Request):
         self.require_token(request)

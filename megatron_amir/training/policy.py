@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_amir.config import Config
-from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
 from megatron_amir.model.builder import build_gpt_model, choose_transformer_impl, transformer_config
 from megatron_amir.model.compat import apply_cpu_compat
 from megatron_amir.model.logprobs import vocab_parallel_logprobs
@@ -458,19 +457,24 @@ class Policy:
 
         return gather_full_state_dict(self.modules())
 
+    def weight_stream(self, vocab_size: Optional[int] = None, bucket_bytes: int = 256 * 1024**2, **kwargs):
+        """HF-named weights bucket by bucket on rank 0 (``training.weight_stream.WeightStream``; LoRA adapters merged,
+        W + s B A, which the engines run). vocab_size: the tokenizer's vocabulary, to drop padding rows (None keeps
+        all). Collective: every rank builds it and iterates it to the end."""
+        from megatron_amir.training.weight_stream import WeightStream
+
+        scaling = None
+        if self.lora_modules:
+            from megatron_amir.model.lora import lora_scaling
+
+            scaling = lora_scaling(self.cfg.lora.rank, self.cfg.lora.alpha)
+        return WeightStream(self.modules(), self.cfg.model, bucket_bytes=bucket_bytes, vocab_size=vocab_size,
+                            lora_scaling=scaling, **kwargs)
+
     def full_hf_state_dict(self, vocab_size: Optional[int] = None) -> Optional[dict[str, torch.Tensor]]:
-        """HF-named full tensors on rank 0 via the one HF name mapping (megatron_amir.convert.mapping).
-
-        vocab_size: the tokenizer's original vocabulary, to drop padding rows (None keeps all). Collective.
-        """
-        full = self.full_state_dict()
-        if full is None:
-            return None
-        if self.lora_modules:  # the engines run the merged weights W + s B A
-            from megatron_amir.model.lora import lora_scaling, merge_lora_state_dict
-
-            full = merge_lora_state_dict(full, lora_scaling(self.cfg.lora.rank, self.cfg.lora.alpha))
-        return dict(mcore_to_hf_named_tensors(full, self.cfg.model, vocab_size=vocab_size))
+        """Every HF-named tensor on rank 0, collected from ``weight_stream`` (a whole-model copy on rank 0: for
+        consumers that keep the weights, e.g. the asynchronous producer). Collective; other ranks get None."""
+        return self.weight_stream(vocab_size).collect()
 
     def save(self, path, *, save_optimizer: bool = True) -> None:
         from megatron_amir.training.model_checkpoint import save_checkpoint

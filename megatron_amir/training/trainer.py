@@ -37,6 +37,7 @@ from megatron_amir.training.checkpoint import REFERENCE_DIR, WARMUP_KIND, Checkp
 from megatron_amir.training.metrics import RL_KIND, MetricsLogger, summary_line
 from megatron_amir.training.preemption import REQUEUE_EXIT_CODE, install_handlers  # 75: slurm/*.sbatch requeue on it
 from megatron_amir.training.rollout_batch import RolloutBatch, broadcast_rollout_batch, build_rollout_batch
+from megatron_amir.rollout.engine import push_weight_buckets
 
 log = logging.getLogger("megatron_amir.trainer")
 
@@ -149,6 +150,9 @@ class Trainer:
         else:  # vllm, colocated
             from megatron_amir.rollout.vllm_engine import VLLMEngine
 
+            if torch.cuda.is_available():  # vLLM sizes its share from the free memory: give back what the gather cached
+                torch.cuda.empty_cache()
+
             engine = VLLMEngine.from_config(rc, hf_config=hf_config, named_tensors=weights, version=self.weight_version)
         return engine
 
@@ -166,6 +170,19 @@ class Trainer:
 
     def _sync_dir(self) -> str:
         return self.cfg.rollout.weight_sync_dir or str(Path(self.cfg.logging.dir) / "weights")
+
+    def _sync_weights(self) -> None:
+        """Stream the new weights bucket by bucket out of the sharded model (collective: every rank fills its part
+        of each bucket) into the engine (``push_weight_buckets``); the asynchronous producer keeps whole versions,
+        so it gets them collected."""
+        stream = self.policy.weight_stream(vocab_size=self.cfg.model.real_vocab_size,
+                                           bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+        if self.rank == 0 and self.producer is not None:
+            self.producer.publish(self.weight_version, stream.collect())
+        elif self.rank == 0:
+            push_weight_buckets(self.engine, stream, self.weight_version)
+        else:
+            stream.drain()
 
     def _hf_weights(self):
         """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
@@ -293,11 +310,7 @@ class Trainer:
         # 5) weight sync: the engine samples the next step from the new weights (async: the producer loads them when
         # its schedule reaches this version)
         self.weight_version += 1
-        weights = self._hf_weights()
-        if self.rank == 0 and self.producer is not None:
-            self.producer.publish(self.weight_version, weights)
-        elif self.rank == 0:
-            self.engine.load_weights(weights, self.weight_version)
+        self._sync_weights()
         t_sync = time.perf_counter() - t0 - t_rollout - t_logp - t_train
         # rollout-vs-trainer log-prob mismatch (synchronous: same weights and temperature, so ~0; asynchronous: also
         # the staleness of the behaviour policy)

@@ -34,9 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_amir.config import ModelConfig
-
-ALIGN = 64  # byte alignment of every tensor inside a bucket (any dtype's element size divides it)
-
+from megatron_amir.rollout.weight_sync import Bucket, align, bucket_tensors, itemsize, view_in
 
 @dataclass(frozen=True)
 class Piece:
@@ -54,7 +52,7 @@ class Piece:
         inner = 1
         for s in self.shape[1:]:
             inner *= s
-        return self.rows * inner * _itemsize(self.dtype) if self.shape else _itemsize(self.dtype)
+        return self.rows * inner * itemsize(self.dtype) if self.shape else itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -74,31 +72,6 @@ class BucketLayout:
     nbytes: int = 0
 
 
-@dataclass
-class Bucket:
-    """A filled bucket: one flat uint8 ``buffer`` and the HF-named views into it."""
-
-    buffer: torch.Tensor
-    tensors: list[tuple[str, torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel()
-
-    def release(self) -> None:
-        """Drop the buffer and views (tensors a consumer kept from ``tensors`` keep their storage alive)."""
-        self.buffer = torch.empty(0, dtype=torch.uint8)
-        self.tensors = []
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def plan_buckets(stages: Sequence[Sequence[Param]], bucket_bytes: int) -> list[BucketLayout]:
     """Deterministic bucket layout: parameters in plan order (the pieces of one parameter stay together, they are
     gathered together), a new bucket when the next parameter does not fit in what is left of ``bucket_bytes``
@@ -110,32 +83,17 @@ def plan_buckets(stages: Sequence[Sequence[Param]], bucket_bytes: int) -> list[B
     for s, params in enumerate(stages):
         cur = BucketLayout(s)
         for pi, param in enumerate(params):
-            size = sum(_align(p.region_bytes) for p in param.pieces)
-            if cur.slots and _align(cur.nbytes) + size > bucket_bytes:
+            size = sum(align(p.region_bytes) for p in param.pieces)
+            if cur.slots and align(cur.nbytes) + size > bucket_bytes:
                 out.append(cur)
                 cur = BucketLayout(s)
             for qi, piece in enumerate(param.pieces):
-                off = _align(cur.nbytes)
+                off = align(cur.nbytes)
                 cur.slots.append((pi, qi, off))
                 cur.nbytes = off + piece.region_bytes
         if cur.slots:
             out.append(cur)
     return out
-
-
-def view_in(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A ``dtype`` tensor of ``shape`` over ``buffer`` (flat uint8) starting at byte ``offset``."""
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * _itemsize(dtype)
-    return buffer[offset:offset + nbytes].view(dtype).view(tuple(shape))
-
-
-def bucket_tensors(buffer: torch.Tensor, entries: Sequence[tuple[str, torch.dtype, Sequence[int], int]]
-                   ) -> list[tuple[str, torch.Tensor]]:
-    """(name, view) for each (name, dtype, shape, offset) entry of a received bucket."""
-    return [(name, view_in(buffer, off, dt, shape)) for name, dt, shape, off in entries]
 
 
 # ------------------------------------------------------------------------------------------------ the local side
@@ -267,62 +225,109 @@ def _fill_bucket(lay: BucketLayout, params: Sequence[Param], state, model_cfg, l
         _fill_param(param, state, model_cfg, lora_scaling, par, regions, probe)
 
 
-def stream_hf_buckets(
-    modules,
-    model_cfg: ModelConfig,
-    *,
-    bucket_bytes: int = 256 * 1024**2,
-    vocab_size: Optional[int] = None,
-    lora_scaling: Optional[float] = None,
-    probe: Optional[Callable[[], None]] = None,
-    on_plan: Optional[Callable[[list[list[Param]], list[BucketLayout]], None]] = None,
-) -> Iterator[Bucket]:
-    """HF-named weights of ``modules`` (this rank's GPTModel chunk) in buckets, on global rank 0 (collective; see the
-    module docstring). ``vocab_size``: the tokenizer's vocabulary (padding rows dropped; None keeps them);
-    ``lora_scaling``: merge the LoRA adapters into their weights (W + s·B A; None sends the base weights);
-    ``probe``: called where the temporaries peak (memory tests); ``on_plan(stages, layouts)``: called on every rank
-    before the first bucket, so a consumer can announce the whole update (names, shapes, bucket layout) first."""
-    probe = probe or (lambda: None)
-    par = _parallel()
-    state, offset = _local_state(modules)
-    tp0_dp0 = par.tp_rank == 0 and par.dp_rank == 0
-    mine = local_plan(state, offset, model_cfg, par.tp, vocab_size) if tp0_dp0 else None
-    if par.world > 1:
-        plans: list = [None] * par.world
-        dist.all_gather_object(plans, (par.pp_rank, par.rank, mine))
-    else:
-        plans = [(par.pp_rank, par.rank, mine)]
-    by_stage = {s: (r, p) for s, r, p in plans if p is not None}
-    stages = [by_stage[s][1] for s in sorted(by_stage)]
-    sources = [by_stage[s][0] for s in sorted(by_stage)]
-    layouts = plan_buckets(stages, bucket_bytes)
-    if on_plan is not None:
-        on_plan(stages, layouts)
-    device = next(iter(state.values())).device if state else torch.device("cpu")
-    for lay in layouts:
-        here = lay.stage == par.pp_rank and par.dp_rank == 0  # this rank fills the bucket (with its TP group)
-        holds = here and par.tp_rank == 0
-        if par.rank == 0 or holds:
-            buf = torch.empty(lay.nbytes, dtype=torch.uint8, device=device)
+class WeightStream:
+    """The HF-named weights of this rank's model chunk as a stream of ``Bucket``s on global rank 0.
+
+    Collective: construct it on every rank (the metadata exchange happens here, so rank 0 knows every name, shape
+    and bucket before the first byte moves: ``update_info``), then iterate it to its end on every rank (ranks other
+    than 0 yield nothing; ``drain``). ``vocab_size``: the tokenizer's vocabulary (padding rows dropped; None keeps
+    them); ``lora_scaling``: merge the LoRA adapters into their weights (W + s·B A; None sends the base weights);
+    ``probe``: called where the temporaries peak (memory tests). A stream is iterated once.
+    """
+
+    def __init__(self, modules, model_cfg: ModelConfig, *, bucket_bytes: int = 256 * 1024**2,
+                 vocab_size: Optional[int] = None, lora_scaling: Optional[float] = None,
+                 probe: Optional[Callable[[], None]] = None):
+        self.model_cfg, self.lora_scaling = model_cfg, lora_scaling
+        self.probe = probe or (lambda: None)
+        self.par = par = _parallel()
+        self._state, offset = _local_state(modules)
+        mine = local_plan(self._state, offset, model_cfg, par.tp, vocab_size) if par.tp_rank == 0 and par.dp_rank == 0 \
+            else None
+        if par.world > 1:
+            plans: list = [None] * par.world
+            dist.all_gather_object(plans, (par.pp_rank, par.rank, mine))
         else:
-            buf = None
-        if here:
-            _fill_bucket(lay, stages[lay.stage], state, model_cfg, lora_scaling, par, buf if holds else None, probe)
-        if lay.stage != 0 and par.world > 1:
-            src = sources[lay.stage]
+            plans = [(par.pp_rank, par.rank, mine)]
+        by_stage = {s: (r, p) for s, r, p in plans if p is not None}
+        self.stages: list[list[Param]] = [by_stage[s][1] for s in sorted(by_stage)]
+        self.sources = [by_stage[s][0] for s in sorted(by_stage)]
+        self.layouts = plan_buckets(self.stages, bucket_bytes)
+        self._used = False
+
+    @property
+    def largest(self) -> int:
+        """Bytes of the largest parameter (all its pieces, padding rows included)."""
+        return max(sum(p.region_bytes for p in param.pieces) for st in self.stages for param in st)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(lay.nbytes for lay in self.layouts)
+
+    def update_info(self) -> dict:
+        """What a receiver needs to rebuild every bucket: vLLM's update_info lists (``names``, ``dtype_names``,
+        ``shapes``) in stream order, plus each tensor's byte ``offsets`` in its bucket and ``buckets``: [[bytes,
+        number of tensors], ...]."""
+        names, dtypes, shapes, offsets, buckets = [], [], [], [], []
+        for lay in self.layouts:
+            for pi, qi, off in lay.slots:
+                p = self.stages[lay.stage][pi].pieces[qi]
+                names.append(p.name)
+                dtypes.append(str(p.dtype).removeprefix("torch."))
+                shapes.append(list(p.shape))
+                offsets.append(off)
+            buckets.append([lay.nbytes, len(lay.slots)])
+        return {"names": names, "dtype_names": dtypes, "shapes": shapes, "offsets": offsets, "buckets": buckets}
+
+    def __iter__(self) -> Iterator[Bucket]:
+        if self._used:
+            raise RuntimeError("a WeightStream is iterated once")
+        self._used = True
+        return self._buckets()
+
+    def drain(self) -> None:
+        """Take part in the stream without consuming it (every rank but 0, or a rank 0 that has no use for it)."""
+        for _ in self:
+            pass
+
+    def collect(self) -> Optional[dict[str, torch.Tensor]]:
+        """Every tensor (views into the buckets, which they keep alive: a whole-model copy on rank 0), None elsewhere."""
+        out: dict[str, torch.Tensor] = {}
+        for bucket in self:
+            out.update(bucket.tensors)
+        return out if self.par.rank == 0 else None
+
+    def _buckets(self) -> Iterator[Bucket]:
+        par, state, probe = self.par, self._state, self.probe
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        for lay in self.layouts:
+            here = lay.stage == par.pp_rank and par.dp_rank == 0  # this rank fills the bucket (with its TP group)
+            holds = here and par.tp_rank == 0
+            buf = torch.empty(lay.nbytes, dtype=torch.uint8, device=device) if par.rank == 0 or holds else None
+            if here:
+                _fill_bucket(lay, self.stages[lay.stage], state, self.model_cfg, self.lora_scaling, par,
+                             buf if holds else None, probe)
+            src = self.sources[lay.stage]
             if par.rank == src and src != 0:
                 dist.send(buf, dst=0)
             elif par.rank == 0 and src != 0:
                 dist.recv(buf, src=src)
-        if par.rank == 0:
-            views = []
-            for pi, qi, off in lay.slots:
-                p = stages[lay.stage][pi].pieces[qi]
-                views.append((p.name, view_in(buf, off, p.dtype, p.shape)))
-            probe()
-            bucket = Bucket(buf, views)
-            del views
-            yield bucket
-            bucket.release()  # the consumer's loop variable still names it while the next bucket is filled
-            del bucket
-        del buf
+            if par.rank == 0:
+                bucket = Bucket(buf, bucket_tensors(buf, self._entries(lay)))
+                probe()
+                yield bucket
+                bucket.release()  # the consumer's loop variable still names it while the next bucket is filled
+                del bucket
+            del buf
+
+    def _entries(self, lay: BucketLayout) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+        out = []
+        for pi, qi, off in lay.slots:
+            p = self.stages[lay.stage][pi].pieces[qi]
+            out.append((p.name, p.dtype, p.shape, off))
+        return out
+
+
+def stream_hf_buckets(modules, model_cfg: ModelConfig, **kwargs) -> Iterator[Bucket]:
+    """``iter(WeightStream(modules, model_cfg, **kwargs))`` (collective)."""
+    return iter(WeightStream(modules, model_cfg, **kwargs))

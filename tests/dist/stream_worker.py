@@ -68,7 +68,7 @@ def main() -> None:
     from megatron_amir.training.model_checkpoint import gather_full_state_dict
     from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
     from megatron_amir.training.policy import Policy
-    from megatron_amir.training.weight_stream import stream_hf_buckets
+    from megatron_amir.training.weight_stream import WeightStream
 
     cfg = make_cfg(args.tp, args.pp)
     policy = Policy(cfg)
@@ -79,14 +79,11 @@ def main() -> None:
     runs = {}
     for bucket_bytes in args.bucket:
         meter = Meter()
-        streamed, sizes, plan = {}, [], {}
-
-        def on_plan(stages, layouts):
-            plan["largest"] = max(sum(p.region_bytes for p in param.pieces) for st in stages for param in st)
-            plan["buckets"] = len(layouts)
-
-        for b in stream_hf_buckets(policy.modules(), cfg.model, bucket_bytes=bucket_bytes, vocab_size=REAL_VOCAB,
-                                   probe=meter, on_plan=on_plan):
+        streamed, sizes = {}, []
+        stream = WeightStream(policy.modules(), cfg.model, bucket_bytes=bucket_bytes, vocab_size=REAL_VOCAB,
+                              probe=meter)
+        plan = {"largest": stream.largest, "buckets": len(stream.layouts)}
+        for b in stream:
             sizes.append(b.nbytes)
             keep_copies(b, streamed, meter)
             meter()
