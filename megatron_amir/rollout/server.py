@@ -447,7 +447,9 @@ class RolloutServer:
 
     async def weight_info(self):
         # logprobs_mode: which distribution the reported log-probs are under (clients record it with results)
-        return {"weight_version": str(self.engine.version), "logprobs_mode": self.engine.logprobs_mode}
+        # incomplete_update: an update stopped part-way, the weights are of no single version (nothing is served)
+        return {"weight_version": str(self.engine.version), "logprobs_mode": self.engine.logprobs_mode,
+                "incomplete_update": self.engine.incomplete_update}
 
     async def is_paused(self):
         return {"is_paused": not self.batcher().unpaused.is_set()}
