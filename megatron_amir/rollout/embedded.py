@@ -158,11 +158,12 @@ class EmbeddedEngine:
             try:
                 for bucket in buckets:
                     tensors = bucket.tensors if hasattr(bucket, "tensors") else bucket
-                    names = self.model.load_hf_state_dict(tensors, strict=False)
+                    names = self.model.load_hf_state_dict(tensors, strict=False, refresh=False)
                     if names:
                         self.incomplete_update = f"update to version {int(version)} stopped part-way"
                     loaded.update(names)
                     del tensors, bucket
+                self.model.refresh_fused()  # once, for the fused q/k/v and gate/up copies the buckets left stale
                 missing = self.model.expected_names() - loaded
                 if missing:
                     raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -342,11 +342,12 @@ class CausalLM(nn.Module):
         return names
 
     @torch.no_grad()
-    def load_hf_state_dict(self, named_tensors, strict: bool = True) -> list[str]:
+    def load_hf_state_dict(self, named_tensors, strict: bool = True, refresh: bool = True) -> list[str]:
         """Copy HF-named tensors in place (dtype/device converted); returns the names loaded.
 
         With ``strict`` every expected parameter must be present. Unknown names and shape mismatches
-        raise; ``lm_head.weight`` of a tied model and rotary ``inv_freq`` buffers are ignored.
+        raise; ``lm_head.weight`` of a tied model and rotary ``inv_freq`` buffers are ignored. ``refresh=False``
+        leaves the fused q/k/v and gate/up copies stale (a caller loading in parts calls ``refresh_fused`` once).
         """
         params = dict(self.named_parameters(remove_duplicate=False))
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
@@ -370,7 +371,8 @@ class CausalLM(nn.Module):
         for name, t in todo:
             p = params[name]
             p.copy_(t.to(device=p.device, dtype=p.dtype))
-        self.refresh_fused()
+        if refresh:
+            self.refresh_fused()
         return loaded
 
     # ------------------------------------------------------------------ forward

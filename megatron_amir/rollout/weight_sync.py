@@ -490,7 +490,7 @@ def bucket_tensors(buffer: torch.Tensor, entries: Sequence[tuple[str, torch.dtyp
     return [(name, view_in(buffer, off, dt, shape)) for name, dt, shape, off in entries]
 
 
-def received_buckets(info: dict, receive: Callable[[torch.Tensor], None], device="cpu"
+def received_buckets(info: dict, receive: Callable[[torch.Tensor], Any], device="cpu"
                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The receiving side of ``WeightStream.update_info``: for each announced bucket, a fresh flat buffer is filled by
     ``receive(buffer)`` (e.g. a broadcast from the sender) and its (name, view) pairs are yielded. Validates the
@@ -513,7 +513,7 @@ def received_buckets(info: dict, receive: Callable[[torch.Tensor], None], device
     if not all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x >= 0 for x in b) for b in buckets) \
             or sum(b[1] for b in buckets) != len(entries):
         raise ValueError("update_info.buckets must be [[bytes, number of tensors], ...] covering every tensor")
-    start = 0
+    parts, start = [], 0
     for nbytes, count in buckets:
         part = entries[start:start + count]
         start += count
@@ -523,44 +523,73 @@ def received_buckets(info: dict, receive: Callable[[torch.Tensor], None], device
                 n *= x
             if off + n * itemsize(dtype) > nbytes:
                 raise ValueError(f"update_info: tensor {name!r} ends beyond its bucket ({nbytes} bytes)")
+        parts.append((nbytes, part))
+    # ``receive`` may return a handle with wait() (an asynchronous broadcast): the next bucket is then already on
+    # its way while the consumer loads this one (two buckets held at most)
+    pending = None
+    for nbytes, part in parts:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        receive(buf)
-        yield bucket_tensors(buf, part)
-        del buf
+        handle = receive(buf)
+        if pending is not None:
+            yield _ready(*pending)
+        pending = (handle, buf, part)
+        del buf, handle
+    if pending is not None:
+        yield _ready(*pending)
+
+
+def _ready(handle, buf: torch.Tensor, part) -> list[tuple[str, torch.Tensor]]:
+    if handle is not None and hasattr(handle, "wait"):
+        handle.wait()
+    return bucket_tensors(buf, part)
 
 
 def receive_buckets(comm: "TensorBroadcaster", info: Mapping[str, Any], device="cpu"
                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """``received_buckets`` filled by broadcasts from rank 0 of ``comm``."""
-    return received_buckets(info, comm.broadcast, device)
+    """``received_buckets`` filled by broadcasts from rank 0 of ``comm`` (the next one in flight while the consumer
+    loads the current one)."""
+    return received_buckets(info, comm.broadcast_async, device)
 
 
 def send_buckets(members: Mapping[str, "TensorBroadcaster"], buckets: Iterable[Any]) -> dict[str, str]:
     """Broadcast every bucket's buffer (``Bucket.buffer``, or a flat tensor) into each member's own group, all
     members at once; returns {member: error} for those whose broadcast failed (a dead peer, a timeout). A failed
     member is left out for the rest of the stream, the others go on, and the stream is always consumed to its end
-    (on the trainer it is collective: every rank takes part in filling each bucket)."""
+    (on the trainer it is collective: every rank takes part in filling each bucket).
+
+    Each bucket's memory is given back (storage resized to 0) once it was sent: a bucket is spent after its
+    broadcast.
+    """
     live = dict(members)
     errors: dict[str, str] = {}
     for bucket in buckets:
-        buf = bucket.buffer if hasattr(bucket, "buffer") else bucket
-        host = buf if buf.device.type == "cpu" else None  # gloo moves CPU tensors: one copy per bucket, shared
-        works = {}
-        for name, comm in live.items():
-            try:
-                if comm.backend == "gloo" and host is None:
-                    host = buf.cpu()
-                works[name] = comm.broadcast_async(buf if comm.backend == "nccl" else host)
-            except Exception as exc:  # noqa: BLE001 - one member's failure is reported, not raised
-                errors[name] = f"{type(exc).__name__}: {exc}"
-        for name, work in works.items():
-            try:
-                work.wait()
-            except Exception as exc:  # noqa: BLE001
-                errors[name] = f"{type(exc).__name__}: {exc}"
+        errors.update(_send_bucket(live, bucket.buffer if hasattr(bucket, "buffer") else bucket))
+        del bucket  # nothing here may keep the bucket alive while the stream fills the next one
         for name in errors:
             live.pop(name, None)
-        del buf, host, bucket
+    return errors
+
+
+def _send_bucket(live: Mapping[str, "TensorBroadcaster"], buf: torch.Tensor) -> dict[str, str]:
+    """One bucket into every live member's group at once; {member: error} for those that failed."""
+    host = buf if buf.device.type == "cpu" else None  # gloo moves CPU tensors: one copy per bucket, shared
+    works, errors = {}, {}
+    for name, comm in live.items():
+        try:
+            if comm.backend == "gloo" and host is None:
+                host = buf.cpu()
+            works[name] = comm.broadcast_async(buf if comm.backend == "nccl" else host)
+        except Exception as exc:  # noqa: BLE001 - one member's failure is reported, not raised
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    for name, work in works.items():
+        try:
+            work.wait()
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    # the bucket is spent once every member has it, but gloo keeps a reference to the last tensor it broadcast,
+    # which would hold this bucket's memory while the stream fills the next one: give the storage back now
+    for t in {id(x): x for x in (buf, host) if x is not None}.values():
+        t.untyped_storage().resize_(0)
     return errors
 
 

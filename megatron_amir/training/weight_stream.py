@@ -331,3 +331,40 @@ class WeightStream:
 def stream_hf_buckets(modules, model_cfg: ModelConfig, **kwargs) -> Iterator[Bucket]:
     """``iter(WeightStream(modules, model_cfg, **kwargs))`` (collective)."""
     return iter(WeightStream(modules, model_cfg, **kwargs))
+
+
+class LiveTensorMeter:
+    """Peak bytes of tensor storage that did not exist when the meter was made: call it at the points to sample
+    (``WeightStream``'s ``probe``). Independent of the stream's own bookkeeping: every live torch.Tensor the garbage
+    collector knows is visited and the distinct storages not seen at the start are added up. The tensors alive at
+    the start are kept referenced, so their addresses cannot be reused by new allocations; ``keep`` leaves out a
+    consumer's own copies. A sampling tool for tests and benchmarks (each call walks the whole heap)."""
+
+    def __init__(self):
+        import gc
+
+        gc.collect()
+        self._base = self._live()
+        self._ptrs = {t.untyped_storage().data_ptr() for t in self._base}
+        self.peak = 0
+
+    @staticmethod
+    def _live() -> list[torch.Tensor]:
+        import gc
+        import warnings
+
+        with warnings.catch_warnings():  # isinstance() on torch's deprecated module aliases warns
+            warnings.simplefilter("ignore")
+            return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
+
+    def keep(self, t: torch.Tensor) -> None:
+        self._base.append(t)
+        self._ptrs.add(t.untyped_storage().data_ptr())
+
+    def __call__(self) -> None:
+        sizes = {}
+        for t in self._live():
+            st = t.untyped_storage()
+            if st.data_ptr() not in self._ptrs:
+                sizes[st.data_ptr()] = st.nbytes()
+        self.peak = max(self.peak, sum(sizes.values()))

@@ -3,16 +3,15 @@ TP/PP/DP-sharded policy bucket by bucket and record, on rank 0, the streamed ten
 dict gathered with ``gather_full_state_dict`` and mapped with ``mcore_to_hf_named_tensors``) and every rank's peak
 of extra tensor bytes.
 
-Extra bytes are measured independently of the exporter's own bookkeeping: at each probe point (where the
-exporter's temporaries peak) every live torch.Tensor the garbage collector knows is visited and the sizes of the
-distinct storages that did not exist before the stream started are added up.
+Extra bytes are measured independently of the exporter's own bookkeeping (``LiveTensorMeter``): at each probe point
+(where the exporter's temporaries peak) every live torch.Tensor the garbage collector knows is visited and the sizes
+of the distinct storages that did not exist before the stream started are added up.
 """
 
 from __future__ import annotations
 
 import gc
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,36 +23,7 @@ torch.set_num_threads(1)
 REAL_VOCAB = 61  # < the model's 64 rows: the padding rows must be dropped
 
 
-def live_tensors() -> list[torch.Tensor]:
-    with warnings.catch_warnings():  # isinstance() on torch's deprecated module aliases warns
-        warnings.simplefilter("ignore")
-        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
-
-
-def live_storages() -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in live_tensors()}
-
-
-class Meter:
-    """Peak bytes of tensor storages that did not exist when it was made (those are kept alive here, so their
-    addresses cannot be reused by new allocations), leaving out what ``keep`` was told about."""
-
-    def __init__(self):
-        gc.collect()
-        self._base_tensors = live_tensors()
-        self.base = {t.untyped_storage().data_ptr() for t in self._base_tensors}
-        self.peak = 0
-
-    def keep(self, t: torch.Tensor) -> None:
-        self._base_tensors.append(t)
-        self.base.add(t.untyped_storage().data_ptr())
-
-    def __call__(self):
-        extra = sum(n for p, n in live_storages().items() if p not in self.base)
-        self.peak = max(self.peak, extra)
-
-
-def keep_copies(bucket, streamed: dict, meter: Meter) -> None:
+def keep_copies(bucket, streamed: dict, meter) -> None:
     """Clone the bucket's tensors (a function, so no loop variable keeps a view of the bucket alive)."""
     for name, t in bucket.tensors:
         assert name not in streamed, name
@@ -68,7 +38,7 @@ def main() -> None:
     from megatron_amir.training.model_checkpoint import gather_full_state_dict
     from megatron_amir.convert.mapping import mcore_to_hf_named_tensors
     from megatron_amir.training.policy import Policy
-    from megatron_amir.training.weight_stream import WeightStream
+    from megatron_amir.training.weight_stream import LiveTensorMeter, WeightStream
 
     cfg = make_cfg(args.tp, args.pp)
     policy = Policy(cfg)
@@ -78,7 +48,7 @@ def main() -> None:
     gc.collect()
     runs = {}
     for bucket_bytes in args.bucket:
-        meter = Meter()
+        meter = LiveTensorMeter()
         streamed, sizes = {}, []
         stream = WeightStream(policy.modules(), cfg.model, bucket_bytes=bucket_bytes, vocab_size=REAL_VOCAB,
                               probe=meter)
