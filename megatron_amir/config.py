@@ -271,7 +271,8 @@ class AlgorithmConfig(_Section):
     tis_cap: Optional[float] = Field(None, gt=0)
     """Truncated importance sampling (TIS) cap C: each policy-gradient token weight is multiplied by min(exp(logp_old -
     logp_rollout), C), the trainer's recomputed log-prob against the rollout engine's, correcting the numeric
-    mismatch between engine and trainer; null = off."""
+    mismatch between engine and trainer; null = off. Unset with rollout.fp8_rollout=true it becomes 2.0 (an explicit
+    null is refused there)."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each rollout batch (each pass split into global_batch_size minibatches, one optimizer update each).
     After the first update the implicit rewards of the AMIR pairs come from a fresh no-grad forward of the current
@@ -666,9 +667,18 @@ class Config(_Section):
             raise _cross("algorithm.tis_cap",
                          "rollout.async_off_policy=true needs algorithm.tis_cap (e.g. 2.0): samples come from an older "
                          "policy and the truncated behaviour-policy weight is the off-policy correction")
+        if self.rollout.fp8_rollout and self.algorithm.tis_cap is None:
+            # FP8 rollouts sample from a quantized policy: the mismatch TIS corrects is large, so it is on by default
+            if "tis_cap" in self.algorithm.model_fields_set:
+                raise _cross("algorithm.tis_cap", "rollout.fp8_rollout=true needs algorithm.tis_cap (FP8 rollouts "
+                                                  "sample from a quantized policy; TIS corrects the mismatch)")
+            self.algorithm.tis_cap = FP8_DEFAULT_TIS_CAP
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.discovery_file):
             raise _cross("rollout.servers", "rollout.engine=remote needs rollout.servers or rollout.discovery_file")
         return self
+
+
+FP8_DEFAULT_TIS_CAP = 2.0
 
 
 class _CrossFieldError(ValueError):

@@ -64,6 +64,7 @@ BAD = [
     (["rollout.async_off_policy=true"], "algorithm.tis_cap: rollout.async_off_policy=true needs algorithm.tis_cap"),
     (["rollout.weight_sync=nccl"], "rollout.weight_sync: Input should be 'file' or 'broadcast'"),
     (["rollout.weight_sync=broadcast"], "rollout.weight_sync: weight_sync=broadcast needs engine=remote"),
+    (["rollout.fp8_rollout=true", "algorithm.tis_cap=null"], "algorithm.tis_cap: rollout.fp8_rollout=true needs"),
     (["rollout.servers=[http://[::1]:8000]"], "cannot apply override 'rollout.servers=[http://[::1]:8000]'"),
     (["algorithm.amir.adaptive_lambda=true", "algorithm.amir.lambda_init=0.5"],
      "algorithm.amir.lambda_init: lambda_init=0.5 must lie in [lambda_min=0.005, lambda_max=0.05]"),
