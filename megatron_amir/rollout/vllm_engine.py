@@ -207,6 +207,17 @@ class VLLMEngine:
 
         self._load_snapshot(write_snapshot_stream(stream, self.sync_dir, version), version)
 
+    def sleep(self, level: int = 1) -> None:
+        """Release the GPU memory around training (needs ``enable_sleep_mode=True`` in ``extra_engine_args``): level 1
+        offloads the weights to host memory and drops the KV cache, level 2 drops both (the next update refills the
+        weights)."""
+        self._call(self.engine.sleep(level))
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take the memory back (``tags``: "weights" and/or "kv_cache"; None = both), e.g. weights first, then the
+        update, then the KV cache."""
+        self._call(self.engine.wake_up(list(tags) if tags is not None else None))
+
     def close(self) -> None:
         self.engine.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
