@@ -17,7 +17,7 @@ from megatron_amir.rollout.vllm_engine import write_hf_dir
 from megatron_amir.rollout.weight_sync import PackedBuckets
 from rollout_helpers import tiny_hf_model
 from test_vllm_real import MODEL_KW, VLLM_PY, greedy, start_members
-from test_weight_broadcast import Interrupted
+from test_weight_broadcast import Interrupted, outputs
 
 pytestmark = [
     pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900),
@@ -29,12 +29,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 
 
 def _outputs(engine: FleetEngine, url: str) -> list[list[int]]:
-    keep = engine.client.servers
-    engine.client.servers = [url]
-    try:
-        return [g.samples[0].token_ids for g in engine.generate(PROMPTS, GREEDY)]
-    finally:
-        engine.client.servers = keep
+    return outputs(engine, url, PROMPTS, GREEDY)
 
 
 def test_broadcast_into_vllm_then_one_server_killed_mid_broadcast(tmp_path):

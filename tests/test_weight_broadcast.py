@@ -93,12 +93,12 @@ def _engine(urls, timeout_s=30.0) -> FleetEngine:
                        timeout_s=120)
 
 
-def _outputs(engine: FleetEngine, url: str) -> list[list[int]]:
+def outputs(engine: FleetEngine, url: str, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
     """Greedy completions from one server (direct mode sends round-robin over the serving list: ask it alone)."""
     keep = engine.client.servers
     engine.client.servers = [url]
     try:
-        return [g.samples[0].token_ids for g in engine.generate(PROMPTS, GREEDY)]
+        return [g.samples[0].token_ids for g in engine.generate(prompts, params)]
     finally:
         engine.client.servers = keep
 
@@ -113,7 +113,7 @@ def test_update_then_server_killed_mid_broadcast(servers):
         report = engine.load_weight_buckets(PackedBuckets(first.state_dict(), bucket_bytes=BUCKET), 1)
         assert report == {a: "ok", b: "ok"} and engine.version == 1
         refs = [greedy(first, p) for p in PROMPTS]
-        assert _outputs(engine, a) == refs and _outputs(engine, b) == refs
+        assert outputs(engine, a) == refs and outputs(engine, b) == refs
 
         packed = PackedBuckets(second.state_dict(), bucket_bytes=BUCKET)
         assert len(packed.sizes) >= 3
@@ -122,7 +122,7 @@ def test_update_then_server_killed_mid_broadcast(servers):
         elapsed = time.monotonic() - t0
         assert report[a] == "ok" and report[b] != "ok", report
         assert engine.version == 2 and engine.client.servers == [a] and b in engine.out_of_rotation
-        assert _outputs(engine, a) == [greedy(second, p) for p in PROMPTS]
+        assert outputs(engine, a) == [greedy(second, p) for p in PROMPTS]
         assert elapsed < 60, elapsed  # the dead member did not hold the others for the group timeout and more
 
         report = engine.load_weight_buckets(PackedBuckets(first.state_dict(), bucket_bytes=BUCKET), 3)
@@ -166,6 +166,6 @@ def test_trainer_dies_mid_broadcast_servers_keep_previous_version(servers):
     try:
         assert set(restarted.load_weight_buckets(PackedBuckets(second.state_dict(), bucket_bytes=BUCKET), 2)
                    .values()) == {"ok"}
-        assert all(_outputs(restarted, u) == [greedy(second, p) for p in PROMPTS] for u in urls)
+        assert all(outputs(restarted, u) == [greedy(second, p) for p in PROMPTS] for u in urls)
     finally:
         restarted.close()
