@@ -447,9 +447,10 @@ class RolloutServer:
 
     async def weight_info(self):
         # logprobs_mode: which distribution the reported log-probs are under (clients record it with results)
-        # incomplete_update: an update stopped part-way, the weights are of no single version (nothing is served)
-        return {"weight_version": str(self.engine.version), "logprobs_mode": self.engine.logprobs_mode,
-                "incomplete_update": self.engine.incomplete_update}
+        info = {"weight_version": str(self.engine.version), "logprobs_mode": self.engine.logprobs_mode}
+        if self.engine.incomplete_update:  # an update stopped part-way: weights of no single version, nothing served
+            info["incomplete_update"] = self.engine.incomplete_update
+        return info
 
     async def is_paused(self):
         return {"is_paused": not self.batcher().unpaused.is_set()}
