@@ -7,7 +7,7 @@ import re
 import pytest
 
 from megatron_amir.config import SyntheticTaskConfig
-from megatron_amir.data.synthetic import KINDS, is_restated, make_problem, make_splits
+from megatron_amir.data.synthetic import KINDS, corpus_lines, is_restated, make_problem, make_splits
 from megatron_amir.rewards.extract import extract_answer
 
 
@@ -131,6 +131,8 @@ def test_restated_variant_marks_a_hashed_fraction_and_keeps_the_problems():
     bigger, _ = make_splits(kinds=["add", "sub", "mul"], num_train=2500, num_test=200, seed=7, restate_fraction=0.3)
     by_id = {p.id: p.solution for p in bigger}
     assert all(by_id[p.id] == p.solution for p in train if p.id in by_id)
+    # the tokenizer corpus is the plain task's (the variant runs on a model trained with the plain tokenizer)
+    assert corpus_lines(train) == corpus_lines(plain_train)
     # and changes with the seed
     _, test2 = make_splits(kinds=["add", "sub", "mul"], num_train=10, num_test=200, seed=8, restate_fraction=0.3)
     assert [is_restated(p.solution) for p in test2] != [is_restated(p.solution) for p in test]

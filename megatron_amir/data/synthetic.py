@@ -326,5 +326,7 @@ def make_splits(cfg=None, *, kinds: Optional[list[str]] = None, min_digits: Opti
 
 
 def corpus_lines(problems: list[Problem]) -> list[str]:
-    """Text lines for training the demo tokenizer: prompt + solution of each problem."""
-    return [p.prompt + p.solution for p in problems]
+    """Text lines for training the demo tokenizer: prompt + solution of each problem, a restated solution without its
+    restatement: the variant keeps the plain task's tokenizer, so a model trained on the plain task reads it."""
+    return [p.prompt + (p.solution[len(p.prompt) + 1:] if p.solution.startswith(p.prompt + " ") else p.solution)
+            for p in problems]
