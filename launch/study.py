@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from launch.demo import ROOT, _latest_step_dir, _phase_cmd, _run
 from megatron_amir.fileio import atomic_write_text
@@ -60,7 +61,7 @@ DEMO_LAMBDA = 0.05  # configs/demo_tiny.yaml's algorithm.amir.lambda_init (fixed
 # runs start from the demo's warm-up fine-tuned on the mixed styles for LENGTH_SFT_STEPS supervised steps; the pair
 # term runs at λ = 1, the largest dose of the dose-response study, where a normalization effect has most room
 LENGTH_LAMBDA = 1.0
-LENGTH_SFT_STEPS = 200
+LENGTH_SFT_STEPS = 500
 LENGTH_DIRECTIONS = {"Correct chains longer (reward.style=restated)": "restated",
                      "Correct chains shorter (reward.style=direct)": "direct"}
 
@@ -176,7 +177,7 @@ def link_sections(report: Path) -> None:
 
 
 def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jobs: int = 1,
-             eval_problems: int = 200) -> dict[str, list[str]]:
+             eval_problems: int = 200, overrides: Sequence[str] = ()) -> dict[str, list[str]]:
     """Train every (arm, seed) from ``warm`` with an evaluation at start and end, ``jobs`` at a time (each on one
     thread then, so that parallel runs do not oversubscribe the cores and every run is as reproducible as alone);
     finished runs (eval/DONE) are skipped, so an interrupted study resumes. Returns label -> run directories."""
@@ -191,7 +192,7 @@ def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jo
 
     def one(item):
         run, seed, extra = item
-        _run(_phase_cmd("train", [*extra, f"train.seed={seed}", f"name={run.name}", f"logging.dir={run}",
+        _run(_phase_cmd("train", [*extra, *overrides, f"train.seed={seed}", f"name={run.name}", f"logging.dir={run}",
                                   f"checkpoint.dir={run / 'checkpoints'}", f"train.steps={steps}",
                                   f"checkpoint.save_interval={steps}", f"eval.max_problems={eval_problems}",
                                   "logging.progress=false"],
@@ -210,14 +211,16 @@ def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jo
     return dirs
 
 
-def length_sft(out: Path, warm: Path, steps: int) -> Path:
-    """The length-bias runs' starting point: the warm-up fine-tuned on the mixed-style solutions (made once)."""
+def length_sft(out: Path, warm: Path, steps: int, overrides: Sequence[str] = ()) -> Path:
+    """The length-bias runs' starting point: the warm-up fine-tuned on the mixed-style solutions (made once). The LR
+    ramps up over 25 steps: a fresh Adam state at full LR knocked the warm-up's accuracy down by two thirds."""
     root = out / "length-bias-sft"
     ckpt = _latest_step_dir(root / "checkpoints")
     if ckpt is None:
         _run(_phase_cmd("sft", ["data.synthetic.restate_fraction=0.5", f"logging.dir={root}",
-                                f"checkpoint.dir={root / 'checkpoints'}", "train.lr=1e-3", "train.micro_batch_size=64",
-                                "train.seed=1", "logging.progress=false"],
+                                f"checkpoint.dir={root / 'checkpoints'}", "train.lr=1e-3", "train.lr_warmup_steps=25",
+                                "train.micro_batch_size=64",
+                                "train.seed=1", "logging.progress=false", *overrides],
                         ["--init-from", str(warm), "--steps", str(steps), "--batch-size", "64", "--eval-every",
                          str(steps), "--eval-problems", "64"]),
              out / "logs" / "length-bias-sft.log")
@@ -260,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--sft-steps", type=int, default=LENGTH_SFT_STEPS,
                    help="--length-bias: supervised steps of the mixed-style fine-tune")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the reports' CIs")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides added to every run (and the length-bias fine-tune), e.g. a smaller batch")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one thread each when > 1)")
     p.add_argument("--run-only", action="store_true", help="train the runs, write no report")
     a = p.parse_args(argv)
@@ -294,8 +299,8 @@ def main(argv=None) -> int:
             print(f"launch.study: unknown --arms {unknown}; this set has {list(arms)}", file=sys.stderr)
             return 2
         arms = {lab: arm for lab, arm in arms.items() if lab in a.arms}
-    start = length_sft(out, warm, a.sft_steps) if a.length_bias else warm
-    dirs = run_arms(arms, a.seeds, a.steps, out, start, a.jobs, a.eval_problems)
+    start = length_sft(out, warm, a.sft_steps, a.set) if a.length_bias else warm
+    dirs = run_arms(arms, a.seeds, a.steps, out, start, a.jobs, a.eval_problems, a.set)
     if a.run_only:
         print(f"runs finished in {time.time() - t0:.0f} s under {out}", flush=True)
         return 0
