@@ -82,9 +82,9 @@ def length_arms() -> dict[str, dict]:
 
 
 # the paper's reward scale (its reference code: 2.0 for a correct answer, 0.5 for the strict format) with its pair
-# margin 2.0, beside the main study's 0/1 correctness with margin 0.5 (those runs are reused). No GRPO arm at the paper's scale: GRPO divides by the group's reward std, so
-# scaling the reward changes nothing, and the format term is constant wherever every sample has an answer (the
-# report measures the format rate)
+# margin 2.0, beside the main study's 0/1 correctness with margin 0.5 (those runs are reused). No GRPO arm at the
+# paper's scale: GRPO divides by the group's reward std, so scaling the reward changes nothing, and the format term
+# is constant wherever every sample has an answer (the report measures the format rate)
 PAPER_REWARD = ["reward.correct_weight=2.0", "reward.format_weight=0.5", "algorithm.amir.margin=2.0"]
 REWARD_ARMS = {
     "GRPO 0/1": ALGORITHMS["GRPO"],

@@ -75,7 +75,8 @@ def _demote(markdown: str) -> str:
     return "\n".join(("#" + ln) if ln.startswith("#") else ln for ln in markdown.splitlines()) + "\n"
 
 
-def _sources(groups: Mapping[str, Sequence[str]], logs: Sequence[Path], root: Path, extra: Sequence[str] = ()) -> list[str]:
+def _sources(groups: Mapping[str, Sequence[str]], logs: Sequence[Path], root: Path,
+             extra: Sequence[str] = ()) -> list[str]:
     L = ["## Sources", "", "Paths relative to the repository root. Eval numbers: the results files listed under "
          "Details; train-time numbers (pair accuracy, entropy, pairs/step): each run's `metrics.jsonl`, the mean of "
          f"its last {TAIL} logged steps; wall time: the timestamps of each run's log.", ""]
@@ -139,7 +140,8 @@ def dose_response_report(groups: Mapping[str, Sequence[str]], doses: Mapping[str
           f"Setting: the demo's model and task (configs/demo_tiny.yaml), warm-up checkpoint `{warm}`; λ ∈ "
           f"{{{', '.join(f'{a.dose:g}' for a in arms.values() if a.dose is not None)}}} fixed ({reference} is λ = 0: "
           "`amir.enabled=false` still measures the pair statistics) and the paper's adaptive schedule (from 0.01, in "
-          f"[0.005, 0.05]), drawn apart from the fixed doses at the mean λ it used. {ev['problems']} held-out problems, "
+          f"[0.005, 0.05]), drawn apart from the fixed doses at the mean λ it used. {ev['problems']} held-out "
+          "problems, "
           "4 samples each. CIs are 95%: eval metrics a bootstrap over problems (2000 resamples; a drawn problem "
           "brings all seeds' samples, and every resample recomputes every arm, so differences and slopes are "
           f"paired); train metrics (mean of the last {TAIL} steps per seed) a Student-t interval over seeds.", "",
@@ -228,7 +230,7 @@ def _dose_reading(ev: dict, tr: dict, arms: Mapping[str, Arm], reference: str, d
         return x is not None and math.isfinite(x["hi"]) and x["hi"] < 0
 
     def diffs(name):
-        return {lab: (ev["differences"].get(lab, {}) or {}).get(name) or (tr["differences"].get(lab, {}) or {}).get(name)
+        return {lab: ev["differences"].get(lab, {}).get(name) or tr["differences"].get(lab, {}).get(name)
                 for lab in others}
 
     def name_of(lab):
@@ -245,7 +247,7 @@ def _dose_reading(ev: dict, tr: dict, arms: Mapping[str, Arm], reference: str, d
 
     def slope(name):
         s = ev["slopes"].get(name) or tr["slopes"].get(name)
-        return f"{_ci(s, 4, True)} per unit λ ({verdict(s)})" if s else "n/a"
+        return f"{_ci(s, 4, True)} per unit λ — {verdict(s)}" if s else "n/a"
 
     claims, summary = [], []
     acc_up = list(dict.fromkeys(who("pass@1", up) + who("pass@4", up)))
@@ -388,7 +390,7 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
         d_sum = ev_sum["differences"][sum_lab]
         summary.append(
             f"- {direction}: sum − mean normalization: Δ length {_ci(d_sum['length'], 2, True)} tokens "
-            f"({verdict(d_sum['length'])}), Δ pass@1 {_ci(d_sum['pass@1'], 3, True)} ({verdict(d_sum['pass@1'])}); "
+            f"— {verdict(d_sum['length'])}, Δ pass@1 {_ci(d_sum['pass@1'], 3, True)} — {verdict(d_sum['pass@1'])}; "
             f"against GRPO, mean: Δ length {_ci(ev['differences'][mean_lab]['length'], 2, True)}, Δ pass@1 "
             f"{_ci(ev['differences'][mean_lab]['pass@1'], 3, True)}; sum: Δ length "
             f"{_ci(ev['differences'][sum_lab]['length'], 2, True)}, Δ pass@1 "
@@ -462,7 +464,8 @@ def reward_scale_report(groups: Mapping[str, Sequence[str]], reference: str, bas
           "form. Pairs per training step (all steps, mean over seeds): "
           + "; ".join(f"{lab} {_ci(tr_all['arms'][lab]['pairs/step (all steps)'], 1)}" for lab in labels) + ".",
           "- Outcome against " + reference + ": " + "; ".join(
-              f"{lab}: Δ pass@1 {_ci(ev['differences'][lab]['pass@1'], 4, True)} ({verdict(ev['differences'][lab]['pass@1'])}), "
+              f"{lab}: Δ pass@1 {_ci(ev['differences'][lab]['pass@1'], 4, True)} — "
+              f"{verdict(ev['differences'][lab]['pass@1'])}, "
               f"Δ margin {_ci(ev['differences'][lab]['margin'], 4, True)}" for lab in labels if lab != reference) + ".",
           "", "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
           "(the reference code's correctness and strict-format rewards; its smaller shaping rewards are left out); "

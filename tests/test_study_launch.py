@@ -24,7 +24,8 @@ def test_tiny_dose_response_study_end_to_end(tmp_path):
     docs.mkdir()
     (docs / "results.md").write_text("# Reproduction study\n\n## Accuracy\n\nrows\n")
     cmd = [sys.executable, "-m", "launch.study", "--dose-response", "--arms", "GRPO", "AMIR λ=1", "--seeds", "1",
-           "--steps", "2", "--eval-problems", "6", "--n-boot", "50", "--jobs", "2", "--out", str(repo / "runs" / "study"),
+           "--steps", "2", "--eval-problems", "6", "--n-boot", "50", "--jobs", "2",
+           "--out", str(repo / "runs" / "study"),
            "--warmup", str(warm / "checkpoints"), "--report", str(docs / "results.md"), "--set", *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
