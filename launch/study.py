@@ -248,18 +248,16 @@ def main(argv=None) -> int:
                    help="the reports give file paths relative to this directory (default: the repository holding "
                         "--out, i.e. its parent's parent for <repo>/runs/study, else this checkout)")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--compare-async", action="store_true",
-                      help="run AMIR-GRPO with synchronous and asynchronous (k = 1) rollouts instead; report in "
-                           "docs/results_async.md, linked from a section of --report")
-    what.add_argument("--dose-response", action="store_true",
-                      help="the lambda dose-response arms (GRPO = lambda 0, 0.05, 0.2, 1, adaptive) instead; report "
-                           "in docs/results_lambda.md")
-    what.add_argument("--length-bias", action="store_true",
-                      help="the length-bias arms (restated-style task, correct chains longer / shorter; GRPO, "
-                           "logprob_norm mean and sum) instead; report in docs/results_length_bias.md")
-    what.add_argument("--reward-scale", action="store_true",
-                      help="0/1 rewards with margin 0.5 vs the paper's 2.0 + 0.5 format with margin 2.0 instead; "
-                           "report in docs/results_reward_scale.md")
+    for flag, arms_help, report in (
+            ("--compare-async", "AMIR-GRPO with synchronous and asynchronous (k = 1) rollouts", "results_async.md"),
+            ("--dose-response", "the lambda dose-response arms (GRPO = lambda 0, 0.05, 0.2, 1, adaptive)",
+             "results_lambda.md"),
+            ("--length-bias", "the length-bias arms (restated-style task, correct chains longer / shorter; GRPO, "
+                              "logprob_norm mean and sum)", "results_length_bias.md"),
+            ("--reward-scale", "0/1 rewards with margin 0.5 vs the paper's 2.0 + 0.5 format with margin 2.0",
+             "results_reward_scale.md")):
+        what.add_argument(flag, action="store_true",
+                          help=f"run {arms_help} instead; report in docs/{report}, linked from a section of --report")
     p.add_argument("--arms", nargs="+", default=None, help="only these arm labels of the chosen set (a partial study)")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems of each run's evaluations")
     p.add_argument("--sft-steps", type=int, default=LENGTH_SFT_STEPS,
