@@ -78,7 +78,7 @@ def _demote(markdown: str) -> str:
 def _sources(groups: Mapping[str, Sequence[str]], logs: Sequence[Path], root: Path,
              extra: Sequence[str] = ()) -> list[str]:
     L = ["## Sources", "", "Paths relative to the repository root. Eval numbers: the results files listed under "
-         "Details; train-time numbers (pair accuracy, entropy, pairs/step): each run's `metrics.jsonl`, the mean of "
+         "Files; train-time numbers (pair accuracy, entropy, pairs/step): each run's `metrics.jsonl`, the mean of "
          f"its last {TAIL} logged steps; wall time: the timestamps of each run's log.", ""]
     for lab, ds in groups.items():
         L.append(f"- {lab}: " + ", ".join(f"`{_rel(Path(d) / 'metrics.jsonl', root)}`" for d in ds))
@@ -325,13 +325,16 @@ def _restated_share(r) -> Optional[float]:
     return sum(is_restated(t) for t in r.texts) / len(r.texts) if r.texts else None
 
 
-def _answer_accuracy(r) -> Optional[float]:
-    """Fraction of samples whose extracted answer matches, whatever their style."""
+def _answer_accuracy(r, style: Optional[bool] = None) -> Optional[float]:
+    """Fraction of samples whose extracted answer matches, whatever the verifier's style gate; ``style``: only among
+    the restated (True) or direct (False) samples (None when the problem has none)."""
+    from megatron_amir.data.synthetic import is_restated
     from megatron_amir.rewards.extract import normalize_answer
 
-    if r.gold is None:
+    picked = [a for a, t in zip(r.answers, r.texts) if style is None or is_restated(t) == style]
+    if r.gold is None or not picked:
         return None
-    return sum(a is not None and normalize_answer(a) == normalize_answer(r.gold) for a in r.answers) / len(r.answers)
+    return sum(a is not None and normalize_answer(a) == normalize_answer(r.gold) for a in picked) / len(picked)
 
 
 def _length_split(correct: bool) -> Callable:
@@ -342,6 +345,8 @@ def _length_split(correct: bool) -> Callable:
 
 
 LENGTH_EVAL = {"pass@1": None, "answer accuracy": EvalMetric(_answer_accuracy),
+               "answer accuracy, restated": EvalMetric(lambda r: _answer_accuracy(r, True)),
+               "answer accuracy, direct": EvalMetric(lambda r: _answer_accuracy(r, False)),
                "restated share": EvalMetric(_restated_share), "length": None,
                "length correct": EvalMetric(_length_split(True)), "length incorrect": EvalMetric(_length_split(False))}
 
@@ -368,14 +373,18 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
                                     n_boot=n_boot)
         tr = train_metrics_table(arms, ref, {**TRAIN_KEYS, "length correct (train)": "response/length_correct",
                                              "length incorrect (train)": "response/length_incorrect"}, tail=TAIL)
-        tables[direction] = {"eval": ev, "eval_sum_vs_mean": ev_sum, "train": tr}
+        start = eval_metrics_table({"start": Arm([str(_initial(d)) for d in groups[ref]])}, "start", metrics,
+                                   n_boot=n_boot)
+        tables[direction] = {"eval": ev, "eval_sum_vs_mean": ev_sum, "train": tr, "start": start}
         all_groups.update(groups)
-        cols = ["pass@1", "answer accuracy", "restated share", "length", "length correct", "length incorrect"]
+        cols = ["pass@1", "answer accuracy", "answer accuracy, restated", "answer accuracy, direct", "restated share",
+                "length", "length correct", "length incorrect"]
         tcols = ["length correct (train)", "length incorrect (train)", "pair accuracy", "pairs/step"]
         body += [f"## {direction}", "", "Held-out eval (final checkpoints; pass@1 = the style-gated task, answer "
                  "accuracy = the answer alone):", ""]
-        body += _table(["arm"] + cols, [[lab] + [_ci(ev["arms"][lab][c], 3 if "length" not in c else 2) for c in cols]
-                                        for lab in labels])
+        body += _table(["arm"] + cols, [[f"start ({ref}'s initial eval)"] + [
+            _ci(start["arms"]["start"][c], 3 if "length" not in c else 2) for c in cols]] + [
+            [lab] + [_ci(ev["arms"][lab][c], 3 if "length" not in c else 2) for c in cols] for lab in labels])
         body += ["", f"Train-time (last {TAIL} steps; the length of correct and incorrect rollouts shows the "
                  "direction):", ""]
         body += _table(["arm"] + tcols, [[lab] + [_ci(tr["arms"][lab][c], 3 if "pair acc" in c else 2) for c in tcols]
@@ -401,24 +410,35 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
           "picked by a hash of the problem, so the style cannot be told from the prompt) and `reward.style` "
           "(`restated`: only restated answers count, so correct chains are the longer ones; `direct`: only direct "
           "ones, correct chains the shorter). Within one group the correct and incorrect chains then differ in "
-          "length systematically, which the plain task does not do (its per-problem correct − incorrect length "
-          f"difference is about 0). Both directions start from one checkpoint: the demo's warm-up fine-tuned for "
+          "length systematically (the train-time lengths of correct and incorrect rollouts below show by how much). "
+          f"Both directions start from one checkpoint: the demo's warm-up fine-tuned for "
           f"{sft_steps} supervised steps on the mixed-style solutions (`{_rel(sft, root)}`). Pair term at λ = {lam:g} "
           "fixed, β = 0.2, margin 0.5; `algorithm.amir.logprob_norm` = mean (ℓ̄ = Σ log π / |y|, the paper's) or sum "
           "(Σ log π). CIs 95%: eval a paired bootstrap over problems (all seeds of a drawn problem), train a t "
           "interval over seeds.", "",
-          "What the sum does here: a restated chain carries 4–7 extra, nearly deterministic tokens (copied from the "
-          "prompt), so its summed log-prob is barely lower, while its mean log-prob is higher (the copied tokens "
-          "dilute the per-token average). Which normalization favours the longer style is therefore a property of "
-          "the extra tokens, not only of their number; the tables measure it.", "",
+          "Both normalizations can tilt: ℓ̄ = sum lowers a chain's implicit reward by the log-prob of every extra "
+          "token, so the pair term finds a long winner harder to rank above a short loser and pushes harder; ℓ̄ = "
+          "mean averages the extra tokens in, so it tilts towards whichever style has the likelier tokens per "
+          "position. The start row is the fine-tuned checkpoint every arm begins from (its answer accuracy per style "
+          "says which style the model gets right more often without any gate).", "",
           f"Wall time of the {len(have)} runs (SFT fine-tune included; sum of each run's time from its log): "
           f"{secs / 60:.1f} min.", "", *body]
     L += _sources(all_groups, have, root, [f"fine-tune: `{_rel(sft, root)}`"])
     L += ["", "## Files", ""] + [f"- {lab}: " + ", ".join(f"`{_rel(f, root)}`" for f in fs)
-                                 for t in tables.values() for lab, fs in t["eval"]["files"].items()]
+                                 for d, t in tables.items()
+                                 for lab, fs in [(f"{d}, start", t["start"]["files"]["start"]),
+                                                 *t["eval"]["files"].items()]]
     atomic_write_text(assets / "length_bias.json", json.dumps(tables, indent=1, default=str) + "\n")
     atomic_write_text(report, "\n".join(L) + "\n")
     return report
+
+
+def _initial(run_dir: str) -> Path:
+    """A run's evaluation at step 0 (the starting checkpoint)."""
+    found = sorted((Path(run_dir) / "eval").glob("initial_step*.jsonl"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no eval/initial_step*.jsonl (the runs are trained with --eval-at-start)")
+    return found[-1]
 
 
 # --------------------------------------------------------------------------------------------- reward scale
