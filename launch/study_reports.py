@@ -355,10 +355,18 @@ def _answer_accuracy(r, style: Optional[bool] = None) -> Optional[float]:
     from megatron_amir.data.synthetic import is_restated
     from megatron_amir.rewards.extract import normalize_answer
 
-    picked = [a for a, t in zip(r.answers, r.texts) if style is None or is_restated(t) == style]
+    picked = [a for a, t in zip(_extracted(r), r.texts) if style is None or is_restated(t) == style]
     if r.gold is None or not picked:
         return None
     return sum(a is not None and normalize_answer(a) == normalize_answer(r.gold) for a in picked) / len(picked)
+
+
+def _extracted(r) -> list:
+    """Each sample's answer as the exact/synthetic verifier extracts it (None: no answer, the format reward's
+    0); the results' ``answers`` fall back to looser extraction, so they are not used for this."""
+    from megatron_amir.rewards.extract import extract_answer
+
+    return [extract_answer(t) for t in r.texts]
 
 
 def _length_split(correct: bool) -> Callable:
@@ -473,11 +481,11 @@ def _pairs_per_group(r, scheme: str) -> Optional[float]:
     c = sum(r.correct)
     if scheme == "01":
         return float(c * (r.n - c))
-    return float(c * sum(a is None for a in r.answers))
+    return float(c * sum(a is None for a in _extracted(r)))
 
 
 REWARD_EVAL = {"pass@1": None, "pass@4": None, "margin": None, "length": None,
-               "format rate": EvalMetric(lambda r: sum(a is not None for a in r.answers) / r.n),
+               "format rate": EvalMetric(lambda r: sum(a is not None for a in _extracted(r)) / r.n),
                "pairs/problem, 0/1 scheme": EvalMetric(lambda r: _pairs_per_group(r, "01")),
                "pairs/problem, paper scheme": EvalMetric(lambda r: _pairs_per_group(r, "paper"))}
 

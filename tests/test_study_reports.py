@@ -21,8 +21,9 @@ def test_run_wall_seconds_spans_midnight_and_leaves_out_long_gaps(tmp_path):
 
 def test_pairs_per_group_under_the_two_reward_schemes():
     # 4 samples: 2 correct, 1 wrong with an answer, 1 without an answer
-    r = ProblemResult(id="p", texts=["a", "b", "c", "d"], correct=[True, True, False, False], lengths=[1, 1, 1, 1],
-                      answers=["5", "5", "4", None])
+    # (the results' answers fall back to a looser extraction: the sample without '####' still has one there)
+    r = ProblemResult(id="p", texts=["#### 5", "1+4=5 #### 5", "#### 4", "1+4=5"], correct=[True, True, False, False],
+                      lengths=[1, 1, 1, 1], answers=["5", "5", "4", "5"])
     # 0/1, margin 0.5: every correct x incorrect; 2.0 + 0.5 format, margin 2.0: correct (2.5) x no answer (0) only,
     # a correct vs a formatted wrong answer being exactly 2.0 apart
     assert R._pairs_per_group(r, "01") == 4.0
