@@ -44,7 +44,8 @@ from megatron_amir.eval.results import ResultsError, atomic_write_text, eval_set
 def _parse_run_arg(s: str) -> tuple[str, list[str]]:
     if "=" not in s:
         raise ValueError(f"--run {s!r}: expected LABEL=DIR[,DIR...]")
-    label, dirs = s.split("=", 1)
+    # the last '=' separates: labels may hold one ("AMIR-GRPO async k=1", "λ=0.2"), directories rarely do
+    label, dirs = s.rsplit("=", 1)
     paths = [d for d in dirs.split(",") if d]
     if not label or not paths:
         raise ValueError(f"--run {s!r}: expected LABEL=DIR[,DIR...]")
@@ -247,7 +248,8 @@ def write_study(data: dict[str, Any], groups: dict[str, list[str]], out_dir: Pat
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="megatron-amir study", description="Multi-seed reproduction report")
-    p.add_argument("--run", action="append", required=True, help="LABEL=DIR[,DIR...] (one directory per seed)")
+    p.add_argument("--run", action="append", required=True,
+                   help="LABEL=DIR[,DIR...] (one directory per seed; the last '=' ends the label)")
     p.add_argument("--base", default=None, help="evaluation of the starting checkpoint (optional)")
     p.add_argument("--reference", default=None, help="label the others are compared with (default: the first)")
     p.add_argument("--out", required=True, help="directory for PNGs and study.json")
