@@ -46,6 +46,11 @@ def run_wall_seconds(log: Path, max_gap_s: float = 600.0) -> float:
     return total
 
 
+def _compute(secs: float, logs: Sequence[Path], note: str = "") -> str:
+    return (f"- Compute: {len(logs)} runs{f' ({note})' if note else ''}, {secs / 60:.1f} min summed over their logs "
+            "(one thread each; `--jobs 2` runs two at a time, so the elapsed time is about half).")
+
+
 def wall_time(logs: Sequence[Path]) -> tuple[float, list[Path]]:
     """Summed wall time of the logs that exist, and those logs."""
     have = [p for p in logs if p.is_file()]
@@ -137,7 +142,7 @@ def dose_response_report(groups: Mapping[str, Sequence[str]], doses: Mapping[str
     L = [f"# λ dose-response of the AMIR pair term: {seeds} seeds x {len(arms)} arms, {steps} RL steps from one "
          f"warm-up checkpoint", ""]
     summary, claims = _dose_reading(ev, tr, arms, reference, demo_lambda, lam_used)
-    L += ["## Summary", "", *summary, "",
+    L += ["## Summary", "", *summary, _compute(secs, have), "",
           f"Setting: the demo's model and task (configs/demo_tiny.yaml), warm-up checkpoint `{warm}`; λ ∈ "
           f"{{{', '.join(f'{a.dose:g}' for a in arms.values() if a.dose is not None)}}} fixed ({reference} is λ = 0: "
           "`amir.enabled=false` still measures the pair statistics) and the paper's adaptive schedule (from 0.01, in "
@@ -146,8 +151,6 @@ def dose_response_report(groups: Mapping[str, Sequence[str]], doses: Mapping[str
           "4 samples each. CIs are 95%: eval metrics a bootstrap over problems (2000 resamples; a drawn problem "
           "brings all seeds' samples, and every resample recomputes every arm, so differences and slopes are "
           f"paired); train metrics (mean of the last {TAIL} steps per seed) a Student-t interval over seeds.", "",
-          f"Wall time of the {len(have)} runs (sum of each run's time from its log, one thread per run): "
-          f"{secs / 60:.1f} min.", "",
           "## Per arm", ""]
     rows = []
     for lab, a in arms.items():
@@ -437,7 +440,7 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
             f"{_ci(ev['differences'][sum_lab]['length'], 2, True)}, Δ pass@1 "
             f"{_ci(ev['differences'][sum_lab]['pass@1'], 3, True)}.")
     secs, have = wall_time(logs)
-    L += ["## Summary", "", *summary, "",
+    L += ["## Summary", "", *summary, _compute(secs, have, "the fine-tune included"), "",
           "The task variant: `data.synthetic.restate_fraction=0.5` (half the solutions restate the problem first, "
           "picked by a hash of the problem, so the style cannot be told from the prompt) and `reward.style` "
           "(`restated`: only restated answers count, so correct chains are the longer ones; `direct`: only direct "
@@ -453,8 +456,7 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
           "mean averages the extra tokens in, so it tilts towards whichever style has the likelier tokens per "
           "position. The start row is the fine-tuned checkpoint every arm begins from (its answer accuracy per style "
           "says which style the model gets right more often without any gate).", "",
-          f"Wall time of the {len(have)} runs (SFT fine-tune included; sum of each run's time from its log): "
-          f"{secs / 60:.1f} min.", "", *body]
+          *body]
     L += _sources(all_groups, have, root, [f"fine-tune: `{_rel(sft, root)}`"])
     L += ["", "## Files", ""] + [f"- {lab}: " + ", ".join(f"`{_rel(f, root)}`" for f in fs)
                                  for d, t in tables.items()
@@ -519,12 +521,11 @@ def reward_scale_report(groups: Mapping[str, Sequence[str]], reference: str, bas
               f"{lab}: Δ pass@1 {_ci(ev['differences'][lab]['pass@1'], 4, True)} — "
               f"{verdict(ev['differences'][lab]['pass@1'])}, "
               f"Δ margin {_ci(ev['differences'][lab]['margin'], 4, True)}" for lab in labels if lab != reference) + ".",
-          "", "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
+          _compute(secs, have), "", "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
           "(the reference code's correctness and strict-format rewards; its smaller shaping rewards are left out); "
           "GRPO's advantages are normalized by the group's reward std, so the scale alone does not change GRPO, only "
           "the format term could. "
-          f"CIs 95%: eval a paired bootstrap over problems, train a t interval over seeds.", "",
-          f"Wall time of the {len(have)} runs (sum of each run's time from its log): {secs / 60:.1f} min.", "",
+          "CIs 95%: eval a paired bootstrap over problems, train a t interval over seeds.", "",
           "## Which pairs form", ""]
     cols = ["format rate", "pairs/problem, 0/1 scheme", "pairs/problem, paper scheme"]
     L += ["Held-out eval samples (4 per problem; final checkpoints): the share with an extractable answer and the "
