@@ -520,8 +520,10 @@ def reward_scale_report(groups: Mapping[str, Sequence[str]], reference: str, bas
           "- Outcome against " + reference + ": " + "; ".join(
               f"{lab}: Δ pass@1 {_ci(ev['differences'][lab]['pass@1'], 4, True)} — "
               f"{verdict(ev['differences'][lab]['pass@1'])}, "
-              f"Δ margin {_ci(ev['differences'][lab]['margin'], 4, True)}" for lab in labels if lab != reference) + ".",
-          _compute(secs, have), "", "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
+              f"Δ margin {_ci(ev['differences'][lab]['margin'], 4, True)}"
+              for lab in labels if lab != reference) + ".",
+          _compute(secs, have), "",
+          "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
           "(the reference code's correctness and strict-format rewards; its smaller shaping rewards are left out); "
           "GRPO's advantages are normalized by the group's reward std, so the scale alone does not change GRPO, only "
           "the format term could. "
