@@ -522,7 +522,7 @@ def reward_scale_report(groups: Mapping[str, Sequence[str]], reference: str, bas
               f"{verdict(ev['differences'][lab]['pass@1'])}, "
               f"Δ margin {_ci(ev['differences'][lab]['margin'], 4, True)}"
               for lab in labels if lab != reference) + ".",
-          _compute(secs, have), "",
+          *_pair_verdict(tr_all, ev, labels), _compute(secs, have), "",
           "The paper-scale arms use `reward.correct_weight=2.0 reward.format_weight=0.5 algorithm.amir.margin=2.0` "
           "(the reference code's correctness and strict-format rewards; its smaller shaping rewards are left out); "
           "GRPO's advantages are normalized by the group's reward std, so the scale alone does not change GRPO, only "
@@ -550,6 +550,23 @@ def reward_scale_report(groups: Mapping[str, Sequence[str]], reference: str, bas
                                                               indent=1, default=str) + "\n")
     atomic_write_text(report, "\n".join(L) + "\n\n" + details)
     return report
+
+
+def _pair_verdict(tr_all: dict, ev: dict, labels: Sequence[str]) -> list[str]:
+    """Whether the pair term is active at the paper's scale: its pairs per step against the 0/1 AMIR arm's."""
+    amir = [lab for lab in labels if "AMIR" in lab]
+    if len(amir) < 2:
+        return []
+    base, paper = amir[0], amir[-1]
+    key = "pairs/step (all steps)"
+    a, b = tr_all["arms"][base][key]["estimate"], tr_all["arms"][paper][key]["estimate"]
+    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
+        return []
+    share = b / a
+    return [f"- So the pair term is {'practically off' if share < 0.01 else 'active'} at the paper's scale here: "
+            f"{paper} forms {100 * share:.2f}% of {base}'s pairs, because nearly every sample has the answer format "
+            f"(held-out format rate {_ci(ev['arms'][paper]['format rate'], 3)}): a correct answer (2.5) and a wrong "
+            "one with the format (0.5) are exactly 2.0 apart, which the strict margin of 2.0 excludes."]
 
 
 # --------------------------------------------------------------------------------------------- results.md links
