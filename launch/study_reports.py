@@ -396,7 +396,9 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
     assets.mkdir(parents=True, exist_ok=True)
     base_metrics = standard_eval_metrics([1])
     metrics = {k: (v or base_metrics[k]) for k, v in LENGTH_EVAL.items()}
-    L = [f"# Length bias: the length-normalized vs the summed log-prob in the pair term, {steps} RL steps", ""]
+    seeds = max(len(ds) for g in directions.values() for ds in g.values())
+    L = [f"# Length bias: the length-normalized vs the summed log-prob in the pair term, {seeds} seed"
+         f"{'s' if seeds > 1 else ''} per arm, {steps} RL steps", ""]
     body, summary, tables = [], [], {}
     all_groups: dict[str, Sequence[str]] = {}
     for direction, groups in directions.items():
