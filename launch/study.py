@@ -62,8 +62,8 @@ DEMO_LAMBDA = 0.05  # configs/demo_tiny.yaml's algorithm.amir.lambda_init (fixed
 # term runs at λ = 1, the largest dose of the dose-response study, where a normalization effect has most room
 LENGTH_LAMBDA = 1.0
 LENGTH_SFT_STEPS = 500
-LENGTH_DIRECTIONS = {"Correct chains longer (reward.style=restated)": "restated",
-                     "Correct chains shorter (reward.style=direct)": "direct"}
+LENGTH_DIRECTIONS = {"Restated style required (reward.style=restated; the longer style)": "restated",
+                     "Direct style required (reward.style=direct; the shorter style)": "direct"}
 
 
 def length_arms() -> dict[str, dict]:

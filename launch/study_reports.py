@@ -434,8 +434,10 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
                                                           for c in dcols]])
         body.append("")
         d_sum = ev_sum["differences"][sum_lab]
+        lc, li = (tr["arms"][ref][k]["estimate"] for k in ("length correct (train)", "length incorrect (train)"))
         summary.append(
-            f"- {direction}: sum − mean normalization: Δ length {_ci(d_sum['length'], 2, True)} tokens "
+            f"- {direction}: correct rollouts {lc:.1f} vs incorrect {li:.1f} tokens ({ref}, train-time); "
+            f"sum − mean normalization: Δ length {_ci(d_sum['length'], 2, True)} tokens "
             f"— {verdict(d_sum['length'])}, Δ pass@1 {_ci(d_sum['pass@1'], 3, True)} — {verdict(d_sum['pass@1'])}; "
             f"against GRPO, mean: Δ length {_ci(ev['differences'][mean_lab]['length'], 2, True)}, Δ pass@1 "
             f"{_ci(ev['differences'][mean_lab]['pass@1'], 3, True)}; sum: Δ length "
@@ -445,9 +447,9 @@ def length_bias_report(directions: Mapping[str, Mapping[str, Sequence[str]]], re
     L += ["## Summary", "", *summary, _compute(secs, have, "the fine-tune included"), "",
           "The task variant: `data.synthetic.restate_fraction=0.5` (half the solutions restate the problem first, "
           "picked by a hash of the problem, so the style cannot be told from the prompt) and `reward.style` "
-          "(`restated`: only restated answers count, so correct chains are the longer ones; `direct`: only direct "
-          "ones, correct chains the shorter). Within one group the correct and incorrect chains then differ in "
-          "length systematically (the train-time lengths of correct and incorrect rollouts below show by how much). "
+          "(`restated`: only restated answers count; `direct`: only direct ones). A restated chain is longer than "
+          "the direct chain of the same problem by the restated prompt, so the gate ties correctness to length; whether correct rollouts end up longer than incorrect ones also depends on how long "
+          "the wrong ones are, which the train-time lengths of correct and incorrect rollouts show. "
           f"Both directions start from one checkpoint: the demo's warm-up fine-tuned for "
           f"{sft_steps} supervised steps on the mixed-style solutions (`{_rel(sft, root)}`). Pair term at λ = {lam:g} "
           "fixed, β = 0.2, margin 0.5; `algorithm.amir.logprob_norm` = mean (ℓ̄ = Σ log π / |y|, the paper's) or sum "
