@@ -447,7 +447,7 @@ class RewardConfig(_Section):
     style: Literal["any", "restated", "direct"] = "any"
     """A response counts as correct only if it also has this style: restated = it begins by restating the problem (its
     first word ends with '='; see data.synthetic.restate_fraction), direct = it does not; any = no requirement. The
-    length-bias study's verifier variant (correct chains longer, or shorter, than incorrect ones); exact and synthetic
+    length-bias study's verifier variant (correctness tied to the longer or the shorter style); exact and synthetic
     rewards only."""
     timeout_s: float = Field(5.0, gt=0)
     """CPU seconds one math-verify call may take in its sandbox worker (math reward); a timeout scores 0 and is counted.
