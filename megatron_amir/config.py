@@ -390,6 +390,11 @@ class SyntheticTaskConfig(_Section):
     change with num_train."""
     seed: int = 1234
     """Seed of the problem generator; both splits are deterministic in it."""
+    restate_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of problems whose solution first restates the problem (``47+85= 7+5=12 4+8+1=13 #### 132``), picked
+    per problem from its id and the seed, so the style cannot be told from the prompt: a model fine-tuned on the mix
+    samples both styles for every prompt, the restated one a few tokens longer. The task variant of the length-bias
+    study (with reward.style); add, sub and mul kinds only. 0 = the plain task."""
 
     @model_validator(mode="after")
     def _digits(self) -> "SyntheticTaskConfig":
@@ -397,6 +402,11 @@ class SyntheticTaskConfig(_Section):
         if self.min_digits > self.max_digits:
             raise _cross("data.synthetic.min_digits",
                          f"min_digits={self.min_digits} > max_digits={self.max_digits}")
+        # a restated linear or word prompt is not one word ending in '=', which is how reward.style recognizes it
+        bad = sorted(set(self.kinds) - {"add", "sub", "mul"})
+        if self.restate_fraction > 0 and bad:
+            raise _cross("data.synthetic.restate_fraction",
+                         f"restate_fraction={self.restate_fraction} needs kinds among add, sub, mul (got {bad})")
         return self
 
 
@@ -441,9 +451,18 @@ class RewardConfig(_Section):
     """Reward function: a registered name (math = answer extraction + math-verify equivalence in a sandboxed worker
     pool; exact or synthetic = exact match of the extracted, normalized answer) or a dotted path ``module:function``
     returning a RewardResult or a list of floats."""
+    correct_weight: float = Field(1.0, gt=0)
+    """Reward of a correct answer: reward = correct_weight * 1[correct] + format_weight * 1[format ok]. The paper's
+    reference code scores 2.0 for a correct answer and 0.5 for the strict format, with algorithm.amir.margin 2.0; the
+    pair margin is in reward units, so scaling the reward changes which pairs form."""
     format_weight: float = Field(0.0, ge=0)
-    """Bonus for a well-formed response (an answer could be extracted): reward = 1[correct] + format_weight * 1[format
-    ok]; 0 = correctness only."""
+    """Bonus for a well-formed response (an answer could be extracted): reward = correct_weight * 1[correct] +
+    format_weight * 1[format ok]; 0 = correctness only."""
+    style: Literal["any", "restated", "direct"] = "any"
+    """A response counts as correct only if it also has this style: restated = it begins by restating the problem (its
+    first word ends with '='; see data.synthetic.restate_fraction), direct = it does not; any = no requirement. The
+    length-bias study's verifier variant (correctness tied to the longer or the shorter style); exact and synthetic
+    rewards only."""
     timeout_s: float = Field(5.0, gt=0)
     """CPU seconds one math-verify call may take in its sandbox worker (math reward); a timeout scores 0 and is counted.
     The wall-clock limit is a multiple of it."""
@@ -454,6 +473,13 @@ class RewardConfig(_Section):
     max_answer_chars: int = Field(2000, ge=16)
     """Extracted answers are cut to this many characters (responses to 8 times it before extraction), so a pathological
     output cannot stall the verifier."""
+
+    @model_validator(mode="after")
+    def _style_needs_exact(self) -> "RewardConfig":
+        if self.style != "any" and self.name not in ("exact", "synthetic"):
+            raise _cross("reward.style", f"style={self.style!r} is implemented by the exact/synthetic reward only, "
+                                         f"not {self.name!r}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- train

@@ -280,16 +280,20 @@ def test_async_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, env):
 def test_study_links_the_async_report_once(tmp_path):
     """`python -m launch.study --compare-async` gives docs/results.md one section pointing at its report, replaced
     (not duplicated) when the comparison runs again, and kept apart from the sections after it."""
-    from launch.study import ASYNC_SECTION, link_async_report
+    from launch.study import SECTIONS, link_sections
 
+    heading = SECTIONS[0][0]
     report, other = tmp_path / "results.md", tmp_path / "results_async.md"
     report.write_text("# Study\n\n## Accuracy\n\nrows\n")
-    link_async_report(report, other)
-    link_async_report(report, other)
+    link_sections(report)
+    assert report.read_text() == "# Study\n\n## Accuracy\n\nrows\n"  # no report beside it: no section
+    other.write_text("# Rollout study\n")
+    link_sections(report)
+    link_sections(report)
     text = report.read_text()
-    assert text.count(ASYNC_SECTION) == 1 and text.startswith("# Study\n\n## Accuracy\n\nrows\n")
+    assert text.count(heading) == 1 and text.startswith("# Study\n\n## Accuracy\n\nrows\n")
     assert "[results_async.md](results_async.md)" in text and "--compare-async" in text
     report.write_text(text + "\n## Later\n\nmore\n")
-    link_async_report(report, other)
+    link_sections(report)
     text = report.read_text()
-    assert text.count(ASYNC_SECTION) == 1 and "## Later\n\nmore" in text and text.endswith("--compare-async`).\n")
+    assert text.count(heading) == 1 and "## Later\n\nmore" in text and text.endswith("--compare-async`).\n")

@@ -112,6 +112,13 @@ def test_repeated_run_label_adds_seeds(tmp_path, capsys):
     assert {k: len(v["seeds"]) for k, v in data["algorithms"].items()} == {k: len(v) for k, v in groups.items()}
 
 
+def test_run_label_may_hold_an_equals_sign():
+    """launch.study's arms are labelled like "AMIR-GRPO async k=1": the last '=' ends the label."""
+    assert study._parse_run_arg("AMIR-GRPO async k=1=runs/a,runs/b") == ("AMIR-GRPO async k=1", ["runs/a", "runs/b"])
+    assert study._parse_run_arg("GRPO=runs/a") == ("GRPO", ["runs/a"])
+    with pytest.raises(ValueError, match="LABEL=DIR"):
+        study._parse_run_arg("=runs/a")
+
 def test_pooled_margin_ci_resamples_problems_not_seed_problem_pairs(tmp_path):
     """Seeds that agree exactly on every problem add no information: the pooled-margin CI over S such seeds must
     equal the one-seed CI (cluster bootstrap over problems), not be ~1/sqrt(S) as wide."""

@@ -73,6 +73,44 @@ def test_exact_reward_scores_and_counts():
         fn([None], ["1"])
 
 
+def test_correct_weight_and_style_from_the_reward_config():
+    from megatron_amir.config import ConfigError, RewardConfig, load_config
+
+    # the paper's scale: 2 for a correct answer, 0.5 for the format
+    paper = get_reward_fn("synthetic", RewardConfig(name="synthetic", correct_weight=2.0, format_weight=0.5))
+    resp = ["47+85= 7+5=12 #### 132", "7+5=12 4+8+1=13 #### 132", "#### 131", "no answer"]
+    assert paper(resp, ["132"] * 4).rewards == [2.5, 2.5, 0.5, 0.0]
+    for style, correct in (("restated", [True, False, False, False]), ("direct", [False, True, False, False]),
+                           ("any", [True, True, False, False])):
+        res = get_reward_fn("exact", RewardConfig(name="exact", style=style))(resp, ["132"] * 4)
+        assert res.correct == correct and res.rewards == [float(c) for c in correct]
+        assert res.format_ok == [True, True, True, False]  # the style gates correctness, not the format
+    with pytest.raises(ValueError, match="correct_weight must be > 0"):
+        ExactReward(correct_weight=0.0)
+    with pytest.raises(ValueError, match="reward.style"):
+        ExactReward(style="long")
+    with pytest.raises(ConfigError, match="reward.style"):
+        load_config(None, ["reward.name=math", "reward.style=restated"])
+    with pytest.raises(ConfigError, match="reward.correct_weight"):
+        load_config(None, ["reward.correct_weight=0"])
+
+
+class _OldStyleReward(ExactReward):
+    """A user reward class written before correct_weight/style existed (no **kwargs)."""
+
+    def __init__(self, format_weight=0.0, timeout_s=5.0, num_workers=2, memory_limit_mb=1024, max_answer_chars=2000):
+        super().__init__(format_weight=format_weight)
+
+
+def test_new_reward_fields_reach_user_classes_only_when_set():
+    from megatron_amir.config import RewardConfig
+
+    fn = get_reward_fn(f"{__name__}:_OldStyleReward", RewardConfig(name=f"{__name__}:_OldStyleReward"))
+    assert fn(["#### 1"], ["1"]).rewards == [1.0]
+    with pytest.raises(TypeError, match="correct_weight"):
+        get_reward_fn(f"{__name__}:_OldStyleReward", RewardConfig(name="x:y", correct_weight=2.0))
+
+
 def user_reward(responses, answers):
     return [float(len(r) == len(a)) for r, a in zip(responses, answers)]
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from megatron_amir.config import SyntheticTaskConfig
-from megatron_amir.data.synthetic import KINDS, make_problem, make_splits
+from megatron_amir.data.synthetic import KINDS, corpus_lines, is_restated, make_problem, make_splits
 from megatron_amir.rewards.extract import extract_answer
 
 
@@ -112,3 +112,43 @@ def test_too_many_problems_for_the_space_is_a_clear_error():
         make_splits(kinds=["add"], min_digits=1, max_digits=1, num_train=200, num_test=10)
     with pytest.raises(ValueError, match="unknown kinds"):
         make_splits(kinds=["div"], num_train=1, num_test=1)
+
+
+def test_restated_variant_marks_a_hashed_fraction_and_keeps_the_problems():
+    plain_train, plain_test = make_splits(kinds=["add", "sub", "mul"], num_train=2000, num_test=200, seed=7)
+    train, test = make_splits(kinds=["add", "sub", "mul"], num_train=2000, num_test=200, seed=7, restate_fraction=0.3)
+    # same problems in the same order; only the solutions of the picked ones change
+    assert [p.id for p in train] == [p.id for p in plain_train] and [p.id for p in test] == [p.id for p in plain_test]
+    picked = [p for p, q in zip(train, plain_train) if p.solution != q.solution]
+    assert 0.25 < len(picked) / len(train) < 0.35
+    for p, q in zip(train, plain_train):
+        if p.solution != q.solution:
+            assert p.solution == f"{p.prompt} {q.solution}" and is_restated(p.solution)
+        else:
+            assert not is_restated(p.solution)
+        assert extract_answer(p.solution) == p.answer == str(_reference_answer(p))
+    # the pick belongs to the problem, not to its position or the split size
+    bigger, _ = make_splits(kinds=["add", "sub", "mul"], num_train=2500, num_test=200, seed=7, restate_fraction=0.3)
+    by_id = {p.id: p.solution for p in bigger}
+    assert all(by_id[p.id] == p.solution for p in train if p.id in by_id)
+    # the tokenizer corpus is the plain task's (the variant runs on a model trained with the plain tokenizer)
+    assert corpus_lines(train) == corpus_lines(plain_train)
+    # and changes with the seed
+    _, test2 = make_splits(kinds=["add", "sub", "mul"], num_train=10, num_test=200, seed=8, restate_fraction=0.3)
+    assert [is_restated(p.solution) for p in test2] != [is_restated(p.solution) for p in test]
+
+
+@pytest.mark.parametrize("text,restated", [
+    ("47+85= 7+5=12 4+8+1=13 #### 132", True), ("82-35= 12-5=7 #### 47", True), ("7+5=12 #### 12", False),
+    ("#### 132", False), ("", False), ("= 3", False), ("47*6=282 #### 282", False), ("47*36= 47*6=282", True),
+])
+def test_is_restated(text, restated):
+    assert is_restated(text) is restated
+
+
+def test_restated_variant_rejects_kinds_it_cannot_restate():
+    with pytest.raises(ValueError, match="restate_fraction"):
+        make_splits(kinds=["add", "word"], num_train=10, num_test=10, restate_fraction=0.5)
+    with pytest.raises(ValueError, match="restate_fraction"):
+        SyntheticTaskConfig(kinds=["linear"], restate_fraction=0.5)
+    assert SyntheticTaskConfig(kinds=["linear"]).restate_fraction == 0.0

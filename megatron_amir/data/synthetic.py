@@ -20,6 +20,13 @@ Formats (prompt -> solution), one per kind:
   ``5x+3=2x+18 x=`` -> ``5x-2x=18-3 3x=15 x=15/3=5 #### 5``.
 - ``word`` ``Ann has 23 pens. She buys 4 boxes of 6 pens. How many pens now?`` -> ``4*6=24 23+24=47 #### 47``
 
+Restated variant (``restate_fraction`` > 0, add/sub/mul only): a fraction of the problems, picked by a hash of the
+seed and the id, have their solution begin by restating the problem: ``47+85= 7+5=12 4+8+1=13 #### 132``. The pick
+cannot be told from the prompt, so a model trained on the mix writes either style for any prompt; ``is_restated``
+tells them apart (the first word of a restated response ends with ``=``, a column step never does). With the
+``reward.style`` gate this makes the length-bias study's task: correct chains systematically longer (or shorter)
+than incorrect ones of the same prompt.
+
 Splits are disjoint by problem identity (``Problem.id``, which is the kind and the prompt text) and
 deterministic by seed. The test split is drawn first from the seed's stream, so it does not change
 when ``num_train`` changes.
@@ -31,10 +38,12 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-__all__ = ["Problem", "KINDS", "ANSWER_MARKER", "make_problem", "make_splits", "corpus_lines"]
+__all__ = ["Problem", "KINDS", "ANSWER_MARKER", "make_problem", "make_splits", "corpus_lines", "restate",
+           "is_restated", "RESTATABLE_KINDS"]
 
 ANSWER_MARKER = "####"
 KINDS = ("add", "sub", "mul", "linear", "word")
+RESTATABLE_KINDS = ("add", "sub", "mul")  # prompts of one word ending in '=', which is what is_restated looks for
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,27 @@ def make_problem(kind: str, rng: random.Random, min_digits: int = 2, max_digits:
     return _GENERATORS[kind](rng, min_digits, max_digits)
 
 
+def restate(p: Problem) -> Problem:
+    """The same problem with the solution restating the prompt first: ``<prompt> <steps> #### <answer>``."""
+    if p.kind not in RESTATABLE_KINDS:
+        raise ValueError(f"synthetic task: a {p.kind!r} problem cannot be restated (kinds {list(RESTATABLE_KINDS)})")
+    return Problem(id=p.id, prompt=p.prompt, answer=p.answer, solution=f"{p.prompt} {p.solution}", kind=p.kind,
+                   difficulty=p.difficulty)
+
+
+def is_restated(response: str) -> bool:
+    """Whether a response begins by restating an add/sub/mul problem: its first word ends with ``=``
+    (``47+85=``); the first word of a direct solution is a step with its result (``7+5=12``) or the answer marker."""
+    words = response.split(maxsplit=1)
+    return bool(words) and words[0].endswith("=") and words[0] != "="
+
+
+def _restate_some(problems: list[Problem], fraction: float, seed: int) -> list[Problem]:
+    # per problem, from its id: the pick does not depend on the split's order or size
+    return [restate(p) if fraction > 0 and random.Random(f"restate:{seed}:{p.id}").random() < fraction else p
+            for p in problems]
+
+
 def _draw(rng: random.Random, kinds: list[str], lo: int, hi: int, count: int, exclude: set[str],
           what: str) -> list[Problem]:
     out: list[Problem] = []
@@ -259,7 +289,8 @@ def _draw(rng: random.Random, kinds: list[str], lo: int, hi: int, count: int, ex
 
 def make_splits(cfg=None, *, kinds: Optional[list[str]] = None, min_digits: Optional[int] = None,
                 max_digits: Optional[int] = None, num_train: Optional[int] = None,
-                num_test: Optional[int] = None, seed: Optional[int] = None) -> tuple[list[Problem], list[Problem]]:
+                num_test: Optional[int] = None, seed: Optional[int] = None,
+                restate_fraction: Optional[float] = None) -> tuple[list[Problem], list[Problem]]:
     """Disjoint (by ``Problem.id``), seeded train and test splits.
 
     ``cfg`` is a ``SyntheticTaskConfig``; keyword arguments override its fields (or stand in for it).
@@ -275,6 +306,7 @@ def make_splits(cfg=None, *, kinds: Optional[list[str]] = None, min_digits: Opti
     lo, hi = pick("min_digits", min_digits, 2), pick("max_digits", max_digits, 3)
     n_train, n_test = pick("num_train", num_train, 4000), pick("num_test", num_test, 300)
     seed = pick("seed", seed, 1234)
+    restate_fraction = float(pick("restate_fraction", restate_fraction, 0.0))
     if not kinds:
         raise ValueError("synthetic task: kinds is empty")
     bad = [k for k in kinds if k not in _GENERATORS]
@@ -282,12 +314,19 @@ def make_splits(cfg=None, *, kinds: Optional[list[str]] = None, min_digits: Opti
         raise ValueError(f"synthetic task: unknown kinds {bad}; choose from {list(KINDS)}")
     if lo < 1 or hi < lo:
         raise ValueError(f"synthetic task: need 1 <= min_digits <= max_digits, got {lo}..{hi}")
+    if not 0 <= restate_fraction <= 1:
+        raise ValueError(f"synthetic task: restate_fraction={restate_fraction} must be in [0, 1]")
+    if restate_fraction > 0 and set(kinds) - set(RESTATABLE_KINDS):
+        raise ValueError(f"synthetic task: restate_fraction > 0 needs kinds among {list(RESTATABLE_KINDS)}, "
+                         f"got {kinds}")
     # separate streams for test and train, both derived from the seed
     test = _draw(random.Random(f"test:{seed}"), kinds, lo, hi, n_test, set(), "test")
     train = _draw(random.Random(f"train:{seed}"), kinds, lo, hi, n_train, {p.id for p in test}, "train")
-    return train, test
+    return _restate_some(train, restate_fraction, seed), _restate_some(test, restate_fraction, seed)
 
 
 def corpus_lines(problems: list[Problem]) -> list[str]:
-    """Text lines for training the demo tokenizer: prompt + solution of each problem."""
-    return [p.prompt + p.solution for p in problems]
+    """Text lines for training the demo tokenizer: prompt + solution of each problem, a restated solution without its
+    restatement: the variant keeps the plain task's tokenizer, so a model trained on the plain task reads it."""
+    return [p.prompt + (p.solution[len(p.prompt) + 1:] if p.solution.startswith(p.prompt + " ") else p.solution)
+            for p in problems]

@@ -59,7 +59,7 @@ class Interval:
         return {"estimate": self.estimate, "lo": self.lo, "hi": self.hi}
 
 
-def _resample_indices(n: int, n_boot: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+def resample_indices(n: int, n_boot: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
     """The bootstrap draws: [b, n] indices into range(n), with replacement, chunk rows at a time (memory stays at
     chunk * n). Every bootstrap here uses these draws, so equal (n, n_boot, seed) give equal resamples."""
     rng = np.random.default_rng(seed)
@@ -89,7 +89,7 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, statistic: Callable[[np.n
         raise ValueError(f"bootstrap_ci needs a non-empty 1-D sample, got shape {x.shape}")
     _check_alpha(alpha)
     stat = statistic or (lambda a: a.mean(axis=1))
-    stats = [stat(x[idx]) for idx in _resample_indices(len(x), n_boot, seed, chunk)]
+    stats = [stat(x[idx]) for idx in resample_indices(len(x), n_boot, seed, chunk)]
     return _percentile_interval(stat(x[None, :])[0], stats, alpha)
 
 
@@ -133,7 +133,7 @@ def cluster_bootstrap_ci(values: Sequence[float] | np.ndarray, clusters: Sequenc
     n_clusters = len(first)
     stat = statistic or weighted_mean
     stats = []
-    for idx in _resample_indices(n_clusters, n_boot, seed, chunk):
+    for idx in resample_indices(n_clusters, n_boot, seed, chunk):
         b = len(idx)
         counts = np.bincount((idx + n_clusters * np.arange(b)[:, None]).ravel(),
                              minlength=b * n_clusters).reshape(b, n_clusters)

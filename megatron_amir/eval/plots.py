@@ -264,3 +264,34 @@ def plot_coverage(patterns: Sequence[tuple[str, float]], path: str | os.PathLike
     ax.set_xlabel("problems")
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def plot_dose_response(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str, ylabel: str,
+                       xlabel: str = "λ (fixed)", reference: Optional[float] = None) -> Path:
+    """A metric against the dose: points {x, estimate, lo, hi, label, fixed} with CI bars; fixed doses joined by a
+    line on a symlog axis (0 is a dose), the others (an adaptive schedule, drawn at the mean dose it used) as
+    separate markers; ``reference``: a dashed horizontal line (the λ = 0 value)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    fixed = sorted((p for p in points if p["fixed"]), key=lambda p: p["x"])
+
+    def bars(ps):
+        return [[p["estimate"] - p["lo"] for p in ps], [p["hi"] - p["estimate"] for p in ps]]
+
+    if fixed:
+        ax.errorbar([p["x"] for p in fixed], [p["estimate"] for p in fixed], yerr=bars(fixed), marker="o", capsize=3,
+                    color="tab:blue", label="fixed λ")
+        for p in fixed:
+            ax.annotate(p["label"], (p["x"], p["estimate"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for p in (p for p in points if not p["fixed"]):
+        ax.errorbar([p["x"]], [p["estimate"]], yerr=bars([p]), marker="s", capsize=3, color="tab:orange",
+                    linestyle="none", label=p["label"])
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -44,7 +44,8 @@ from megatron_amir.eval.results import ResultsError, atomic_write_text, eval_set
 def _parse_run_arg(s: str) -> tuple[str, list[str]]:
     if "=" not in s:
         raise ValueError(f"--run {s!r}: expected LABEL=DIR[,DIR...]")
-    label, dirs = s.split("=", 1)
+    # the last '=' separates: labels may hold one ("AMIR-GRPO async k=1", "λ=0.2"), directories rarely do
+    label, dirs = s.rsplit("=", 1)
     paths = [d for d in dirs.split(",") if d]
     if not label or not paths:
         raise ValueError(f"--run {s!r}: expected LABEL=DIR[,DIR...]")
@@ -135,7 +136,7 @@ def _mean_len(run: Run, ids: list[str], correct: bool) -> Optional[float]:
     return float(np.mean(ls)) if ls else None
 
 
-def _verdict(ci: dict[str, float]) -> str:
+def verdict(ci: dict[str, float]) -> str:
     if ci["lo"] > 0:
         return "higher (CI excludes 0)"
     if ci["hi"] < 0:
@@ -168,7 +169,7 @@ def render_study(data: dict[str, Any], plots: dict[str, str], title: str) -> str
                 f"{d[x]['estimate']:+.4f} [{d[x]['lo']:+.4f}, {d[x]['hi']:+.4f}]" for x in ks) + " |")
         L.append("")
         for name, d in data["differences"].items():
-            L.append(f"- {name}: pass@1 {_verdict(d[ks[0]])}; pass@{ks[-1]} {_verdict(d[ks[-1]])}.")
+            L.append(f"- {name}: pass@1 {verdict(d[ks[0]])}; pass@{ks[-1]} {verdict(d[ks[-1]])}.")
     if "pass_at_k" in plots:
         L += ["", f"![pass@k]({plots['pass_at_k']})"]
     labels = list(data["coverage"][0]["pattern"])
@@ -201,21 +202,27 @@ def render_study(data: dict[str, Any], plots: dict[str, str], title: str) -> str
     diff = settings_mismatch(data.get("settings", {}), ignore=("seed",))
     if diff:
         L += ["", f"**Warning: the runs were evaluated with different {', '.join(diff)}.**"]
-    L += ["", "## Files", "", "Every number above comes from these results files:", ""]
+    note = data.get("paths_note", "relative to this report")
+    L += ["", "## Files", "", f"Every number above comes from these results files (paths {note}):", ""]
     for lab, path in data["files"].items():
         st = data.get("settings", {}).get(lab) or {}
         L.append(f"- {lab}: `{path}`" + (" (" + ", ".join(f"{k}={v}" for k, v in st.items()) + ")" if st else ""))
     return "\n".join(L) + "\n"
 
 
-def write_study(data: dict[str, Any], groups: dict[str, list[str]], out_dir: Path, report: Path, title: str) -> Path:
+def write_study(data: dict[str, Any], groups: dict[str, list[str]], out_dir: Path, report: Path, title: str,
+                paths_from: Optional[Path] = None) -> Path:
+    """Plots and study.json into ``out_dir``, the markdown into ``report``. File paths in the report are relative to
+    ``paths_from`` (the repository root the runs live in) or, by default, to the report's folder."""
     from megatron_amir.eval import plots as P
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # relative to the report, even for runs outside its folder: a report must not carry this machine's paths
+    # relative, even for runs outside the report's folder: a report must not carry this machine's paths
     rel = lambda p: os.path.relpath(Path(p).resolve(), report.parent.resolve())  # noqa: E731
-    data = {**data, "files": {lab: rel(path) for lab, path in data["files"].items()},
-            "algorithms": {lab: {**a, "seeds": [{**sd, "file": rel(sd["file"])} for sd in a["seeds"]]}
+    src = rel if paths_from is None else (lambda p: os.path.relpath(Path(p).resolve(), Path(paths_from).resolve()))
+    data = {**data, "files": {lab: src(path) for lab, path in data["files"].items()},
+            "paths_note": "relative to this report" if paths_from is None else "relative to the repository root",
+            "algorithms": {lab: {**a, "seeds": [{**sd, "file": src(sd["file"])} for sd in a["seeds"]]}
                            for lab, a in data["algorithms"].items()}}
     pl: dict[str, str] = {}
     curves = {lab: {kk: float(np.mean([s["pass_at_k"][kk] for s in a["seeds"]])) for kk in data["ks"]}
@@ -241,7 +248,8 @@ def write_study(data: dict[str, Any], groups: dict[str, list[str]], out_dir: Pat
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="megatron-amir study", description="Multi-seed reproduction report")
-    p.add_argument("--run", action="append", required=True, help="LABEL=DIR[,DIR...] (one directory per seed)")
+    p.add_argument("--run", action="append", required=True,
+                   help="LABEL=DIR[,DIR...] (one directory per seed; the last '=' ends the label)")
     p.add_argument("--base", default=None, help="evaluation of the starting checkpoint (optional)")
     p.add_argument("--reference", default=None, help="label the others are compared with (default: the first)")
     p.add_argument("--out", required=True, help="directory for PNGs and study.json")
@@ -250,6 +258,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paths-relative-to", default=None,
+                   help="write the results files' paths relative to this directory (the repository root the runs "
+                        "are in; default: relative to the report)")
     args = p.parse_args(argv)
     try:
         groups: dict[str, list] = {}
@@ -261,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"megatron-amir study: {exc}", file=sys.stderr)
         return 2
     report = Path(args.report) if args.report else Path(args.out) / "results.md"
-    write_study(data, groups, Path(args.out), report, args.title)
+    write_study(data, groups, Path(args.out), report, args.title,
+                Path(args.paths_relative_to) if args.paths_relative_to else None)
     print(f"wrote {report}")
     return 0
 

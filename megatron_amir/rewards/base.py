@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["RewardResult", "RewardFn", "combine_format"]
+__all__ = ["RewardResult", "RewardFn", "combine_format", "check_weights"]
 
 
 @dataclass
 class RewardResult:
     """Per-response rewards of one batch.
 
-    rewards[i]: float reward of response i (correctness, plus format_weight * format_ok[i] if enabled)
+    rewards[i]: float reward of response i (correct_weight * correctness, plus format_weight * format_ok[i])
     correct[i]: whether the extracted answer matched the reference answer
     format_ok[i]: whether a final answer could be extracted at all
     extracted[i]: the extracted answer text (None when absent)
@@ -66,6 +66,15 @@ def check_lengths(responses, answers) -> None:
             raise TypeError(f"reward: answers[{i}] must be str, got {type(a).__name__}")
 
 
-def combine_format(correct: list[bool], format_ok: list[bool], format_weight: float) -> list[float]:
-    """reward_i = 1[correct_i] + format_weight * 1[format_ok_i]."""
-    return [float(c) + format_weight * float(f) for c, f in zip(correct, format_ok)]
+def combine_format(correct: list[bool], format_ok: list[bool], format_weight: float,
+                   correct_weight: float = 1.0) -> list[float]:
+    """reward_i = correct_weight * 1[correct_i] + format_weight * 1[format_ok_i]."""
+    return [correct_weight * float(c) + format_weight * float(f) for c, f in zip(correct, format_ok)]
+
+
+def check_weights(format_weight: float, correct_weight: float) -> tuple[float, float]:
+    if format_weight < 0:
+        raise ValueError(f"format_weight must be >= 0, got {format_weight}")
+    if not correct_weight > 0:
+        raise ValueError(f"correct_weight must be > 0, got {correct_weight}")
+    return float(format_weight), float(correct_weight)

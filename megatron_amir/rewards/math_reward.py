@@ -26,7 +26,7 @@ from collections import OrderedDict
 from fractions import Fraction
 from typing import Optional
 
-from .base import RewardFn, RewardResult, check_lengths, combine_format
+from .base import RewardFn, RewardResult, check_lengths, check_weights, combine_format
 from .extract import extract_answer, fold_dashes, normalize_answer, scientific, truncate
 
 __all__ = ["MathReward"]
@@ -120,10 +120,8 @@ class MathReward(RewardFn):
     def __init__(self, format_weight: float = 0.0, timeout_s: float = 5.0, num_workers: int = 2,
                  memory_limit_mb: int = 1024, max_answer_chars: int = 2000, float_rounding: int = 6,
                  fast_path: bool = True, cache_size: int = 100_000, grace_s: float = 0.5, chunk_size: int = 16,
-                 wall_factor: float = 2.0, **_ignored):
-        if format_weight < 0:
-            raise ValueError(f"format_weight must be >= 0, got {format_weight}")
-        self.format_weight = float(format_weight)
+                 wall_factor: float = 2.0, correct_weight: float = 1.0, **_ignored):
+        self.format_weight, self.correct_weight = check_weights(format_weight, correct_weight)
         self.timeout_s, self.num_workers, self.memory_limit_mb = float(timeout_s), int(num_workers), memory_limit_mb
         self.max_answer_chars = int(max_answer_chars)
         self.float_rounding, self.fast_path = int(float_rounding), bool(fast_path)
@@ -213,8 +211,8 @@ class MathReward(RewardFn):
                 timeouts += status == "timeout"
                 errors += status == "error"
         fmt = [a is not None for a in extracted]
-        return RewardResult(rewards=combine_format(correct, fmt, self.format_weight), correct=correct,
-                            timeouts=timeouts, errors=errors, format_ok=fmt, extracted=extracted)
+        return RewardResult(rewards=combine_format(correct, fmt, self.format_weight, self.correct_weight),
+                            correct=correct, timeouts=timeouts, errors=errors, format_ok=fmt, extracted=extracted)
 
     def close(self) -> None:
         if self._pool is not None:
