@@ -90,8 +90,9 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
     """The grid of groups ``gidx[N]`` (dense 0..B-1). With ``r``: each group's cells in the reference code's
     enumeration order, reward descending, ties (and invalid rows, last) in row order."""
     n, dev = gidx.shape[0], gidx.device
-    if n % num_groups == 0 and torch.equal(gidx, _contiguous_groups(n, num_groups, dev)):
-        grid = _Grid(torch.arange(n, device=dev).view(num_groups, -1), valid.reshape(num_groups, -1), n, True)
+    layout = _contiguous_layout(n, num_groups, dev) if n % num_groups == 0 else None
+    if layout is not None and torch.equal(gidx, layout[0]):
+        grid = _Grid(layout[1], valid.reshape(num_groups, -1), n, True)
     else:
         counts = torch.bincount(gidx, minlength=num_groups)
         order = torch.argsort(gidx, stable=True)
@@ -109,9 +110,10 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
 
 
 @functools.lru_cache(maxsize=16)
-def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
-    """The group index of the trainer's layout (G = n / b rows per group), built once per shape."""
-    return torch.arange(n, device=device) // (n // b)
+def _contiguous_layout(n: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group index, slot grid) of the trainer's layout (G = n / b rows per group), built once per shape; read-only."""
+    rows = torch.arange(n, device=device)
+    return rows // (n // b), rows.view(b, -1)
 
 
 def _candidates(r: torch.Tensor, grid: _Grid, margin: float, mode: str, cap: Optional[int]) -> torch.Tensor:
@@ -200,16 +202,18 @@ def pair_statistics(
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         return PairStats({k: zero for k in _PAIR_SUMS}, torch.zeros(0, dtype=torch.float64, device=dev))
     b = int(num_groups) if num_groups is not None else int(gidx.max()) + 1
-    r = r.detach().to(torch.float64)
-    s = s.detach().to(device=dev, dtype=torch.float64) * beta
+    # (every op here is a separate small kernel call, whose fixed cost dominates at [B, G, G] sizes: hence no
+    # detach on tensors that need no grad, and each product reused)
+    r = (r.detach() if r.requires_grad else r).to(torch.float64)
+    s = (s.detach() if s.requires_grad else s).to(device=dev, dtype=torch.float64) * beta
     grid = _group_grid(gidx, valid, b, r if max_pairs_per_group is not None else None)
     cand = _candidates(r, grid, margin, mode, max_pairs_per_group)
     sg = grid.take(s)
     d = sg.unsqueeze(2) - sg.unsqueeze(1)  # d[b, w, l] = s_w − s_l, so d.mT = −d
     c = cand.to(torch.float64)
     log_sig = F.logsigmoid(d)
-    sums = dict(zip(_PAIR_SUMS, (c.sum(), -(log_sig * c).sum(), (cand & (d > 0)).sum(dtype=torch.float64),
-                                 (d * c).sum())))
+    dc = d * c  # d on the pairs, 0 elsewhere: a pair is correct iff dc > 0
+    sums = dict(zip(_PAIR_SUMS, (c.sum(), -(log_sig * c).sum(), (dc > 0).sum(dtype=torch.float64), dc.sum())))
     g = log_sig.mT.exp() * c  # σ(−d[b,w,l]) = σ(d[b,l,w]) on every pair (w, l)
     coef = (g - g.mT).sum(1)  # Σ_w g[b,w,i] − Σ_l g[b,i,l]: losers +, winners −
     return PairStats(sums, grid.put(coef))
