@@ -74,9 +74,17 @@ class _Grid:
     n: int
     view: bool
 
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """x[N] on the grid (padding cells read 0; ``ok`` masks them)."""
-        return x.view(self.slot.shape) if self.view else torch.cat([x, x.new_zeros(1)])[self.slot]
+    def take(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """x[N] on the grid (padding cells read ``fill``; ``ok`` masks them)."""
+        return x.view(self.slot.shape) if self.view else torch.cat([x, x.new_full((1,), fill)])[self.slot]
+
+    def outer(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """x_w − x_l on the [B, G, G] cells (w, l) for x[N] (padding cells read ``fill``)."""
+        if self.view:  # straight from the rows: no [B, G] copy
+            b, g = self.slot.shape
+            return x.view(b, g, 1) - x.view(b, 1, g)
+        xg = self.take(x, fill)
+        return xg.unsqueeze(2) - xg.unsqueeze(1)
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
         """Grid values back to rows [N] (padding dropped; rows that are not valid get what their cell holds)."""
@@ -116,20 +124,27 @@ def _contiguous_layout(n: int, b: int, device: torch.device) -> tuple[torch.Tens
     return rows // (n // b), rows.view(b, -1)
 
 
-def _candidates(r: torch.Tensor, grid: _Grid, margin: float, mode: str, cap: Optional[int]) -> torch.Tensor:
-    """cand[b, w, l]: (w, l) is a kept pair of group b (cells of ``grid``)."""
-    ok = grid.ok
-    rg = torch.where(ok, grid.take(r), math.nan)  # invalid rows and padding: NaN never wins or loses
-    gap = rg.unsqueeze(2) - rg.unsqueeze(1)  # gap[b, w, l] = r_w − r_l
+@functools.lru_cache(maxsize=16)
+def _nan(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim NaN, built once (a Python NaN in ``torch.where`` makes a new tensor on every call); read-only."""
+    return torch.tensor(math.nan, dtype=dtype, device=device)
+
+
+def _candidates(r: torch.Tensor, valid: torch.Tensor, grid: _Grid, margin: float, mode: str,
+                cap: Optional[int]) -> torch.Tensor:
+    """cand[b, w, l]: (w, l) is a kept pair of group b (cells of ``grid``); ``valid[N]``: rows that may pair."""
+    r = torch.where(valid, r, _nan(r.dtype, r.device))  # invalid rows and padding: NaN never wins or loses
+    gap = grid.outer(r, math.nan)  # gap[b, w, l] = r_w − r_l
     cand = gap > margin
     if mode == "top":
         # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
-        top = torch.where(ok, rg, -math.inf).argmax(dim=1)
+        rg = grid.take(r, math.nan)
+        top = torch.where(grid.ok, rg, -math.inf).argmax(dim=1)
         cand &= (torch.arange(rg.shape[1], device=r.device) == top.unsqueeze(1)).unsqueeze(2)
     if cap is not None:
         # cells are in reward-descending order (``_group_grid`` with r), so flattening (w, l) enumerates the pairs
         # as the reference code does; a stable sort by gap then keeps, on equal gaps, the earlier-enumerated pair
-        b, gmax = rg.shape[0], rg.shape[1]
+        b, gmax = gap.shape[0], gap.shape[1]
         score = torch.where(cand, gap, -math.inf).reshape(b, -1)
         ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(gmax * gmax, device=r.device).expand(b, -1))
@@ -164,7 +179,7 @@ def build_pairs(
     uniq, gidx = torch.unique(group_ids.to(dev), return_inverse=True)
     r = rewards.detach().to(torch.float64)
     grid = _group_grid(gidx, valid, int(uniq.numel()), r if max_pairs_per_group is not None else None)
-    bi, wi, li = torch.nonzero(_candidates(r, grid, margin, mode, max_pairs_per_group), as_tuple=True)
+    bi, wi, li = torch.nonzero(_candidates(r, valid, grid, margin, mode, max_pairs_per_group), as_tuple=True)
     return grid.slot[bi, wi], grid.slot[bi, li]
 
 
@@ -207,9 +222,8 @@ def pair_statistics(
     r = (r.detach() if r.requires_grad else r).to(torch.float64)
     s = (s.detach() if s.requires_grad else s).to(device=dev, dtype=torch.float64) * beta
     grid = _group_grid(gidx, valid, b, r if max_pairs_per_group is not None else None)
-    cand = _candidates(r, grid, margin, mode, max_pairs_per_group)
-    sg = grid.take(s)
-    d = sg.unsqueeze(2) - sg.unsqueeze(1)  # d[b, w, l] = s_w − s_l, so d.mT = −d
+    cand = _candidates(r, valid, grid, margin, mode, max_pairs_per_group)
+    d = grid.outer(s)  # d[b, w, l] = s_w − s_l, so d.mT = −d
     c = cand.to(torch.float64)
     log_sig = F.logsigmoid(d)
     dc = d * c  # d on the pairs, 0 elsewhere: a pair is correct iff dc > 0
