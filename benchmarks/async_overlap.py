@@ -150,16 +150,21 @@ def mean(rows: list[dict], key: str, skip: int) -> float:
     return statistics.fmean(r[key] for r in rows[skip:] if key in r)
 
 
-def calibrate(args, work: Path, snapshot: Path, steps: int = 4) -> int:
+MAX_CALIBRATED_EPOCHS = 16
+
+
+def calibrate(args, work: Path, snapshot: Path, steps: int = 5) -> int:
     """``algorithm.ppo_epochs`` that makes a synchronous step's training (log-probs + e optimizer passes) take about
     as long as its rollout, from a short synchronous run in the same placement: e = round((rollout - logprob) /
-    train per epoch), at least 1. Generation and training scale differently with the load on the machine (and the
-    hardware), so a fixed size is balanced on one machine state only."""
+    train per epoch) from the medians over the steps after the first, in [1, MAX_CALIBRATED_EPOCHS] (medians: one
+    step slowed by a burst of other jobs must not set the size). Generation and training scale differently with the
+    load on the machine (and the hardware), so a fixed size is balanced on one machine state only."""
     rows = run("calibrate", args, overrides(args, steps, 1), [], work, snapshot)
-    rollout, logprob, train = (mean(rows, f"time/{k}_s", 1) for k in ("rollout", "logprob", "train"))
-    epochs = max(1, round((rollout - logprob) / max(train, 1e-6)))
-    print(f"calibration (synchronous, {steps} steps, first left out): rollout {rollout:.3f} s, log-probs {logprob:.3f} s,"
-          f" train {train:.3f} s per PPO epoch -> algorithm.ppo_epochs={epochs}", flush=True)
+    rollout, logprob, train = (statistics.median(r[f"time/{k}_s"] for r in rows[1:])
+                               for k in ("rollout", "logprob", "train"))
+    epochs = min(MAX_CALIBRATED_EPOCHS, max(1, round((rollout - logprob) / max(train, 1e-6))))
+    print(f"calibration (synchronous, {steps} steps, first left out, medians): rollout {rollout:.3f} s, log-probs "
+          f"{logprob:.3f} s, train {train:.3f} s per PPO epoch -> algorithm.ppo_epochs={epochs}", flush=True)
     return epochs
 
 
@@ -211,6 +216,7 @@ def main(argv=None) -> float:
           f"generate {mean(asyn, 'time/generate_s', args.skip):.3f} s; staleness max "
           f"{max(r['staleness/max'] for r in asyn):.0f})")
     ratio = a_step / s_step
+    print("per-round async/sync: " + ", ".join(f"{step(a) / step(b):.3f}" for a, b in zip(asyncs, syncs)))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"async_overlap: ratio={ratio:.3f} (goal 0.65)")
     return ratio
