@@ -414,7 +414,7 @@ def test_every_policy_loss_goes_through_the_registry(monkeypatch):
     cfg = cfg_of(amir={"enabled": True, "margin": 0.0, "adaptive_lambda": False})
     rewards, gids, mask, old = make_batch(1)
     pb = prepare_batch(rewards=rewards, group_ids=gids, response_mask=mask, old_logp=old, cfg=cfg, amir_state=AmirState())
-    assert pb.pair_coef is not None
+    assert pb.pair_token_coef is not None
     calls = []
     builtin = POLICY_LOSSES["ppo"]
 

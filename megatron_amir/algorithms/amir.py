@@ -74,9 +74,17 @@ class _Grid:
     n: int
     view: bool
 
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """x[N] on the grid (padding cells read 0; ``ok`` masks them)."""
-        return x.view(self.slot.shape) if self.view else torch.cat([x, x.new_zeros(1)])[self.slot]
+    def take(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """x[N] on the grid (padding cells read ``fill``; ``ok`` masks them)."""
+        return x.view(self.slot.shape) if self.view else torch.cat([x, x.new_full((1,), fill)])[self.slot]
+
+    def outer(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """x_w − x_l on the [B, G, G] cells (w, l) for x[N] (padding cells read ``fill``)."""
+        if self.view:  # straight from the rows: no [B, G] copy
+            b, g = self.slot.shape
+            return x.view(b, g, 1) - x.view(b, 1, g)
+        xg = self.take(x, fill)
+        return xg.unsqueeze(2) - xg.unsqueeze(1)
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
         """Grid values back to rows [N] (padding dropped; rows that are not valid get what their cell holds)."""
@@ -90,8 +98,9 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
     """The grid of groups ``gidx[N]`` (dense 0..B-1). With ``r``: each group's cells in the reference code's
     enumeration order, reward descending, ties (and invalid rows, last) in row order."""
     n, dev = gidx.shape[0], gidx.device
-    if n % num_groups == 0 and torch.equal(gidx, _contiguous_groups(n, num_groups, dev)):
-        grid = _Grid(torch.arange(n, device=dev).view(num_groups, -1), valid.reshape(num_groups, -1), n, True)
+    layout = _contiguous_layout(n, num_groups, dev) if n % num_groups == 0 else None
+    if layout is not None and torch.equal(gidx, layout[0]):
+        grid = _Grid(layout[1], valid.reshape(num_groups, -1), n, True)
     else:
         counts = torch.bincount(gidx, minlength=num_groups)
         order = torch.argsort(gidx, stable=True)
@@ -109,25 +118,33 @@ def _group_grid(gidx: torch.Tensor, valid: torch.Tensor, num_groups: int, r: Opt
 
 
 @functools.lru_cache(maxsize=16)
-def _contiguous_groups(n: int, b: int, device: torch.device) -> torch.Tensor:
-    """The group index of the trainer's layout (G = n / b rows per group), built once per shape."""
-    return torch.arange(n, device=device) // (n // b)
+def _contiguous_layout(n: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group index, slot grid) of the trainer's layout (G = n / b rows per group), built once per shape; read-only."""
+    rows = torch.arange(n, device=device)
+    return rows // (n // b), rows.view(b, -1)
 
 
-def _candidates(r: torch.Tensor, grid: _Grid, margin: float, mode: str, cap: Optional[int]) -> torch.Tensor:
-    """cand[b, w, l]: (w, l) is a kept pair of group b (cells of ``grid``)."""
-    ok = grid.ok
-    rg = torch.where(ok, grid.take(r), math.nan)  # invalid rows and padding: NaN never wins or loses
-    gap = rg.unsqueeze(2) - rg.unsqueeze(1)  # gap[b, w, l] = r_w − r_l
+@functools.lru_cache(maxsize=16)
+def _nan(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim NaN, built once (a Python NaN in ``torch.where`` makes a new tensor on every call); read-only."""
+    return torch.tensor(math.nan, dtype=dtype, device=device)
+
+
+def _candidates(r: torch.Tensor, valid: torch.Tensor, grid: _Grid, margin: float, mode: str,
+                cap: Optional[int]) -> torch.Tensor:
+    """cand[b, w, l]: (w, l) is a kept pair of group b (cells of ``grid``); ``valid[N]``: rows that may pair."""
+    r = torch.where(valid, r, _nan(r.dtype, r.device))  # invalid rows and padding: NaN never wins or loses
+    gap = grid.outer(r, math.nan)  # gap[b, w, l] = r_w − r_l
     cand = gap > margin
     if mode == "top":
         # the best valid rollout of each group; argmax returns the first maximum -> row-order tie-break
-        top = torch.where(ok, rg, -math.inf).argmax(dim=1)
+        rg = grid.take(r, math.nan)
+        top = torch.where(grid.ok, rg, -math.inf).argmax(dim=1)
         cand &= (torch.arange(rg.shape[1], device=r.device) == top.unsqueeze(1)).unsqueeze(2)
     if cap is not None:
         # cells are in reward-descending order (``_group_grid`` with r), so flattening (w, l) enumerates the pairs
         # as the reference code does; a stable sort by gap then keeps, on equal gaps, the earlier-enumerated pair
-        b, gmax = rg.shape[0], rg.shape[1]
+        b, gmax = gap.shape[0], gap.shape[1]
         score = torch.where(cand, gap, -math.inf).reshape(b, -1)
         ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(gmax * gmax, device=r.device).expand(b, -1))
@@ -162,7 +179,7 @@ def build_pairs(
     uniq, gidx = torch.unique(group_ids.to(dev), return_inverse=True)
     r = rewards.detach().to(torch.float64)
     grid = _group_grid(gidx, valid, int(uniq.numel()), r if max_pairs_per_group is not None else None)
-    bi, wi, li = torch.nonzero(_candidates(r, grid, margin, mode, max_pairs_per_group), as_tuple=True)
+    bi, wi, li = torch.nonzero(_candidates(r, valid, grid, margin, mode, max_pairs_per_group), as_tuple=True)
     return grid.slot[bi, wi], grid.slot[bi, li]
 
 
@@ -200,16 +217,17 @@ def pair_statistics(
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         return PairStats({k: zero for k in _PAIR_SUMS}, torch.zeros(0, dtype=torch.float64, device=dev))
     b = int(num_groups) if num_groups is not None else int(gidx.max()) + 1
-    r = r.detach().to(torch.float64)
-    s = s.detach().to(device=dev, dtype=torch.float64) * beta
+    # (every op here is a separate small kernel call, whose fixed cost dominates at [B, G, G] sizes: hence no
+    # detach on tensors that need no grad, and each product reused)
+    r = (r.detach() if r.requires_grad else r).to(torch.float64)
+    s = (s.detach() if s.requires_grad else s).to(device=dev, dtype=torch.float64) * beta
     grid = _group_grid(gidx, valid, b, r if max_pairs_per_group is not None else None)
-    cand = _candidates(r, grid, margin, mode, max_pairs_per_group)
-    sg = grid.take(s)
-    d = sg.unsqueeze(2) - sg.unsqueeze(1)  # d[b, w, l] = s_w − s_l, so d.mT = −d
+    cand = _candidates(r, valid, grid, margin, mode, max_pairs_per_group)
+    d = grid.outer(s)  # d[b, w, l] = s_w − s_l, so d.mT = −d
     c = cand.to(torch.float64)
     log_sig = F.logsigmoid(d)
-    sums = dict(zip(_PAIR_SUMS, (c.sum(), -(log_sig * c).sum(), (cand & (d > 0)).sum(dtype=torch.float64),
-                                 (d * c).sum())))
+    dc = d * c  # d on the pairs, 0 elsewhere: a pair is correct iff dc > 0
+    sums = dict(zip(_PAIR_SUMS, (c.sum(), -(log_sig * c).sum(), (dc > 0).sum(dtype=torch.float64), dc.sum())))
     g = log_sig.mT.exp() * c  # σ(−d[b,w,l]) = σ(d[b,l,w]) on every pair (w, l)
     coef = (g - g.mT).sum(1)  # Σ_w g[b,w,i] − Σ_l g[b,i,l]: losers +, winners −
     return PairStats(sums, grid.put(coef))

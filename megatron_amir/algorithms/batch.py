@@ -35,7 +35,7 @@ from .policy_loss import policy_loss, tis_weight
 
 _ROW_FIELDS = (
     "advantages", "token_weights", "seq_coef", "old_logp", "response_mask", "ref_logp", "rollout_logp",
-    "pg_weights", "pair_coef",
+    "pg_weights", "pair_token_coef",
 )
 
 
@@ -47,10 +47,10 @@ class PreparedBatch:
     advantages[N]; token_weights[N,T] global aggregation weights; seq_coef[N] = λ·c_i (detached);
     old_logp / ref_logp / rollout_logp [N,T]; response_mask[N,T] (float 0/1);
     pg_weights[N,T] = token_weights · TIS weight (None without TIS: the policy loss uses token_weights);
-    pair_coef[N,1] = κ_i, the AMIR pair term per unit of token weight: its per-token coefficient is
-    ``pair_token_coef`` = token_weights·κ = seq_coef_i·m_t/|y_i| (``mean``) or seq_coef_i·m_t (``sum``),
-    exactly a per-row multiple of w because every aggregation is a mask times a row factor; None when the
-    step has no pair term (AMIR off, no pairs, or λ = 0) so plain GRPO pays nothing for it;
+    pair_token_coef[N,T] = the coefficient of logp in the AMIR pair term, Σ_i seq_coef_i·ℓ̄_i(logp) =
+    Σ pair_token_coef·logp: seq_coef_i·m_t/|y_i| (``mean``) or seq_coef_i·m_t (``sum``), built once per step
+    (not per micro-batch); None when the step has no pair term (AMIR off, no pairs, or λ = 0) so plain GRPO
+    pays nothing for it;
     metrics: floats for logging (same on every rank); amir_state: λ and its schedule after this step's
     adaptive update (the λ ``seq_coef`` uses), to be committed by the caller once the update is applied.
     """
@@ -63,18 +63,12 @@ class PreparedBatch:
     ref_logp: Optional[torch.Tensor] = None
     rollout_logp: Optional[torch.Tensor] = None
     pg_weights: Optional[torch.Tensor] = None
-    pair_coef: Optional[torch.Tensor] = None
+    pair_token_coef: Optional[torch.Tensor] = None
     metrics: dict[str, float] = field(default_factory=dict)
     amir_state: Optional[AmirState] = None
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
-
-    @property
-    def pair_token_coef(self) -> Optional[torch.Tensor]:
-        """[N, T] coefficient of logp in the pair term: Σ_i seq_coef_i·ℓ̄_i(logp) = Σ pair_token_coef·logp
-        (formed on demand; the loss uses ``pair_coef``)."""
-        return None if self.pair_coef is None else self.token_weights * self.pair_coef
 
     def select(self, index: Any) -> "PreparedBatch":
         """The rows ``index`` (slice, list, LongTensor or bool mask) as a new PreparedBatch."""
@@ -251,18 +245,16 @@ def _local_metric_sums(rows: _Rows, wts: _Weights, lbar_mean: torch.Tensor, cfg:
 
 
 def _pair_coefficients(
-    rows: _Rows, wts: _Weights, pairs: PairStats, g: dict[str, float], state: AmirState, acfg: Any,
+    rows: _Rows, pairs: PairStats, g: dict[str, float], state: AmirState, acfg: Any,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """seq_coef[N] = λ·c_i = λβ·coef_sum_i/P and pair_coef[N, 1] = κ_i, the pair term per unit of token
-    weight (w_t·κ_i = seq_coef_i·m_t/|y_i| for ``mean``, seq_coef_i·m_t for ``sum``); (None, None) when the
+    """seq_coef[N] = λ·c_i = λβ·coef_sum_i/P and pair_token_coef[N, T], the coefficient of logp in
+    Σ_i seq_coef_i·ℓ̄_i(logp): seq_coef_i·m_t/|y_i| for ``mean``, seq_coef_i·m_t for ``sum``; (None, None) when the
     step has no pair term (no pairs, or λ = 0)."""
     if g["pairs"] <= 0 or state.lam == 0.0:
         return None, None
     seq_coef = (pairs.coef_sum * (state.lam * acfg.beta / g["pairs"])).to(rows.old.dtype)
-    # κ_i times this row factor is seq_coef_i: |y_i|·w_row_i for ``mean`` (so w_t·κ_i = seq_coef_i·m_t/|y_i|),
-    # w_row_i for ``sum``
-    per_row = rows.lengths.clamp(min=1) * wts.w_row if acfg.logprob_norm == "mean" else wts.w_row
-    return seq_coef, (seq_coef / per_row).unsqueeze(-1)
+    per_row = seq_coef / rows.lengths.clamp(min=1) if acfg.logprob_norm == "mean" else seq_coef
+    return seq_coef, rows.mask * per_row.unsqueeze(-1)
 
 
 def _metrics(g: dict[str, float], rows: _Rows, wts: _Weights) -> dict[str, float]:
@@ -342,7 +334,7 @@ def prepare_batch(
         state = replace(amir_state, lambda_min=float(acfg.lambda_min), lambda_max=float(acfg.lambda_max),
                         ratio_low=float(acfg.ratio_low), ratio_high=float(acfg.ratio_high),
                         lambda_up=float(acfg.lambda_up), lambda_down=float(acfg.lambda_down))
-        seq_coef = pair_coef = None
+        seq_coef = pair_token_coef = None
         if do_pairs:
             metrics["q"] = float("nan")
             if acfg.enabled and acfg.adaptive_lambda and update_lambda and g["pairs"] > 0:
@@ -350,13 +342,13 @@ def prepare_batch(
                 metrics["q"] = state.last_q
         if acfg.enabled:
             metrics["lambda"] = float(state.lam)
-            seq_coef, pair_coef = _pair_coefficients(rows, wts, pairs, g, state, acfg)
+            seq_coef, pair_token_coef = _pair_coefficients(rows, pairs, g, state, acfg)
         if seq_coef is None:
             seq_coef = torch.zeros(rows.old.shape[0], dtype=rows.old.dtype, device=rows.old.device)
     return PreparedBatch(
         advantages=wts.adv, token_weights=wts.w, seq_coef=seq_coef, old_logp=rows.old, response_mask=rows.mask,
         ref_logp=rows.ref, rollout_logp=rows.rollout, pg_weights=None if wts.tis is None else wts.pg_w,
-        pair_coef=pair_coef, metrics=metrics, amir_state=state,
+        pair_token_coef=pair_token_coef, metrics=metrics, amir_state=state,
     )
 
 
@@ -386,9 +378,9 @@ def micro_batch_loss(
     pg = (pg_w * per_tok).sum()
     loss = pg
     stats: dict[str, torch.Tensor] = {"pg_loss": pg.detach()}
-    if mb.pair_coef is not None:
-        # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} w_t κ_i logp_t: linear in logp, exact gradient (TIS reweights only
-        # the policy loss, so the pair term takes the plain token weights)
+    if mb.pair_token_coef is not None:
+        # Σ_i seq_coef_i ℓ̄_i(logp) = Σ_{i,t} pair_token_coef_{i,t} logp_t: linear in logp, exact gradient (TIS
+        # reweights only the policy loss, not the pair term)
         pair = (mb.pair_token_coef * lp).sum()
         loss = loss + pair
         stats["pair_term"] = pair.detach()
