@@ -55,6 +55,8 @@ CASES: list[dict[str, Any]] = [
     _c("temperature_infinity", '{"prompt": [1, 2], "max_tokens": 2, "temperature": Infinity}', 400, "temperature"),
     _c("temperature_negative", dict(OK, temperature=-1), 400, "temperature"),
     _c("n_zero", dict(OK, n=0), 400, "n"),
+    # vLLM: "n must be 1 when using greedy sampling" (the fleet client asks for one greedy sample and repeats it)
+    _c("greedy_n2", dict(OK, n=2, temperature=0), 400, "n"),
     _c("stream", dict(OK, stream=True), 400, "stream", vllm_status=200),
     _c("logprobs_5", dict(OK, logprobs=5), 400, "logprobs", vllm_status=200),
     _c("unknown_model", dict(OK, model="no-such-model"), 404, "model"),
