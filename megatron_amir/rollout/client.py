@@ -77,6 +77,10 @@ def completion_body(prompt: list[int], sp: SamplingParams, n: int, model: Option
         # vLLM started with --skip-tokenizer-init answers logprobs requests with a 400 ("Unable to get
         # tokenizer") unless the tokens in the log-prob record are token ids
         "return_tokens_as_token_ids": True,
+        # explicit neutral values: a vLLM server started with --generation-config auto (its default) fills the
+        # fields a request leaves unset from the served model's generation_config.json, and a penalty there would
+        # make the processed log-probs differ from the trainer's
+        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
     }
     if sp.seed is not None:
         body["seed"] = int(sp.seed)
