@@ -137,7 +137,9 @@ def _vllm(args, hf, cfg: dict, prompts) -> dict[str, dict]:
     out = {}
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
         tied = cfg.get("tie_word_embeddings")  # one tensor on disk: vLLM ties the head to the embedding itself
-        model_dir = write_hf_dir(Path(tmp) / "model", cfg,
+        # no EOS: the in-process engine stops at the config's eos_token_id even without a stop token, and every row
+        # must generate --new-tokens, as for the other engines
+        model_dir = write_hf_dir(Path(tmp) / "model", dict(cfg, eos_token_id=None),
                                  {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")})
         for name, mode in (("vLLM in-process", "inprocess"), ("vLLM server", "server")):
             out[name] = measure(py, model_dir, prompts, args.n, args.new_tokens, args.repeats, mode)
