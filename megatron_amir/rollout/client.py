@@ -77,6 +77,10 @@ def completion_body(prompt: list[int], sp: SamplingParams, n: int, model: Option
         # vLLM started with --skip-tokenizer-init answers logprobs requests with a 400 ("Unable to get
         # tokenizer") unless the tokens in the log-prob record are token ids
         "return_tokens_as_token_ids": True,
+        # explicit neutral values: a vLLM server started with --generation-config auto (its default) fills the
+        # fields a request leaves unset from the served model's generation_config.json, and a penalty there would
+        # make the processed log-probs differ from the trainer's
+        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
     }
     if sp.seed is not None:
         body["seed"] = int(sp.seed)
@@ -211,7 +215,10 @@ class FleetClient:
         return [results[r] for r in rids]
 
     async def _run_group(self, prompt: list[int], sp: SamplingParams, n: int, rid: str) -> GroupResult:
-        body = completion_body(prompt, sp, n, self.model)
+        # vLLM answers n > 1 at temperature 0 with a 400 ("n must be 1 when using greedy sampling"), and so does
+        # our server: greedy samples are all the same, so one is asked for and repeated n times
+        ask = 1 if sp.greedy else n
+        body = completion_body(prompt, sp, ask, self.model)
         last: Optional[str] = None
         for attempt in range(self.max_attempts):
             if attempt:
@@ -226,7 +233,12 @@ class FleetClient:
                     raise _Retryable(f"HTTP {r.status_code} from {url}: {r.text[:200]}")
                 if r.status_code >= 400:
                     raise FleetError(f"group {rid}: HTTP {r.status_code} from {url}: {r.text[:300]}")
-                return parse_completion(r.json(), prompt, n, self.weight_version, rid)
+                g = parse_completion(r.json(), prompt, ask, self.weight_version, rid)
+                if ask != n:
+                    s = g.samples[0]
+                    g.samples = [Sample(list(s.token_ids), list(s.logprobs), s.finish_reason, s.weight_version)
+                                 for _ in range(n)]
+                return g
             except (httpx.TransportError, _Retryable, ValueError) as exc:  # ValueError: bad JSON
                 last = f"{type(exc).__name__}: {exc}"
                 self.stats.count_error(type(exc).__name__)

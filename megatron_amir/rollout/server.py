@@ -27,7 +27,7 @@ so a retry whose first answer was lost regenerates the identical answer.
 
 vLLM's defaults hold: the model's EOS (``eos_token_id`` of its config) ends a sample (finish_reason "stop",
 stop_reason null) besides ``stop_token_ids``; ``usage.prompt_tokens`` counts each prompt once whatever n.
-Sampling fields the engine cannot honour (``UNSUPPORTED_DEFAULTS``: logit_bias, penalties, min_p, min_tokens,
+``n > 1`` with a greedy temperature is a 400, as in vLLM. Sampling fields the engine cannot honour (``UNSUPPORTED_DEFAULTS``: logit_bias, penalties, min_p, min_tokens,
 ignore_eos, best_of, prompt_logprobs, beam search) get a 400 naming the field unless sent at their "off" value;
 a non-finite temperature or top_p is a 400 naming it.
 Errors, unknown routes (404) and methods (405) included, are vLLM-shaped:
@@ -367,7 +367,10 @@ class RolloutServer:
             raise ApiError(400, f"prompt length {longest} + max_tokens {req.max_tokens} exceeds the model's "
                                 f"max_position_embeddings={limit}", "max_tokens")
         # temperatures below vLLM's _SAMPLING_EPS are greedy (dividing by 1e-40 gave NaN log-probs)
-        return SamplingParams(temperature=req.temperature if req.temperature >= 1e-5 else 0.0, top_p=req.top_p,
+        greedy = req.temperature < 1e-5
+        if greedy and req.n > 1:  # vLLM's answer too: n greedy samples would all be the same
+            raise ApiError(400, f"n must be 1 when using greedy sampling, got {req.n}", "n")
+        return SamplingParams(temperature=0.0 if greedy else req.temperature, top_p=req.top_p,
                               top_k=max(req.top_k, 0), max_new_tokens=req.max_tokens, seed=req.seed,
                               stop_token_ids=tuple(dict.fromkeys([*req.stop_token_ids, *self.eos_ids])))
 

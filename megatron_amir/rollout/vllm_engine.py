@@ -237,8 +237,10 @@ def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "12
       virtualenv imports this package's worker extension;
     - ``--skip-tokenizer-init`` (token ids in and out) and an explicit ``--logprobs-mode`` (vLLM's default is
       raw_logprobs; ours processed_logprobs, what the trainer computes with the sampling temperature);
-    - no ``--generation-config``: served from an HF directory the trainer writes (config.json and weights, no
-      generation_config.json), so no generation defaults can reach the sampling parameters (docs/vllm.md);
+    - ``--generation-config vllm``: vLLM's default (``auto``) fills every sampling field a request leaves unset
+      from the served directory's generation_config.json (Qwen2.5: repetition_penalty 1.05), which would move the
+      processed log-probs away from the trainer's; the directory the trainer writes has none either, and the
+      client sends the penalties explicitly at their neutral values (docs/vllm.md);
     - no native ``--weight-transfer-config``: weights arrive through ``collective_rpc load_snapshot``;
     - with ``rc``: tensor parallel size, GPU memory share, FP8 (``rc.fp8_rollout``).
     ``port`` / ``host`` may be the ``{port}`` / ``{host}`` placeholders of launch/fleet_member.py.
@@ -248,7 +250,7 @@ def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "12
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {mode!r}")
     argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--host", host, "--port", str(port), "--worker-extension-cls", EXTENSION, "--skip-tokenizer-init",
-            "--logprobs-mode", mode]
+            "--logprobs-mode", mode, "--generation-config", "vllm"]
     if rc is not None:
         argv += ["--tensor-parallel-size", str(rc.vllm_tensor_parallel_size),
                  "--gpu-memory-utilization", str(rc.vllm_gpu_memory_utilization)]

@@ -316,8 +316,9 @@ def setup(parallel_cfg=None, environ: Optional[MutableMapping[str, str]] = None)
     return d
 
 
-def init_process_group(parallel_cfg=None, timeout_s: float = 600.0):
-    """setup() + resolve_backend() + torch.distributed.init_process_group(env://). Returns the DistEnv."""
+def init_process_group(parallel_cfg=None, timeout_s: Optional[float] = None):
+    """setup() + resolve_backend() + torch.distributed.init_process_group(env://). Returns the DistEnv.
+    ``timeout_s``: the process groups' collective timeout (default ``parallel_cfg.timeout_s``, else 1800)."""
     import datetime
 
     import torch
@@ -330,6 +331,8 @@ def init_process_group(parallel_cfg=None, timeout_s: float = 600.0):
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(d.local_rank % torch.cuda.device_count())  # --gpus-per-task: one visible
+        if timeout_s is None:
+            timeout_s = float(getattr(parallel_cfg, "timeout_s", 1800.0))
         timeout = datetime.timedelta(seconds=timeout_s)
         if d.world_size == 1:
             # an in-memory store: a lone process needs no TCP port (a picked free port can be taken by another

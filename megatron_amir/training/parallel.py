@@ -9,6 +9,7 @@ replicas of a stage agree).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -68,7 +69,9 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int = 1234) -> ParallelInf
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (tp, pp):
             raise RuntimeError("parallel_state already initialized with different TP/PP sizes; call shutdown_parallel()")
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # Megatron's own groups get the same collective timeout as the default group (its default is 30 min)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=max(1, math.ceil(parallel_cfg.timeout_s / 60)))
     info = parallel_info()
     seed_everything(seed + 100 * info.pp_rank)
     tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * info.pp_rank)
