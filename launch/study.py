@@ -96,19 +96,23 @@ def append_reading(report: Path, study_json: Path, steps: int) -> None:
     atomic_write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
 
 
-def link_async_report(report: Path, async_report: Path) -> None:
-    """Give ``report`` a section pointing at the sync-vs-async report (replacing an earlier one: the main study
-    rewrites ``report``, so the section is added again whenever this comparison runs)."""
+def link_section(report: Path, title: str, body: str) -> None:
+    """Give ``report`` the section ``title`` (a ``## `` line) with ``body``, at the end, replacing an earlier one
+    (the main study rewrites ``report``, so a section pointing at another report is added again by its command)."""
     text = report.read_text() if report.is_file() else ""
-    if ASYNC_SECTION in text:
-        head, _, rest = text.partition(ASYNC_SECTION)
+    if title in text:
+        head, _, rest = text.partition(title)
         nxt = rest.find("\n## ")
         text = head.rstrip("\n") + ("\n" + rest[nxt:] if nxt >= 0 else "\n")
+    atomic_write_text(report, text.rstrip("\n") + f"\n\n{title}\n\n{body}\n")
+
+
+def link_async_report(report: Path, async_report: Path) -> None:
+    """Give ``report`` a section pointing at the sync-vs-async report (replacing an earlier one)."""
     rel = os.path.relpath(async_report.resolve(), report.parent.resolve())
-    atomic_write_text(report, text.rstrip("\n") + f"\n\n{ASYNC_SECTION}\n\nAMIR-GRPO with synchronous rollouts vs "
-                      f"asynchronous ones (rollout.async_off_policy, max_staleness = 1, TIS cap 2), same seeds and "
-                      f"warm-up: accuracy curves and final pass@k with CIs in [{rel}]({rel}) "
-                      f"(`python -m launch.study --compare-async`).\n")
+    link_section(report, ASYNC_SECTION, f"AMIR-GRPO with synchronous rollouts vs asynchronous ones "
+                 f"(rollout.async_off_policy, max_staleness = 1, TIS cap 2), same seeds and warm-up: accuracy curves "
+                 f"and final pass@k with CIs in [{rel}]({rel}) (`python -m launch.study --compare-async`).")
 
 
 def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jobs: int = 1) -> dict[str, list[str]]:
