@@ -53,6 +53,7 @@ PLAN = {
     "prompts_per_step": (4, 2),
     "group_size": (8, 2),
     "max_sampling_rounds": (4, 1),
+    "micro_batch_size": (8, 4),
     "max_new_tokens": (40, 12),
     "eval_problems": (100, 4),
     "eval_samples": (2, 1),
@@ -220,7 +221,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     common = [f"train.seed={a.seed}", f"data.train_path={train_path}", f"data.test_path={test_path}",
               f"data.tokenizer_dir={hf_dir}", f"data.prompts_per_step={plan['prompts_per_step']}",
               f"rollout.group_size={plan['group_size']}",
-              f"train.max_sampling_rounds={plan['max_sampling_rounds']}", f"rollout.max_new_tokens={plan['max_new_tokens']}",
+              f"train.max_sampling_rounds={plan['max_sampling_rounds']}",
+              f"train.micro_batch_size={plan['micro_batch_size']}", f"rollout.max_new_tokens={plan['max_new_tokens']}",
               f"eval.max_problems={plan['eval_problems']}", f"eval.samples={plan['eval_samples']}",
               f"train.steps={plan['rl_steps']}", f"checkpoint.save_interval={plan['rl_steps']}",
               "logging.progress=false"]
@@ -243,6 +245,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         assert step is not None, f"{first}: no checkpoint"
         _run(_cli("convert", "mcore-to-hf", "--ckpt", str(step), "--out", str(export)), logs / "export.log")
         timed("mcore-to-hf", t)
+    if not (export / "tokenizer.json").is_file():
+        # a trainer step directory holds weights and config only; training leaves the tokenizer and chat template
+        # as they were, so the export takes the source model's: a directory users load with AutoTokenizer too
+        from megatron_amir.convert.hf_io import copy_side_files
+
+        print(f"export: {', '.join(copy_side_files(hf_dir, export))} from {hf_dir}", flush=True)
     # 6) parity of the export with the trainer side
     parity_path = out / "parity.json"
     if not parity_path.is_file():

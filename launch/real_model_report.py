@@ -106,7 +106,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     if test.is_file():
         first = json.loads(test.read_text().splitlines()[0])
         L += [f"> {first['prompt']}", "", f"(gold answer: {first['answer']})", ""]
-    L += [f"RL: {plan['rl_steps']} steps of {plan['prompts_per_step']} prompts × {plan['group_size']} samples, "
+    L += [f"RL: {plan['rl_steps']} step(s) of {plan['prompts_per_step']} prompts × {plan['group_size']} samples, "
           f"at most {plan['max_new_tokens']} new tokens, seed {seed}; evaluation: greedy and "
           f"{plan['eval_samples']} sample(s) per problem at the rollout temperature.", ""]
     L += ["## Held-out accuracy", "", "| model | greedy accuracy | pass@1 (sampled) | problems |", "|---|---|---|---|"]
