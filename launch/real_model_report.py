@@ -71,6 +71,34 @@ def phase_times(rows: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     return res
 
 
+def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict[str, list], plan: dict[str, Any],
+             quick: bool) -> list[str]:
+    """What the numbers say, decided from them: is each arm's greedy gain resolved (95% CI excludes zero)?"""
+    if quick or "base" not in evals:
+        return []
+    L = ["## Reading it", ""]
+    base = evals["base"]
+    for arm, per in ci.items():
+        c = per["greedy_accuracy"]
+        steps = len(metrics.get(arm, []))
+        seen = sum(r.get("amir/num_sequences", 0) for r in metrics.get(arm, []))
+        if c["lo"] > 0:
+            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
+                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+                     f"excludes zero after {steps} steps ({seen:.0f} trained sequences).")
+        else:
+            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
+                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+                     f"does **not** exclude zero after {steps} steps ({seen:.0f} trained sequences). With "
+                     f"{c['problems']} problems the interval is ±{(c['hi'] - c['lo']) / 2:.3f} wide, so a gain must "
+                     "be about that large "
+                     "to be resolved; it would take more RL steps than this machine gave the run (the base "
+                     "answers few samples correctly, so most groups carry no signal and dynamic sampling spends "
+                     "rounds finding the rest), more held-out problems, or a faster machine.")
+    L.append("")
+    return L
+
+
 def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     out = Path(out)
     settings = json.loads((out / "settings.json").read_text())
@@ -147,6 +175,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
             L.append(f"- `{c['id']}`: {json.dumps(c['trainer'])}" + ("" if c["same"] else
                                                                         f" vs {json.dumps(c['transformers'])}"))
         L.append("")
+    L += _reading(evals, ci, metrics, plan, quick)
     if timings:
         L += ["## Wall time", "", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         L.append("")
