@@ -217,9 +217,10 @@ update as a 540 MB file snapshot of the merged weights; the embedded engine live
 receives the merged weights in memory. vLLM is used where the acceptance needs it: loading the exported directory
 and greedy-decoding the same prompts as the trainer side.
 
-Sizing: one RL step of 32 sequences (4 prompts × 8 samples, ≤ 40 new tokens) with the 135M model took ~3 min on
-the shared 2-core machine at load 20-60, so the full run is one arm of 10 steps (~40 min with the evaluations);
-a second arm (GRPO) doubles it. Everything below is generated from the run's files
+Sizing: on the shared 2-core machine (load 20-60 from other jobs) one RL step of 32 sequences (4 prompts × 8
+samples, ≤ 40 new tokens, up to 4 sampling rounds) takes ~5 min and each evaluation of 100 held-out problems
+(greedy + 2 samples) ~7 min, so the full run is one arm of 5 steps, ~45 min in all; a second arm (GRPO,
+`--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the run's files
 (`python -m launch.real_model_report doc RUN_DIR`).
 """
 
