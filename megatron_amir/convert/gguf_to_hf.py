@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from megatron_amir.fileio import atomic_write_text
+from megatron_amir.fileio import atomic_write_text, publish_mode
 
 __all__ = ["sha256_file", "gguf_to_hf", "RECORD_NAME"]
 
@@ -82,6 +82,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     plain.generation_config = quantized.generation_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    publish_mode(tmp, directory=True)  # a shared cache: readable like a plain mkdir
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
