@@ -218,10 +218,10 @@ receives the merged weights in memory. vLLM is used where the acceptance needs i
 and greedy-decoding the same prompts as the trainer side.
 
 Sizing: on the shared 2-core machine (load 20-60 from other jobs) one RL step of 32 sequences (4 prompts × 8
-samples, ≤ 40 new tokens, up to 4 sampling rounds) takes ~5 min and each evaluation of 100 held-out problems
-(greedy + 2 samples) ~7 min, so the full run is one arm of 5 steps, ~45 min in all; a second arm (GRPO,
-`--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the run's files
-(`python -m launch.real_model_report doc RUN_DIR`).
+samples, ≤ 40 new tokens, up to 4 sampling rounds) took 1.5-5 min (fewer rounds once the policy solves more) and
+each evaluation of 100 held-out problems (greedy + 2 samples) ~7 min, so the full run is one arm of 10 steps,
+~45 min in all; a second arm (GRPO, `--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the
+run's files (`python -m launch.real_model_report doc RUN_DIR`).
 """
 
 
