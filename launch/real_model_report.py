@@ -8,6 +8,7 @@ parity.json, timings.json, environment.json. Writes: summary.json (the numbers b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,9 +24,18 @@ PHASES = (("rollout", "time/rollout_s"), ("old log-probs", "time/logprob_s"), ("
           ("weight sync", "time/weight_sync_s"), ("step", "time/step_s"))
 
 
-def _per_problem(path: Path) -> dict[str, float]:
-    """Fraction of correct samples per problem id (greedy files: 0 or 1)."""
-    return {r.id: r.num_correct / r.n for r in read_results(path)}
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _per_problem(path: Path, strict: bool = False) -> dict[str, float]:
+    """Fraction of correct samples per problem id (greedy files: 0 or 1). ``strict``: only answers that are a plain
+    number count (the math reward also accepts an expression, ``86 - 0``, which math-verify evaluates)."""
+    out = {}
+    for r in read_results(path):
+        ok = [c and (not strict or bool(_PLAIN_NUMBER.fullmatch((a or "").strip())))
+              for c, a in zip(r.correct, r.answers or [None] * r.n)]
+        out[r.id] = sum(ok) / r.n
+    return out
 
 
 def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
@@ -39,9 +49,10 @@ def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
     for model, (sampled, greedy) in files.items():
         if sampled is None or greedy is None:
             continue
-        s, g = _per_problem(sampled), _per_problem(greedy)
+        s, g, gs = _per_problem(sampled), _per_problem(greedy), _per_problem(greedy, strict=True)
         res[model] = {"pass@1": float(np.mean(list(s.values()))), "greedy_accuracy": float(np.mean(list(g.values()))),
-                      "problems": len(g), "sampled": s, "greedy": g,
+                      "greedy_number_accuracy": float(np.mean(list(gs.values()))),
+                      "problems": len(g), "sampled": s, "greedy": g, "greedy_number": gs,
                       "files": [str(sampled.relative_to(out)), str(greedy.relative_to(out))]}
     return res
 
@@ -55,7 +66,8 @@ def gains(evals: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, di
         if model == "base":
             continue
         out[model] = {}
-        for metric, key in (("greedy_accuracy", "greedy"), ("pass@1", "sampled")):
+        for metric, key in (("greedy_accuracy", "greedy"), ("pass@1", "sampled"),
+                            ("greedy_number_accuracy", "greedy_number")):
             ids = sorted(set(e[key]) & set(evals["base"][key]))
             ci = paired_bootstrap([evals["base"][key][i] for i in ids], [e[key][i] for i in ids], seed=seed)
             out[model][metric] = {**ci.to_json(), "problems": len(ids)}
@@ -95,6 +107,15 @@ def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict
                      "to be resolved; it would take more RL steps than this machine gave the run (the base "
                      "answers few samples correctly, so most groups carry no signal and dynamic sampling spends "
                      "rounds finding the rest), more held-out problems, or a faster machine.")
+        n = per.get("greedy_number_accuracy")
+        if n is not None:
+            L.append(f"- {arm}, counting only answers that are a plain number: greedy accuracy "
+                     f"{base['greedy_number_accuracy']:.3f} → {evals[arm]['greedy_number_accuracy']:.3f} (gain "
+                     f"{n['estimate']:+.3f}, 95% CI [{n['lo']:+.3f}, {n['hi']:+.3f}]). The `math` reward extracts what "
+                     "follows \"The answer is\" and math-verify evaluates it, so an expression such as `86 - 0` scores "
+                     "as 86: where the two columns part, the policy learned to restate the problem's expression and let "
+                     "the verifier do the arithmetic (reward hacking of a lenient verifier), not to compute. A reward "
+                     "that accepts only a number would be needed to train the arithmetic itself.")
     L.append("")
     return L
 
@@ -137,10 +158,13 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     L += [f"RL: {plan['rl_steps']} step(s) of {plan['prompts_per_step']} prompts × {plan['group_size']} samples, "
           f"at most {plan['max_new_tokens']} new tokens, seed {seed}; evaluation: greedy and "
           f"{plan['eval_samples']} sample(s) per problem at the rollout temperature.", ""]
-    L += ["## Held-out accuracy", "", "| model | greedy accuracy | pass@1 (sampled) | problems |", "|---|---|---|---|"]
+    L += ["## Held-out accuracy", "",
+          "| model | greedy accuracy | pass@1 (sampled) | greedy, answer a plain number | problems |",
+          "|---|---|---|---|---|"]
     for model, e in evals.items():
         name = "base (SmolLM2-135M-Instruct)" if model == "base" else f"after {model}"
-        L.append(f"| {name} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['pass@1'])} | {e['problems']} |")
+        L.append(f"| {name} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['pass@1'])} | "
+                 f"{_fmt(e['greedy_number_accuracy'])} | {e['problems']} |")
     L.append("")
     if ci:
         L += ["Gain over the base, paired bootstrap over problems (2000 resamples, 95% percentile interval):", "",
@@ -184,7 +208,8 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
         L += ["## Environment", "", "| | |", "|---|---|"]
         L += [f"| {k} | {v} |" for k, v in json.loads(env_path.read_text()).items()]
         L.append("")
-    summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "problems", "files")}
+    summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "greedy_number_accuracy", "problems",
+                                                  "files")}
                             for m, e in evals.items()},
                "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
                {"same": parity["same"], "problems": parity["problems"]},
@@ -245,6 +270,9 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
         f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
         f"[{ci[m]['greedy_accuracy']['lo']:+.3f}, {ci[m]['greedy_accuracy']['hi']:+.3f}])"
         for m, e in held.items() if m != "base" and m in ci]
+    strict = [f"{m} {e['greedy_number_accuracy']:.3f}" for m, e in held.items() if m != "base"]
+    parts.append(f"counting only answers that are a plain number: base {held['base']['greedy_number_accuracy']:.3f}, "
+                 + ", ".join(strict) + " (the policy learned to restate the expression, which math-verify evaluates)")
     rel_doc = os.path.relpath(doc.resolve(), results.parent.resolve())
     link_section(results, DOC_SECTION, lines[0] + " " + "; ".join(parts) + f". Setup, time per step by phase, "
                  f"export parity and how it was run: [{rel_doc}]({rel_doc}).")
