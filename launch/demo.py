@@ -75,6 +75,17 @@ def _latest_step_dir(ckpt_root: Path) -> Optional[Path]:
     return CheckpointManager(ckpt_root).latest_good()
 
 
+def claim_out_dir(recorded: Path, settings: dict[str, Any], prog: str, what: str) -> bool:
+    """Record ``settings`` in ``recorded`` (in the output directory), or refuse (False, with a message) when it holds
+    other ones: finished phases are reused on a re-run, so only if they were made with these settings."""
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        print(f"{prog}: {recorded.parent} holds {what} with other settings ({recorded.read_text().strip()}); "
+              "use another --out or delete it", file=sys.stderr)
+        return False
+    atomic_write_text(recorded, json.dumps(settings, sort_keys=True) + "\n")
+    return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="launch/demo.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -93,12 +104,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = {"quick": bool(q), "seed": a.seed, "plan": plan}
     if a.async_rollouts is not None:
         settings["async_rollouts"] = a.async_rollouts
-    recorded = out / "demo_settings.json"
-    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-        print(f"launch/demo.sh: {out} holds a demo run with other settings ({recorded.read_text().strip()}); "
-              "use another --out or delete it", file=sys.stderr)
+    if not claim_out_dir(out / "demo_settings.json", settings, "launch/demo.sh", "a demo run"):
         return 2
-    atomic_write_text(recorded, json.dumps(settings, sort_keys=True) + "\n")
     from launch.demo_report import environment_record
 
     env_path = out / "environment.json"  # of the first attempt: a resumed run keeps the phases it made

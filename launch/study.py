@@ -155,26 +155,28 @@ def append_reading(report: Path, study_json: Path, steps: int) -> None:
     atomic_write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
 
 
+def link_section(report: Path, title: str, body: str) -> None:
+    """Give ``report`` the section ``title`` (a ``## `` line) with ``body``, at the end, replacing an earlier one
+    (the main study rewrites ``report``, so a section pointing at another report is added again by its command)."""
+    text = report.read_text() if report.is_file() else ""
+    if title in text:
+        head, _, rest = text.partition(title)
+        nxt = rest.find("\n## ")
+        text = head.rstrip("\n") + ("\n" + rest[nxt:] if nxt >= 0 else "\n")
+    atomic_write_text(report, text.rstrip("\n") + f"\n\n{title}\n\n{body}\n")
+
+
 def link_sections(report: Path) -> None:
     """Give ``report`` one section per follow-up report that exists beside it (SECTIONS): what it compares, its
-    summary, the link and the command. Earlier such sections are replaced: the main study rewrites ``report``, and
-    every run of a follow-up adds them again."""
+    summary, the link and the command (link_section: earlier such sections are replaced)."""
     from launch.study_reports import summary_of
 
-    text = report.read_text() if report.is_file() else ""
-    for heading, *_ in SECTIONS:
-        if heading in text:
-            head, _, rest = text.partition(heading)
-            nxt = rest.find("\n## ")
-            text = head.rstrip("\n") + ("\n" + rest[nxt:] if nxt >= 0 else "\n")
     for heading, name, flag, what in SECTIONS:
         target = report.parent / name
-        if not target.is_file():
-            continue
-        summary = summary_of(target)
-        text = (text.rstrip("\n") + f"\n\n{heading}\n\n{what}: [{name}]({name}) (`python -m launch.study {flag}`)."
-                + (f"\n\n{summary}" if summary else "") + "\n")
-    atomic_write_text(report, text)
+        if target.is_file():
+            summary = summary_of(target)
+            link_section(report, heading, f"{what}: [{name}]({name}) (`python -m launch.study {flag}`)."
+                         + (f"\n\n{summary}" if summary else ""))
 
 
 def run_arms(arms: dict, seeds: list[int], steps: int, out: Path, warm: Path, jobs: int = 1,

