@@ -482,6 +482,38 @@ def test_trainer_amir_grpo_steps_on_the_real_vllm_fleet(fleet):
     assert all(x["samples"] == 4 * 4 for x in check["rollouts"])
 
 
+def test_async_rollouts_on_the_real_vllm_fleet(fleet):
+    """Asynchronous rollouts (rollout.async_off_policy, max_staleness = 1) against the two vLLM members: the producer
+    samples step t + 1's batch while step t trains, every sample is checked where the trainer consumes it, and the
+    schedule is exact: step t trains on samples min(t - 1, 1) versions old; stale samples come from another policy,
+    so the behaviour ratio moves away from 1 (TIS corrects it)."""
+    tmp = fleet["tmp"]
+    if not (tmp / "varied_reward.py").exists():
+        (tmp / "varied_reward.py").write_text(
+            "import zlib\n\n\ndef by_hash(responses, answers):\n"
+            "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
+    run = tmp / "train-async"
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), *TRAIN_OVERRIDES,
+           "train.steps=4", "checkpoint.save_interval=1000", "algorithm.amir.enabled=true", "algorithm.tis_cap=2.0",
+           "rollout.async_off_policy=true", "rollout.max_staleness=1",
+           f"rollout.temperature={TEMPERATURE}", "rollout.engine=remote", "rollout.use_router=true",
+           f"rollout.discovery_file={fleet['members'][0].discovery}",
+           f"rollout.weight_sync_dir={tmp / 'async-weights'}",
+           "rollout.request_timeout_s=120", "reward.name=varied_reward:by_hash", f"logging.dir={run}",
+           f"checkpoint.dir={run / 'ckpt'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)])}
+    res = subprocess.run(cmd, env=env, cwd=ROOT, timeout=800, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "staleness/max" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        lag = min(r["step"] - 1, 1)
+        assert r["staleness/max"] == r["staleness/mean"] == lag and r[f"staleness/frac_{lag}"] == 1.0, r
+    assert any(abs(r["offpolicy/ratio_mean"] - 1) > 1e-4 for r in rows if r["staleness/max"] > 0)
+
+
 def test_eval_remote_engine_on_the_real_vllm_fleet(fleet, tmp_path, capsys):
     """``megatron-amir eval --engine remote`` against the vLLM fleet: it pushes --model's weights to every member
     first, and its greedy results (two samples per problem: one asked, repeated) equal the embedded engine's on
