@@ -432,6 +432,26 @@ def test_native_update_route_fails_on_stock_vllm(fleet):
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
+def _train_on_fleet(fleet, entry: list[str], run: Path, *overrides: str) -> list[dict]:
+    """Run ``entry`` (a trainer command line up to its config) for AMIR-GRPO with rollout.engine=remote on the two
+    vLLM members behind the router, with a reward that varies inside every group (the random model solves nothing,
+    so every update moves the weights); returns the rows of its metrics.jsonl."""
+    tmp = fleet["tmp"]
+    (tmp / "varied_reward.py").write_text(
+        "import zlib\n\n\ndef by_hash(responses, answers):\n"
+        "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
+    cmd = [*entry, *TRAIN_OVERRIDES, *overrides, "checkpoint.save_interval=1000", "algorithm.amir.enabled=true",
+           "algorithm.tis_cap=2.0", f"rollout.temperature={TEMPERATURE}", "rollout.engine=remote",
+           "rollout.use_router=true", f"rollout.discovery_file={fleet['members'][0].discovery}",
+           f"rollout.weight_sync_dir={run / 'weights'}", "rollout.request_timeout_s=120",
+           "reward.name=varied_reward:by_hash", f"logging.dir={run}", f"checkpoint.dir={run / 'ckpt'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)])}
+    res = subprocess.run(cmd, env=env, cwd=ROOT, timeout=800, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def test_trainer_amir_grpo_steps_on_the_real_vllm_fleet(fleet):
     """The trainer runs 5 AMIR-GRPO steps with rollout.engine=remote on the two vLLM members (found through
     their discovery file, behind vllm-router), a weight update every step. After every update (the start-up
@@ -440,24 +460,10 @@ def test_trainer_amir_grpo_steps_on_the_real_vllm_fleet(fleet):
     trainer's Megatron log-probs on the same tokens at the same temperature (the mismatch metrics), and the TIS
     metrics are logged."""
     tmp = fleet["tmp"]
-    # a reward that varies inside every group (the random model solves nothing), so every update moves the weights
-    (tmp / "varied_reward.py").write_text(
-        "import zlib\n\n\ndef by_hash(responses, answers):\n"
-        "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
     run, out = tmp / "train", tmp / "train-check.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "vllm_trainer_check.py"), str(CONFIG), str(out), *TRAIN_OVERRIDES,
-           "train.steps=5", "checkpoint.save_interval=1000", "algorithm.amir.enabled=true", "algorithm.tis_cap=2.0",
-           f"rollout.temperature={TEMPERATURE}", "rollout.engine=remote", "rollout.use_router=true",
-           f"rollout.discovery_file={fleet['members'][0].discovery}",
-           f"rollout.weight_sync_dir={tmp / 'train-weights'}",
-           "rollout.request_timeout_s=120", "reward.name=varied_reward:by_hash", f"logging.dir={run}",
-           f"checkpoint.dir={run / 'ckpt'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)])}
     t0 = time.monotonic()
-    res = subprocess.run(cmd, env=env, cwd=ROOT, timeout=800, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = _train_on_fleet(fleet, [sys.executable, str(ROOT / "tests" / "vllm_trainer_check.py"), str(CONFIG),
+                                   str(out)], run, "train.steps=5")
     check = json.loads(out.read_text())
     mism = [(r["mismatch/logp_abs_max"], r["mismatch/logp_abs_mean"]) for r in rows]
     print(f"\n[vllm] trainer: 5 AMIR-GRPO steps on 2 vLLM servers in {time.monotonic() - t0:.1f} s; vLLM processed "
@@ -487,25 +493,9 @@ def test_async_rollouts_on_the_real_vllm_fleet(fleet):
     samples step t + 1's batch while step t trains, every sample is checked where the trainer consumes it, and the
     schedule is exact: step t trains on samples min(t - 1, 1) versions old; stale samples come from another policy,
     so the behaviour ratio moves away from 1 (TIS corrects it)."""
-    tmp = fleet["tmp"]
-    if not (tmp / "varied_reward.py").exists():
-        (tmp / "varied_reward.py").write_text(
-            "import zlib\n\n\ndef by_hash(responses, answers):\n"
-            "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
-    run = tmp / "train-async"
-    cmd = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), *TRAIN_OVERRIDES,
-           "train.steps=4", "checkpoint.save_interval=1000", "algorithm.amir.enabled=true", "algorithm.tis_cap=2.0",
-           "rollout.async_off_policy=true", "rollout.max_staleness=1",
-           f"rollout.temperature={TEMPERATURE}", "rollout.engine=remote", "rollout.use_router=true",
-           f"rollout.discovery_file={fleet['members'][0].discovery}",
-           f"rollout.weight_sync_dir={tmp / 'async-weights'}",
-           "rollout.request_timeout_s=120", "reward.name=varied_reward:by_hash", f"logging.dir={run}",
-           f"checkpoint.dir={run / 'ckpt'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp)])}
-    res = subprocess.run(cmd, env=env, cwd=ROOT, timeout=800, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = _train_on_fleet(fleet, [sys.executable, "-m", "launch.cli", "train", str(CONFIG)],
+                           fleet["tmp"] / "train-async", "train.steps=4", "rollout.async_off_policy=true",
+                           "rollout.max_staleness=1")
     rows = [r for r in rows if "staleness/max" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
