@@ -4,8 +4,8 @@ and Megatron's parallel state stay out of pytest's)::
 
     python tests/vllm_trainer_check.py CONFIG OUT_JSON [key.path=value ...]
 
-After every weight update (the engine's ``load_weights``, the start-up push included) it records greedy output
-through the fleet (router) beside greedy decoding of a transformers model holding the very tensors the trainer
+After every weight update (the engine's ``load_weights`` or ``load_weight_buckets``, the start-up push included) it
+records greedy output through the fleet (router) beside greedy decoding of a transformers model holding the very tensors the trainer
 pushed, and how far those tensors moved since the previous update. Around every rollout it records the engine's
 weight version and the versions the samples are tagged with. OUT_JSON gets {"updates": [...], "rollouts": [...]}.
 """
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     engine = trainer.engine
     record: dict[str, list] = {"updates": [], "rollouts": []}
     previous: dict[str, dict] = {}
-    load_weights, generate = engine.load_weights, engine.generate
+    load_weights, load_buckets, generate = engine.load_weights, engine.load_weight_buckets, engine.generate
 
     def check(weights: dict, version: int) -> None:
         # n=2 at temperature 0: vLLM refuses that request, the client asks for one sample and repeats it
@@ -74,6 +74,11 @@ def main(argv: list[str]) -> int:
         check(weights, version)
         return report
 
+    def checked_buckets(stream, version):  # the trainer's per-step path: its weight stream, bucket by bucket
+        report = load_buckets(stream, version)
+        check(trainer._hf_weights(), version)
+        return report
+
     def recorded_generate(prompts, params, n=1, request_ids=None):
         groups = generate(prompts, params, n, request_ids)
         record["rollouts"].append({"engine_version": engine.version, "samples": sum(len(g.samples) for g in groups),
@@ -82,7 +87,8 @@ def main(argv: list[str]) -> int:
 
     try:
         check(trainer._hf_weights(), trainer.weight_version)  # the start-up push happened in Trainer()
-        engine.load_weights, engine.generate = checked_load, recorded_generate
+        engine.load_weights, engine.load_weight_buckets = checked_load, checked_buckets
+        engine.generate = recorded_generate
         code = trainer.train()
     finally:
         trainer.close()
