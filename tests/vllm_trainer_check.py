@@ -7,7 +7,8 @@ and Megatron's parallel state stay out of pytest's)::
 After every weight update (the engine's ``load_weights`` or ``load_weight_buckets``, the start-up push included) it
 records greedy output through the fleet (router) beside greedy decoding of a transformers model holding the very
 tensors the trainer pushed, and how far those tensors moved since the previous update. Around every rollout it
-records the engine's weight version and the versions the samples are tagged with. OUT_JSON gets {"updates": [...], "rollouts": [...]}.
+records the engine's weight version and the versions the samples are tagged with. OUT_JSON gets
+{"updates": [...], "rollouts": [...]}.
 """
 
 from __future__ import annotations
