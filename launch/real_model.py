@@ -50,14 +50,14 @@ LABELS = {"AMIR-GRPO": "algorithm.amir.enabled=true", "GRPO": "algorithm.amir.en
 PLAN = {
     "num_train": (2000, 64),
     "num_test": (300, 8),
-    "rl_steps": (10, 1),
+    "rl_steps": (12, 1),
     "prompts_per_step": (4, 2),
     "group_size": (8, 2),
     "max_sampling_rounds": (4, 1),
     "micro_batch_size": (8, 4),
     "max_new_tokens": (40, 12),
-    "eval_problems": (100, 4),
-    "eval_samples": (2, 1),
+    "eval_problems": (150, 4),
+    "eval_samples": (1, 1),
     "parity_problems": (16, 4),
 }
 DATA = {"kinds": ["add", "sub", "word"], "min_digits": 1, "max_digits": 2, "seed": 7}

@@ -12,4 +12,10 @@ if ! "$py" -c "import gguf, accelerate" 2>/dev/null; then
   echo "[real_model] installing the 'real' extra (gguf, accelerate)"
   "$py" -m pip --disable-pip-version-check -q install -c scripts/constraints-cpu.txt "gguf>=0.10" "accelerate>=1.0"
 fi
+# a full run also checks the export in stock vLLM: its own virtualenv (.venv-vllm, a few minutes the first time);
+# MEGATRON_AMIR_NO_VLLM=1 or --vllm off skips it (the check is then made in transformers only)
+case " $* " in
+  *" --quick "*|*" --vllm off "*|*" --vllm=off "*) ;;
+  *) [ "${MEGATRON_AMIR_NO_VLLM:-0}" = 1 ] || bash scripts/bootstrap_vllm.sh ;;
+esac
 exec "$py" -m launch.real_model "$@"

@@ -467,6 +467,11 @@ class RewardConfig(_Section):
     first word ends with '='; see data.synthetic.restate_fraction), direct = it does not; any = no requirement. The
     length-bias study's verifier variant (correctness tied to the longer or the shorter style); exact and synthetic
     rewards only."""
+    answer_form: Literal["any", "number"] = "any"
+    """What the extracted answer may be (math reward): any = whatever math-verify finds equal to the gold (an expression
+    such as ``86 - 0`` counts for 86, a loophole a policy learns to exploit); number = it must itself be a number
+    (integer, decimal, fraction, scientific notation), then compared as before. The exact and synthetic rewards compare
+    normalized strings, which is already number-only for numeric gold answers."""
     timeout_s: float = Field(5.0, gt=0)
     """CPU seconds one math-verify call may take in its sandbox worker (math reward); a timeout scores 0 and is counted.
     The wall-clock limit is a multiple of it."""
@@ -483,6 +488,9 @@ class RewardConfig(_Section):
         if self.style != "any" and self.name not in ("exact", "synthetic"):
             raise _cross("reward.style", f"style={self.style!r} is implemented by the exact/synthetic reward only, "
                                          f"not {self.name!r}")
+        if self.answer_form != "any" and self.name != "math":
+            raise _cross("reward.answer_form", f"answer_form={self.answer_form!r} is implemented by the math reward "
+                                               f"only, not {self.name!r}")
         return self
 
 

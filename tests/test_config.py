@@ -81,6 +81,8 @@ BAD = [
     (["model.fp8_param=true"], "model.fp8_param: fp8_param=true needs model.fp8"),
     (["model.hidden_size=130"], "model.hidden_size: hidden_size=130 is not divisible by num_attention_heads=4"),
     (["algorithm.amir.ratio_low=0.9"], "algorithm.amir.ratio_low: ratio_low=0.9 > ratio_high=0.7"),
+    (["reward.name=exact", "reward.answer_form=number"],
+     "reward.answer_form: answer_form='number' is implemented by the math reward only"),
 ]
 
 

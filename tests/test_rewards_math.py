@@ -383,3 +383,19 @@ def test_euler_e_against_a_symbolic_gold_is_not_scientific_notation(math_fn):
              ("2e-1", "0.2"), ("1e-07", "0.0000001"), ("2e-1", "2e - 2")]
     out = math_fn([f"\\boxed{{{a}}}" for a, _ in pairs], [g for _, g in pairs])
     assert list(out.correct) == [True, True, True, True, True, True, True, False]
+
+
+def test_answer_form_number_refuses_expressions_that_evaluate_to_the_gold():
+    """The loophole a policy learned on SmolLM2 (docs/real_model.md): "The answer is 86 - 0" for 86. With
+    answer_form=number only an answer that is itself a number counts; every form of a number still does."""
+    responses = ["The answer is 86 - 0.", "The answer is 80 + 6", r"\boxed{2 \cdot 43}", "The answer is 86 apples.",
+                 "The answer is 86.", r"\boxed{\frac{172}{2}}", "The answer is 8.6e1.", "#### 86.0", "The answer is 85."]
+    loose, strict = get_reward_fn("math", num_workers=1), get_reward_fn("math", num_workers=1, answer_form="number")
+    try:
+        assert loose(responses, ["86"] * len(responses)).correct == [True] * 8 + [False]
+        assert strict(responses, ["86"] * len(responses)).correct == [False] * 4 + [True] * 4 + [False]
+    finally:
+        loose.close()
+        strict.close()
+    with pytest.raises(ValueError, match="reward.answer_form: unknown 'expression'"):
+        get_reward_fn("math", answer_form="expression")

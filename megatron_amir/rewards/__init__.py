@@ -85,7 +85,7 @@ def _resolve(path: str) -> Any:
 def get_reward_fn(name_or_path: str, cfg: Optional[Any] = None, **kwargs) -> RewardFn:
     """Build a reward function by registry name or dotted path.
 
-    ``cfg`` is a ``RewardConfig``; its fields (format_weight, correct_weight, style, timeout_s, num_workers,
+    ``cfg`` is a ``RewardConfig``; its fields (format_weight, correct_weight, style, answer_form, timeout_s, num_workers,
     memory_limit_mb, max_answer_chars) become keyword arguments, and explicit ``kwargs`` override them.
     """
     params: dict[str, Any] = {}
@@ -94,7 +94,7 @@ def get_reward_fn(name_or_path: str, cfg: Optional[Any] = None, **kwargs) -> Rew
             if hasattr(cfg, k):
                 params[k] = getattr(cfg, k)
         # fields added later go only where set, so a user RewardFn class written before them keeps working
-        for k, default in (("correct_weight", 1.0), ("style", "any")):
+        for k, default in (("correct_weight", 1.0), ("style", "any"), ("answer_form", "any")):
             if getattr(cfg, k, default) != default:
                 params[k] = getattr(cfg, k)
     params.update(kwargs)

@@ -17,6 +17,10 @@ ASCII ``-`` (gold and answer) -> decide:
    ``wall_factor * timeout_s`` of wall time, a SIGKILL ``grace_s`` after that, and ``memory_limit_mb``.
    A timeout scores 0 and is counted in ``RewardResult.timeouts``; a crash or memory error scores 0
    and is counted in ``errors``. Results are cached per (gold, answer) pair (groups repeat answers).
+
+``answer_form="number"`` first requires the extracted answer to be a number itself (``_value``: integer, decimal,
+fraction, scientific notation): math-verify evaluates ``86 - 0`` to 86, and a policy asked for 86 learns to restate
+the question as its answer.
 """
 
 from __future__ import annotations
@@ -120,8 +124,11 @@ class MathReward(RewardFn):
     def __init__(self, format_weight: float = 0.0, timeout_s: float = 5.0, num_workers: int = 2,
                  memory_limit_mb: int = 1024, max_answer_chars: int = 2000, float_rounding: int = 6,
                  fast_path: bool = True, cache_size: int = 100_000, grace_s: float = 0.5, chunk_size: int = 16,
-                 wall_factor: float = 2.0, correct_weight: float = 1.0, **_ignored):
+                 wall_factor: float = 2.0, correct_weight: float = 1.0, answer_form: str = "any", **_ignored):
         self.format_weight, self.correct_weight = check_weights(format_weight, correct_weight)
+        if answer_form not in ("any", "number"):
+            raise ValueError(f"reward.answer_form: unknown {answer_form!r} (known: 'any', 'number')")
+        self.answer_form = answer_form
         self.timeout_s, self.num_workers, self.memory_limit_mb = float(timeout_s), int(num_workers), memory_limit_mb
         self.max_answer_chars = int(max_answer_chars)
         self.float_rounding, self.fast_path = int(float_rounding), bool(fast_path)
@@ -174,6 +181,8 @@ class MathReward(RewardFn):
                 continue
             gold = fold_dashes(truncate(gold, self.max_answer_chars))
             ans = fold_dashes(ans)  # the record above keeps the answer as written
+            if self.answer_form == "number" and _value(ans) is None:
+                continue
             sci = _scientific_verdict(gold, ans)
             if sci is not None:
                 correct[i] = sci
