@@ -14,7 +14,7 @@ marker="not gpu"
 py=${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python
 if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then marker=""; fi
 set +e
-"$py" -m pytest -ra -q ${marker:+-m "$marker"} "$@"
+"$py" -m pytest -ra -q --durations=25 ${marker:+-m "$marker"} "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
