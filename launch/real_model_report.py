@@ -38,6 +38,16 @@ def _per_problem(path: Path, strict: bool = False) -> dict[str, float]:
     return out
 
 
+def reward_answer_form(out: Path, arms: list[str]) -> str:
+    """reward.answer_form of the run (its first arm's config.yaml; "any" for runs made before the field)."""
+    import yaml
+
+    cfg = out / arms[0].lower() / "config.yaml"
+    if not cfg.is_file():
+        return "any"
+    return (yaml.safe_load(cfg.read_text()).get("reward") or {}).get("answer_form", "any")
+
+
 def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
     """{model: {greedy_accuracy, pass@1, problems, files}} for 'base' and each arm's final weights."""
     first = out / arms[0].lower()
@@ -84,7 +94,7 @@ def phase_times(rows: list[dict[str, Any]]) -> dict[str, Optional[float]]:
 
 
 def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict[str, list], plan: dict[str, Any],
-             quick: bool) -> list[str]:
+             quick: bool, answer_form: str) -> list[str]:
     """What the numbers say, decided from them: is each arm's greedy gain resolved (95% CI excludes zero)?"""
     if quick or "base" not in evals:
         return []
@@ -108,14 +118,15 @@ def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict
                      "answers few samples correctly, so most groups carry no signal and dynamic sampling spends "
                      "rounds finding the rest), more held-out problems, or a faster machine.")
         n = per.get("greedy_number_accuracy")
-        if n is not None:
+        if n is not None and answer_form == "any":
             L.append(f"- {arm}, counting only answers that are a plain number: greedy accuracy "
                      f"{base['greedy_number_accuracy']:.3f} → {evals[arm]['greedy_number_accuracy']:.3f} (gain "
-                     f"{n['estimate']:+.3f}, 95% CI [{n['lo']:+.3f}, {n['hi']:+.3f}]). The `math` reward extracts what "
-                     "follows \"The answer is\" and math-verify evaluates it, so an expression such as `86 - 0` scores "
-                     "as 86: where the two columns part, the policy learned to restate the problem's expression and let "
-                     "the verifier do the arithmetic (reward hacking of a lenient verifier), not to compute. A reward "
-                     "that accepts only a number would be needed to train the arithmetic itself.")
+                     f"{n['estimate']:+.3f}, 95% CI [{n['lo']:+.3f}, {n['hi']:+.3f}]). With reward.answer_form=any the "
+                     "`math` reward extracts what follows \"The answer is\" and math-verify evaluates it, so an "
+                     "expression such as `86 - 0` scores as 86: where the two columns part, the policy learned to "
+                     "restate the problem's expression and let the verifier do the arithmetic (reward hacking of a "
+                     "lenient verifier), not to compute. reward.answer_form=number (configs/real_smollm2.yaml) closes "
+                     "that loophole.")
     L.append("")
     return L
 
@@ -133,6 +144,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     parity_vllm = json.loads((out / "parity_vllm.json").read_text()) if (out / "parity_vllm.json").is_file() else None
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     plan = settings["plan"]
+    answer_form = reward_answer_form(out, arms)
 
     L = [f"# SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic ({'quick' if quick else 'full'} run)", ""]
     if quick:
@@ -150,7 +162,10 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
           f"{settings['data']['max_digits']}-digit operands) asked in natural language through the model's chat "
           f"template; {plan['num_train']} training and {plan['num_test']} held-out problems (disjoint), of which the "
           f"first {plan['eval_problems']} are evaluated. Reward: the `math` reward (answer after \"The answer is\", "
-          "math-verify). Example prompt (the user turn):", ""]
+          "math-verify)" + (", counting only an answer that is itself a number (reward.answer_form=number: `86 - 0` "
+                            "is not an answer to 'What is 86 - 0?')" if answer_form == "number" else
+                            ", any expression math-verify finds equal (reward.answer_form=any)")
+          + ". Example prompt (the user turn):", ""]
     test = (out / "data" / "test.jsonl")
     if test.is_file():
         first = json.loads(test.read_text().splitlines()[0])
@@ -199,7 +214,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
             L.append(f"- `{c['id']}`: {json.dumps(c['trainer'])}" + ("" if c["same"] else
                                                                         f" vs {json.dumps(c['transformers'])}"))
         L.append("")
-    L += _reading(evals, ci, metrics, plan, quick)
+    L += _reading(evals, ci, metrics, plan, quick, answer_form)
     if timings:
         L += ["## Wall time", "", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         L.append("")
@@ -208,7 +223,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
         L += ["## Environment", "", "| | |", "|---|---|"]
         L += [f"| {k} | {v} |" for k, v in json.loads(env_path.read_text()).items()]
         L.append("")
-    summary = {"held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "greedy_number_accuracy", "problems",
+    summary = {"answer_form": answer_form, "held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "greedy_number_accuracy", "problems",
                                                   "files")}
                             for m, e in evals.items()},
                "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
@@ -275,9 +290,11 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
         f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
         f"[{ci[m]['greedy_accuracy']['lo']:+.3f}, {ci[m]['greedy_accuracy']['hi']:+.3f}])"
         for m, e in held.items() if m != "base" and m in ci]
-    strict = [f"{m} {e['greedy_number_accuracy']:.3f}" for m, e in held.items() if m != "base"]
-    parts.append(f"counting only answers that are a plain number: base {held['base']['greedy_number_accuracy']:.3f}, "
-                 + ", ".join(strict) + " (the policy learned to restate the expression, which math-verify evaluates)")
+    if summary.get("answer_form", "any") == "any":  # the lenient reward: say what the policy really learned
+        strict = [f"{m} {e['greedy_number_accuracy']:.3f}" for m, e in held.items() if m != "base"]
+        parts.append(f"counting only answers that are a plain number: base "
+                     f"{held['base']['greedy_number_accuracy']:.3f}, " + ", ".join(strict)
+                     + " (the policy learned to restate the expression, which math-verify evaluates)")
     headline = f"Greedy accuracy on {held['base']['problems']} held-out problems: " + "; ".join(parts) + "."
     # the "## Summary" paragraph is what docs/results.md quotes (launch.study.link_sections)
     atomic_write_text(doc, DOC_INTRO + f"\n## Summary\n\n{headline}\n\n## The run (`{rel_run}`, report.md there)\n"
