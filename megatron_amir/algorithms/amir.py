@@ -50,20 +50,6 @@ def seq_logprob(logp: torch.Tensor, response_mask: torch.Tensor, norm: str = "me
     raise ValueError(f"algorithm.amir.logprob_norm: unknown {norm!r} (known: 'mean', 'sum')")
 
 
-def implicit_rewards(
-    policy_logp: torch.Tensor,
-    response_mask: torch.Tensor,
-    beta: float,
-    norm: str = "mean",
-    ref_logp: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """s_i = β·(ℓ̄_θ(y_i) − ℓ̄_ref(y_i)); ℓ̄_ref = 0 when ``ref_logp`` is None (reference-free)."""
-    s = seq_logprob(policy_logp, response_mask, norm)
-    if ref_logp is not None:
-        s = s - seq_logprob(ref_logp, response_mask, norm)
-    return beta * s
-
-
 @dataclass
 class _Grid:
     """Rows laid out on a [B, G_max] grid: ``slot[b, k]`` = row index (``n`` for padding), ``ok`` = a valid row.
