@@ -12,7 +12,9 @@ exist (an interrupted run resumes):
    held-out JSONL; the trainer wraps them in the model's chat template
 3. ``megatron-amir convert hf-to-mcore``
 4. per arm: ``megatron-amir train configs/real_smollm2.yaml --init-from <base> --eval-at-end`` (LoRA; the first arm
-   also evaluates the base: ``--eval-at-start``), rollouts from the embedded engine
+   also evaluates the base: ``--eval-at-start``), rollouts from the embedded engine, or (``--rollouts vllm``; the
+   default where CUDA and vLLM's virtualenv are both there) from a stock vLLM server started for the arm
+   (``launch.fleet_member``), updated every step over a gloo/NCCL broadcast (rollout.weight_sync=broadcast)
 5. ``megatron-amir convert mcore-to-hf`` of the first arm's last checkpoint (LoRA merged)
 6. parity: the export in stock ``transformers`` greedy-decodes held-out prompts; the answers are compared with the
    trainer-side greedy answers of the same weights (the run's final greedy evaluation)
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -108,6 +111,60 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "launch.cli", *args]
 
 
+def _vllm_python() -> Path:
+    return Path(os.environ.get("MEGATRON_AMIR_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextmanager
+def vllm_member(hf_dir: Path, run_dir: Path, seed: int, log: Path, timeout_s: float = 900):
+    """One stock vLLM server (launch.fleet_member --vllm-model) serving ``hf_dir`` for one arm; yields its discovery
+    file once the server answers /health, stops it (SIGTERM to the wrapper, which stops the server) on the way out.
+    On CPU: float32 (the trainer's dtype), eager mode, 1 GiB of KV cache and one OMP thread, as tests/test_vllm_real.py
+    runs its members."""
+    from megatron_amir.rollout.router import read_discovery_file
+
+    vllm_py = _vllm_python()
+    if not vllm_py.is_file():
+        raise SystemExit(f"--rollouts vllm: {vllm_py} not found (bash scripts/bootstrap_vllm.sh)")
+    discovery = run_dir / "fleet" / "servers.txt"
+    discovery.parent.mkdir(parents=True, exist_ok=True)
+    discovery.unlink(missing_ok=True)
+    extra = ["--seed", str(seed), "--max-model-len", "512"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not _cuda():
+        extra += ["--dtype", "float32", "--enforce-eager"]
+        env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "launch.fleet_member", "--discovery-file", str(discovery), "--host", "127.0.0.1",
+           "--ready-timeout", str(timeout_s), "--vllm-model", str(hf_dir), "--vllm-python", str(vllm_py), "--", *extra]
+    print("\n$ " + " ".join(cmd[2:]) + " &", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not read_discovery_file(discovery):
+            if proc.poll() is not None:
+                raise SystemExit(f"the vLLM server exited with {proc.returncode} before it was ready; log: {log}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the vLLM server was not ready after {timeout_s:.0f} s; log: {log}")
+            time.sleep(1.0)
+        print(f"vLLM server ready: {read_discovery_file(discovery)[0]}", flush=True)
+        yield discovery
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the wrapper unregisters and stops its server (SIGTERM, then SIGKILL)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def greedy_parity(export_dir: Path, greedy_file: Path, n: int, max_new_tokens: int, out_path: Path) -> dict:
     """Greedy answers of the exported HF directory in stock transformers vs. the trainer-side ones.
 
@@ -173,6 +230,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "real_smollm2"), help="output directory")
     p.add_argument("--seed", type=int, default=1234, help="seed of the RL runs (sampling, adapters, batch order)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per arm (default: the plan's)")
+    p.add_argument("--rollouts", choices=["auto", "embedded", "vllm"], default="auto",
+                   help="rollout engine of the RL arms: embedded (in the trainer's process) or a stock vLLM server "
+                        "updated by broadcast every step; auto = vllm where CUDA and vLLM's virtualenv are there, "
+                        "embedded on CPU (vLLM on the same two cores generates ~0.4x the embedded engine's tokens per "
+                        "CPU-second, docs/benchmarks.md)")
     p.add_argument("--vllm", choices=["auto", "on", "off"], default="auto",
                    help="also check the export's greedy answers in stock vLLM (auto: in a full run, when vLLM's "
                         "virtualenv exists: $MEGATRON_AMIR_VLLM_PYTHON or .venv-vllm; starting it takes minutes)")
@@ -187,7 +249,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan["rl_steps"] = a.steps
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"quick": bool(q), "seed": a.seed, "plan": plan, "data": DATA}
+    rollouts = a.rollouts
+    if rollouts == "auto":
+        rollouts = "vllm" if _cuda() and _vllm_python().is_file() else "embedded"
+    settings = {"quick": bool(q), "seed": a.seed, "plan": plan, "data": DATA, "rollouts": rollouts}
     if not claim_out_dir(out / "settings.json", settings, "launch/real_model.sh", "a run"):
         return 2
     from launch.demo_report import environment_record
@@ -232,9 +297,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if (run_dir / "eval" / "DONE").exists():
             continue
         t = time.time()
-        _run(_cli("train", str(CONFIG), *common, LABELS[label], f"name={label}", f"logging.dir={run_dir}",
-                  f"checkpoint.dir={run_dir / 'checkpoints'}", "--init-from", str(base), "--eval-at-end",
-                  *(["--eval-at-start"] if i == 0 else [])), logs / f"{label.lower()}.log")
+        fleet = vllm_member(hf_dir, run_dir, a.seed, logs / f"{label.lower()}-vllm.log") if rollouts == "vllm" \
+            else nullcontext(None)
+        with fleet as discovery:
+            # vLLM's kernels are not the trainer's: TIS (cap 2) corrects the small log-prob mismatch
+            remote = [] if discovery is None else [
+                "rollout.engine=remote", f"rollout.discovery_file={discovery}", "rollout.weight_sync=broadcast",
+                "rollout.request_timeout_s=900", "algorithm.tis_cap=2.0"]
+            _run(_cli("train", str(CONFIG), *common, *remote, LABELS[label], f"name={label}", f"logging.dir={run_dir}",
+                      f"checkpoint.dir={run_dir / 'checkpoints'}", "--init-from", str(base), "--eval-at-end",
+                      *(["--eval-at-start"] if i == 0 else [])), logs / f"{label.lower()}.log")
         (run_dir / "eval" / "DONE").write_text("ok\n")
         timed(label, t)
     # 5) export the first arm
@@ -261,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"parity: {r['same']}/{r['problems']} greedy answers identical (stock transformers vs trainer side)",
               flush=True)
         timed("parity (transformers)", t)
-    vllm_py = Path(os.environ.get("MEGATRON_AMIR_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    vllm_py = _vllm_python()
     want_vllm = a.vllm == "on" or (a.vllm == "auto" and not q and vllm_py.is_file())
     if want_vllm and not (out / "parity_vllm.json").is_file():
         if not vllm_py.is_file():

@@ -145,6 +145,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     plan = settings["plan"]
     answer_form = reward_answer_form(out, arms)
+    engine = "vLLM server, updated by the trainer," if settings.get("rollouts") == "vllm" else "embedded engine"
 
     L = [f"# SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic ({'quick' if quick else 'full'} run)", ""]
     if quick:
@@ -155,8 +156,9 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
           f"({source['gguf_bytes']:,} bytes, sha256 `{source['gguf_sha256']}`). Dequantized to float32 and saved as "
           f"a Hugging Face directory: {source['architecture']}, {source['parameters']:,} parameters; weights sha256 "
           + ", ".join(f"`{k}` `{v}`" for k, v in source["weights_sha256"].items()) + ". Converted with "
-          "`megatron-amir convert hf-to-mcore`; trained with LoRA (configs/real_smollm2.yaml) on the embedded "
-          "rollout engine.", "",
+          "`megatron-amir convert hf-to-mcore`; trained with LoRA (configs/real_smollm2.yaml), rollouts from "
+          + ("a stock vLLM server updated by broadcast every step" if settings.get("rollouts") == "vllm" else
+             "the embedded engine") + ".", "",
           "## Task", "",
           f"The synthetic {', '.join(settings['data']['kinds'])} problems ({settings['data']['min_digits']}–"
           f"{settings['data']['max_digits']}-digit operands) asked in natural language through the model's chat "
@@ -203,7 +205,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
         L += ["## Exported HF directory vs. the trainer side", "",
               f"`megatron-amir convert mcore-to-hf` of {arms[0]}'s last checkpoint (LoRA merged) loaded in stock "
               f"`transformers`: **{parity['same']}/{parity['problems']}** greedy answers identical to the trainer "
-              f"side's (the embedded engine running the trained weights, from its final greedy evaluation), "
+              f"side's (the {engine} running the trained weights, from its final greedy evaluation), "
               "each prompt decoded alone.", ""]
         if parity_vllm is not None:
             L += [f"The same export in stock vLLM (float32, greedy): **{parity_vllm['same']}/{parity_vllm['problems']}** "
