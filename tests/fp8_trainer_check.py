@@ -2,13 +2,16 @@
 embedded engine in process, or embedded fleet servers through the file or broadcast route); run by
 tests/test_fp8_trainer.py in its own process (torch.distributed and Megatron's parallel state stay out of pytest's)::
 
-    python tests/fp8_trainer_check.py CONFIG OUT_JSON [key.path=value ...]
+    python tests/fp8_trainer_check.py CONFIG OUT_JSON [--alternate-transport] [key.path=value ...]
+
+``--alternate-transport`` (a remote fleet): after every rollout the fleet engine switches between the broadcast and
+the file route, so one run takes updates through both; each record names the route of the version it sampled with.
 
 Around every rollout it takes the trainer's current weights (the version the engine was just given) and scores the
 sampled tokens with two float64 transformers models: one holding those weights quantized and dequantized exactly as the
 trainer's FP8 route does (quantize_block_fp8 then dequantize_block_fp8; what the engine should be sampling from), one
 holding them as they are (what the old route, and a bf16 engine, would sample from). OUT_JSON gets {"rollouts":
-[{"version", "tokens", "max_vs_fp8", "max_vs_float", "mean_vs_float"}, ...]}: the largest |engine log-prob − reference|
+[{"version", "transport", "tokens", "max_vs_fp8", "max_vs_float", "mean_vs_float"}, ...]}: the largest |engine log-prob − reference|
 per rollout call (processed log-probs: log_softmax(logits / T), the config samples without top-k/top-p).
 """
 
@@ -34,6 +37,8 @@ def main(argv: list[str]) -> int:
     from vllm_trainer_check import transformers_model  # tests/ is on PYTHONPATH
 
     config, out_path, overrides = argv[0], argv[1], argv[2:]
+    alternate = "--alternate-transport" in overrides
+    overrides = [o for o in overrides if o != "--alternate-transport"]
     cfg = load_config(config, overrides)
     if not cfg.rollout.fp8_rollout or cfg.rollout.top_p < 1 or cfg.rollout.top_k:
         raise SystemExit("fp8_trainer_check needs rollout.fp8_rollout=true and no top-k/top-p")
@@ -54,8 +59,11 @@ def main(argv: list[str]) -> int:
                 d_fp8.append((got - _logprobs(fp8, list(prompt), s.token_ids, cfg.rollout.temperature)).abs())
                 d_full.append((got - _logprobs(full, list(prompt), s.token_ids, cfg.rollout.temperature)).abs())
         d_fp8, d_full = torch.cat(d_fp8), torch.cat(d_full)
-        record.append({"version": engine.version, "tokens": int(d_fp8.numel()), "max_vs_fp8": float(d_fp8.max()),
+        record.append({"version": engine.version, "transport": getattr(engine, "transport", None),
+                       "tokens": int(d_fp8.numel()), "max_vs_fp8": float(d_fp8.max()),
                        "max_vs_float": float(d_full.max()), "mean_vs_float": float(d_full.mean())})
+        if alternate:  # the next update takes the other route
+            engine.transport = "file" if engine.transport == "broadcast" else "broadcast"
         return groups
 
     try:

@@ -1,7 +1,7 @@
 """AMIR-GRPO steps with FP8 rollouts (``rollout.fp8_rollout``) on CPU, through every route the trainer hands weights to
 an engine by: the embedded engine in process (start-up weights, then the bucketed stream each step), and an embedded
-fleet server started from an FP8 seed directory (``launch.fleet_seed --hf``) updated through the file snapshot and
-through the bucketed broadcast. tests/fp8_trainer_check.py runs the trainer and scores every rollout's log-probs
+fleet server started from an FP8 seed directory (``launch.fleet_seed --hf``) updated through the bucketed broadcast and
+the file snapshot in turn (one run: the check script switches the route after every rollout). tests/fp8_trainer_check.py runs the trainer and scores every rollout's log-probs
 against two float64 transformers models: the trainer's weights quantized and dequantized as the FP8 route does, and
 the trainer's weights as they are.
 
@@ -85,11 +85,11 @@ def test_fp8_rollouts_through_an_embedded_fleet_file_and_broadcast(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
             time.sleep(0.2)
         url = port_file.read_text().strip()
-        for transport in ("file", "broadcast"):
-            records, rows = _train(tmp_path / transport, 2, "rollout.engine=remote", f"rollout.servers=[{url}]",
-                                   "rollout.use_router=false", f"rollout.weight_sync={transport}",
-                                   f"rollout.token={TOKEN}")
-            _check(records, rows, 2)
+        records, rows = _train(tmp_path / "run", 3, "--alternate-transport", "rollout.engine=remote",
+                               f"rollout.servers=[{url}]", "rollout.use_router=false", "rollout.weight_sync=broadcast",
+                               f"rollout.token={TOKEN}")
+        assert [r["transport"] for r in records] == ["broadcast", "file", "broadcast"]
+        _check(records, rows, 3)
     finally:
         server.kill()
         server.wait(10)
