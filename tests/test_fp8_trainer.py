@@ -19,15 +19,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from test_trainer import CONFIG, ROOT
+from test_weight_broadcast import TOKEN
+from test_weight_broadcast import _start as start_server
 
 pytestmark = [pytest.mark.timeout(600)]
-TOKEN = "fp8-token"
 MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=256", "model.num_layers=2", "model.num_attention_heads=4",
          "model.num_kv_heads=2"]
 RUN = ["data.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8",
@@ -75,16 +75,8 @@ def test_fp8_rollouts_through_an_embedded_fleet_file_and_broadcast(tmp_path):
 
     seed = write_seed_hf_dir(str(CONFIG), tmp_path / "seed", [*MODEL, *RUN])
     assert json.loads((seed / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
-    port_file = tmp_path / "port"
-    server = subprocess.Popen([sys.executable, "-m", "megatron_amir.rollout.server", "--model", str(seed), "--port",
-                               "0", "--port-file", str(port_file), "--api-key", TOKEN], stdout=open(tmp_path / "server.log", "wb"),
-                              stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    server, url = start_server(seed, tmp_path, 0)  # an embedded server (megatron_amir.rollout.server)
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(0.2)
-        url = port_file.read_text().strip()
         records, rows = _train(tmp_path / "run", 3, "--alternate-transport", "rollout.engine=remote",
                                f"rollout.servers=[{url}]", "rollout.use_router=false", "rollout.weight_sync=broadcast",
                                f"rollout.token={TOKEN}")
