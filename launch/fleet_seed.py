@@ -31,8 +31,9 @@ def rollout_hf_config_of(cfg) -> dict:
     return rollout_hf_config(cfg)
 
 
-def _seed_weights(config: str, overrides: Sequence[str]) -> tuple[dict, dict]:
-    """(HF config, HF-named random-init tensors with ``cfg.train.seed``) of the config's rollout model."""
+def _seed_weights(config: str, overrides: Sequence[str]) -> tuple[dict, dict, bool]:
+    """(HF config, HF-named random-init tensors with ``cfg.train.seed``, ``rollout.fp8_rollout``) of the config's
+    rollout model."""
     import torch
 
     from megatron_amir.config import load_config
@@ -43,24 +44,31 @@ def _seed_weights(config: str, overrides: Sequence[str]) -> tuple[dict, dict]:
     torch.manual_seed(cfg.train.seed)
     model = CausalLM(hf_config)
     names = model.expected_names()
-    return hf_config, {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    return hf_config, tensors, cfg.rollout.fp8_rollout
 
 
 def write_seed_snapshot(config: str, out_root: str | Path, overrides: Sequence[str] = ()) -> Path:
     from megatron_amir.rollout.weight_sync import write_snapshot
 
-    hf_config, tensors = _seed_weights(config, overrides)
+    hf_config, tensors, fp8 = _seed_weights(config, overrides)
+    if fp8:  # the servers' weights are what FP8 layers would hold, as after every update (rollout.fp8)
+        from megatron_amir.rollout.fp8 import fp8_named_tensors
+
+        tensors = dict(fp8_named_tensors(tensors))
     return write_snapshot(tensors, out_root, version=0, hf_config=hf_config)
 
 
 def write_seed_hf_dir(config: str, out_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
     """The same model as an HF directory (config.json + model.safetensors, no generation_config.json) for stock
     vLLM members: its vocab_size is the trainer's, so the trainer's weight updates fit it (vLLM refuses
-    embedding rows that differ from the served config's vocab_size)."""
+    embedding rows that differ from the served config's vocab_size). With ``rollout.fp8_rollout`` it is an FP8 block
+    checkpoint (quantized linear weights + config.json's quantization_config), so the members allocate the e4m3 weights
+    and scales the trainer's updates carry."""
     from megatron_amir.rollout.vllm_engine import write_hf_dir
 
-    hf_config, tensors = _seed_weights(config, overrides)
-    return write_hf_dir(out_dir, hf_config, tensors)
+    hf_config, tensors, fp8 = _seed_weights(config, overrides)
+    return write_hf_dir(out_dir, hf_config, tensors, fp8=fp8)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -347,7 +347,13 @@ class RolloutConfig(_Section):
     distribution actually sampled from (after temperature and top-k/top-p); raw_logprobs = log_softmax(logits),
     before any sampling transformation."""
     fp8_rollout: bool = False
-    """Serve with vLLM's FP8 weight quantization (``--quantization fp8``); vllm engine and vLLM fleets only."""
+    """FP8 rollouts: the trainer quantizes the linear layers' weights in 128×128 blocks (e4m3 + float32
+    ``weight_scale_inv``, DeepSeek-style block FP8) and every route to the engines carries that layout (the directory an
+    engine starts from, snapshots, broadcasts; docs/weight_sync.md). vllm engine and vLLM fleets serve it with
+    ``--quantization fp8`` (each member must start from an FP8 directory: ``python -m launch.fleet_seed --hf``); the
+    embedded engine and embedded fleet servers dequantize it into their weights (simulated FP8: weights as vLLM holds
+    them, activations unquantized). Turns TIS on (``algorithm.tis_cap`` 2.0 unless set). The vllm engine needs the
+    attention, key/value and MLP widths divisible by 128 × ``vllm_tensor_parallel_size`` (vLLM's block shape)."""
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     """Tensor-parallel size of each vLLM engine or server."""
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
@@ -711,6 +717,16 @@ class Config(_Section):
                 raise _cross("algorithm.tis_cap", "rollout.fp8_rollout=true needs algorithm.tis_cap (FP8 rollouts "
                                                   "sample from a quantized policy; TIS corrects the mismatch)")
             self.algorithm.tis_cap = FP8_DEFAULT_TIS_CAP
+        if self.rollout.fp8_rollout and self.rollout.engine == "vllm":
+            # vLLM's block FP8 layers need every merged or tensor-parallel part whole blocks (validate_fp8_block_shape)
+            unit = 128 * self.rollout.vllm_tensor_parallel_size
+            widths = {"model.num_attention_heads": m.num_attention_heads * m.kv_channels,
+                      "model.num_kv_heads": m.num_kv_heads * m.kv_channels,
+                      "model.ffn_hidden_size": m.ffn_hidden_size}
+            for key, width in widths.items():
+                if width % unit:
+                    raise _cross(key, f"rollout.fp8_rollout with rollout.engine=vllm needs widths divisible by {unit} "
+                                      f"(128 × vllm_tensor_parallel_size): this one is {width}")
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.discovery_file):
             raise _cross("rollout.servers", "rollout.engine=remote needs rollout.servers or rollout.discovery_file")
         return self

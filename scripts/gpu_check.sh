@@ -19,8 +19,9 @@ STAGES=(
   "te_fp8_step|150|cuda,te|\$PY -m pytest -q -x -m gpu tests/test_model_gpu.py"
   "vllm_engine|120|cuda,vllm|\$PY -m pytest -q -x -m gpu tests/test_rollout_vllm.py"
   "vllm_fleet|210|cuda,vllm|MEGATRON_AMIR_VLLM_PYTHON=\$PY MEGATRON_AMIR_VLLM_EXTRA_ARGS='--gpu-memory-utilization 0.3' \$PY -m pytest -q -x -m vllm tests/test_vllm_real.py -k 'processed_logprobs or collective_rpc or trainer'"
+  "vllm_fp8|150|cuda,vllm|MEGATRON_AMIR_VLLM_PYTHON=\$PY MEGATRON_AMIR_VLLM_EXTRA_ARGS='--gpu-memory-utilization 0.3' \$PY -m pytest -q -x -m gpu tests/test_gpu_fp8_rollout.py"
   "nccl_one_gpu|60|cuda|\$PY -m pytest -q -x -m gpu tests/test_dist_env.py"
-  "pytest_gpu|150|cuda|\$PY -m pytest -q -m gpu tests --ignore=tests/test_model_gpu.py --ignore=tests/test_rollout_vllm.py --ignore=tests/test_dist_env.py"
+  "pytest_gpu|150|cuda|\$PY -m pytest -q -m gpu tests --ignore=tests/test_model_gpu.py --ignore=tests/test_rollout_vllm.py --ignore=tests/test_dist_env.py --ignore=tests/test_gpu_fp8_rollout.py"
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

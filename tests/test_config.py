@@ -65,6 +65,8 @@ BAD = [
     (["rollout.weight_sync=nccl"], "rollout.weight_sync: Input should be 'file' or 'broadcast'"),
     (["rollout.weight_sync=broadcast"], "rollout.weight_sync: weight_sync=broadcast needs engine=remote"),
     (["rollout.fp8_rollout=true", "algorithm.tis_cap=null"], "algorithm.tis_cap: rollout.fp8_rollout=true needs"),
+    (["rollout.engine=vllm", "rollout.fp8_rollout=true"],
+     "model.num_kv_heads: rollout.fp8_rollout with rollout.engine=vllm needs widths divisible by 128"),
     (["rollout.servers=[http://[::1]:8000]"], "cannot apply override 'rollout.servers=[http://[::1]:8000]'"),
     (["algorithm.amir.adaptive_lambda=true", "algorithm.amir.lambda_init=0.5"],
      "algorithm.amir.lambda_init: lambda_init=0.5 must lie in [lambda_min=0.005, lambda_max=0.05]"),

@@ -32,15 +32,23 @@ def greedy_tokens(model, prompt, n_new: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def transformers_greedy(hf_config: dict, weights: dict, prompts, n_new: int) -> list[list[int]]:
-    """Greedy decoding of a transformers model holding ``weights``: an implementation independent of both vLLM
-    and the trainer's Megatron model."""
+def transformers_model(hf_config: dict, weights: dict, dtype: torch.dtype = torch.float32):
+    """A transformers Llama holding ``weights`` (in ``dtype``): an implementation independent of both vLLM and the
+    trainer's Megatron model."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(hf_config)).eval().float()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    model = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(hf_config)).eval().to(dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    if hf_config.get("tie_word_embeddings"):  # the head is the embedding
+        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"transformers model vs pushed weights: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def transformers_greedy(hf_config: dict, weights: dict, prompts, n_new: int) -> list[list[int]]:
+    """Greedy decoding of a transformers model holding ``weights``."""
+    model = transformers_model(hf_config, weights)
     return [greedy_tokens(model, p, n_new) for p in prompts]
 
 

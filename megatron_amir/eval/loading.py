@@ -150,20 +150,25 @@ def load_engine(model: str, cfg, *, logprobs_mode: str, seed: int = 0, step_dir:
     if engine == "vllm":
         from megatron_amir.rollout.vllm_engine import VLLMEngine
 
-        rc = cfg.rollout.model_copy(update={"logprobs_mode": logprobs_mode})
-        if hf_dir:
-            eng = VLLMEngine(path, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
-                             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
-        else:  # vLLM reads an HF directory: export the checkpoint to one first
-            import tempfile
+        import tempfile
 
+        rc = cfg.rollout.model_copy(update={"logprobs_mode": logprobs_mode})
+        model_dir = path
+        if not hf_dir:  # vLLM reads an HF directory: export the checkpoint to one first
             from megatron_amir.convert.mcore_to_hf import mcore_to_hf
 
-            export = Path(tempfile.mkdtemp(prefix="mamir-eval-hf-")) / "model"
-            mcore_to_hf(step_dir, export)
-            meta["exported_hf_dir"] = str(export)
-            eng = VLLMEngine(export, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
-                             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
+            model_dir = Path(tempfile.mkdtemp(prefix="mamir-eval-hf-")) / "model"
+            mcore_to_hf(step_dir, model_dir)
+            meta["exported_hf_dir"] = str(model_dir)
+        if rc.fp8_rollout:  # FP8 serving reads an FP8 block checkpoint (rollout.fp8)
+            from megatron_amir.rollout.vllm_engine import fp8_checkpoint_dir
+
+            fp8_dir = fp8_checkpoint_dir(model_dir, Path(tempfile.mkdtemp(prefix="mamir-eval-fp8-")) / "model")
+            if fp8_dir != model_dir:
+                meta["fp8_hf_dir"] = str(fp8_dir)
+            model_dir = fp8_dir
+        eng = VLLMEngine(model_dir, logprobs_mode=logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
+                         gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout, seed=seed)
         return eng, meta
     from megatron_amir.rollout.embedded import EmbeddedEngine, read_hf_dir
 

@@ -33,6 +33,7 @@ from megatron_amir.rollout.engine import (
     expand_params,
     validate_prompts,
 )
+from megatron_amir.rollout.fp8 import Dequantizer, dequantized
 from megatron_amir.rollout.hf_model import CausalLM
 
 
@@ -92,7 +93,13 @@ class EmbeddedEngine:
     weights (None = keep the random init, mostly for tests); ``logprobs_mode``: processed_logprobs |
     raw_logprobs; ``seed``: seed of the generator used by requests without their own seed;
     ``max_batch_rows``: most rows (prompts x n) decoded together, larger calls run in chunks of whole
-    groups."""
+    groups.
+
+    FP8 rollouts (``rollout.fp8_rollout``): weights may arrive in FP8 rollout layout (e4m3 ``<layer>.weight`` plus its
+    ``weight_scale_inv``, ``rollout.fp8``) on every route (constructor, ``load_weights``, ``load_weight_buckets``, so
+    also the HTTP server's snapshot and broadcast updates); each pair is dequantized into the layer's float weight, so
+    the engine samples from the same weights vLLM's FP8 layers hold (simulated FP8: the activations stay unquantized,
+    unlike vLLM's dynamic 1×128 activation quantization)."""
 
     def __init__(
         self,
@@ -121,7 +128,7 @@ class EmbeddedEngine:
         self._generator.manual_seed(seed if seed is not None else torch.seed())
         self.tokens_generated = 0
         if named_tensors is not None:
-            self.model.load_hf_state_dict(named_tensors)
+            self.model.load_hf_state_dict(dequantized(named_tensors))
 
     @classmethod
     def from_hf_dir(cls, path: str | Path, **kwargs) -> "EmbeddedEngine":
@@ -140,7 +147,7 @@ class EmbeddedEngine:
     def load_weights(self, named_tensors: NamedTensors, version: int, strict: bool = True) -> None:
         """Replace the weights (HF names) and set the version; waits for a running generate to finish."""
         with self._lock:
-            self.model.load_hf_state_dict(named_tensors, strict=strict)
+            self.model.load_hf_state_dict(dequantized(named_tensors), strict=strict)
             if strict:
                 self.incomplete_update = None
             self._version = int(version)
@@ -155,14 +162,16 @@ class EmbeddedEngine:
         and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
         with self._lock:
             loaded: set[str] = set()
+            fp8 = Dequantizer()  # an FP8 weight and its scale may come in two buckets
             try:
                 for bucket in buckets:
                     tensors = bucket.tensors if hasattr(bucket, "tensors") else bucket
-                    names = self.model.load_hf_state_dict(tensors, strict=False, refresh=False)
+                    names = self.model.load_hf_state_dict(list(fp8(tensors)), strict=False, refresh=False)
                     if names:
                         self.incomplete_update = f"update to version {int(version)} stopped part-way"
                     loaded.update(names)
                     del tensors, bucket
+                fp8.finish()
                 self.model.refresh_fused()  # once, for the fused q/k/v and gate/up copies the buckets left stale
                 missing = self.model.expected_names() - loaded
                 if missing:

@@ -8,9 +8,12 @@ Facts of vLLM's API used here (the ``gpu`` extra pins vLLM >= 0.27, < 0.35): ``A
 output_kind=FINAL_ONLY)``; per sample ``c.token_ids`` and ``c.logprobs[i][tok].logprob``;
 ``logprobs_mode`` is an engine argument (we pass it explicitly: processed_logprobs by default);
 ``worker_extension_cls`` adds methods to every worker, called through ``collective_rpc``.
-FP8 rollouts: ``quantization="fp8"`` with a block-wise dynamic config (as NeMo-RL and verl do); the
-worker extension re-runs ``process_weights_after_loading`` after each update so bf16 weights are
-re-quantized.
+FP8 rollouts: the engine starts from an FP8 block checkpoint (128×128 e4m3 weights + ``weight_scale_inv``, config.json's
+``quantization_config`` = ``fp8.FP8_QUANTIZATION_CONFIG``, the layout verl and NeMo-RL use) with ``quantization="fp8"``,
+and every update carries the same layout (``rollout.fp8``), which the worker extension loads through vLLM's in-place
+checkpoint-format reload. No ``hf_overrides`` claiming FP8 over a bf16 directory: vLLM would cast those weights to
+e4m3 unscaled (and vLLM 0.32's ``Fp8Config`` refuses a non-checkpoint ``fp8`` outright; online quantization is
+``fp8_per_tensor`` there).
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ from megatron_amir.rollout.engine import (
 
 log = logging.getLogger("megatron_amir.rollout.vllm_engine")
 EXTENSION = "megatron_amir.rollout.vllm_worker.WeightSyncWorkerExtension"
-FP8_HF_OVERRIDES = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                            "weight_block_size": [128, 128]}}
 
 
 def _require_vllm():
@@ -54,21 +55,38 @@ def _require_vllm():
     return vllm
 
 
-def write_hf_dir(path: str | Path, hf_config: Mapping[str, Any], named_tensors: NamedTensors) -> Path:
-    """An HF model directory (config.json + model.safetensors) that vLLM can start from."""
+def write_hf_dir(path: str | Path, hf_config: Mapping[str, Any], named_tensors: NamedTensors,
+                 fp8: bool = False) -> Path:
+    """An HF model directory (config.json + model.safetensors) that vLLM can start from; ``fp8``: an FP8 block
+    checkpoint (the linear weights quantized unless they already are, ``fp8.fp8_named_tensors``, and config.json's
+    ``quantization_config``), what an engine serving FP8 rollouts starts from."""
     from safetensors.torch import save_file
+
+    from megatron_amir.rollout.fp8 import fp8_hf_config, fp8_named_tensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    if fp8:
+        items = fp8_named_tensors(items)
     tensors = {k: v.detach().contiguous().cpu() for k, v in items}
-    cfg = dict(hf_config)
+    cfg = fp8_hf_config(hf_config) if fp8 else dict(hf_config)
     if not cfg.get("architectures"):  # vLLM picks the model class from this field
         cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[cfg["model_type"]]]
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     return path
+
+
+def fp8_checkpoint_dir(src: str | Path, dst: str | Path) -> Path:
+    """``src`` if its config.json already has a quantization_config, else an FP8 block copy of it written to ``dst``
+    (what ``VLLMEngine(..., fp8=True)`` must start from)."""
+    from megatron_amir.rollout.embedded import read_hf_dir
+
+    if json.loads((Path(src) / "config.json").read_text()).get("quantization_config"):
+        return Path(src)
+    return write_hf_dir(dst, *read_hf_dir(src), fp8=True)
 
 
 def to_vllm_sampling_params(sp: SamplingParams, n: int):
@@ -130,9 +148,8 @@ class VLLMEngine:
         )
         if max_model_len:
             args["max_model_len"] = max_model_len
-        if fp8:
+        if fp8:  # model_dir must be an FP8 block checkpoint (write_hf_dir(..., fp8=True))
             args["quantization"] = "fp8"
-            args["hf_overrides"] = FP8_HF_OVERRIDES
         args.update(extra_engine_args or {})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
@@ -152,7 +169,7 @@ class VLLMEngine:
         """From ``RolloutConfig`` (logprobs_mode, fp8_rollout, vllm_tensor_parallel_size,
         vllm_gpu_memory_utilization, weight_sync_dir), an HF config and HF-named tensors."""
         workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm-model-"))
-        model_dir = write_hf_dir(workdir / "initial", hf_config, named_tensors)
+        model_dir = write_hf_dir(workdir / "initial", hf_config, named_tensors, fp8=rc.fp8_rollout)
         return cls(model_dir, logprobs_mode=rc.logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
                    gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout,
                    sync_dir=rc.weight_sync_dir or workdir / "sync", **kwargs)
@@ -242,7 +259,8 @@ def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "12
       processed log-probs away from the trainer's; the directory the trainer writes has none either, and the
       client sends the penalties explicitly at their neutral values (docs/vllm.md);
     - no native ``--weight-transfer-config``: weights arrive through ``collective_rpc load_snapshot``;
-    - with ``rc``: tensor parallel size, GPU memory share, FP8 (``rc.fp8_rollout``).
+    - with ``rc``: tensor parallel size, GPU memory share, FP8 (``rc.fp8_rollout``: ``--quantization fp8``; the
+      served directory must be an FP8 block checkpoint, e.g. ``python -m launch.fleet_seed --hf`` with fp8_rollout).
     ``port`` / ``host`` may be the ``{port}`` / ``{host}`` placeholders of launch/fleet_member.py.
     """
     mode = logprobs_mode or getattr(rc, "logprobs_mode", None) or "processed_logprobs"
@@ -255,7 +273,7 @@ def vllm_serve_command(model_dir: str, port: int | str, rc=None, host: str = "12
         argv += ["--tensor-parallel-size", str(rc.vllm_tensor_parallel_size),
                  "--gpu-memory-utilization", str(rc.vllm_gpu_memory_utilization)]
         if rc.fp8_rollout:
-            argv += ["--quantization", "fp8", "--hf-overrides", json.dumps(FP8_HF_OVERRIDES)]
+            argv += ["--quantization", "fp8"]
     repo = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": repo + (os.pathsep + path if path else "")}

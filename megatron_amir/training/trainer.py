@@ -127,6 +127,10 @@ class Trainer:
             self.ref_policy = self._reference_policy(resumed, init_from)
         # rollout engine (colocated embedded engine or the remote fleet) with the current weights
         weights = self._hf_weights()  # collective: every rank takes part in the gather
+        if self.rank == 0 and cfg.rollout.fp8_rollout:  # every engine gets FP8 rollout layout (rollout.fp8)
+            from megatron_amir.rollout.fp8 import fp8_named_tensors
+
+            weights = dict(fp8_named_tensors(weights))
         self.engine = self._build_engine(weights) if self.rank == 0 else None
         self.producer = self._start_producer(weights) if self.rank == 0 and cfg.rollout.async_off_policy else None
         if self.rank == 0:
@@ -174,9 +178,13 @@ class Trainer:
     def _sync_weights(self) -> None:
         """Stream the new weights bucket by bucket out of the sharded model (collective: every rank fills its part
         of each bucket) into the engine (``push_weight_buckets``); the asynchronous producer keeps whole versions,
-        so it gets them collected."""
+        so it gets them collected. FP8 rollouts: rank 0 quantizes each bucket as it comes (``Fp8Buckets``)."""
         stream = self.policy.weight_stream(vocab_size=self.cfg.model.real_vocab_size,
                                            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+        if self.rank == 0 and self.cfg.rollout.fp8_rollout:
+            from megatron_amir.rollout.fp8 import Fp8Buckets
+
+            stream = Fp8Buckets(stream)
         if self.rank == 0 and self.producer is not None:
             self.producer.publish(self.weight_version, stream.collect())
         elif self.rank == 0:
