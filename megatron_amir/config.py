@@ -339,6 +339,12 @@ class RolloutConfig(_Section):
     weight_sync_timeout_s: float = Field(120.0, gt=0)
     """weight_sync=broadcast: seconds a rendezvous or one bucket's broadcast may take before that server is counted
     as failed (it leaves the rotation; the trainer and the other servers go on)."""
+    weight_sync_rollback: bool = True
+    """weight_sync=broadcast (and the embedded engine): each engine keeps a host-memory (CPU RAM) copy of the weights an
+    update overwrites and puts it back if the update stops part-way (the trainer died, a bucket timed out or was
+    refused), so the engine goes on serving the previous version. Cost per engine during an update: host RAM for one
+    model copy and one device-to-host copy of it (docs/weight_sync.md has the measured time). false = no copy: an
+    engine whose update stopped part-way answers 503 until a complete update has loaded."""
     weight_sync_dir: Optional[str] = None
     """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
     ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""
@@ -353,6 +359,12 @@ class RolloutConfig(_Section):
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Fraction of GPU memory vLLM may take (``--gpu-memory-utilization``); colocated with the trainer it must leave
     room for training."""
+    vllm_sleep_level: Literal[0, 1, 2] = 0
+    """engine=vllm: vLLM's sleep mode around the training phase (the engine gets ``enable_sleep_mode``), so a colocated
+    engine gives its GPU memory to training. After the rollouts the engine sleeps; the weight sync wakes its weights,
+    loads the new ones into them and then wakes the KV cache. 1 = weights offloaded to host memory (host RAM for one
+    model copy), KV cache dropped; 2 = both dropped (the update refills the weights); 0 = off. Not with
+    async_off_policy (the producer generates while the trainer trains)."""
     async_off_policy: bool = False
     """Asynchronous rollouts: a producer thread on rank 0 generates the batches of the next steps while the trainer
     trains; the batch of step s is sampled with the weights of version max(resume version, s - max_staleness), so a
@@ -371,6 +383,14 @@ class RolloutConfig(_Section):
             raise _cross("rollout.weight_sync",
                          f"weight_sync=broadcast needs engine=remote (engine={self.engine!r} loads the weights "
                          "from the stream in process (embedded) or through a snapshot (vllm)); use weight_sync: file")
+        if self.vllm_sleep_level and self.engine != "vllm":
+            raise _cross("rollout.vllm_sleep_level",
+                         f"vllm_sleep_level={self.vllm_sleep_level} needs engine=vllm (engine={self.engine!r} has no "
+                         "colocated vLLM to put to sleep); use 0")
+        if self.vllm_sleep_level and self.async_off_policy:
+            raise _cross("rollout.vllm_sleep_level",
+                         f"vllm_sleep_level={self.vllm_sleep_level} with async_off_policy=true: the producer generates "
+                         "while the trainer trains, so the engine can never sleep; use 0")
         return self
 
 

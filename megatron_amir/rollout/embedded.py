@@ -78,6 +78,13 @@ class IncompleteWeights(RuntimeError):
     complete update has loaded."""
 
 
+class EngineAsleep(RuntimeError):
+    """The engine's memory was released (``sleep``) and not taken back for what was asked (``wake_up``)."""
+
+
+SLEEP_TAGS = ("weights", "kv_cache")
+
+
 class _Request:
     """Book-keeping of one prompt's n rows during a generate call."""
 
@@ -116,6 +123,9 @@ class EmbeddedEngine:
         self.model.requires_grad_(False)
         self._version = int(version)
         self.incomplete_update: Optional[str] = None  # why the weights are a mix of two versions (see load_weight_buckets)
+        self._asleep: set[str] = set()  # sleep mode: the tags (SLEEP_TAGS) whose memory is released
+        self._sleeping: list[tuple[torch.Tensor, int, Optional[torch.Tensor]]] = []  # (parameter, bytes, host copy)
+        self.weights_discarded = False  # sleep(2) dropped the weights: nothing is served until an update loaded
         self._lock = threading.RLock()  # one generate or weight load at a time
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed if seed is not None else torch.seed())
@@ -140,24 +150,33 @@ class EmbeddedEngine:
     def load_weights(self, named_tensors: NamedTensors, version: int, strict: bool = True) -> None:
         """Replace the weights (HF names) and set the version; waits for a running generate to finish."""
         with self._lock:
+            self._check_awake("weights", "load weights")
             self.model.load_hf_state_dict(named_tensors, strict=strict)
             if strict:
                 self.incomplete_update = None
+                self.weights_discarded = False
             self._version = int(version)
 
-    def load_weight_buckets(self, buckets: Iterable[Any], version: int) -> int:
+    def load_weight_buckets(self, buckets: Iterable[Any], version: int, rollback: bool = True) -> int:
         """Load a whole update that arrives bucket by bucket (``training.weight_stream.Bucket``s or lists of
         (name, tensor)), each bucket copied in place before the next one is taken, so no second copy of the
-        weights exists; returns the number of tensors. Every expected weight must arrive.
+        weights exists on the engine's device; returns the number of tensors. Every expected weight must arrive.
 
-        There is no copy to roll back to: an update that stops after its first bucket was loaded (the sender died,
-        a bucket was refused) leaves the weights a mix of two versions. The version label stays the previous one
-        and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
+        An update that stops part-way (the sender died, a bucket was refused or is missing) keeps the previous
+        version label. ``rollback`` (rollout.weight_sync_rollback): before a weight is overwritten its previous
+        value is copied to host memory (one model copy at most), and on a failure those copies go back, so the engine
+        serves the previous version as before. Without it the weights are a mix of two versions and ``generate``
+        refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
         with self._lock:
+            self._check_awake("weights", "load weights")
             loaded: set[str] = set()
+            saved: Optional[dict[str, torch.Tensor]] = {} if rollback else None
+            before = self.incomplete_update
             try:
                 for bucket in buckets:
-                    tensors = bucket.tensors if hasattr(bucket, "tensors") else bucket
+                    tensors = list(bucket.tensors if hasattr(bucket, "tensors") else bucket)
+                    if saved is not None:
+                        self._save_previous(tensors, saved)
                     names = self.model.load_hf_state_dict(tensors, strict=False, refresh=False)
                     if names:
                         self.incomplete_update = f"update to version {int(version)} stopped part-way"
@@ -168,12 +187,78 @@ class EmbeddedEngine:
                 if missing:
                     raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
             except BaseException as exc:
-                if self.incomplete_update:
+                if saved:
+                    self._restore_previous(saved)
+                    self.incomplete_update = before
+                elif self.incomplete_update:
                     self.incomplete_update += f": {type(exc).__name__}: {exc}"
                 raise
             self.incomplete_update = None
+            self.weights_discarded = False
             self._version = int(version)
             return len(loaded)
+
+    def _save_previous(self, tensors: list, saved: dict[str, torch.Tensor]) -> None:
+        """Host copies of the parameters ``tensors`` (HF names) are about to overwrite, each once per update."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, _ in tensors:
+            if name in params and name not in saved:
+                saved[name] = params[name].detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def _restore_previous(self, saved: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, t in saved.items():
+            params[name].copy_(t)
+        self.model.refresh_fused()
+
+    # ------------------------------------------------------------------ sleep mode (vLLM's, same semantics)
+    def sleep(self, level: int = 1) -> None:
+        """Release the weights' memory and the KV cache, as vLLM's sleep mode: level 1 copies the weights to host
+        memory first (``wake_up`` puts them back), level 2 discards them (after ``wake_up(["weights"])`` they hold
+        nothing until an update has loaded). While asleep, ``generate`` and weight loads raise ``EngineAsleep``."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        with self._lock:
+            if self._asleep:
+                raise EngineAsleep(f"sleep({level}) while {sorted(self._asleep)} still asleep")
+            params = {id(p): p for p in self.model.parameters()}.values()  # tied weights once
+            self._sleeping = [(p, p.untyped_storage().nbytes(), p.detach().to("cpu", copy=True) if level == 1
+                               else None) for p in params]
+            for p, _, _ in self._sleeping:
+                p.data.untyped_storage().resize_(0)
+            self.model.release_fused()
+            self._asleep = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take the memory of ``tags`` ("weights", "kv_cache"; None = both) back. After a level-2 sleep the woken
+        weights are uninitialized: load an update into them before waking the KV cache and generating."""
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"wake_up tags must be among {SLEEP_TAGS}, got {unknown}")
+        with self._lock:
+            if "weights" in tags and "weights" in self._asleep:
+                with torch.no_grad():
+                    for p, nbytes, host in self._sleeping:
+                        p.data.untyped_storage().resize_(nbytes)
+                        if host is not None:
+                            p.copy_(host)
+                self.weights_discarded = any(host is None for _, _, host in self._sleeping)
+                self._sleeping = []
+                self.model.refresh_fused()
+                self._asleep.discard("weights")
+            if "kv_cache" in tags:
+                self._asleep.discard("kv_cache")
+
+    @property
+    def asleep(self) -> tuple[str, ...]:
+        """The tags whose memory is released (empty when awake)."""
+        return tuple(t for t in SLEEP_TAGS if t in self._asleep)
+
+    def _check_awake(self, tag: str, what: str) -> None:
+        if tag in self._asleep:
+            raise EngineAsleep(f"cannot {what}: the engine's {tag} are asleep; wake_up([{tag!r}]) first")
 
     def set_version(self, version: int) -> None:
         """Relabel the current weights (vLLM's /update_weight_version); waits for a running generate."""
@@ -190,6 +275,10 @@ class EmbeddedEngine:
     ) -> list[GroupResult]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        self._check_awake("weights", "generate")
+        self._check_awake("kv_cache", "generate")
+        if self.weights_discarded:
+            raise IncompleteWeights("sleep(2) discarded the weights and no update has loaded since")
         if self.incomplete_update:
             raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
                                     f"update")
