@@ -256,6 +256,15 @@ class EmbeddedEngine:
         """The tags whose memory is released (empty when awake)."""
         return tuple(t for t in SLEEP_TAGS if t in self._asleep)
 
+    def _check_servable(self) -> None:
+        self._check_awake("weights", "generate")
+        self._check_awake("kv_cache", "generate")
+        if self.weights_discarded:
+            raise IncompleteWeights("sleep(2) discarded the weights and no update has loaded since")
+        if self.incomplete_update:
+            raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
+                                    f"update")
+
     def _check_awake(self, tag: str, what: str) -> None:
         if tag in self._asleep:
             raise EngineAsleep(f"cannot {what}: the engine's {tag} are asleep; wake_up([{tag!r}]) first")
@@ -275,13 +284,6 @@ class EmbeddedEngine:
     ) -> list[GroupResult]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self._check_awake("weights", "generate")
-        self._check_awake("kv_cache", "generate")
-        if self.weights_discarded:
-            raise IncompleteWeights("sleep(2) discarded the weights and no update has loaded since")
-        if self.incomplete_update:
-            raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
-                                    f"update")
         prompts = validate_prompts(prompts, self.vocab_size)
         plist = expand_params(params, len(prompts))
         if request_ids is None:
@@ -295,7 +297,8 @@ class EmbeddedEngine:
                 )
         results: list[GroupResult] = []
         per_chunk = max(1, self.max_batch_rows // n)
-        with self._lock:
+        with self._lock:  # the weights' state is checked under the lock: an update may be running until now
+            self._check_servable()
             for s in range(0, len(prompts), per_chunk):
                 groups = self._generate_chunk(prompts[s : s + per_chunk], plist[s : s + per_chunk], n)
                 for j, samples in enumerate(groups):

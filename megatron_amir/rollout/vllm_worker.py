@@ -53,7 +53,13 @@ class WeightSyncWorkerExtension:
 
     def receive_weight_buckets(self, info: dict) -> int:
         """Receive the announced buckets and feed them, one at a time, into vLLM's in-place reload (one pass over
-        a lazy iterator: the engine holds one bucket beside its weights); returns the number of tensors."""
+        a lazy iterator: the engine holds one bucket beside its weights); returns the number of tensors.
+
+        ``info["rollback"]`` (default true, the trainer's rollout.weight_sync_rollback): the worker's parameters and
+        buffers are copied to host memory first, and an update that stops part-way (the sender died, a timeout, a
+        refused tensor) puts them back before the error is raised, so the server keeps serving the previous
+        version. vLLM's in-place reload writes each layer once all its weights have arrived, so which layers an
+        aborted update reached is not known from the outside: the copy is of the whole model."""
         from megatron_amir.rollout.weight_sync import receive_buckets
 
         comm = getattr(self, "_bucket_comm", None)
@@ -70,8 +76,40 @@ class WeightSyncWorkerExtension:
                 count[0] += len(bucket)
                 yield from bucket
 
-        self._load_iter(weights())
+        saved = self._host_copy() if info.get("rollback", True) else None
+        try:
+            self._load_iter(weights())
+        except BaseException:
+            if saved is not None:
+                self._put_back(saved)
+            raise
         return count[0]
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        model = self.model_runner.model
+        return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+
+    def _host_copy(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the served model, copied to host memory (one model copy)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self._named_tensors().items()}
+
+    def _put_back(self, saved: dict[str, torch.Tensor]) -> None:
+        """Undo an update that stopped part-way: close vLLM's interrupted in-place reload, which puts every layer's
+        own tensors back in the model (finishing a half-loaded layer from what it got), then copy the saved values
+        into them."""
+        try:
+            from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+        except ImportError:  # vLLM without the layerwise reload loads straight into the parameters
+            finalize_layerwise_reload = None
+        if finalize_layerwise_reload is not None:
+            from vllm.config import set_current_vllm_config
+
+            with set_current_vllm_config(self.vllm_config):
+                finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
+        current = self._named_tensors()
+        with torch.no_grad():
+            for name, t in saved.items():
+                current[name].copy_(t)
 
     def _load(self, weights: dict[str, torch.Tensor]) -> int:
         """Load HF-named checkpoint-format tensors in place.
