@@ -431,6 +431,37 @@ def test_native_update_route_fails_on_stock_vllm(fleet):
     assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy_tokens(fleet["model"], prompt, 8)
 
 
+def test_sender_dies_mid_broadcast_vllm_rolls_back_to_the_previous_version(fleet):
+    """A bucketed broadcast into one real vLLM server whose sender dies after the first bucket: the worker extension's
+    receive fails at the group timeout, vLLM's interrupted in-place reload is closed and the host copy of the weights
+    goes back, so the server serves what it served before the update (greedy output as before), version label
+    unchanged (rollout.weight_sync_rollback, the default)."""
+    from megatron_amir.rollout.weight_sync import PackedBuckets
+    from test_weight_broadcast import Interrupted
+
+    url = fleet["members"][0].url
+    prompt = [3, 1, 4, 1, 5]
+    ask = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    version = httpx.get(f"{url}/weight_info", timeout=30).json()["weight_version"]
+    engine = FleetEngine([url], use_router=False, transport="broadcast", broadcast_timeout_s=10, timeout_s=120)
+
+    def crash():
+        raise SystemExit("trainer died")
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            engine.load_weight_buckets(Interrupted(PackedBuckets(hf_model(fleet["hf_config"], seed=21).state_dict(),
+                                                                 bucket_bytes=64 * 1024), 1, crash), 99)
+    finally:
+        engine.close()
+    httpx.post(f"{url}/resume", timeout=30)  # the dead trainer never resumed it; this waits for the rollback
+    g = httpx.post(f"{url}/v1/completions", timeout=120, json=ask)
+    print(f"\n[vllm] aborted update rolled back and served again after {time.monotonic() - t0:.1f} s")
+    assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy_tokens(fleet["model"], prompt, 8)
+    assert httpx.get(f"{url}/weight_info", timeout=30).json()["weight_version"] == version
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 def _train_on_fleet(fleet, entry: list[str], run: Path, *overrides: str) -> list[dict]:
     """Run ``entry`` (a trainer command line up to its config) for AMIR-GRPO with rollout.engine=remote on the two
