@@ -340,11 +340,12 @@ class RolloutConfig(_Section):
     """weight_sync=broadcast: seconds a rendezvous or one bucket's broadcast may take before that server is counted
     as failed (it leaves the rotation; the trainer and the other servers go on)."""
     weight_sync_rollback: bool = True
-    """weight_sync=broadcast (and the embedded engine): each engine keeps a host-memory (CPU RAM) copy of the weights an
-    update overwrites and puts it back if the update stops part-way (the trainer died, a bucket timed out or was
-    refused), so the engine goes on serving the previous version. Cost per engine during an update: host RAM for one
-    model copy and one device-to-host copy of it (docs/weight_sync.md has the measured time). false = no copy: an
-    engine whose update stopped part-way answers 503 until a complete update has loaded."""
+    """weight_sync=broadcast (and the embedded engine): an update that stops part-way (the trainer died, a bucket timed
+    out or was refused) leaves the engine serving the previous version. Embedded engines copy each weight to host
+    memory (CPU RAM) before the update overwrites it and put the copies back on a failure; vLLM workers receive the
+    whole update into host memory and load it only once it is complete. Cost per engine during an update: host RAM for
+    one model copy, plus its copy time (docs/weight_sync.md). false = no copy: an engine whose update stopped part-way
+    holds a mix of two versions (the embedded server answers 503 until a complete update has loaded)."""
     weight_sync_dir: Optional[str] = None
     """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
     ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""

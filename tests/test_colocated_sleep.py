@@ -14,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from megatron_amir.config import ConfigError, load_config
+from test_trainer import TINY as TRAINER_TINY  # pytest puts tests/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_tiny.yaml"
-TINY = [
-    "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2", "model.num_attention_heads=2",
-    "model.num_kv_heads=1", "data.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12",
-    "train.micro_batch_size=8", "data.synthetic.num_train=200", "data.synthetic.num_test=16", "eval.interval=0",
-    "logging.progress=false", "logging.tensorboard=false", "train.lr=1e-3", "checkpoint.save_interval=1000",
-    "model.tie_word_embeddings=false", "rollout.engine=vllm", "reward.name=varied_reward:by_hash", "train.steps=3",
-]
+TINY = [*TRAINER_TINY, "eval.interval=0", "checkpoint.save_interval=1000", "model.tie_word_embeddings=false",
+        "rollout.engine=vllm", "reward.name=varied_reward:by_hash", "train.steps=3"]
 TIMING = ("time/", "throughput/")
 
 

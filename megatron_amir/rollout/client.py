@@ -576,7 +576,7 @@ class FleetEngine:
         them (``send_buckets``). A member that is unreachable, fails or times out leaves the rotation (router and
         fan-out list) and stays paused: its weights may be a mix of two versions, and it comes back once a later
         update reaches it whole and it reports that update's version on ``/weight_info``. With ``broadcast_rollback``
-        a member whose update stopped part-way has put its previous weights back (it would serve them again, but
+        a member whose update stopped part-way keeps its previous weights (it would serve them again, but
         they are not the current version). The others, and the caller, go on; only when no member took the update
         does it raise (after consuming the stream)."""
         from megatron_amir.rollout.weight_sync import send_buckets
