@@ -132,8 +132,8 @@ def test_colocated_trainer_with_vllm_sleep_mode(tmp_path):
         "import zlib\n\n\ndef by_hash(responses, answers):\n"
         "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
     # head size 32 (64 / 2 heads), as the vLLM tests use; two steps, no eval, no checkpoint
-    overrides = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2", "model.num_attention_heads=2",
-                 "model.num_kv_heads=1", "model.tie_word_embeddings=false", "data.prompts_per_step=4",
+    overrides = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2",
+                 "model.num_attention_heads=2", "model.num_kv_heads=1", "model.tie_word_embeddings=false", "data.prompts_per_step=4",
                  "rollout.group_size=4", "rollout.max_new_tokens=12", "train.micro_batch_size=16",
                  "data.synthetic.num_train=200", "data.synthetic.num_test=16", "eval.interval=0",
                  "logging.progress=false", "logging.tensorboard=false", "train.lr=1e-3", "train.steps=2",
@@ -145,7 +145,8 @@ def test_colocated_trainer_with_vllm_sleep_mode(tmp_path):
         run = tmp_path / f"level{level}"
         res = subprocess.run([sys.executable, str(root / "tests" / "colocated_sleep_check.py"),
                               str(root / "configs" / "demo_tiny.yaml"), str(run / "check.json"), *overrides,
-                              f"rollout.vllm_sleep_level={level}", f"logging.dir={run}", f"checkpoint.dir={run / 'ckpt'}"],
+                              f"rollout.vllm_sleep_level={level}", f"logging.dir={run}",
+                              f"checkpoint.dir={run / 'ckpt'}"],
                              env=env, cwd=root, timeout=400, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-4000:]
         checks[level] = json.loads((run / "check.json").read_text())

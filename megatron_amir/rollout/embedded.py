@@ -99,7 +99,7 @@ class EmbeddedEngine:
     weights (None = keep the random init, mostly for tests); ``logprobs_mode``: processed_logprobs |
     raw_logprobs; ``seed``: seed of the generator used by requests without their own seed;
     ``max_batch_rows``: most rows (prompts x n) decoded together, larger calls run in chunks of whole
-    groups."""
+    groups; ``rollback``: the default of ``load_weight_buckets``' rollback (rollout.weight_sync_rollback)."""
 
     def __init__(
         self,
@@ -111,6 +111,7 @@ class EmbeddedEngine:
         version: int = 0,
         seed: Optional[int] = None,
         max_batch_rows: int = 512,
+        rollback: bool = True,
     ):
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
@@ -119,6 +120,7 @@ class EmbeddedEngine:
         self.dtype = dtype
         self.logprobs_mode = logprobs_mode
         self.max_batch_rows = int(max_batch_rows)
+        self.rollback = bool(rollback)  # load_weight_buckets' default (rollout.weight_sync_rollback)
         self.model = CausalLM(self.hf_config).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = int(version)
@@ -157,20 +159,21 @@ class EmbeddedEngine:
                 self.weights_discarded = False
             self._version = int(version)
 
-    def load_weight_buckets(self, buckets: Iterable[Any], version: int, rollback: bool = True) -> int:
+    def load_weight_buckets(self, buckets: Iterable[Any], version: int, rollback: Optional[bool] = None) -> int:
         """Load a whole update that arrives bucket by bucket (``training.weight_stream.Bucket``s or lists of
         (name, tensor)), each bucket copied in place before the next one is taken, so no second copy of the
         weights exists on the engine's device; returns the number of tensors. Every expected weight must arrive.
 
         An update that stops part-way (the sender died, a bucket was refused or is missing) keeps the previous
-        version label. ``rollback`` (rollout.weight_sync_rollback): before a weight is overwritten its previous
-        value is copied to host memory (one model copy at most), and on a failure those copies go back, so the engine
-        serves the previous version as before. Without it the weights are a mix of two versions and ``generate``
-        refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
+        version label. ``rollback`` (None: the engine's own setting, rollout.weight_sync_rollback): before a weight is
+        overwritten its previous value is copied to host memory (one model copy at most), and on a failure those
+        copies go back, so the engine serves the previous version as before. Without it the weights are a mix of two
+        versions and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
         with self._lock:
             self._check_awake("weights", "load weights")
             loaded: set[str] = set()
-            saved: Optional[dict[str, torch.Tensor]] = {} if rollback else None
+            keep = self.rollback if rollback is None else rollback
+            saved: Optional[dict[str, torch.Tensor]] = {} if keep else None
             before = self.incomplete_update
             try:
                 for bucket in buckets:

@@ -141,7 +141,7 @@ class Trainer:
             from megatron_amir.rollout.embedded import EmbeddedEngine
 
             engine = EmbeddedEngine(hf_config, weights, logprobs_mode=rc.logprobs_mode,
-                                    version=self.weight_version)
+                                    version=self.weight_version, rollback=rc.weight_sync_rollback)
         elif rc.engine == "remote":
             from megatron_amir.rollout.client import FleetEngine
 
