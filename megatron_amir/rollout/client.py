@@ -481,7 +481,7 @@ class FleetEngine:
         self.transport = transport
         self.broadcast_address, self.broadcast_backend = broadcast_address, broadcast_backend
         self.broadcast_timeout_s = float(broadcast_timeout_s)
-        self.broadcast_rollback = bool(broadcast_rollback)  # members keep a host copy to undo a torn update
+        self.broadcast_rollback = bool(broadcast_rollback)  # members keep their previous version if an update tears
         self._groups: dict[str, Any] = {}  # member -> its TensorBroadcaster (bucketed broadcast)
         self.out_of_rotation: dict[str, str] = {}  # member -> why it lacks the current weights
         self.skip_unreachable = skip_unreachable
