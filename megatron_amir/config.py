@@ -339,6 +339,15 @@ class RolloutConfig(_Section):
     weight_sync_timeout_s: float = Field(120.0, gt=0)
     """weight_sync=broadcast: seconds a rendezvous or one bucket's broadcast may take before that server is counted
     as failed (it leaves the rotation; the trainer and the other servers go on)."""
+    weight_sync_rollback: bool = True
+    """weight_sync=broadcast (and the embedded engine): an update that stops part-way (the trainer died, a bucket timed
+    out or was refused) leaves the engine serving the previous version. Embedded engines copy each weight to host
+    memory (CPU RAM) before the update overwrites it and put the copies back on a failure; vLLM workers receive the
+    whole update into host memory and load it only once it is complete. Cost during an update: host RAM for one model
+    copy per embedded engine, and per vLLM worker (every tensor-parallel worker of a vLLM server receives the whole
+    model: a 70B bf16 model served at TP 8 stages 8 × 140 GB on its node), plus the copy time (docs/weight_sync.md).
+    false = no copy: an engine whose update stopped part-way holds a mix of two versions and is kept out of rotation
+    (the embedded server answers 503) until a complete update has loaded."""
     weight_sync_dir: Optional[str] = None
     """Directory for weight snapshots; for a remote fleet it must be readable by the servers. null =
     ``<logging.dir>/weights`` (remote) or a temporary directory (vllm)."""
@@ -359,6 +368,12 @@ class RolloutConfig(_Section):
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Fraction of GPU memory vLLM may take (``--gpu-memory-utilization``); colocated with the trainer it must leave
     room for training."""
+    vllm_sleep_level: Literal[0, 1, 2] = 0
+    """engine=vllm: vLLM's sleep mode around the training phase (the engine gets ``enable_sleep_mode``), so a colocated
+    engine gives its GPU memory to training. After the rollouts the engine sleeps; the weight sync wakes its weights,
+    loads the new ones into them and then wakes the KV cache. 1 = weights offloaded to host memory (host RAM for one
+    model copy), KV cache dropped; 2 = both dropped (the update refills the weights); 0 = off. Not with
+    async_off_policy (the producer generates while the trainer trains)."""
     async_off_policy: bool = False
     """Asynchronous rollouts: a producer thread on rank 0 generates the batches of the next steps while the trainer
     trains; the batch of step s is sampled with the weights of version max(resume version, s - max_staleness), so a
@@ -377,6 +392,14 @@ class RolloutConfig(_Section):
             raise _cross("rollout.weight_sync",
                          f"weight_sync=broadcast needs engine=remote (engine={self.engine!r} loads the weights "
                          "from the stream in process (embedded) or through a snapshot (vllm)); use weight_sync: file")
+        if self.vllm_sleep_level and self.engine != "vllm":
+            raise _cross("rollout.vllm_sleep_level",
+                         f"vllm_sleep_level={self.vllm_sleep_level} needs engine=vllm (engine={self.engine!r} has no "
+                         "colocated vLLM to put to sleep); use 0")
+        if self.vllm_sleep_level and self.async_off_policy:
+            raise _cross("rollout.vllm_sleep_level",
+                         f"vllm_sleep_level={self.vllm_sleep_level} with async_off_policy=true: the producer generates "
+                         "while the trainer trains, so the engine can never sleep; use 0")
         return self
 
 

@@ -18,10 +18,11 @@ STAGES=(
   "versions|45|cuda|\$PY -c 'import torch, megatron_amir.model.compat as c; assert c.apply_cpu_compat() is False, \"CPU layer active on GPU\"; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
   "te_fp8_step|150|cuda,te|\$PY -m pytest -q -x -m gpu tests/test_model_gpu.py"
   "vllm_engine|120|cuda,vllm|\$PY -m pytest -q -x -m gpu tests/test_rollout_vllm.py"
+  "weight_sync_gpu|240|cuda|\$PY -m pytest -q -x -m gpu tests/test_weight_sync_gpu.py"
   "vllm_fleet|210|cuda,vllm|MEGATRON_AMIR_VLLM_PYTHON=\$PY MEGATRON_AMIR_VLLM_EXTRA_ARGS='--gpu-memory-utilization 0.3' \$PY -m pytest -q -x -m vllm tests/test_vllm_real.py -k 'processed_logprobs or collective_rpc or trainer'"
   "vllm_fp8|150|cuda,vllm|MEGATRON_AMIR_VLLM_PYTHON=\$PY MEGATRON_AMIR_VLLM_EXTRA_ARGS='--gpu-memory-utilization 0.3' \$PY -m pytest -q -x -m gpu tests/test_gpu_fp8_rollout.py"
   "nccl_one_gpu|60|cuda|\$PY -m pytest -q -x -m gpu tests/test_dist_env.py"
-  "pytest_gpu|150|cuda|\$PY -m pytest -q -m gpu tests --ignore=tests/test_model_gpu.py --ignore=tests/test_rollout_vllm.py --ignore=tests/test_dist_env.py --ignore=tests/test_gpu_fp8_rollout.py"
+  "pytest_gpu|150|cuda|\$PY -m pytest -q -m gpu tests --ignore=tests/test_model_gpu.py --ignore=tests/test_rollout_vllm.py --ignore=tests/test_dist_env.py --ignore=tests/test_gpu_fp8_rollout.py --ignore=tests/test_weight_sync_gpu.py"
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -23,7 +23,7 @@ def test_bash_n_and_stage_list():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     names = _run("--list").stdout.split()
     assert names[:2] == ["versions", "te_fp8_step"] and names[-1] == "pytest_gpu"
-    assert {"vllm_engine", "vllm_fleet", "vllm_fp8", "nccl_one_gpu"} <= set(names)
+    assert {"vllm_engine", "weight_sync_gpu", "vllm_fleet", "vllm_fp8", "nccl_one_gpu"} <= set(names)
     # the last stage runs every gpu-marked test, so GPU tests added later are part of the check
     assert "-m gpu tests " in SCRIPT.read_text().split('"pytest_gpu|', 1)[1].split("\n", 1)[0]
 

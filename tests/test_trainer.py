@@ -328,7 +328,7 @@ def _train_step_with(monkeypatch, cfg, policy):
     t.policy, t.ref_policy, t.amir_state = policy, None, AmirState.from_config(cfg.algorithm.amir)
     t.engine, t.producer = types.SimpleNamespace(load_weights=lambda *a: None), None
     t.collect_rollouts = lambda: (batch, {})
-    t._sync_weights = lambda: None
+    t._sync_weights = lambda load=None: None
     t.train_step()
     return t
 

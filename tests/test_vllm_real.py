@@ -431,6 +431,40 @@ def test_native_update_route_fails_on_stock_vllm(fleet):
     assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == greedy_tokens(fleet["model"], prompt, 8)
 
 
+def test_sender_dies_mid_broadcast_vllm_rolls_back_to_the_previous_version(fleet):
+    """A bucketed broadcast into one real vLLM server whose sender dies after the first bucket: the worker extension
+    stages the update in host memory (rollout.weight_sync_rollback, the default), its receive fails at the group
+    timeout before anything was loaded, so the server serves what it served before (greedy output as before), version
+    label unchanged (without staging, the same crash leaves a mix of two versions)."""
+    from megatron_amir.rollout.weight_sync import PackedBuckets
+    from test_weight_broadcast import Interrupted
+
+    url = fleet["members"][0].url
+    prompt = [3, 1, 4, 1, 5]
+    ask = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    version = httpx.get(f"{url}/weight_info", timeout=30).json()["weight_version"]
+    before = httpx.post(f"{url}/v1/completions", timeout=120, json=ask).json()["choices"][0]["token_ids"]
+    new = hf_model(fleet["hf_config"], seed=21)
+    assert before != greedy_tokens(new, prompt, 8)
+    engine = FleetEngine([url], use_router=False, transport="broadcast", broadcast_timeout_s=10, timeout_s=120)
+
+    def crash():
+        raise SystemExit("trainer died")
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            engine.load_weight_buckets(Interrupted(PackedBuckets(new.state_dict(), bucket_bytes=64 * 1024), 1, crash),
+                                       99)
+    finally:
+        engine.close()
+    httpx.post(f"{url}/resume", timeout=30)  # the dead trainer never resumed it; this waits for the failed receive
+    g = httpx.post(f"{url}/v1/completions", timeout=120, json=ask)
+    print(f"\n[vllm] aborted update left out and the server serving again after {time.monotonic() - t0:.1f} s")
+    assert g.status_code == 200 and g.json()["choices"][0]["token_ids"] == before
+    assert httpx.get(f"{url}/weight_info", timeout=30).json()["weight_version"] == version
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 def _train_on_fleet(fleet, entry: list[str], run: Path, *overrides: str) -> list[dict]:
     """Run ``entry`` (a trainer command line up to its config) for AMIR-GRPO with rollout.engine=remote on the two

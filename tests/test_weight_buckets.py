@@ -1,6 +1,7 @@
 """Bucketed weight updates on one machine, no process group: the packed-bucket layout and its receiving side, the
 snapshot written bucket by bucket, and the embedded engine loading an update bucket by bucket (complete, and one
-that stops part-way: previous version label, no generation until a complete update)."""
+that stops part-way without rollback: previous version label, no generation until a complete update; with rollback:
+tests/test_embedded_sleep_rollback.py)."""
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_embedded_engine_bucket_update_and_one_that_stops_part_way():
             yield b
 
     with pytest.raises(ConnectionError):
-        engine.load_weight_buckets(stops_after_first(PackedBuckets(new.state_dict(), bucket_bytes=20000)), 2)
+        engine.load_weight_buckets(stops_after_first(PackedBuckets(new.state_dict(), bucket_bytes=20000)), 2,
+                                   rollback=False)
     assert engine.version == 1 and "stopped part-way" in engine.incomplete_update
     with pytest.raises(IncompleteWeights):
         engine.generate(prompt, sp)
@@ -81,5 +83,5 @@ def test_embedded_engine_bucket_update_and_one_that_stops_part_way():
     assert n == len(reference.model.expected_names()) and engine.version == 2 and engine.incomplete_update is None
     assert engine.generate(prompt, sp)[0].samples[0].token_ids == reference.generate(prompt, sp)[0].samples[0].token_ids
     with pytest.raises(KeyError, match="missing weights"):  # an update that lacks tensors is not complete either
-        engine.load_weight_buckets([list(old.state_dict().items())[:3]], 3)
+        engine.load_weight_buckets([list(old.state_dict().items())[:3]], 3, rollback=False)
     assert engine.version == 2 and engine.incomplete_update

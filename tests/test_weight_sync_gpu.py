@@ -113,3 +113,47 @@ def test_vllm_sleep_wake_around_an_update(tmp_path):
     ref = new.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                        pad_token_id=0)[0, 5:].tolist()
     assert out == ref
+
+
+def test_colocated_trainer_with_vllm_sleep_mode(tmp_path):
+    """The trainer with a colocated vLLM engine on the GPU (rollout.engine=vllm, tests/colocated_sleep_check.py without
+    the stand-in), two steps with rollout.vllm_sleep_level=1 and two without: with sleep the engine sleeps after each
+    rollout and wakes weights -> update -> KV cache, the GPU memory held drops at every sleep, and the greedy output
+    after every update equals the run without sleep."""
+    pytest.importorskip("vllm")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "varied_reward.py").write_text(
+        "import zlib\n\n\ndef by_hash(responses, answers):\n"
+        "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
+    # head size 32 (64 / 2 heads), as the vLLM tests use; two steps, no eval, no checkpoint
+    overrides = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2",
+                 "model.num_attention_heads=2", "model.num_kv_heads=1", "model.tie_word_embeddings=false", "data.prompts_per_step=4",
+                 "rollout.group_size=4", "rollout.max_new_tokens=12", "train.micro_batch_size=16",
+                 "data.synthetic.num_train=200", "data.synthetic.num_test=16", "eval.interval=0",
+                 "logging.progress=false", "logging.tensorboard=false", "train.lr=1e-3", "train.steps=2",
+                 "train.deterministic=true", "checkpoint.save_interval=1000", "rollout.engine=vllm",
+                 "rollout.vllm_gpu_memory_utilization=0.3", "reward.name=varied_reward:by_hash"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), str(tmp_path)])}
+    checks = {}
+    for level in (1, 0):
+        run = tmp_path / f"level{level}"
+        res = subprocess.run([sys.executable, str(root / "tests" / "colocated_sleep_check.py"),
+                              str(root / "configs" / "demo_tiny.yaml"), str(run / "check.json"), *overrides,
+                              f"rollout.vllm_sleep_level={level}", f"logging.dir={run}",
+                              f"checkpoint.dir={run / 'ckpt'}"],
+                             env=env, cwd=root, timeout=400, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-4000:]
+        checks[level] = json.loads((run / "check.json").read_text())
+    asleep = checks[1]
+    assert asleep["calls"] == [c for v in (1, 2) for c in ("generate", "sleep(1)", "wake_up(weights)", f"load({v})",
+                                                           "wake_up(kv_cache)")], asleep["calls"]
+    # held = minus the free CUDA memory: lower after each sleep (the KV cache and the weights went to the host)
+    assert len(asleep["memory"]) == 2 and all(after < before for before, after in asleep["memory"]), asleep["memory"]
+    assert [p["engine"] for p in asleep["probes"]] == [p["engine"] for p in checks[0]["probes"]]
+    assert len(asleep["probes"]) == 1  # the rollout after the first update (the second update ends the run)

@@ -425,9 +425,12 @@ class FleetClient:
 
         await asyncio.gather(*(one(u) for u in done), return_exceptions=True)
 
-    async def weight_versions(self, key: str = "weight_version") -> dict[str, Optional[str]]:
-        """``key`` of every server's ``/weight_info`` (None where a server lacks it: stock ``vllm serve`` has no
-        ``logprobs_mode`` there)."""
+    async def weight_versions(self, key: str = "weight_version", urls: Optional[Sequence[str]] = None
+                              ) -> dict[str, Optional[str]]:
+        """``key`` of every server's (or ``urls``') ``/weight_info`` (None where a server lacks it: stock ``vllm
+        serve`` has no ``logprobs_mode`` there)."""
+        urls = list(self.servers if urls is None else urls)
+
         async def one(url: str) -> Optional[str]:
             try:
                 r = await self.http().get(f"{url}/weight_info", timeout=10)
@@ -435,7 +438,7 @@ class FleetClient:
             except httpx.HTTPError:
                 return None
 
-        return dict(zip(self.servers, await asyncio.gather(*(one(u) for u in self.servers))))
+        return dict(zip(urls, await asyncio.gather(*(one(u) for u in urls))))
 
 
 class FleetEngine:
@@ -462,6 +465,7 @@ class FleetEngine:
         broadcast_address: str = "127.0.0.1",
         broadcast_backend: str = "gloo",
         broadcast_timeout_s: float = 120.0,
+        broadcast_rollback: bool = True,
     ):
         from megatron_amir.rollout.router import DiscoveryWatcher, VllmRouter, read_discovery_file
 
@@ -477,6 +481,7 @@ class FleetEngine:
         self.transport = transport
         self.broadcast_address, self.broadcast_backend = broadcast_address, broadcast_backend
         self.broadcast_timeout_s = float(broadcast_timeout_s)
+        self.broadcast_rollback = bool(broadcast_rollback)  # members keep their previous version if an update tears
         self._groups: dict[str, Any] = {}  # member -> its TensorBroadcaster (bucketed broadcast)
         self.out_of_rotation: dict[str, str] = {}  # member -> why it lacks the current weights
         self.skip_unreachable = skip_unreachable
@@ -511,6 +516,7 @@ class FleetEngine:
         kwargs.setdefault("broadcast_address", rc.weight_sync_address)
         kwargs.setdefault("broadcast_backend", "nccl" if torch.cuda.is_available() else "gloo")
         kwargs.setdefault("broadcast_timeout_s", rc.weight_sync_timeout_s)
+        kwargs.setdefault("broadcast_rollback", rc.weight_sync_rollback)
         return cls(rc.servers, use_router=rc.use_router, policy=rc.router_policy,
                    token=rc.token or os.environ.get("MEGATRON_AMIR_TOKEN"),
                    sync_dir=sync_dir or rc.weight_sync_dir, hf_config=hf_config,
@@ -569,8 +575,10 @@ class FleetEngine:
         member receives the announced buckets (``collective_rpc receive_weight_buckets``) while this thread sends
         them (``send_buckets``). A member that is unreachable, fails or times out leaves the rotation (router and
         fan-out list) and stays paused: its weights may be a mix of two versions, and it comes back once a later
-        update reaches it whole. The others, and the caller, go on; only when no member took the update does it
-        raise (after consuming the stream)."""
+        update reaches it whole and it reports that update's version on ``/weight_info``. With ``broadcast_rollback``
+        a member whose update stopped part-way keeps its previous weights (it would serve them again, but
+        they are not the current version). The others, and the caller, go on; only when no member took the update
+        does it raise (after consuming the stream)."""
         from megatron_amir.rollout.weight_sync import send_buckets
 
         members = list(dict.fromkeys([*self.client.servers, *self.out_of_rotation]))
@@ -578,7 +586,7 @@ class FleetEngine:
         try:
             ready = self._call(self.client.prepare_broadcast(members, self._groups, self.broadcast_address,
                                                              self.broadcast_backend, self.broadcast_timeout_s, report))
-            info = {**stream.update_info(), "version": int(version)}
+            info = {**stream.update_info(), "version": int(version), "rollback": self.broadcast_rollback}
             receiving = asyncio.run_coroutine_threadsafe(self.client.receive_buckets(ready, info), self._loop)
         except BaseException:
             stream.drain()
@@ -589,6 +597,11 @@ class FleetEngine:
             report[url] = errors.get(url) or received[url]
         done = [u for u in members if report.get(u) == "ok"]
         self._call(self.client.finish_broadcast(done, version))
+        reported = self._call(self.client.weight_versions(urls=done))
+        for url in done:  # back in rotation only once it says it serves this version
+            if reported[url] != str(int(version)):
+                report[url] = f"reports weight version {reported[url]!r} after the update to {int(version)}"
+        done = [u for u in done if report[u] == "ok"]
         for url in members:
             if report.get(url) == "ok":
                 self._back_in_rotation(url)

@@ -79,6 +79,13 @@ class IncompleteWeights(RuntimeError):
     complete update has loaded."""
 
 
+class EngineAsleep(RuntimeError):
+    """The engine's memory was released (``sleep``) and not taken back for what was asked (``wake_up``)."""
+
+
+SLEEP_TAGS = ("weights", "kv_cache")
+
+
 class _Request:
     """Book-keeping of one prompt's n rows during a generate call."""
 
@@ -93,7 +100,7 @@ class EmbeddedEngine:
     weights (None = keep the random init, mostly for tests); ``logprobs_mode``: processed_logprobs |
     raw_logprobs; ``seed``: seed of the generator used by requests without their own seed;
     ``max_batch_rows``: most rows (prompts x n) decoded together, larger calls run in chunks of whole
-    groups.
+    groups; ``rollback``: the default of ``load_weight_buckets``' rollback (rollout.weight_sync_rollback).
 
     FP8 rollouts (``rollout.fp8_rollout``): weights may arrive in FP8 rollout layout (e4m3 ``<layer>.weight`` plus its
     ``weight_scale_inv``, ``rollout.fp8``) on every route (constructor, ``load_weights``, ``load_weight_buckets``, so
@@ -111,6 +118,7 @@ class EmbeddedEngine:
         version: int = 0,
         seed: Optional[int] = None,
         max_batch_rows: int = 512,
+        rollback: bool = True,
     ):
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
@@ -119,10 +127,14 @@ class EmbeddedEngine:
         self.dtype = dtype
         self.logprobs_mode = logprobs_mode
         self.max_batch_rows = int(max_batch_rows)
+        self.rollback = bool(rollback)  # load_weight_buckets' default (rollout.weight_sync_rollback)
         self.model = CausalLM(self.hf_config).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = int(version)
         self.incomplete_update: Optional[str] = None  # why the weights are a mix of two versions (see load_weight_buckets)
+        self._asleep: set[str] = set()  # sleep mode: the tags (SLEEP_TAGS) whose memory is released
+        self._sleeping: list[tuple[torch.Tensor, int, Optional[torch.Tensor]]] = []  # (parameter, bytes, host copy)
+        self.weights_discarded = False  # sleep(2) dropped the weights: nothing is served until an update loaded
         self._lock = threading.RLock()  # one generate or weight load at a time
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed if seed is not None else torch.seed())
@@ -147,26 +159,36 @@ class EmbeddedEngine:
     def load_weights(self, named_tensors: NamedTensors, version: int, strict: bool = True) -> None:
         """Replace the weights (HF names) and set the version; waits for a running generate to finish."""
         with self._lock:
+            self._check_awake("weights", "load weights")
             self.model.load_hf_state_dict(dequantized(named_tensors), strict=strict)
             if strict:
                 self.incomplete_update = None
+                self.weights_discarded = False
             self._version = int(version)
 
-    def load_weight_buckets(self, buckets: Iterable[Any], version: int) -> int:
+    def load_weight_buckets(self, buckets: Iterable[Any], version: int, rollback: Optional[bool] = None) -> int:
         """Load a whole update that arrives bucket by bucket (``training.weight_stream.Bucket``s or lists of
         (name, tensor)), each bucket copied in place before the next one is taken, so no second copy of the
-        weights exists; returns the number of tensors. Every expected weight must arrive.
+        weights exists on the engine's device; returns the number of tensors. Every expected weight must arrive.
 
-        There is no copy to roll back to: an update that stops after its first bucket was loaded (the sender died,
-        a bucket was refused) leaves the weights a mix of two versions. The version label stays the previous one
-        and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
+        An update that stops part-way (the sender died, a bucket was refused or is missing) keeps the previous
+        version label. ``rollback`` (None: the engine's own setting, rollout.weight_sync_rollback): before a weight is
+        overwritten its previous value is copied to host memory (one model copy at most), and on a failure those
+        copies go back, so the engine serves the previous version as before. Without it the weights are a mix of two
+        versions and ``generate`` refuses to run (``incomplete_update`` says why) until a complete update has loaded."""
         with self._lock:
+            self._check_awake("weights", "load weights")
             loaded: set[str] = set()
+            keep = self.rollback if rollback is None else rollback
+            saved: Optional[dict[str, torch.Tensor]] = {} if keep else None
+            before = self.incomplete_update
             fp8 = Dequantizer()  # an FP8 weight and its scale may come in two buckets
             try:
                 for bucket in buckets:
-                    tensors = bucket.tensors if hasattr(bucket, "tensors") else bucket
-                    names = self.model.load_hf_state_dict(list(fp8(tensors)), strict=False, refresh=False)
+                    tensors = list(fp8(bucket.tensors if hasattr(bucket, "tensors") else bucket))
+                    if saved is not None:
+                        self._save_previous(tensors, saved)
+                    names = self.model.load_hf_state_dict(tensors, strict=False, refresh=False)
                     if names:
                         self.incomplete_update = f"update to version {int(version)} stopped part-way"
                     loaded.update(names)
@@ -177,12 +199,87 @@ class EmbeddedEngine:
                 if missing:
                     raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
             except BaseException as exc:
-                if self.incomplete_update:
+                if saved:
+                    self._restore_previous(saved)
+                    self.incomplete_update = before
+                elif self.incomplete_update:
                     self.incomplete_update += f": {type(exc).__name__}: {exc}"
                 raise
             self.incomplete_update = None
+            self.weights_discarded = False
             self._version = int(version)
             return len(loaded)
+
+    def _save_previous(self, tensors: list, saved: dict[str, torch.Tensor]) -> None:
+        """Host copies of the parameters ``tensors`` (HF names) are about to overwrite, each once per update."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, _ in tensors:
+            if name in params and name not in saved:
+                saved[name] = params[name].detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def _restore_previous(self, saved: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, t in saved.items():
+            params[name].copy_(t)
+        self.model.refresh_fused()
+
+    # ------------------------------------------------------------------ sleep mode (vLLM's, same semantics)
+    def sleep(self, level: int = 1) -> None:
+        """Release the weights' memory and the KV cache, as vLLM's sleep mode: level 1 copies the weights to host
+        memory first (``wake_up`` puts them back), level 2 discards them (after ``wake_up(["weights"])`` they hold
+        nothing until an update has loaded). While asleep, ``generate`` and weight loads raise ``EngineAsleep``."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        with self._lock:
+            if self._asleep:
+                raise EngineAsleep(f"sleep({level}) while {sorted(self._asleep)} still asleep")
+            params = {id(p): p for p in self.model.parameters()}.values()  # tied weights once
+            self._sleeping = [(p, p.untyped_storage().nbytes(), p.detach().to("cpu", copy=True) if level == 1
+                               else None) for p in params]
+            for p, _, _ in self._sleeping:
+                p.data.untyped_storage().resize_(0)
+            self.model.release_fused()
+            self._asleep = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take the memory of ``tags`` ("weights", "kv_cache"; None = both) back. After a level-2 sleep the woken
+        weights are uninitialized: load an update into them before waking the KV cache and generating."""
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"wake_up tags must be among {SLEEP_TAGS}, got {unknown}")
+        with self._lock:
+            if "weights" in tags and "weights" in self._asleep:
+                with torch.no_grad():
+                    for p, nbytes, host in self._sleeping:
+                        p.data.untyped_storage().resize_(nbytes)
+                        if host is not None:
+                            p.copy_(host)
+                self.weights_discarded = any(host is None for _, _, host in self._sleeping)
+                self._sleeping = []
+                self.model.refresh_fused()
+                self._asleep.discard("weights")
+            if "kv_cache" in tags:
+                self._asleep.discard("kv_cache")
+
+    @property
+    def asleep(self) -> tuple[str, ...]:
+        """The tags whose memory is released (empty when awake)."""
+        return tuple(t for t in SLEEP_TAGS if t in self._asleep)
+
+    def _check_servable(self) -> None:
+        self._check_awake("weights", "generate")
+        self._check_awake("kv_cache", "generate")
+        if self.weights_discarded:
+            raise IncompleteWeights("sleep(2) discarded the weights and no update has loaded since")
+        if self.incomplete_update:
+            raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
+                                    f"update")
+
+    def _check_awake(self, tag: str, what: str) -> None:
+        if tag in self._asleep:
+            raise EngineAsleep(f"cannot {what}: the engine's {tag} are asleep; wake_up([{tag!r}]) first")
 
     def set_version(self, version: int) -> None:
         """Relabel the current weights (vLLM's /update_weight_version); waits for a running generate."""
@@ -199,9 +296,6 @@ class EmbeddedEngine:
     ) -> list[GroupResult]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if self.incomplete_update:
-            raise IncompleteWeights(f"weights of no single version ({self.incomplete_update}); waiting for a complete "
-                                    f"update")
         prompts = validate_prompts(prompts, self.vocab_size)
         plist = expand_params(params, len(prompts))
         if request_ids is None:
@@ -215,7 +309,8 @@ class EmbeddedEngine:
                 )
         results: list[GroupResult] = []
         per_chunk = max(1, self.max_batch_rows // n)
-        with self._lock:
+        with self._lock:  # the weights' state is checked under the lock: an update may be running until now
+            self._check_servable()
             for s in range(0, len(prompts), per_chunk):
                 groups = self._generate_chunk(prompts[s : s + per_chunk], plist[s : s + per_chunk], n)
                 for j, samples in enumerate(groups):

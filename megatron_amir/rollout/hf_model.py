@@ -328,6 +328,12 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
+    def release_fused(self) -> None:
+        """Free the fused copies (the engine's sleep mode); ``refresh_fused`` rebuilds them."""
+        for layer in self.model.layers:
+            layer.self_attn._qkv_w = layer.self_attn._qkv_b = None
+            layer.mlp._gu_w = layer.mlp._gu_b = None
+
     def _apply(self, fn, *args, **kwargs):
         # .to(device/dtype) replaces the parameters: the fused copies must follow
         out = super()._apply(fn, *args, **kwargs)

@@ -643,8 +643,9 @@ class RolloutServer:
 
     async def _receive_buckets(self, info: Any) -> int:
         """Receive a bucketed update; the engine loads each bucket in place before the next one arrives. A failure
-        part-way leaves the engine refusing to generate (503) at its previous version label until a complete
-        update (``EmbeddedEngine.load_weight_buckets``)."""
+        part-way puts the previous version's weights back when ``info["rollback"]`` (the trainer's
+        rollout.weight_sync_rollback; default true), else leaves the engine refusing to generate (503) at its previous
+        version label until a complete update (``EmbeddedEngine.load_weight_buckets``)."""
         from megatron_amir.rollout.weight_sync import receive_buckets
 
         comm = getattr(self, "_bucket_comm", None)
@@ -660,7 +661,8 @@ class RolloutServer:
         t0 = time.perf_counter()
         try:
             n = await loop.run_in_executor(
-                None, lambda: self.engine.load_weight_buckets(receive_buckets(comm, info), version))
+                None, lambda: self.engine.load_weight_buckets(receive_buckets(comm, info), version,
+                                                              rollback=bool(info.get("rollback", True))))
         except (KeyError, ValueError) as exc:
             self._bucket_comm = None  # the sender and this server are at different points of the stream now
             raise ApiError(400, f"weight update failed: {exc}", "args") from None

@@ -167,9 +167,12 @@ class VLLMEngine:
     def from_config(cls, rc, hf_config: Mapping[str, Any], named_tensors: NamedTensors,
                     workdir: Optional[str | Path] = None, **kwargs) -> "VLLMEngine":
         """From ``RolloutConfig`` (logprobs_mode, fp8_rollout, vllm_tensor_parallel_size,
-        vllm_gpu_memory_utilization, weight_sync_dir), an HF config and HF-named tensors."""
+        vllm_gpu_memory_utilization, weight_sync_dir; vllm_sleep_level > 0 turns on ``enable_sleep_mode``), an HF
+        config and HF-named tensors."""
         workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm-model-"))
         model_dir = write_hf_dir(workdir / "initial", hf_config, named_tensors, fp8=rc.fp8_rollout)
+        if rc.vllm_sleep_level:
+            kwargs["extra_engine_args"] = {"enable_sleep_mode": True, **(kwargs.get("extra_engine_args") or {})}
         return cls(model_dir, logprobs_mode=rc.logprobs_mode, tensor_parallel_size=rc.vllm_tensor_parallel_size,
                    gpu_memory_utilization=rc.vllm_gpu_memory_utilization, fp8=rc.fp8_rollout,
                    sync_dir=rc.weight_sync_dir or workdir / "sync", **kwargs)

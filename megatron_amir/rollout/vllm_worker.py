@@ -10,7 +10,8 @@ trainer's (``.venv-vllm``, scripts/bootstrap_vllm.sh): it needs only torch, safe
 - ``load_snapshot(path, version)``: load a weight_sync snapshot (sha256-verified, HF-named tensors) in place.
 - ``join_weight_group(host, port, backend, world_size, timeout_s)`` + ``receive_weight_buckets(info)``: join
   the trainer's broadcast group for this server (gloo on CPU, NCCL on GPU; the trainer is rank 0, worker w rank
-  1 + w) and receive a ``training.weight_stream`` update bucket by bucket straight into vLLM's in-place reload.
+  1 + w) and receive a ``training.weight_stream`` update bucket by bucket into vLLM's in-place reload (staged in
+  host memory first with rollback, so an aborted update changes nothing).
 - ``served_vocab_size()``: rows of the served embedding, so a caller can check a snapshot fits it.
 """
 
@@ -52,8 +53,17 @@ class WeightSyncWorkerExtension:
         return rank
 
     def receive_weight_buckets(self, info: dict) -> int:
-        """Receive the announced buckets and feed them, one at a time, into vLLM's in-place reload (one pass over
-        a lazy iterator: the engine holds one bucket beside its weights); returns the number of tensors."""
+        """Receive the announced buckets and feed them into vLLM's in-place reload (one pass over a lazy iterator);
+        returns the number of tensors. Without ``info["rollback"]`` the buckets go in one at a time as they arrive
+        (the engine holds one bucket beside its weights).
+
+        ``info["rollback"]`` (default true, the trainer's rollout.weight_sync_rollback): an update that stops part-way
+        (the sender died, a timeout) must leave the previous version in place. A host copy of the overwritten
+        parameters cannot undo a vLLM reload: processing after loading turns them into other forms (vLLM's CPU
+        backend packs each linear layer's weight into a oneDNN handle and empties the parameter, FP8 re-quantizes),
+        so the update is staged instead: every bucket is received into host memory (one model copy, as vLLM's level-1
+        sleep keeps) and loaded only once the whole update has arrived; a failure before that leaves the engine
+        untouched."""
         from megatron_amir.rollout.weight_sync import receive_buckets
 
         comm = getattr(self, "_bucket_comm", None)
@@ -63,10 +73,13 @@ class WeightSyncWorkerExtension:
                   if n in _VOCAB_ROWS}
         check_vocab_rows(shapes, self.served_vocab_size())
         device = self.device if comm.backend == "nccl" else "cpu"
+        buckets = receive_buckets(comm, info, device)
+        if info.get("rollback", True):
+            buckets = [[(name, t.cpu()) for name, t in bucket] for bucket in buckets]  # the whole update, on host
         count = [0]
 
         def weights():
-            for bucket in receive_buckets(comm, info, device):
+            for bucket in buckets:
                 count[0] += len(bucket)
                 yield from bucket
 

@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -145,7 +145,7 @@ class Trainer:
             from megatron_amir.rollout.embedded import EmbeddedEngine
 
             engine = EmbeddedEngine(hf_config, weights, logprobs_mode=rc.logprobs_mode,
-                                    version=self.weight_version)
+                                    version=self.weight_version, rollback=rc.weight_sync_rollback)
         elif rc.engine == "remote":
             from megatron_amir.rollout.client import FleetEngine
 
@@ -175,9 +175,10 @@ class Trainer:
     def _sync_dir(self) -> str:
         return self.cfg.rollout.weight_sync_dir or str(Path(self.cfg.logging.dir) / "weights")
 
-    def _sync_weights(self) -> None:
+    def _sync_weights(self, load: Callable[[Any, Any, int], Any] = push_weight_buckets) -> None:
         """Stream the new weights bucket by bucket out of the sharded model (collective: every rank fills its part
-        of each bucket) into the engine (``push_weight_buckets``); the asynchronous producer keeps whole versions,
+        of each bucket) into the engine (``load(engine, stream, version)``: ``push_weight_buckets``, or the
+        sleeping engine's wake-up order from ``_engine_to_sleep``); the asynchronous producer keeps whole versions,
         so it gets them collected. FP8 rollouts: rank 0 quantizes each bucket as it comes (``Fp8Buckets``)."""
         stream = self.policy.weight_stream(vocab_size=self.cfg.model.real_vocab_size,
                                            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
@@ -188,9 +189,31 @@ class Trainer:
         if self.rank == 0 and self.producer is not None:
             self.producer.publish(self.weight_version, stream.collect())
         elif self.rank == 0:
-            push_weight_buckets(self.engine, stream, self.weight_version)
+            load(self.engine, stream, self.weight_version)
         else:
             stream.drain()
+
+    def _engine_to_sleep(self) -> Callable[[Any, Any, int], Any]:
+        """The colocated engine's memory around the training phase (rank 0, rollout.vllm_sleep_level > 0): called
+        after the rollouts, it puts the engine to sleep (vLLM's sleep mode: the KV cache dropped, the weights
+        offloaded to host memory at level 1, dropped at level 2) so training gets the GPU memory; the weight sync then
+        loads through the returned function, which wakes the engine in the order sleep mode needs: the weights
+        first, the update into them (level 2 left them empty), then the KV cache, ready for the next rollouts.
+        Without sleep mode (or on other ranks): the plain bucketed load."""
+        level = self.cfg.rollout.vllm_sleep_level
+        if self.rank != 0 or not level:
+            return push_weight_buckets
+        self.engine.sleep(level)
+
+        def wake_with_update(engine, stream, version: int) -> Any:
+            if torch.cuda.is_available():  # the blocks training cached go back to the driver, for vLLM to map again
+                torch.cuda.empty_cache()
+            engine.wake_up(["weights"])
+            out = push_weight_buckets(engine, stream, version)
+            engine.wake_up(["kv_cache"])
+            return out
+
+        return wake_with_update
 
     def _hf_weights(self):
         """HF-named tensors of the current policy, padding rows dropped (collective; rank 0 gets them)."""
@@ -272,6 +295,7 @@ class Trainer:
         # 1) rollouts + rewards on rank 0 (generated now, or ahead by the async producer), shared as tensors; no
         # sample older than rollout.max_staleness versions is trained on (every rank checks, so all stop together)
         batch, rollout_metrics = self._next_rollouts() if self.rank == 0 else (None, {})
+        load_weights = self._engine_to_sleep()  # colocated vLLM: its GPU memory goes to training until the sync
         batch = broadcast_rollout_batch(batch)
         staleness = staleness_metrics(batch.weight_version, self.weight_version, cfg.rollout.max_staleness)
         t_rollout = time.perf_counter() - t0
@@ -318,7 +342,7 @@ class Trainer:
         # 5) weight sync: the engine samples the next step from the new weights (async: the producer loads them when
         # its schedule reaches this version)
         self.weight_version += 1
-        self._sync_weights()
+        self._sync_weights(load_weights)
         t_sync = time.perf_counter() - t0 - t_rollout - t_logp - t_train
         # rollout-vs-trainer log-prob mismatch (synchronous: same weights and temperature, so ~0; asynchronous: also
         # the staleness of the behaviour policy)
