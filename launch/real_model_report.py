@@ -101,22 +101,20 @@ def _reading(evals: dict[str, dict[str, Any]], ci: dict[str, Any], metrics: dict
     L = ["## Reading it", ""]
     base = evals["base"]
     for arm, per in ci.items():
-        c = per["greedy_accuracy"]
         steps = len(metrics.get(arm, []))
         seen = sum(r.get("amir/num_sequences", 0) for r in metrics.get(arm, []))
-        if c["lo"] > 0:
-            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
-                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
-                     f"excludes zero after {steps} steps ({seen:.0f} trained sequences).")
-        else:
-            L.append(f"- {arm}: held-out greedy accuracy {base['greedy_accuracy']:.3f} → "
-                     f"{evals[arm]['greedy_accuracy']:.3f}; the 95% CI of the gain [{c['lo']:+.3f}, {c['hi']:+.3f}] "
-                     f"does **not** exclude zero after {steps} steps ({seen:.0f} trained sequences). With "
-                     f"{c['problems']} problems the interval is ±{(c['hi'] - c['lo']) / 2:.3f} wide, so a gain must "
-                     "be about that large "
-                     "to be resolved; it would take more RL steps than this machine gave the run (the base "
-                     "answers few samples correctly, so most groups carry no signal and dynamic sampling spends "
-                     "rounds finding the rest), more held-out problems, or a faster machine.")
+        for metric, label, key in (("greedy_accuracy", "greedy accuracy", "greedy_accuracy"),
+                                   ("pass@1", "sampled pass@1", "pass@1")):
+            c = per[metric]
+            verdict = "excludes zero" if c["lo"] > 0 else "does **not** exclude zero"
+            L.append(f"- {arm}: held-out {label} {base[key]:.3f} → {evals[arm][key]:.3f}; the 95% CI of the gain "
+                     f"[{c['lo']:+.3f}, {c['hi']:+.3f}] {verdict} after {steps} steps ({seen:.0f} trained sequences).")
+        if per["greedy_accuracy"]["lo"] <= 0 or per["pass@1"]["lo"] <= 0:
+            c = per["greedy_accuracy"]
+            L.append(f"  With {c['problems']} problems a 95% interval is about ±{(c['hi'] - c['lo']) / 2:.3f} wide, so a "
+                     "gain must be about that large to be resolved; it would take more RL steps than this machine gave "
+                     "the run (the base answers few samples correctly, so most groups carry no signal and dynamic "
+                     "sampling spends rounds finding the rest), more held-out problems, or a faster machine.")
         n = per.get("greedy_number_accuracy")
         if n is not None and answer_form == "any":
             L.append(f"- {arm}, counting only answers that are a plain number: greedy accuracy "
@@ -188,6 +186,8 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
               "| run | metric | gain | 95% CI | CI excludes zero |", "|---|---|---|---|---|"]
         for model, per in ci.items():
             for metric, c in per.items():
+                if metric == "greedy_number_accuracy" and answer_form == "number":
+                    continue  # the reward itself counts only numbers: the same as greedy_accuracy
                 excl = c["lo"] > 0 or c["hi"] < 0
                 L.append(f"| {model} | {metric} | {c['estimate']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
                          f"{'yes' if excl else 'no'} |")
