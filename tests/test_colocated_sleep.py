@@ -28,9 +28,6 @@ def _run(tmp: Path, level: int) -> tuple[list[dict], dict, dict]:
 
     run = tmp / f"level{level}"
     run.mkdir()
-    (tmp / "varied_reward.py").write_text(  # varies inside every group, so every update moves the weights
-        "import zlib\n\n\ndef by_hash(responses, answers):\n"
-        "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(tmp)])}
     cmd = [sys.executable, str(ROOT / "tests" / "colocated_sleep_check.py"), str(CONFIG), str(run / "check.json"),
@@ -48,12 +45,19 @@ def _run(tmp: Path, level: int) -> tuple[list[dict], dict, dict]:
 def test_sleep_levels_give_the_run_without_sleep_bit_for_bit(tmp_path):
     import torch
 
-    base_rows, base, base_w = _run(tmp_path, 0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "varied_reward.py").write_text(  # varies inside every group, so every update moves the weights
+        "import zlib\n\n\ndef by_hash(responses, answers):\n"
+        "    return [float(zlib.crc32(r.encode()) % 2) for r in responses]\n")
+    with ThreadPoolExecutor(3) as pool:  # three one-thread trainer processes side by side: start-up dominates each
+        runs = dict(zip((0, 1, 2), pool.map(lambda level: _run(tmp_path, level), (0, 1, 2))))
+    base_rows, base, base_w = runs[0]
     assert [r["step"] for r in base_rows] == [1, 2, 3] and len(base["probes"]) == 2
     assert "sleep(1)" not in base["calls"] and base["memory"] == []
     assert base_rows[-1]["grad_norm"] > 0  # the weights move, so a lost or stale update would show
     for level in (1, 2):
-        rows, check, weights = _run(tmp_path, level)
+        rows, check, weights = runs[level]
         assert rows == base_rows, level
         assert weights.keys() == base_w.keys() and all(torch.equal(weights[k], base_w[k]) for k in weights)
         # per step: rollouts, sleep, training, then weights awake -> update -> KV cache awake, before the next one
