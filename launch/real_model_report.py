@@ -67,21 +67,36 @@ def held_out(out: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
     return res
 
 
-def gains(evals: dict[str, dict[str, Any]], seed: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Paired bootstrap (over held-out problems) of each arm minus the base: greedy accuracy and pass@1."""
+def gains(evals: dict[str, dict[str, Any]], seed: int, reference: str = "base",
+          models: Optional[list[str]] = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap (over held-out problems) of each model (``models``, default every one but ``reference``)
+    minus ``reference``: greedy accuracy, pass@1 and greedy accuracy over plain-number answers."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    if "base" not in evals:
+    if reference not in evals:
         return out
-    for model, e in evals.items():
-        if model == "base":
-            continue
+    ref = evals[reference]
+    for model in models if models is not None else [m for m in evals if m != reference]:
+        e = evals[model]
         out[model] = {}
         for metric, key in (("greedy_accuracy", "greedy"), ("pass@1", "sampled"),
                             ("greedy_number_accuracy", "greedy_number")):
-            ids = sorted(set(e[key]) & set(evals["base"][key]))
-            ci = paired_bootstrap([evals["base"][key][i] for i in ids], [e[key][i] for i in ids], seed=seed)
+            ids = sorted(set(e[key]) & set(ref[key]))
+            ci = paired_bootstrap([ref[key][i] for i in ids], [e[key][i] for i in ids], seed=seed)
             out[model][metric] = {**ci.to_json(), "problems": len(ids)}
     return out
+
+
+def _ci_rows(ci: dict[str, dict[str, dict[str, float]]], answer_form: str, label: Optional[str] = None) -> list[str]:
+    """Markdown table rows of ``gains``' intervals (then a blank line)."""
+    rows = []
+    for model, per in ci.items():
+        for metric, c in per.items():
+            if metric == "greedy_number_accuracy" and answer_form == "number":
+                continue  # the reward itself counts only numbers: the same as greedy_accuracy
+            excl = c["lo"] > 0 or c["hi"] < 0
+            rows.append(f"| {label or model} | {metric} | {c['estimate']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+                        f"{'yes' if excl else 'no'} |")
+    return rows + [""]
 
 
 def phase_times(rows: list[dict[str, Any]]) -> dict[str, Optional[float]]:
@@ -135,6 +150,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     source = json.loads((out / "model_source.json").read_text())
     evals = held_out(out, arms)
     ci = gains(evals, seed)
+    versus = gains(evals, seed, reference="GRPO", models=["AMIR-GRPO"]) if {"AMIR-GRPO", "GRPO"} <= set(evals) else {}
     metrics = {arm: read_metrics(out / arm.lower() / "metrics.jsonl") for arm in arms
                if (out / arm.lower() / "metrics.jsonl").is_file()}
     times = {arm: phase_times(rows) for arm, rows in metrics.items()}
@@ -184,14 +200,11 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     if ci:
         L += ["Gain over the base, paired bootstrap over problems (2000 resamples, 95% percentile interval):", "",
               "| run | metric | gain | 95% CI | CI excludes zero |", "|---|---|---|---|---|"]
-        for model, per in ci.items():
-            for metric, c in per.items():
-                if metric == "greedy_number_accuracy" and answer_form == "number":
-                    continue  # the reward itself counts only numbers: the same as greedy_accuracy
-                excl = c["lo"] > 0 or c["hi"] < 0
-                L.append(f"| {model} | {metric} | {c['estimate']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
-                         f"{'yes' if excl else 'no'} |")
-        L.append("")
+        L += _ci_rows(ci, answer_form)
+        if versus:
+            L += ["AMIR-GRPO minus GRPO, the same paired bootstrap (same seed, same held-out problems):", "",
+                  "| run | metric | difference | 95% CI | CI excludes zero |", "|---|---|---|---|---|"]
+            L += _ci_rows(versus, answer_form, label="AMIR-GRPO − GRPO")
     if times:
         L += ["## Time per RL step by phase (mean seconds)", "",
               "| run | " + " | ".join(n for n, _ in PHASES) + " | steps |", "|---" * (len(PHASES) + 2) + "|"]
@@ -228,7 +241,7 @@ def write_report(out: Path, arms: list[str], *, quick: bool, seed: int) -> Path:
     summary = {"answer_form": answer_form, "held_out": {m: {k: e[k] for k in ("greedy_accuracy", "pass@1", "greedy_number_accuracy", "problems",
                                                   "files")}
                             for m, e in evals.items()},
-               "gain_ci": ci, "phase_times_s": times, "parity": None if parity is None else
+               "gain_ci": ci, "amir_minus_grpo_ci": versus, "phase_times_s": times, "parity": None if parity is None else
                {"same": parity["same"], "problems": parity["problems"]},
                "parity_vllm": None if parity_vllm is None else
                {"same": parity_vllm["same"], "problems": parity_vllm["problems"]}, "timings_s": timings}
