@@ -286,20 +286,33 @@ cores during this run).
 """
 
 
-def write_doc(out: Path, doc: Path, results: Path) -> None:
-    """docs/real_model.md = DOC_INTRO + the run's report (headings one level down), and a section of
-    docs/results.md with the headline numbers linking to it."""
-    import os
-
-    from launch.study import link_sections
-
-    out = Path(out)
-    from launch.real_model import LABELS  # the arms the driver can run, in its order (the first is exported)
+def _rewrite_report(out: Path) -> str:
+    """Regenerate ``out``'s report.md with this version's reading (arms: those with metrics, in the driver's order,
+    the first exported); returns its text."""
+    from launch.real_model import LABELS
 
     settings = json.loads((out / "settings.json").read_text())
     arms = [arm for arm in LABELS if (out / arm.lower() / "metrics.jsonl").is_file()]
-    write_report(out, arms, quick=settings["quick"], seed=settings["seed"])  # with this version's reading
-    body = (out / "report.md").read_text().split("\n", 1)[1]
+    return write_report(out, arms, quick=settings["quick"], seed=settings["seed"]).read_text()
+
+
+def _sections(report: str, names: tuple[str, ...]) -> str:
+    """The report's ``## <name>`` sections whose names are listed, in the report's order, headings one level down."""
+    parts = report.split("\n## ")[1:]
+    return "".join("\n### " + part for part in parts if part.split("\n", 1)[0].startswith(names))
+
+
+def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = None) -> None:
+    """docs/real_model.md = DOC_INTRO + the run's report (headings one level down), and a section of
+    docs/results.md with the headline numbers linking to it. ``continued``: a copy of the run whose arms were trained
+    on from their last checkpoint (``megatron-amir train`` resumes) to more steps; its held-out results follow."""
+    import os
+
+    from launch.real_model import LABELS
+    from launch.study import link_sections
+
+    out = Path(out)
+    body = _rewrite_report(out).split("\n", 1)[1]
     rel_run = os.path.relpath(out.resolve(), doc.parent.resolve())
     body = body.replace("\n## ", "\n### ")
     summary = json.loads((out / "summary.json").read_text())
@@ -326,13 +339,24 @@ def write_doc(out: Path, doc: Path, results: Path) -> None:
                      + " (the policy learned to restate the expression, which math-verify evaluates)")
     headline = f"Greedy accuracy on {held['base']['problems']} held-out problems: " + "; ".join(parts) + "."
     # the "## Summary" paragraph is what docs/results.md quotes (launch.study.link_sections)
+    if continued is not None:
+        cont = json.loads((continued / "settings.json").read_text())
+        rel_cont = os.path.relpath(continued.resolve(), doc.parent.resolve())
+        body += (f"\n## Continued to {cont['plan']['rl_steps']} steps (`{rel_cont}`)\n\nA copy of the run above whose "
+                 f"arms were trained on from their step-{cont['continued_from']} checkpoints, each with the command "
+                 "the driver ran for it plus `train.steps=" + str(cont["plan"]["rl_steps"]) + " checkpoint.save_interval="
+                 + str(cont["plan"]["rl_steps"]) + "` and without `--eval-at-start` (`megatron-amir train` resumes from "
+                 "the latest checkpoint: same data order, optimizer state and LoRA adapters), on the same "
+                 "machine. The base evaluation is the run's.\n"
+                 + _sections(_rewrite_report(continued), ("Held-out", "Time per RL step", "Reading")))
     atomic_write_text(doc, DOC_INTRO + f"\n## Summary\n\n{headline}\n\n## The run (`{rel_run}`, report.md there)\n"
                       + body)
     link_sections(results)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m launch.real_model_report doc RUN_DIR [--doc docs/real_model.md] [--results docs/results.md]``."""
+    """``python -m launch.real_model_report doc RUN_DIR [--continued DIR] [--doc docs/real_model.md]
+    [--results docs/results.md]``."""
     import argparse
 
     root = Path(__file__).resolve().parents[1]
@@ -341,8 +365,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--doc", type=Path, default=root / "docs" / "real_model.md")
     p.add_argument("--results", type=Path, default=root / "docs" / "results.md")
+    p.add_argument("--continued", type=Path, default=None,
+                   help="a copy of RUN trained on to more steps (its settings.json: plan.rl_steps, continued_from)")
     a = p.parse_args(argv)
-    write_doc(a.run, a.doc, a.results)
+    write_doc(a.run, a.doc, a.results, a.continued)
     print(f"wrote {a.doc} and its section of {a.results}")
     return 0
 
