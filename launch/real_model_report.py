@@ -337,7 +337,23 @@ def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = N
         parts.append(f"counting only answers that are a plain number: base "
                      f"{held['base']['greedy_number_accuracy']:.3f}, " + ", ".join(strict)
                      + " (the policy learned to restate the expression, which math-verify evaluates)")
-    headline = f"Greedy accuracy on {held['base']['problems']} held-out problems: " + "; ".join(parts) + "."
+    steps = json.loads((out / "settings.json").read_text())["plan"]["rl_steps"]
+    headline = (f"After {steps} RL steps, greedy accuracy on {held['base']['problems']} held-out problems: "
+                + "; ".join(parts) + ".")
+    if continued is not None:
+        _rewrite_report(continued)
+        more = json.loads((continued / "summary.json").read_text())
+        h2, c2 = more["held_out"], more["gain_ci"]
+        steps = json.loads((continued / "settings.json").read_text())["plan"]["rl_steps"]
+        headline += (f" Trained on to {steps} steps (below): greedy accuracy " + "; ".join(
+            f"{m} {e['greedy_accuracy']:.3f} (gain {c2[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
+            f"[{c2[m]['greedy_accuracy']['lo']:+.3f}, {c2[m]['greedy_accuracy']['hi']:+.3f}])"
+            for m, e in h2.items() if m != "base" and m in c2))
+        v2 = more.get("amir_minus_grpo_ci", {}).get("AMIR-GRPO")
+        if v2:
+            g = v2["greedy_accuracy"]
+            headline += f"; AMIR-GRPO − GRPO {g['estimate']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+        headline += "."
     # the "## Summary" paragraph is what docs/results.md quotes (launch.study.link_sections)
     if continued is not None:
         cont = json.loads((continued / "settings.json").read_text())
@@ -347,7 +363,7 @@ def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = N
                  "the driver ran for it plus `train.steps=" + str(cont["plan"]["rl_steps"]) + " checkpoint.save_interval="
                  + str(cont["plan"]["rl_steps"]) + "` and without `--eval-at-start` (`megatron-amir train` resumes from "
                  "the latest checkpoint: same data order, optimizer state and LoRA adapters), on the same "
-                 "machine. The base evaluation is the run's.\n"
+                 "machine, the two arms side by side with one thread each. The base evaluation is the run's.\n"
                  + _sections(_rewrite_report(continued), ("Held-out", "Time per RL step", "Reading")))
     atomic_write_text(doc, DOC_INTRO + f"\n## Summary\n\n{headline}\n\n## The run (`{rel_run}`, report.md there)\n"
                       + body)
