@@ -6,9 +6,25 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-bash scripts/bootstrap.sh --with-slurm
+vllm_pid=""
 if [ "${MEGATRON_AMIR_NO_VLLM:-0}" != 1 ]; then
-  bash scripts/bootstrap_vllm.sh
+  # vLLM's virtualenv is set up beside the main one (separate venvs, independent of each other), so the two installs
+  # overlap; its output is printed once it is done
+  vllm_log=$(mktemp)
+  bash scripts/bootstrap_vllm.sh >"$vllm_log" 2>&1 &
+  vllm_pid=$!
+  trap 'kill "$vllm_pid" 2>/dev/null || true' EXIT
+fi
+bash scripts/bootstrap.sh --with-slurm
+if [ -n "$vllm_pid" ]; then
+  if ! wait "$vllm_pid"; then
+    cat "$vllm_log" >&2
+    echo "tests/run.sh: scripts/bootstrap_vllm.sh failed" >&2
+    exit 1
+  fi
+  trap - EXIT
+  grep -v "^WARNING: Location" "$vllm_log" || true
+  rm -f "$vllm_log"
 fi
 marker="not gpu"
 py=${MEGATRON_AMIR_VENV:-$root/.venv}/bin/python
