@@ -302,6 +302,13 @@ def _sections(report: str, names: tuple[str, ...]) -> str:
     return "".join("\n### " + part for part in parts if part.split("\n", 1)[0].startswith(names))
 
 
+def _with_gains(held: dict[str, Any], ci: dict[str, Any], key: str, base: bool = True) -> str:
+    """"<model> <value> (gain <g>, 95% CI [lo, hi])" of every arm for metric ``key`` (the base's value first)."""
+    return "; ".join(([f"base {held['base'][key]:.3f}"] if base else []) + [
+        f"{m} {e[key]:.3f} (gain {ci[m][key]['estimate']:+.3f}, 95% CI [{ci[m][key]['lo']:+.3f}, "
+        f"{ci[m][key]['hi']:+.3f}])" for m, e in held.items() if m != "base" and m in ci])
+
+
 def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = None) -> None:
     """docs/real_model.md = DOC_INTRO + the run's report (headings one level down), and a section of
     docs/results.md with the headline numbers linking to it. ``continued``: a copy of the run whose arms were trained
@@ -321,13 +328,7 @@ def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = N
         body += (f"\n### Not in this run\n\n{', '.join(missing)}: no finished arm in `{rel_run}`, so there is no "
                  f"GRPO vs AMIR-GRPO comparison here; `--arms AMIR-GRPO,GRPO` runs it.\n")
     held, ci = summary["held_out"], summary["gain_ci"]
-
-    def with_gains(key: str, metric: str) -> str:
-        return "; ".join([f"base {held['base'][key]:.3f}"] + [
-            f"{m} {e[key]:.3f} (gain {ci[m][metric]['estimate']:+.3f}, 95% CI [{ci[m][metric]['lo']:+.3f}, "
-            f"{ci[m][metric]['hi']:+.3f}])" for m, e in held.items() if m != "base" and m in ci])
-
-    parts = [with_gains("greedy_accuracy", "greedy_accuracy"), "sampled pass@1: " + with_gains("pass@1", "pass@1")]
+    parts = [_with_gains(held, ci, "greedy_accuracy"), "sampled pass@1: " + _with_gains(held, ci, "pass@1")]
     versus = summary.get("amir_minus_grpo_ci", {}).get("AMIR-GRPO")
     if versus:
         parts.append("AMIR-GRPO − GRPO: greedy {:+.3f} [{:+.3f}, {:+.3f}], pass@1 {:+.3f} [{:+.3f}, {:+.3f}]".format(
@@ -338,33 +339,29 @@ def write_doc(out: Path, doc: Path, results: Path, continued: Optional[Path] = N
                      f"{held['base']['greedy_number_accuracy']:.3f}, " + ", ".join(strict)
                      + " (the policy learned to restate the expression, which math-verify evaluates)")
     steps = json.loads((out / "settings.json").read_text())["plan"]["rl_steps"]
+    # the "## Summary" paragraph is what docs/results.md quotes (launch.study.link_sections)
     headline = (f"After {steps} RL steps, greedy accuracy on {held['base']['problems']} held-out problems: "
                 + "; ".join(parts) + ".")
     if continued is not None:
-        _rewrite_report(continued)
+        report = _rewrite_report(continued)
         more = json.loads((continued / "summary.json").read_text())
-        h2, c2 = more["held_out"], more["gain_ci"]
-        steps = json.loads((continued / "settings.json").read_text())["plan"]["rl_steps"]
-        headline += (f" Trained on to {steps} steps (below): greedy accuracy " + "; ".join(
-            f"{m} {e['greedy_accuracy']:.3f} (gain {c2[m]['greedy_accuracy']['estimate']:+.3f}, 95% CI "
-            f"[{c2[m]['greedy_accuracy']['lo']:+.3f}, {c2[m]['greedy_accuracy']['hi']:+.3f}])"
-            for m, e in h2.items() if m != "base" and m in c2))
+        cont = json.loads((continued / "settings.json").read_text())
+        steps = cont["plan"]["rl_steps"]
+        headline += (f" Trained on to {steps} steps (below): greedy accuracy "
+                     + _with_gains(more["held_out"], more["gain_ci"], "greedy_accuracy", base=False))
         v2 = more.get("amir_minus_grpo_ci", {}).get("AMIR-GRPO")
         if v2:
             g = v2["greedy_accuracy"]
             headline += f"; AMIR-GRPO − GRPO {g['estimate']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
         headline += "."
-    # the "## Summary" paragraph is what docs/results.md quotes (launch.study.link_sections)
-    if continued is not None:
-        cont = json.loads((continued / "settings.json").read_text())
         rel_cont = os.path.relpath(continued.resolve(), doc.parent.resolve())
-        body += (f"\n## Continued to {cont['plan']['rl_steps']} steps (`{rel_cont}`)\n\nA copy of the run above whose "
+        body += (f"\n## Continued to {steps} steps (`{rel_cont}`)\n\nA copy of the run above whose "
                  f"arms were trained on from their step-{cont['continued_from']} checkpoints, each with the command "
-                 "the driver ran for it plus `train.steps=" + str(cont["plan"]["rl_steps"]) + " checkpoint.save_interval="
-                 + str(cont["plan"]["rl_steps"]) + "` and without `--eval-at-start` (`megatron-amir train` resumes from "
+                 f"the driver ran for it plus `train.steps={steps} checkpoint.save_interval={steps}` and without "
+                 "`--eval-at-start` (`megatron-amir train` resumes from "
                  "the latest checkpoint: same data order, optimizer state and LoRA adapters), on the same "
                  "machine, the two arms side by side with one thread each. The base evaluation is the run's.\n"
-                 + _sections(_rewrite_report(continued), ("Held-out", "Time per RL step", "Reading")))
+                 + _sections(report, ("Held-out", "Time per RL step", "Reading")))
     atomic_write_text(doc, DOC_INTRO + f"\n## Summary\n\n{headline}\n\n## The run (`{rel_run}`, report.md there)\n"
                       + body)
     link_sections(results)
