@@ -86,6 +86,14 @@ class EngineAsleep(RuntimeError):
 SLEEP_TAGS = ("weights", "kv_cache")
 
 
+def _save_previous(tensors: list, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Host copies of the parameters (``params``, by HF name) that ``tensors`` are about to overwrite, each once per
+    update."""
+    for name, _ in tensors:
+        if name in params and name not in saved:
+            saved[name] = params[name].detach().to("cpu", copy=True)
+
+
 class _Request:
     """Book-keeping of one prompt's n rows during a generate call."""
 
@@ -181,13 +189,14 @@ class EmbeddedEngine:
             loaded: set[str] = set()
             keep = self.rollback if rollback is None else rollback
             saved: Optional[dict[str, torch.Tensor]] = {} if keep else None
+            params = dict(self.model.named_parameters(remove_duplicate=False)) if keep else {}
             before = self.incomplete_update
             fp8 = Dequantizer()  # an FP8 weight and its scale may come in two buckets
             try:
                 for bucket in buckets:
                     tensors = list(fp8(bucket.tensors if hasattr(bucket, "tensors") else bucket))
                     if saved is not None:
-                        self._save_previous(tensors, saved)
+                        _save_previous(tensors, params, saved)
                     names = self.model.load_hf_state_dict(tensors, strict=False, refresh=False)
                     if names:
                         self.incomplete_update = f"update to version {int(version)} stopped part-way"
@@ -200,7 +209,7 @@ class EmbeddedEngine:
                     raise KeyError(f"missing weights: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
             except BaseException as exc:
                 if saved:
-                    self._restore_previous(saved)
+                    self._restore_previous(params, saved)
                     self.incomplete_update = before
                 elif self.incomplete_update:
                     self.incomplete_update += f": {type(exc).__name__}: {exc}"
@@ -210,16 +219,8 @@ class EmbeddedEngine:
             self._version = int(version)
             return len(loaded)
 
-    def _save_previous(self, tensors: list, saved: dict[str, torch.Tensor]) -> None:
-        """Host copies of the parameters ``tensors`` (HF names) are about to overwrite, each once per update."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        for name, _ in tensors:
-            if name in params and name not in saved:
-                saved[name] = params[name].detach().to("cpu", copy=True)
-
     @torch.no_grad()
-    def _restore_previous(self, saved: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+    def _restore_previous(self, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
         for name, t in saved.items():
             params[name].copy_(t)
         self.model.refresh_fused()
